@@ -1,0 +1,274 @@
+"""The public functions behind each command. The CLI only parses, calls these and prints.
+
+Invariants:
+- ``plan`` writes only the state directory (scan cache, chosen timestamps, plan.json, plan.sql);
+  it never touches the prearchive, XNAT's database or XNAT.
+- Every write of plan.json / plan.sql is atomic (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+from . import labels, statements, xnat_table
+from .errors import PlanError, Problem, StalePlanError, XnatMigrateError
+from .manifest import check_manifest, load_manifest, template_keywords_of
+from .model import BASE_KEYWORDS, Manifest, Plan, XnatFacts, plan_from_dict, plan_to_dict
+from .planner import build_plan
+from .state import StateStore
+
+ProgressFn = Callable[[int, int], None]
+STATE_DIR_ENV = "XNATMIGRATE_STATE_DIR"
+PLAN_FILE = "plan.json"
+SQL_FILE = "plan.sql"
+
+
+def state_dir_of(arg: str | os.PathLike[str] | None) -> Path:
+    """``--state-dir``, else ``$XNATMIGRATE_STATE_DIR``, else ``./.xnatmigrate``."""
+    return Path(arg or os.environ.get(STATE_DIR_ENV) or ".xnatmigrate")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# validate
+# --------------------------------------------------------------------------------------------
+
+
+def validate(paths: Sequence[str | Path], check_sources: bool = False) -> list[Problem]:
+    """Every problem (errors and warnings) of every manifest; touches no source unless asked."""
+    problems: list[Problem] = []
+    for p in paths:
+        problems.extend(check_manifest(p, check_sources)[1])
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    plan: Plan
+    plan_path: Path
+    sql_path: Path
+    files_seen: int
+    cache_hits: int
+    seconds: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def scan_keywords(manifest: Manifest) -> frozenset[str]:
+    return frozenset(BASE_KEYWORDS) | template_keywords_of(manifest) | labels.template_file_keywords()
+
+
+def plan(
+    manifest_path: str | Path,
+    *,
+    state_dir: str | Path | None = None,
+    offline: bool = False,
+    jobs: int | None = None,
+    out: str | Path | None = None,
+    sql_out: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    now: datetime | None = None,
+) -> PlanOutcome:
+    """Scan, check and plan; write plan.json and plan.sql. Raises PlanError when refused."""
+    from .scan import scan_sources
+
+    started = time.monotonic()
+    manifest = load_manifest(manifest_path)
+    sdir = state_dir_of(state_dir)
+    with StateStore(sdir) as store:
+        cache = store.cache_all()
+        scanned = scan_sources(manifest, scan_keywords(manifest), cache=cache, jobs=jobs, progress=progress)
+        if scanned.cache_updates:
+            store.cache_put(scanned.cache_updates)
+        study_uids = sorted({h.study_uid for _, h in scanned.headers})
+        facts = gather_facts(manifest, study_uids, offline=offline)
+        when = now or datetime.now()
+        result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when)
+        archived = _archived_facts(manifest, result, offline)
+        if archived is not None:
+            facts = replace(facts, archived=archived[0], skipped=facts.skipped + archived[1])
+            result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when)
+        store.record_timestamps(
+            (s.project, s.session, s.study_uid, s.timestamp) for s in result.sessions if s.timestamp
+        )
+    plan_path = Path(out) if out else sdir / PLAN_FILE
+    sql_path = Path(sql_out) if sql_out else sdir / SQL_FILE
+    atomic_write(plan_path, json.dumps(plan_to_dict(result), indent=1, ensure_ascii=False) + "\n")
+    atomic_write(sql_path, statements.plan_script(result))
+    return PlanOutcome(
+        plan=result,
+        plan_path=plan_path,
+        sql_path=sql_path,
+        files_seen=scanned.files_seen,
+        cache_hits=scanned.cache_hits,
+        seconds=time.monotonic() - started,
+    )
+
+
+def gather_facts(manifest: Manifest, study_uids: Sequence[str], offline: bool) -> XnatFacts:
+    """Read what the planner needs from the prearchive folder and XNAT's database."""
+    refusals: list[str] = []
+    skipped: list[str] = []
+    pre_sources = [s for s in manifest.sources if s.method == "prearchive"]
+    writable = free = same_fs = None
+    taken: set[str] = set()
+    root = manifest.xnat.prearchive
+    if pre_sources and root:
+        rootp = Path(root)
+        writable = rootp.is_dir() and os.access(rootp, os.W_OK | os.X_OK)
+        if writable:
+            st = os.statvfs(rootp)
+            free = st.f_bavail * st.f_frsize
+            dev = rootp.stat().st_dev
+            same_fs = {}
+            for s in pre_sources:
+                try:
+                    same_fs[s.source] = Path(s.source).stat().st_dev == dev
+                except OSError:
+                    same_fs[s.source] = False
+            taken |= _timestamp_dirs(rootp)
+    profile = None
+    rows = None
+    if offline:
+        skipped.append("XNAT's database (--offline): table profile, existing prearchive rows")
+    elif manifest.xnat.database is not None:
+        try:
+            from .execute import db
+
+            dsn = db.resolve_dsn(manifest.xnat.database)
+            with db.connect(dsn) as conn, conn.cursor() as cur:
+                profile, mismatch = db.table_profile(cur)
+                if mismatch:
+                    refusals.append(mismatch)
+                else:
+                    rows = db.existing_rows(cur, study_uids)
+                    taken |= db.used_timestamps(cur)
+        except XnatMigrateError as exc:
+            skipped.append(f"XNAT's database ({exc}): table profile, existing prearchive rows")
+    return XnatFacts(
+        table_profile=profile,
+        existing_rows=rows,
+        archived=None,
+        taken_timestamps=frozenset(taken),
+        prearchive_writable=writable,
+        free_bytes=free,
+        same_filesystem=same_fs,
+        refusals=tuple(refusals),
+        skipped=tuple(skipped),
+    )
+
+
+def _timestamp_dirs(root: Path) -> set[str]:
+    """Timestamp folders already under the prearchive root and its project folders (§2)."""
+    out: set[str] = set()
+    try:
+        top = list(os.scandir(root))
+    except OSError:
+        return out
+    for entry in top:
+        if not entry.is_dir(follow_symlinks=False) or "." in entry.name:
+            continue
+        if xnat_table.is_timestamp_folder(entry.name):
+            out.add(entry.name)
+            continue
+        try:
+            out |= {e.name for e in os.scandir(entry.path) if xnat_table.is_timestamp_folder(e.name)}
+        except OSError:
+            continue
+    return out
+
+
+def _archived_facts(
+    manifest: Manifest, draft: Plan, offline: bool
+) -> tuple[frozenset[tuple[str, str]] | None, tuple[str, ...]] | None:
+    """Archived (project, label) pairs for the projects the draft plan writes into."""
+    projects = sorted({s.project for s in draft.sessions if s.project})
+    if not projects:
+        return None
+    what = "archived sessions with the same label"
+    if offline:
+        return None, (f"{what} (--offline)",)
+    if manifest.xnat.url:
+        try:
+            from .execute.xnat import XnatClient, credentials_from_env
+
+            client = XnatClient(manifest.xnat.url, credentials_from_env(manifest.xnat.url))
+            found: set[tuple[str, str]] = set()
+            for p in projects:
+                found |= {(p, label) for label in client.experiment_labels(p)}
+            return frozenset(found), ()
+        except XnatMigrateError as exc:
+            return None, (f"{what} through XNAT's REST API ({exc})",)
+    if manifest.xnat.database is not None:
+        try:
+            from .execute import db
+
+            with db.connect(db.resolve_dsn(manifest.xnat.database)) as conn, conn.cursor() as cur:
+                labels_found = db.archived_labels(cur, projects)
+            if labels_found is None:
+                return None, (f"{what}: XNAT's experiment tables are not in this database and xnat.url is not set",)
+            return labels_found, ()
+        except XnatMigrateError as exc:
+            return None, (f"{what} ({exc})",)
+    return None, (f"{what}: neither xnat.url nor xnat.database is set",)
+
+
+def load_plan(path: str | Path) -> Plan:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"no plan at {p}: run `xnatmigrate plan MANIFEST` first") from None
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"cannot read the plan {p} ({exc}); re-run `xnatmigrate plan`") from None
+    return plan_from_dict(data)
+
+
+def check_fresh(plan_obj: Plan, store: StateStore) -> None:
+    """Refuse a stale plan: manifest changed, a source file changed, or the state moved on."""
+    rerun = "re-run `xnatmigrate plan` and review the new plan"
+    try:
+        digest = _sha256(Path(plan_obj.manifest_path))
+    except OSError:
+        raise StalePlanError(f"the manifest {plan_obj.manifest_path} is gone; {rerun}") from None
+    if digest != plan_obj.manifest_digest:
+        raise StalePlanError(f"the manifest {plan_obj.manifest_path} changed since the plan; {rerun}")
+    if store.serial() != plan_obj.state_serial and store.current_plan() != plan_obj.plan_id:
+        raise StalePlanError(
+            f"the state moved on since this plan (serial {plan_obj.state_serial} → {store.serial()}); {rerun}"
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

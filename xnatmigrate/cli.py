@@ -1,0 +1,192 @@
+"""Command line: parse → api → print → exit code. Nothing imports this module.
+
+Exit codes follow Terraform's convention: 0 success (or nothing to do), 1 any error, and for
+``plan --detailed-exitcode`` only, 2 = success with changes to apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__, api
+from .errors import ManifestError, XnatMigrateError
+from .explain import plan_json, plan_text
+from .progress import Progress
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xnatmigrate",
+        description="Migrate DICOM collections into XNAT: declarative manifests, reviewable plans, "
+        "resumable applies.",
+    )
+    p.add_argument("--version", action="version", version=f"xnatmigrate {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, state: bool = True) -> None:
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        if state:
+            sp.add_argument(
+                "--state-dir",
+                default=None,
+                help=f"state directory (default: ${api.STATE_DIR_ENV} or ./.xnatmigrate)",
+            )
+
+    v = sub.add_parser("validate", help="check manifests without touching sources, databases or XNAT")
+    v.add_argument("manifests", nargs="+", metavar="FILE")
+    v.add_argument("--check-sources", action="store_true", help="also check each source folder is readable")
+    common(v, state=False)
+
+    pl = sub.add_parser("plan", help="scan the sources, check everything, write plan.json and plan.sql")
+    pl.add_argument("manifest", metavar="MANIFEST")
+    pl.add_argument("--out", help="write the plan here instead of <state-dir>/plan.json")
+    pl.add_argument("--sql", help="write the SQL here instead of <state-dir>/plan.sql")
+    pl.add_argument("--jobs", type=int, default=None, help="scan processes (default: CPU count)")
+    pl.add_argument("--offline", action="store_true", help="plan without the database or XNAT")
+    pl.add_argument("--strict", action="store_true", help="any held-back study is an error (for CI)")
+    pl.add_argument(
+        "--detailed-exitcode", action="store_true", help="exit 0 nothing to do, 2 changes to apply, 1 error"
+    )
+    common(pl)
+
+    ap = sub.add_parser("apply", help="carry out a saved plan (resumable, idempotent)")
+    ap.add_argument("plan", nargs="?", metavar="PLAN.json", help="default: <state-dir>/plan.json")
+    ap.add_argument("--jobs", type=int, default=None, help="copy workers / C-STORE associations")
+    common(ap)
+
+    st = sub.add_parser("status", help="per session: the last step done and what remains")
+    common(st)
+
+    ve = sub.add_parser("verify", help="prove that what was applied is in XNAT, intact")
+    ve.add_argument("--quick", action="store_true", help="compare sizes, not SHA-256")
+    ve.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
+    common(ve)
+
+    rv = sub.add_parser("revert", help="remove what this tool created and XNAT has not taken over")
+    rv.add_argument("--yes", action="store_true", help="really remove (default: only show)")
+    rv.add_argument("--session", action="append", default=[], help="only this session label")
+    rv.add_argument("--project", action="append", default=[], help="only this project")
+    rv.add_argument("--force", action="store_true", help="also sessions whose files or row changed")
+    rv.add_argument("--archived", action="store_true", help="also delete archived sessions via REST")
+    common(rv)
+
+    rf = sub.add_parser("refresh", help="compare the state with XNAT now and report what changed")
+    common(rf)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args))
+    except ManifestError as exc:
+        if args.debug:
+            raise
+        if getattr(args, "json", False):
+            _print_json({"valid": False, "problems": [p.as_dict() for p in exc.problems]})
+        for p in exc.problems:
+            print(p.render(), file=sys.stderr)
+        return EXIT_ERROR
+    except XnatMigrateError as exc:
+        if args.debug:
+            raise
+        if getattr(args, "json", False):
+            _print_json({"error": str(exc), "kind": type(exc).__name__})
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    problems = api.validate(args.manifests, check_sources=args.check_sources)
+    errors = [p for p in problems if p.severity == "error"]
+    if args.json:
+        _print_json({"valid": not errors, "problems": [p.as_dict() for p in problems]})
+    else:
+        for p in problems:
+            print(p.render(), file=sys.stderr if p.severity == "error" else sys.stdout)
+        if not errors:
+            print(f"{len(args.manifests)} manifest(s) valid")
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    bar = Progress("scanning", "files", enabled=None if not args.json else False)
+    try:
+        outcome = api.plan(
+            args.manifest,
+            state_dir=args.state_dir,
+            offline=args.offline,
+            jobs=args.jobs,
+            out=args.out,
+            sql_out=args.sql,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    plan = outcome.plan
+    if args.json:
+        doc = plan_json(plan, str(outcome.plan_path), str(outcome.sql_path))
+        doc["scan"] = {
+            "files_seen": outcome.files_seen,
+            "cache_hits": outcome.cache_hits,
+            "seconds": round(outcome.seconds, 3),
+        }
+        _print_json(doc)
+    else:
+        print(plan_text(plan, str(outcome.plan_path), str(outcome.sql_path)))
+        print(
+            f"(scanned {outcome.files_seen} file(s), {outcome.cache_hits} from cache, "
+            f"in {outcome.seconds:.1f} s)",
+            file=sys.stderr,
+        )
+    if args.strict and plan.held_back:
+        print(f"error: {len(plan.held_back)} study(ies) held back and --strict is set", file=sys.stderr)
+        return EXIT_ERROR
+    if args.detailed_exitcode and plan.has_changes:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    raise XnatMigrateError(f"`{args.command}` is not available in this build")
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    fn = getattr(api, "apply", None)
+    if fn is None:
+        return _not_yet(args)
+    from .cli_apply import run_apply
+
+    return run_apply(args)
+
+
+_COMMANDS = {
+    "validate": cmd_validate,
+    "plan": cmd_plan,
+    "apply": cmd_apply,
+    "status": _not_yet,
+    "verify": _not_yet,
+    "revert": _not_yet,
+    "refresh": _not_yet,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""XNAT's PostgreSQL: connect, check the table profile, read facts, insert rows.
+
+Invariants:
+- Every statement comes from ``render`` (templates in ``sql/``) and runs with bind parameters.
+- Connection and query failures become one-line ``DatabaseError``s that say what to do.
+- Each session's row is written in its own transaction, under a transaction-scoped advisory lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from .. import statements, xnat_table
+from ..errors import DatabaseError
+from ..model import DatabaseTarget, ExistingRow, PlannedSession
+from ..render import Statement
+
+
+def resolve_dsn(target: DatabaseTarget | None) -> str:
+    if target is None:
+        raise DatabaseError("the manifest has no xnat.database; add dsn or dsn_env")
+    if target.dsn:
+        return target.dsn
+    assert target.dsn_env
+    value = os.environ.get(target.dsn_env)
+    if not value:
+        raise DatabaseError(
+            f"environment variable {target.dsn_env} (xnat.database.dsn_env) is not set; export the DSN"
+        )
+    return value
+
+
+def _where(dsn: str) -> str:
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "the configured database"
+    host = params.get("host", "local socket")
+    return f"{params.get('dbname', '?')} on {host}:{params.get('port', '5432')}"
+
+
+@contextlib.contextmanager
+def connect(dsn: str, timeout: int = 10) -> Iterator[psycopg2.extensions.connection]:
+    """A connection that is always closed; failures become DatabaseError."""
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=timeout, application_name="xnatmigrate")
+    except psycopg2.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
+        raise DatabaseError(
+            f"cannot connect to XNAT's database ({_where(dsn)}): {first}; check that PostgreSQL "
+            "is running and xnat.database, then rerun (nothing was written)"
+        ) from None
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def execute(cur: Any, stmt: Statement) -> None:
+    """The executing side of the SQL chokepoint (render.to_sql_text is the printing side)."""
+    try:
+        cur.execute(stmt.sql, dict(stmt.params))
+    except psycopg2.OperationalError as exc:
+        raise DatabaseError(
+            f"the database connection failed during {stmt.name}: {str(exc).strip().splitlines()[0]}; "
+            "rerun when it is back (the step resumes)"
+        ) from None
+    except psycopg2.Error as exc:
+        msg = (exc.pgerror or str(exc)).strip().splitlines()[0]
+        raise DatabaseError(f"{stmt.name} failed in XNAT's database: {msg}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Facts for the planner
+# --------------------------------------------------------------------------------------------
+
+
+def table_profile(cur: Any) -> tuple[str | None, str | None]:
+    """(profile, None) when the live table matches a known profile, else (None, why not)."""
+    execute(cur, statements.table_profile())
+    rows = cur.fetchall()
+    if not rows:
+        return None, (
+            "xdat_search.prearchive does not exist in this database; is xnat.database XNAT's database?"
+        )
+    live = [(name, dtype, nullable == "YES") for name, dtype, nullable, _ in rows]
+    if live != list(xnat_table.COLUMNS):
+        expected = {c[0]: c for c in xnat_table.COLUMNS}
+        diffs = [
+            f"{n} {t}{'' if nl else ' NOT NULL'}"
+            for n, t, nl in live
+            if expected.get(n) != (n, t, nl)
+        ]
+        missing = sorted(set(expected) - {c[0] for c in live})
+        return None, (
+            "the columns of xdat_search.prearchive match no known XNAT profile (1.7, 1.8.2): "
+            f"unexpected {', '.join(diffs) or 'order'}; missing {', '.join(missing) or 'none'} — "
+            "this XNAT version is not supported yet"
+        )
+    return ("1.8.2" if rows[0][3] else "1.7"), None
+
+
+def existing_rows(cur: Any, tags: Sequence[str]) -> tuple[ExistingRow, ...]:
+    execute(cur, statements.rows_by_tag(tags))
+    return tuple(ExistingRow(*r) for r in cur.fetchall())
+
+
+def used_timestamps(cur: Any) -> frozenset[str]:
+    execute(cur, statements.used_timestamps())
+    return frozenset(r[0] for r in cur.fetchall())
+
+
+def archived_labels(cur: Any, projects: Iterable[str]) -> frozenset[tuple[str, str]] | None:
+    """(project, label) of archived sessions, or None when XNAT's tables are not in this database."""
+    cur.execute(
+        "SELECT to_regclass('xnat_experimentdata') IS NOT NULL "
+        "AND to_regclass('xnat_experimentdata_share') IS NOT NULL"
+    )
+    if not cur.fetchone()[0]:
+        return None
+    execute(cur, statements.archived_sessions(projects))
+    return frozenset((p, label) for p, label in cur.fetchall())
+
+
+def fetch_row(cur: Any, project: str | None, timestamp: str, foldername: str) -> dict[str, Any] | None:
+    execute(cur, statements.fetch_row(project, timestamp, foldername))
+    row = cur.fetchone()
+    return dict(zip(xnat_table.COLUMN_NAMES, row)) if row else None
+
+
+# --------------------------------------------------------------------------------------------
+# Acting
+# --------------------------------------------------------------------------------------------
+
+
+def insert_row(conn: Any, session: PlannedSession) -> str:
+    """Insert the session's row in one transaction. Returns "done" or "noop" (already there).
+
+    Raises DatabaseError when XNAT holds another session of this study (the guard inserted
+    nothing and the row is not ours).
+    """
+    assert session.row is not None
+    stmts = statements.insert_session(session)
+    try:
+        with conn, conn.cursor() as cur:
+            inserted = 0
+            for stmt in stmts:
+                execute(cur, stmt)
+                if stmt.sql.lstrip().upper().startswith("INSERT") or "INSERT INTO" in stmt.sql:
+                    inserted = cur.rowcount
+            if inserted == 1:
+                return "done"
+            mine = fetch_row(cur, session.project, session.timestamp, session.session)
+    except psycopg2.OperationalError as exc:
+        raise DatabaseError(
+            f"the database connection failed while inserting {session.prearchive_uri}: "
+            f"{str(exc).strip().splitlines()[0]}; rerun when it is back (the step resumes)"
+        ) from None
+    if mine is not None:
+        return "noop"
+    raise DatabaseError(
+        f"XNAT's prearchive gained another session of study {session.study_uid} as "
+        f"{session.project_label}/{session.session} since the plan; the row was not inserted: "
+        "re-run `xnatmigrate plan` to see it"
+    )
+
+
+def delete_row(conn: Any, project: str | None, timestamp: str, foldername: str) -> int:
+    with conn, conn.cursor() as cur:
+        execute(cur, statements.delete_row(project, timestamp, foldername))
+        return int(cur.rowcount)
+
+
+def row_status(conn: Any, session: PlannedSession) -> str | None:
+    with conn, conn.cursor() as cur:
+        row = fetch_row(cur, session.project, session.timestamp, session.session)
+    return row["status"] if row else None

@@ -1,0 +1,156 @@
+"""Plan → what a person reads (a Terraform-like summary) and what a machine reads (JSON)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from .model import Plan, PlannedSession
+
+MAX_REASONS = 5
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def summary_counts(plan: Plan) -> dict[str, int]:
+    return {
+        "sessions": len(plan.sessions),
+        "scans": sum(len(s.scans) for s in plan.sessions),
+        "files": sum(s.file_count for s in plan.sessions),
+        "bytes": sum(s.bytes for s in plan.sessions),
+        "rejected": len(plan.rejected),
+        "held_back": len(plan.held_back),
+        "unchanged": len(plan.unchanged),
+    }
+
+
+def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = None) -> dict[str, Any]:
+    """The ``plan --json`` document (issue #3 shape, plus more keys)."""
+    return {
+        "plan_id": plan.plan_id,
+        "plan_file": plan_path,
+        "sql_file": sql_path,
+        "table_profile": plan.table_profile,
+        "summary": summary_counts(plan),
+        "sessions": [
+            {
+                "action_id": s.action_id,
+                "project": s.project,
+                "subject": s.subject,
+                "session": s.session,
+                "study_uid": s.study_uid,
+                "timestamp": s.timestamp or None,
+                "method": s.method,
+                "build": s.build,
+                "archive": s.archive,
+                "scans": len(s.scans),
+                "files": s.file_count,
+                "bytes": s.bytes,
+                "prearchive_uri": s.prearchive_uri,
+                "session_dir": s.session_dir,
+                "raw_labels": dict(s.raw_labels),
+                "routing_line": s.routing_line,
+                "contexts": len(s.contexts),
+            }
+            for s in plan.sessions
+        ],
+        "unchanged": [
+            {"project": u.project, "session": u.session, "study_uid": u.study_uid, "reason": u.reason}
+            for u in plan.unchanged
+        ],
+        "held_back": [
+            {
+                "project": h.project,
+                "session": h.session,
+                "study_uid": h.study_uid,
+                "reason": h.reason,
+                "files": len(h.files),
+            }
+            for h in plan.held_back
+        ],
+        "rejected": [{"path": r.path, "reason": r.reason} for r in plan.rejected],
+        "warnings": list(plan.warnings),
+        "skipped_checks": list(plan.skipped_checks),
+    }
+
+
+def _label_line(s: PlannedSession) -> str:
+    parts = []
+    for name, value in (("project", s.project_label), ("subject", s.subject), ("session", s.session)):
+        raw = s.raw_labels.get(name)
+        parts.append(f"{name} {raw!r} → {value}" if raw else f"{name} {value}")
+    return ", ".join(parts)
+
+
+def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = None) -> str:
+    """The human summary: per project what is added, then unchanged, held back, rejected."""
+    out: list[str] = []
+    by_project: dict[str, list[PlannedSession]] = defaultdict(list)
+    for s in plan.sessions:
+        by_project[s.project_label].append(s)
+    if plan.sessions:
+        out.append("xnatmigrate will perform the following actions:")
+        out.append("")
+    for project in sorted(by_project):
+        sessions = by_project[project]
+        files = sum(s.file_count for s in sessions)
+        size = sum(s.bytes for s in sessions)
+        scans = sum(len(s.scans) for s in sessions)
+        out.append(
+            f"  project {project}: + {len(sessions)} session(s), {scans} scan(s), {files} file(s), "
+            f"{human_bytes(size)}"
+        )
+        for s in sessions:
+            where = s.session_dir if s.method == "prearchive" else f"C-STORE → {s.prearchive_uri}"
+            out.append(f"    + {s.session:<24} {s.file_count:>6} files  {human_bytes(s.bytes):>9}  {where}")
+            if s.raw_labels:
+                out.append(f"        labels: {_label_line(s)}")
+            if s.method == "prearchive":
+                out.append(f"        build: {s.build}, archive: {'yes' if s.archive else 'no'}")
+            else:
+                routing = s.routing_line or f"none (XNAT's own rules → {s.project_label}/{s.session})"
+                out.append(
+                    f"        routing: {routing}; {len(s.contexts)} presentation context(s); "
+                    f"build: {s.build}, archive: {'yes' if s.archive else 'no'}"
+                )
+        out.append("")
+    if plan.unchanged:
+        out.append(f"  unchanged: {len(plan.unchanged)} session(s) already migrated")
+    if plan.held_back:
+        out.append(f"  held back: {len(plan.held_back)} study(ies)")
+        for h in plan.held_back[:MAX_REASONS]:
+            out.append(f"    ! {h.study_uid}: {h.reason}")
+        if len(plan.held_back) > MAX_REASONS:
+            out.append(f"    … {len(plan.held_back) - MAX_REASONS} more (see --json)")
+    if plan.rejected:
+        reasons = Counter(r.reason.split(":")[0] for r in plan.rejected)
+        out.append(f"  rejected: {len(plan.rejected)} file(s)")
+        for reason, n in reasons.most_common(MAX_REASONS):
+            example = next(r for r in plan.rejected if r.reason.split(":")[0] == reason)
+            out.append(f"    - {n} × {reason} (e.g. {example.path}: {example.reason})")
+    for w in plan.warnings:
+        out.append(f"  warning: {w}")
+    for s in plan.skipped_checks:
+        out.append(f"  not checked: {s}")
+    c = summary_counts(plan)
+    out.append("")
+    if plan.sessions:
+        out.append(
+            f"Plan: {c['sessions']} session(s), {c['files']} file(s), {human_bytes(c['bytes'])} to add; "
+            f"{c['unchanged']} unchanged; {c['rejected']} file(s) rejected."
+        )
+    else:
+        out.append(
+            f"No changes. {c['unchanged']} session(s) unchanged; {c['rejected']} file(s) rejected."
+        )
+    if plan_path:
+        out.append(f"Saved the plan to {plan_path}" + (f" and its SQL to {sql_path}" if sql_path else ""))
+        if plan.sessions:
+            out.append("Review it, then run `xnatmigrate apply` to carry it out.")
+    return "\n".join(out)

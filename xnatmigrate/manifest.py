@@ -1,0 +1,397 @@
+"""Manifest loading: YAML (line numbers kept, duplicate keys refused) → JSON Schema → meaning → Manifest.
+
+Invariants:
+- Every problem in a file is reported at once, as ``FILE:LINE: $.path: message``.
+- Nothing returned holds a raw dict: the result is a frozen ``Manifest``.
+- No source folder, database or XNAT is touched unless ``check_sources`` asks for the folders.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+from . import labels
+from .errors import ManifestError, Problem
+from .model import (
+    DatabaseTarget,
+    Manifest,
+    ScpTarget,
+    SourceSpec,
+    XnatTarget,
+)
+from .resources import schema_path
+
+PathT = tuple[Any, ...]
+
+# Receiver defaults when a manifest names no subject/session: PatientName and PatientID, as XNAT's
+# ClassicDicomObjectIdentifier does (xnat-reference.md §5 rows 6, §6 "Default labels").
+DEFAULT_SUBJECT = "{{ PatientName }}"
+DEFAULT_SESSION = "{{ PatientID }}"
+
+_OPTION_KEYS = (
+    "project",
+    "subject",
+    "session",
+    "include",
+    "exclude",
+    "where",
+    "method",
+    "transfer",
+    "build",
+    "build_timeout",
+    "archive",
+    "routing",
+)
+
+
+def json_path(path: PathT) -> str:
+    out = "$"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> Any:
+    import jsonschema
+
+    schema = json.loads(schema_path("manifest.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers
+# --------------------------------------------------------------------------------------------
+
+
+class _Doc:
+    """Plain data from YAML, plus the line of every node and any duplicate-key problems."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: dict[PathT, int] = {}
+        self.problems: list[Problem] = []
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def convert(self, node: yaml.Node, path: PathT) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    key = str(key)
+                if key in out:
+                    first = self.lines.get(path + (key,))
+                    self.problems.append(
+                        Problem(
+                            self.file,
+                            key_node.start_mark.line + 1,
+                            json_path(path + (key,)),
+                            f"duplicate key {key!r} (first at line {first}); YAML would keep "
+                            "only the last one: remove one of them",
+                        )
+                    )
+                    continue
+                out[key] = self.convert(value_node, path + (key,))
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(v, path + (i,)) for i, v in enumerate(node.value)]
+        return self._constructor.construct_object(node, deep=True)
+
+    def line(self, path: PathT) -> int | None:
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+    def problem(self, path: PathT, message: str, severity: str = "error") -> None:
+        self.problems.append(Problem(self.file, self.line(path), json_path(path), message, severity))
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, _Doc]:
+    doc = _Doc(file)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        what = exc.problem or str(exc)
+        raise ManifestError(
+            [Problem(file, line, "$", f"YAML syntax error: {what}; fix the YAML at this line")]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ManifestError([Problem(file, None, "$", f"YAML error: {exc}")]) from None
+    if node is None:
+        raise ManifestError([Problem(file, 1, "$", "the manifest is empty; start with `version: 1`")])
+    return doc.convert(node, ()), doc
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def _schema_problems(data: Any, doc: _Doc) -> None:
+    for err in sorted(_validator().iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        path = tuple(err.absolute_path)
+        message = err.message
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            allowed = ", ".join(sorted(err.schema.get("properties", {})))
+            for key in extra:
+                doc.problem(path + (key,), f"unknown key {key!r}; allowed here: {allowed}")
+            continue
+        if err.validator == "required":
+            message = f"{message}; add it"
+        elif err.validator == "enum":
+            message = (
+                f"{err.instance!r} is not allowed; use one of {', '.join(map(str, err.validator_value))}"
+            )
+        elif err.validator == "pattern" and path and path[-1] in ("called_aet", "calling_aet"):
+            message = "an AE title has 1-16 characters, no backslash or control characters"
+        elif err.validator == "maxLength" and path and path[-1] in ("called_aet", "calling_aet"):
+            message = f"AE title {err.instance!r} is longer than 16 characters"
+        elif err.validator == "const" and path == ("version",):
+            message = f"version {err.instance!r} is not supported; this xnatmigrate reads version 1"
+        elif err.validator == "pattern" and path and path[-1] == "file_mode":
+            message = f'{err.instance!r} is not an octal mode; write it quoted, e.g. "0664"'
+        doc.problem(path, message)
+
+
+def _dsn_has_password(dsn: str) -> bool:
+    if re.match(r"^postgres(ql)?://", dsn):
+        parts = urlsplit(dsn)
+        if parts.password:
+            return True
+        return "password" in parse_qs(parts.query)
+    return bool(re.search(r"(^|\s)password\s*=", dsn))
+
+
+def _check_label(doc: _Doc, path: PathT, value: str) -> None:
+    if labels.is_template(value):
+        try:
+            names = labels.template_keywords(value)
+        except labels.TemplateError as exc:
+            doc.problem(path, str(exc))
+            return
+        unknown = labels.unknown_keywords(set(names))
+        if unknown:
+            doc.problem(
+                path,
+                f"template uses {', '.join(unknown)}, which is not a DICOM keyword "
+                "(spell it as pydicom's dictionary does, e.g. PatientID, StudyDate)",
+            )
+    elif not labels.is_valid_label(value):
+        doc.problem(
+            path,
+            f"{value!r} is not a valid XNAT label: use only letters, digits, '_' and '-' "
+            "(XNAT's XftStringUtils.isValidId), or a {{ template }}",
+        )
+
+
+def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_sources: bool) -> None:
+    xnat = data.get("xnat") or {}
+    defaults = data.get("defaults") or {}
+    db = xnat.get("database") or {}
+    if "dsn" in db and _dsn_has_password(db["dsn"]):
+        doc.problem(
+            ("xnat", "database", "dsn"),
+            "the DSN holds a password; keep passwords out of manifests: use PGPASSWORD, "
+            "~/.pgpass, or `dsn_env` naming an environment variable",
+        )
+    fixed: dict[tuple[str | None, str], int] = {}
+    for where_path in [("defaults",)]:
+        for key in ("project", "subject", "session"):
+            if isinstance(defaults.get(key), str):
+                _check_label(doc, where_path + (key,), defaults[key])
+        _check_where(doc, where_path + ("where",), defaults.get("where"))
+    for i, src in enumerate(data.get("sources") or []):
+        if not isinstance(src, dict):
+            continue
+        base: PathT = ("sources", i)
+        opts = {**defaults, **src}
+        for key in ("project", "subject", "session"):
+            if isinstance(src.get(key), str):
+                _check_label(doc, base + (key,), src[key])
+        _check_where(doc, base + ("where",), src.get("where"))
+        method = opts.get("method", "prearchive")
+        build = opts.get("build", "rest")
+        if method == "cstore" and "scp" not in xnat:
+            doc.problem(base, "method cstore needs xnat.scp (host, port, called_aet) to send to")
+        if method == "prearchive":
+            for need in ("prearchive", "database"):
+                if need not in xnat:
+                    doc.problem(base, f"method prearchive needs xnat.{need}")
+        if build == "rest" and "url" not in xnat:
+            doc.problem(base, "build: rest needs xnat.url (or set build: scheduler or none)")
+        if opts.get("archive") and "url" not in xnat:
+            doc.problem(base, "archive: true needs xnat.url")
+        project = opts.get("project")
+        if project is None:
+            if opts.get("archive"):
+                doc.problem(
+                    base,
+                    "archive: true needs a project: XNAT refuses to archive Unassigned sessions "
+                    "(Archiver: 'Cannot archive sessions from the Unassigned folder')",
+                )
+            else:
+                doc.problem(
+                    base,
+                    "no project: sessions go to XNAT's Unassigned prearchive area and cannot be "
+                    "archived until moved to a project (xnat-reference.md §5)",
+                    severity="warning",
+                )
+        session = opts.get("session")
+        if (
+            isinstance(session, str)
+            and not labels.is_template(session)
+            and (project is None or (isinstance(project, str) and not labels.is_template(project)))
+        ):
+            key = (project, session)
+            if key in fixed:
+                doc.problem(
+                    base + ("session",),
+                    f"sources[{fixed[key]}] already names project {project or 'Unassigned'} "
+                    f"session {session}; two sources may not fill one session",
+                )
+            else:
+                fixed[key] = i
+        if check_sources and isinstance(src.get("source"), str):
+            folder = _resolve(manifest_dir, src["source"])
+            if not folder.is_dir():
+                doc.problem(base + ("source",), f"{folder} is not a folder; fix the path")
+            elif not os.access(folder, os.R_OK | os.X_OK):
+                doc.problem(base + ("source",), f"{folder} is not readable by this user")
+
+
+def _check_where(doc: _Doc, path: PathT, where: Any) -> None:
+    if not isinstance(where, dict):
+        return
+    unknown = labels.unknown_keywords(set(where))
+    for key in unknown:
+        doc.problem(path + (key,), f"{key!r} is not a DICOM keyword")
+
+
+def _resolve(manifest_dir: Path, source: str) -> Path:
+    p = Path(os.path.expanduser(source))
+    return p if p.is_absolute() else (manifest_dir / p)
+
+
+# --------------------------------------------------------------------------------------------
+# Freeze
+# --------------------------------------------------------------------------------------------
+
+
+def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, file: str) -> Manifest:
+    x = data["xnat"]
+    db = x.get("database")
+    scp = x.get("scp")
+    mode = x.get("file_mode")
+    xnat = XnatTarget(
+        prearchive=_abs(manifest_dir, x.get("prearchive")),
+        prearchive_url_root=x.get("prearchive_url_root"),
+        database=DatabaseTarget(dsn=db.get("dsn"), dsn_env=db.get("dsn_env")) if db else None,
+        url=x["url"].rstrip("/") if x.get("url") else None,
+        scp=ScpTarget(**scp) if scp else None,
+        file_owner=x.get("file_owner"),
+        file_mode=int(mode, 8) if mode else None,
+    )
+    defaults = data.get("defaults") or {}
+    sources = []
+    for i, src in enumerate(data["sources"]):
+        opts = {k: v for k, v in {**defaults, **src}.items() if k in _OPTION_KEYS}
+        where = opts.get("where") or {}
+        sources.append(
+            SourceSpec(
+                index=i,
+                line=doc.line(("sources", i)),
+                source=str(_resolve(manifest_dir, src["source"]).resolve()),
+                project=opts.get("project"),
+                subject=opts.get("subject", DEFAULT_SUBJECT),
+                session=opts.get("session", DEFAULT_SESSION),
+                include=tuple(opts.get("include") or ("**/*",)),
+                exclude=tuple(opts.get("exclude") or ()),
+                where=tuple(sorted((k, (v,) if isinstance(v, str) else tuple(v)) for k, v in where.items())),
+                method=opts.get("method", "prearchive"),
+                transfer=opts.get("transfer", "copy"),
+                build=opts.get("build", "rest"),
+                archive=bool(opts.get("archive", False)),
+                routing=opts.get("routing", "patient_comments"),
+                build_timeout=float(opts.get("build_timeout", 900.0)),
+            )
+        )
+    warnings = tuple(p.render() for p in doc.problems if p.severity == "warning")
+    return Manifest(path=file, digest=digest, version=1, xnat=xnat, sources=tuple(sources), warnings=warnings)
+
+
+def _abs(manifest_dir: Path, path: str | None) -> str | None:
+    return str(_resolve(manifest_dir, path).resolve()) if path else None
+
+
+def check_manifest(path: str | Path, check_sources: bool = False) -> tuple[Manifest | None, list[Problem]]:
+    """Load and check one manifest; returns (manifest or None, every problem incl. warnings)."""
+    file = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        return None, [Problem(file, None, "$", f"cannot read the manifest: {exc.strerror}")]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, [Problem(file, None, "$", "the manifest is not UTF-8 text")]
+    try:
+        data, doc = _parse_yaml(text, file)
+    except ManifestError as exc:
+        return None, exc.problems
+    if not isinstance(data, dict):
+        doc.problem((), "a manifest is a mapping with version, xnat and sources")
+        return None, doc.problems
+    _schema_problems(data, doc)
+    manifest_dir = Path(path).resolve().parent
+    _check_meaning(data, doc, manifest_dir, check_sources)
+    errors = [p for p in doc.problems if p.severity == "error"]
+    problems = sorted(doc.problems, key=lambda p: (p.line or 0, p.path))
+    if errors:
+        return None, problems
+    digest = hashlib.sha256(raw).hexdigest()
+    return _freeze(data, doc, manifest_dir, digest, file), problems
+
+
+def load_manifest(path: str | Path, check_sources: bool = False) -> Manifest:
+    """Load a valid manifest or raise ManifestError listing every problem."""
+    manifest, problems = check_manifest(path, check_sources)
+    if manifest is None:
+        raise ManifestError([p for p in problems if p.severity == "error"])
+    return manifest
+
+
+def template_keywords_of(manifest: Manifest) -> frozenset[str]:
+    """Every DICOM keyword the manifest's templates and filters read."""
+    names: set[str] = set()
+    for src in manifest.sources:
+        for value in (src.project, src.subject, src.session):
+            if value and labels.is_template(value):
+                names |= labels.template_keywords(value)
+        names |= set(src.where_map)
+    return frozenset(names)
+
+
+def iter_problems(paths: Iterable[str | Path], check_sources: bool = False) -> list[Problem]:
+    out: list[Problem] = []
+    for p in paths:
+        out.extend(check_manifest(p, check_sources)[1])
+    return out

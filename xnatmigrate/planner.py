@@ -1,0 +1,500 @@
+"""``build_plan``: headers + manifest + state + facts about XNAT → a frozen Plan.
+
+PURE: this module reads no file, database or network and writes nothing. Everything it needs is
+handed in (``StateReader`` is read-only; ``XnatFacts`` was gathered beforehand), so the same inputs
+always give the same plan, and tests drive it without any service.
+
+Findings about one study hold that study back (``HeldBack``); findings about the whole target
+refuse the plan (``PlanError``). Nothing is dropped silently: every scanned file ends up planned,
+rejected, held back or unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from . import labels, xnat_table
+from .errors import PlanError
+from .model import (
+    FileHeader,
+    HeldBack,
+    Manifest,
+    Plan,
+    PlannedFile,
+    PlannedScan,
+    PlannedSession,
+    PresentationContext,
+    Reject,
+    SourceSpec,
+    UnchangedSession,
+    XnatFacts,
+    with_plan_id,
+)
+from .state import AppliedSession
+
+
+class StateReader(Protocol):
+    """The read-only part of the state the planner may see."""
+
+    @property
+    def serial(self) -> int: ...
+
+    def timestamp_for(self, project: str | None, session: str, study_uid: str) -> str | None: ...
+
+    def all_timestamps(self) -> set[str]: ...
+
+    def sessions(self) -> list[AppliedSession]: ...
+
+
+@dataclass(frozen=True)
+class _Study:
+    """One study of one source, with its labels resolved."""
+
+    source: SourceSpec
+    study_uid: str
+    files: tuple[FileHeader, ...]
+    project: str | None
+    subject: str | None
+    session: str
+    raw: dict[str, str]
+
+    @property
+    def key(self) -> tuple[str | None, str, str]:
+        return (self.project, self.session, self.study_uid)
+
+
+def build_plan(
+    manifest: Manifest,
+    headers: Sequence[tuple[int, FileHeader]],
+    scan_rejects: Sequence[Reject],
+    state: StateReader,
+    facts: XnatFacts,
+    now: datetime,
+) -> Plan:
+    """Plan the migration. PURE (see module docstring); raises PlanError when refused."""
+    rejects = list(scan_rejects)
+    warnings = list(manifest.warnings)
+    refusals = list(facts.refusals)
+    held: list[HeldBack] = []
+
+    groups = _group(manifest, headers, rejects)
+    studies = _resolve_labels(manifest, groups, held)
+    refusals += _fixed_label_refusals(manifest, groups, studies)
+    studies = _drop_collisions(studies, held)
+
+    applied = {(s.project, s.session, s.study_uid): s for s in state.sessions()}
+    unchanged: list[UnchangedSession] = []
+    todo: list[_Study] = []
+    for st in studies:
+        prior = applied.get(st.key)
+        if prior is not None and prior.status == "applied":
+            if set(prior.sources) == {f.path for f in st.files}:
+                unchanged.append(
+                    UnchangedSession(st.project, st.session, st.study_uid, f"applied ({prior.action_id})")
+                )
+            else:
+                held.append(
+                    _held(
+                        st,
+                        "already migrated by an earlier apply with other files; "
+                        "`xnatmigrate revert` it first to migrate it again",
+                    )
+                )
+            continue
+        reason = _conflict_with_xnat(st, facts, state)
+        if reason:
+            held.append(_held(st, reason))
+            continue
+        todo.append(st)
+
+    sessions = _make_sessions(manifest, todo, state, facts, now)
+    refusals += _target_refusals(manifest, sessions, facts)
+    if refusals:
+        raise PlanError("plan refused: " + "; ".join(refusals))
+
+    skipped = list(facts.skipped)
+    for h in held:
+        rejects.extend(Reject(p, f"held back: {h.reason}") for p in h.files)
+    plan = Plan(
+        plan_id="",
+        created=now.isoformat(timespec="seconds"),
+        manifest_path=manifest.path,
+        manifest_digest=manifest.digest,
+        state_serial=state.serial,
+        table_profile=facts.table_profile,
+        xnat=manifest.xnat,
+        sessions=tuple(sessions),
+        unchanged=tuple(sorted(unchanged, key=lambda u: (u.project or "", u.session, u.study_uid))),
+        held_back=tuple(held),
+        rejected=tuple(sorted(rejects, key=lambda r: r.path)),
+        warnings=tuple(dict.fromkeys(warnings)),
+        skipped_checks=tuple(dict.fromkeys(skipped)),
+    )
+    return with_plan_id(plan)
+
+
+# --------------------------------------------------------------------------------------------
+# Files → studies
+# --------------------------------------------------------------------------------------------
+
+
+def _group(
+    manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], rejects: list[Reject]
+) -> dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]]:
+    """Filter by ``where``, render labels per file, group by (source, StudyInstanceUID)."""
+    groups: dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]] = defaultdict(
+        list
+    )
+    for idx, h in headers:
+        src = manifest.sources[idx]
+        why = _where_mismatch(src, h)
+        if why:
+            rejects.append(Reject(h.path, f"filtered out by where: {why}"))
+            continue
+        try:
+            raw = (
+                labels.render(src.project, h.values) if src.project is not None else None,
+                labels.render(src.subject, h.values) if src.subject is not None else None,
+                labels.render(src.session, h.values),
+            )
+        except labels.MissingValue as exc:
+            rejects.append(Reject(h.path, str(exc)))
+            continue
+        groups[(idx, h.study_uid)].append((h, raw))
+    return groups
+
+
+def _where_mismatch(src: SourceSpec, h: FileHeader) -> str | None:
+    for keyword, allowed in src.where:
+        value = h.get(keyword)
+        if value is None:
+            return f"{keyword} is missing (allowed: {', '.join(allowed)})"
+        if value not in allowed:
+            return f"{keyword}={value} not in {', '.join(allowed)}"
+    return None
+
+
+def _resolve_labels(
+    manifest: Manifest,
+    groups: dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]],
+    held: list[HeldBack],
+) -> list[_Study]:
+    """One label triple per study, sanitised as XNAT does (Labels.toLabelChars, §6)."""
+    studies = []
+    for (idx, uid), items in sorted(groups.items()):
+        files = tuple(sorted((h for h, _ in items), key=lambda h: h.path))
+        distinct = sorted({raw for _, raw in items}, key=str)
+        if len(distinct) > 1:
+            shown = ", ".join("/".join(p or "Unassigned" for p in d) for d in distinct[:3])
+            held.append(
+                HeldBack(
+                    None,
+                    None,
+                    uid,
+                    f"files of study {uid} disagree on the values its labels use "
+                    f"({shown}{', …' if len(distinct) > 3 else ''})",
+                    tuple(h.path for h in files),
+                )
+            )
+            continue
+        raw_p, raw_s, raw_e = distinct[0]
+        project = labels.sanitize(raw_p) if raw_p is not None else None
+        subject = labels.sanitize(raw_s) if raw_s is not None else None
+        session = labels.sanitize(raw_e)
+        raw: dict[str, str] = {}
+        for name, r, clean in (
+            ("project", raw_p, project),
+            ("subject", raw_s, subject),
+            ("session", raw_e, session),
+        ):
+            if r is not None and r != clean:
+                raw[name] = r
+        if not session or session.strip("_") == "" or project == "" or subject == "":
+            held.append(
+                HeldBack(
+                    project,
+                    session or None,
+                    uid,
+                    f"a label of study {uid} renders empty ({'/'.join(x or '∅' for x in distinct[0])})",
+                    tuple(h.path for h in files),
+                )
+            )
+            continue
+        studies.append(_Study(manifest.sources[idx], uid, files, project, subject or None, session, raw))
+    return studies
+
+
+def _fixed_label_refusals(
+    manifest: Manifest,
+    groups: dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]],
+    studies: list[_Study],
+) -> list[str]:
+    out = []
+    per_source: dict[int, set[str]] = defaultdict(set)
+    for idx, uid in groups:
+        per_source[idx].add(uid)
+    for src in manifest.sources:
+        if labels.is_template(src.session):
+            continue
+        uids = sorted(per_source.get(src.index, ()))
+        if len(uids) > 1:
+            out.append(
+                f"sources[{src.index}] ({src.source}) holds {len(uids)} studies but maps them all to "
+                f"the fixed session {src.session}: {', '.join(uids[:5])}{' …' if len(uids) > 5 else ''}; "
+                'give each study its own session (e.g. session: "{{ PatientID }}_{{ StudyDate }}") '
+                "or narrow the source with include/where"
+            )
+    return out
+
+
+def _drop_collisions(studies: list[_Study], held: list[HeldBack]) -> list[_Study]:
+    """Two studies rendering to the same (project, session): hold both back (XNAT would merge)."""
+    by_label: dict[tuple[str | None, str], list[_Study]] = defaultdict(list)
+    for st in studies:
+        by_label[(st.project, st.session)].append(st)
+    keep = []
+    for (project, session), group in by_label.items():
+        if len(group) == 1:
+            keep.extend(group)
+            continue
+        uids = sorted({g.study_uid for g in group})
+        for st in group:
+            held.append(
+                _held(
+                    st,
+                    f"{len(group)} studies render to project {project or 'Unassigned'} session "
+                    f"{session} ({', '.join(uids[:4])}); make the session template tell them apart",
+                )
+            )
+    return sorted(keep, key=lambda s: (s.project or "", s.session, s.study_uid))
+
+
+def _held(st: _Study, reason: str) -> HeldBack:
+    return HeldBack(st.project, st.session, st.study_uid, reason, tuple(h.path for h in st.files))
+
+
+def _conflict_with_xnat(st: _Study, facts: XnatFacts, state: StateReader) -> str | None:
+    ours = state.timestamp_for(st.project, st.session, st.study_uid)
+    for row in facts.existing_rows or ():
+        if row.project == st.project and row.tag == st.study_uid and row.name == st.session:
+            if ours and row.timestamp == ours and row.foldername == st.session:
+                continue  # our own row from an interrupted apply: resume
+            return (
+                f"XNAT's prearchive already holds this study as {row.project or 'Unassigned'}/"
+                f"{row.timestamp}/{row.foldername} (status {row.status}); XNAT would merge into it "
+                "(PrearcDatabase.eitherGetOrCreateSession): archive or delete that session first"
+            )
+    if st.project is not None and facts.archived is not None and (st.project, st.session) in facts.archived:
+        return (
+            f"project {st.project} already has an archived session labelled {st.session}; "
+            "choose another session label or delete the archived one"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Studies → sessions
+# --------------------------------------------------------------------------------------------
+
+
+def _make_sessions(
+    manifest: Manifest, studies: list[_Study], state: StateReader, facts: XnatFacts, now: datetime
+) -> list[PlannedSession]:
+    taken = set(facts.taken_timestamps) | state.all_timestamps()
+    clock = now.replace(microsecond=(now.microsecond // 1000) * 1000)
+    out = []
+    for st in studies:
+        src = st.source
+        if src.method == "cstore":
+            out.append(_cstore_session(manifest, st))
+            continue
+        ts = state.timestamp_for(st.project, st.session, st.study_uid)
+        if ts is None:
+            while xnat_table.timestamp_folder(clock) in taken:
+                clock += timedelta(milliseconds=1)
+            ts = xnat_table.timestamp_folder(clock)
+            taken.add(ts)
+        out.append(_prearchive_session(manifest, st, ts))
+    return out
+
+
+def _scans(st: _Study) -> tuple[PlannedScan, ...]:
+    by_series: dict[str, list[FileHeader]] = defaultdict(list)
+    for h in st.files:
+        by_series[h.series_uid].append(h)
+    scans = []
+    for series_uid, files in by_series.items():
+        first = files[0]
+        number = first.get("SeriesNumber")
+        scan_id = labels.scan_folder(number, series_uid)
+        planned = tuple(
+            PlannedFile(
+                source=h.path,
+                size=h.size,
+                mtime_ns=h.mtime_ns,
+                sop_instance_uid=h.sop_instance_uid,
+                sop_class_uid=h.sop_class_uid,
+                transfer_syntax=h.transfer_syntax,
+                dest=f"SCANS/{scan_id}/DICOM/{labels.file_name(h.values)}",
+            )
+            for h in sorted(files, key=lambda h: h.path)
+        )
+        scans.append(PlannedScan(scan_id, series_uid, number, first.get("Modality"), planned))
+    return tuple(sorted(scans, key=lambda s: (_natural(s.scan_id), s.series_uid)))
+
+
+def _natural(text: str) -> tuple[int, str]:
+    return (int(text), "") if text.isdigit() else (1 << 30, text)
+
+
+def _action_id(*parts: object) -> str:
+    return hashlib.sha256("|".join("" if p is None else str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSession:
+    src = st.source
+    root = manifest.xnat.prearchive or ""
+    url_root = (manifest.xnat.url_root or root).rstrip("/")
+    rel = f"{st.project}/{ts}/{st.session}" if st.project else f"{ts}/{st.session}"
+    first = st.files[0]
+    scan_date, scan_time = _scan_date(first.get("StudyDate"), first.get("StudyTime"))
+    row = {
+        "project": st.project,
+        "timestamp": ts,
+        "lastmod": None,  # LOCALTIMESTAMP at insert (sql/prearchive_insert.sql.j2)
+        "uploaded": xnat_table.sql_timestamp(xnat_table.parse_timestamp_folder(ts)),
+        "scan_date": scan_date,
+        "scan_time": scan_time,
+        "subject": st.subject,
+        "foldername": st.session,
+        "name": st.session,
+        "tag": st.study_uid,
+        "status": "RECEIVING",
+        "url": f"{url_root}/{rel}",
+        # A scheduled build archives by itself only if autoarchive says so (§3, isAutoArchive);
+        # REST builds never auto-archive, the tool archives explicitly then.
+        "autoarchive": xnat_table.AUTOARCHIVE_AUTO
+        if (src.build == "scheduler" and src.archive)
+        else xnat_table.AUTOARCHIVE_MANUAL,
+        "prevent_anon": False,
+        # Only `build: scheduler` lets XNAT's SessionXMLRebuilder job pick the row up (§3).
+        "prevent_auto_commit": src.build != "scheduler",
+        "source": xnat_table.ROW_SOURCE,
+        "visit": None,
+        "protocol": None,
+        "timezone": None,
+    }
+    return PlannedSession(
+        action_id=_action_id("prearchive", st.project, st.session, st.study_uid, ts),
+        source_index=src.index,
+        method="prearchive",
+        project=st.project,
+        subject=st.subject,
+        session=st.session,
+        study_uid=st.study_uid,
+        timestamp=ts,
+        build=src.build,
+        archive=src.archive,
+        transfer=src.transfer,
+        routing=src.routing,
+        build_timeout=src.build_timeout,
+        prearchive_uri=f"/prearchive/projects/{st.project or 'Unassigned'}/{ts}/{st.session}",
+        session_dir=f"{root.rstrip('/')}/{rel}",
+        url=row["url"],
+        row=row,
+        scans=_scans(st),
+        raw_labels=st.raw,
+    )
+
+
+def _cstore_session(manifest: Manifest, st: _Study) -> PlannedSession:
+    src = st.source
+    project, subject, session = st.project, st.subject, st.session
+    line = None
+    if src.routing != "none":
+        line = labels.routing_line(project, subject, session)
+    else:
+        project, subject, session = labels.predict_route(st.files[0].values)
+    contexts: dict[str, set[str]] = defaultdict(set)
+    for h in st.files:
+        contexts[h.sop_class_uid].add(h.transfer_syntax)
+    return PlannedSession(
+        action_id=_action_id("cstore", project, session, st.study_uid),
+        source_index=src.index,
+        method="cstore",
+        project=project,
+        subject=subject,
+        session=session,
+        study_uid=st.study_uid,
+        timestamp="",
+        build=src.build,
+        archive=src.archive,
+        transfer=src.transfer,
+        routing=src.routing,
+        build_timeout=src.build_timeout,
+        prearchive_uri=f"/prearchive/projects/{project or 'Unassigned'}",
+        session_dir=None,
+        url=None,
+        row=None,
+        scans=_scans(st),
+        raw_labels=st.raw,
+        routing_line=line,
+        contexts=tuple(PresentationContext(sop, tuple(sorted(ts))) for sop, ts in sorted(contexts.items())),
+    )
+
+
+def _scan_date(study_date: str | None, study_time: str | None) -> tuple[str | None, str | None]:
+    """StudyDate + the time part of StudyTime, as XNAT's receiver writes scan_date (§1 column 5)."""
+    if not study_date or len(study_date) < 8 or not study_date[:8].isdigit():
+        return None, None
+    try:
+        day = datetime.strptime(study_date[:8], "%Y%m%d")
+    except ValueError:
+        return None, None
+    hms = "00:00:00"
+    scan_time = None
+    digits = (study_time or "").split(".")[0].replace(":", "")
+    if len(digits) >= 2 and digits.isdigit():
+        digits = (digits + "0000")[:6]
+        h, m, s = int(digits[:2]), int(digits[2:4]), int(digits[4:6])
+        if h < 24 and m < 60 and s < 61:
+            hms = f"{h:02d}:{m:02d}:{min(s, 59):02d}"
+            scan_time = hms
+    return f"{day:%Y-%m-%d} {hms}", scan_time
+
+
+# --------------------------------------------------------------------------------------------
+# Target-wide checks
+# --------------------------------------------------------------------------------------------
+
+
+def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
+    out = []
+    pre = [s for s in sessions if s.method == "prearchive"]
+    if not pre:
+        return out
+    root = manifest.xnat.prearchive
+    if facts.prearchive_writable is False:
+        out.append(f"the prearchive {root} is missing or not writable by this user; fix xnat.prearchive")
+    copy_bytes = sum(s.bytes for s in pre if s.transfer == "copy")
+    if facts.free_bytes is not None and copy_bytes > facts.free_bytes:
+        out.append(
+            f"not enough free space in {root}: {copy_bytes / 1e9:.2f} GB to copy, "
+            f"{facts.free_bytes / 1e9:.2f} GB free; free space or use transfer: hardlink"
+        )
+    if facts.same_filesystem is not None:
+        for s in pre:
+            if s.transfer != "hardlink":
+                continue
+            src = manifest.sources[s.source_index].source
+            if facts.same_filesystem.get(src) is False:
+                out.append(
+                    f"transfer: hardlink needs {src} on the prearchive's filesystem ({root}); "
+                    "use transfer: copy for that source"
+                )
+    return list(dict.fromkeys(out))

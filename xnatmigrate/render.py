@@ -1,0 +1,119 @@
+"""The one SQL chokepoint: Jinja templates in ``sql/`` → statements with bind parameters.
+
+Invariants:
+- Templates decide only the *shape* of SQL (column lists, guards). Every value reaches SQL through
+  ``bind()``, as a ``%(name)s`` parameter; no value is ever formatted into SQL text.
+- The same ``Statement`` is either executed (psycopg2 binds the parameters) or printed for review
+  (``to_sql_text``: values as quoted literals). Printed and executed text therefore differ only in
+  how values are spelled, and tests compare the two through the driver's own ``mogrify``.
+- Printed literals assume ``standard_conforming_strings = on`` (PostgreSQL's default since 9.1),
+  which every printed script sets first. NOTE: psycopg2's connection-less quoting doubles
+  backslashes without an ``E''`` prefix, which is wrong under that setting, so literals for review
+  are produced here and proven equal to the driver's connected quoting by a test.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+
+from .errors import XnatMigrateError
+from .resources import sql_dir
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One SQL statement: text with ``%(name)s`` placeholders and the values to bind."""
+
+    name: str
+    sql: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+class _Binder:
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def __call__(self, name: str, value: Any, cast: str | None = None) -> str:
+        if name in self.params and self.params[name] != value:
+            raise XnatMigrateError(f"SQL template binds {name!r} twice with different values (bug)")
+        self.params[name] = value
+        ph = f"%({name})s"
+        return f"CAST({ph} AS {cast})" if cast else ph
+
+
+@functools.lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(sql_dir())),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+    )
+
+
+def render_statements(template: str, **context: Any) -> list[Statement]:
+    """Render a template holding one or more statements, each ending with ``;`` on its line end.
+
+    Statements are split on a line that ends with ``;`` (templates keep values out of the text, so
+    a ``;`` inside a value cannot split anything).
+    """
+    binder = _Binder()
+    text = _env().get_template(template).render(bind=binder, **context)
+    out: list[Statement] = []
+    chunk: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() and not chunk:
+            continue
+        chunk.append(line)
+        if line.rstrip().endswith(";"):
+            sql = "\n".join(chunk).strip()
+            names = set(_PLACEHOLDER.findall(sql))
+            out.append(Statement(template, sql, {k: binder.params[k] for k in sorted(names)}))
+            chunk = []
+    if any(line.strip() and not line.strip().startswith("--") for line in chunk):
+        raise XnatMigrateError(f"SQL template {template} has a statement without ';' (bug)")
+    return out
+
+
+def render_statement(template: str, **context: Any) -> Statement:
+    stmts = render_statements(template, **context)
+    if len(stmts) != 1:
+        raise XnatMigrateError(f"SQL template {template} renders {len(stmts)} statements, not 1 (bug)")
+    return stmts[0]
+
+
+def literal(value: Any) -> str:
+    """A PostgreSQL literal for review scripts (``standard_conforming_strings = on``)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise XnatMigrateError("a value holds a NUL character, which PostgreSQL text cannot store")
+        return "'" + value.replace("'", "''") + "'"
+    raise XnatMigrateError(f"cannot write a {type(value).__name__} as an SQL literal (bug)")
+
+
+def to_sql_text(stmt: Statement) -> str:
+    """The statement with every parameter spelled as a literal, for plan.sql and dry runs."""
+    return _PLACEHOLDER.sub(lambda m: literal(stmt.params[m.group(1)]), stmt.sql)
+
+
+def render_script(template: str, **context: Any) -> str:
+    """Render a whole reviewable script (e.g. plan.sql); values arrive already as literals."""
+    return _env().get_template(template).render(literal=literal, to_sql_text=to_sql_text, **context)

@@ -1,0 +1,487 @@
+"""The state file (SQLite): a ledger of what this tool did, plus the scan cache.
+
+Invariants:
+- A ledger, not a cache: an unreadable state, or one written by a newer format, is an error with a
+  fix, never a silent reset.
+- Every step is recorded right after it takes effect (check → act → record), in its own committed
+  transaction (``synchronous=FULL``), so a crash loses at most the record of the step in flight,
+  which the next run's *check* rediscovers.
+- One writer per state directory: ``StateStore.lock()`` takes an exclusive ``flock`` and names the
+  holder (host, pid, start time) to whoever is refused.
+- ``serial`` changes only when a different plan starts to apply or something is reverted; resuming
+  the plan recorded as ``current_plan`` keeps it, so an interrupted apply can rerun the same plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LockedError, StateError
+
+STATE_FORMAT = 1
+STATE_FILE = "state.db"
+LOCK_FILE = "lock"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scan_cache (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    keywords TEXT NOT NULL, transfer_syntax TEXT, header TEXT, reject TEXT);
+CREATE TABLE IF NOT EXISTS timestamps (
+    project TEXT NOT NULL, session TEXT NOT NULL, study_uid TEXT NOT NULL, timestamp TEXT NOT NULL,
+    PRIMARY KEY (project, session, study_uid));
+CREATE TABLE IF NOT EXISTS sessions (
+    action_id TEXT PRIMARY KEY, plan_id TEXT NOT NULL, method TEXT NOT NULL, project TEXT,
+    subject TEXT, session TEXT NOT NULL, study_uid TEXT NOT NULL, timestamp TEXT NOT NULL,
+    session_dir TEXT, url TEXT, prearchive_uri TEXT NOT NULL, row_json TEXT, files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, sources_json TEXT NOT NULL, status TEXT NOT NULL, updated TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, action_id TEXT NOT NULL, step TEXT NOT NULL,
+    outcome TEXT NOT NULL, detail TEXT, at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS steps_action ON steps (action_id, step);
+CREATE TABLE IF NOT EXISTS files (
+    action_id TEXT NOT NULL, dest TEXT NOT NULL, source TEXT NOT NULL, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, PRIMARY KEY (action_id, dest));
+CREATE TABLE IF NOT EXISTS sent (
+    action_id TEXT NOT NULL, sop_instance_uid TEXT NOT NULL, status INTEGER NOT NULL,
+    at TEXT NOT NULL, PRIMARY KEY (action_id, sop_instance_uid));
+CREATE TABLE IF NOT EXISTS observed (
+    action_id TEXT PRIMARY KEY, observation TEXT NOT NULL, at TEXT NOT NULL);
+"""
+
+# Session statuses in the ledger (not XNAT's): planned → applying → applied | failed; reverted.
+SESSION_DONE = "applied"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+
+
+@dataclass(frozen=True)
+class CachedHeader:
+    """A scan-cache entry: valid while (size, mtime_ns) match and ``keywords`` covers the need."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    keywords: frozenset[str]
+    transfer_syntax: str | None
+    header: Mapping[str, str] | None
+    reject: str | None
+
+
+@dataclass(frozen=True)
+class AppliedSession:
+    """What the ledger knows of one session an apply started."""
+
+    action_id: str
+    plan_id: str
+    method: str
+    project: str | None
+    subject: str | None
+    session: str
+    study_uid: str
+    timestamp: str
+    session_dir: str | None
+    url: str | None
+    prearchive_uri: str
+    row: Mapping[str, Any] | None
+    files: int
+    bytes: int
+    sources: tuple[str, ...]
+    status: str
+
+
+class StateView:
+    """Read-only view of the state for the pure planner (tests hand it a fake with these methods)."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    @property
+    def serial(self) -> int:
+        return self._store.serial()
+
+    def timestamp_for(self, project: str | None, session: str, study_uid: str) -> str | None:
+        return self._store.timestamp_for(project, session, study_uid)
+
+    def all_timestamps(self) -> set[str]:
+        return self._store.all_timestamps()
+
+    def sessions(self) -> list[AppliedSession]:
+        return self._store.sessions()
+
+
+class StateStore:
+    """The SQLite ledger in ``<state_dir>/state.db``."""
+
+    def __init__(self, state_dir: str | Path, create: bool = True) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / STATE_FILE
+        if not self.path.exists() and not create:
+            raise StateError(
+                f"no state in {self.dir}: run `xnatmigrate plan MANIFEST` first (or pass --state-dir)"
+            )
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self._check_format()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"the state file {self.path} is unreadable ({exc}); it is the ledger of what was "
+                "migrated: restore it from backup, or move it aside to start over deliberately"
+            ) from None
+        except OSError as exc:
+            raise StateError(f"cannot open the state directory {self.dir}: {exc.strerror}") from None
+        self._lock_fd: int | None = None
+
+    # -- format ---------------------------------------------------------------------------------
+
+    def _check_format(self) -> None:
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" in tables:
+            row = self.conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            fmt = int(row[0]) if row else 0
+            if fmt > STATE_FORMAT:
+                raise StateError(
+                    f"the state file {self.path} has format {fmt}, newer than this xnatmigrate "
+                    f"understands ({STATE_FORMAT}); upgrade xnatmigrate"
+                )
+            if fmt < 1:
+                raise StateError(f"the state file {self.path} has no format marker; it is not ours")
+        elif tables:
+            raise StateError(f"{self.path} is an SQLite file but not an xnatmigrate state file")
+        with self.tx():
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    self.conn.execute(stmt)
+            self.conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (str(STATE_FORMAT),)
+            )
+            self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('serial', '0')")
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One committed transaction (the unit of durability)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.unlock()
+        self.conn.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def view(self) -> StateView:
+        return StateView(self)
+
+    # -- meta -----------------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def serial(self) -> int:
+        return int(self._meta("serial") or 0)
+
+    def current_plan(self) -> str | None:
+        return self._meta("current_plan")
+
+    def begin_plan(self, plan_id: str) -> None:
+        """Mark ``plan_id`` as the plan being applied; bumps the serial unless it already was."""
+        with self.tx():
+            if self._meta("current_plan") != plan_id:
+                self._set_meta("serial", str(self.serial() + 1))
+                self._set_meta("current_plan", plan_id)
+
+    def bump_serial(self) -> None:
+        with self.tx():
+            self._set_meta("serial", str(self.serial() + 1))
+            self._set_meta("current_plan", "")
+
+    # -- lock -----------------------------------------------------------------------------------
+
+    def lock(self, what: str = "apply") -> None:
+        """Take the directory's exclusive lock or raise LockedError naming the holder."""
+        path = self.dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(path).read_text(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(
+                f"{self.dir} is in use by {holder}; wait for it to finish (or, if that process is "
+                "gone, rerun: the lock is released when its holder exits)"
+            ) from None
+        info = f"{what} on host {socket.gethostname()} pid {os.getpid()} since {now_iso()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- scan cache -----------------------------------------------------------------------------
+
+    def cache_get(self, paths: Iterable[str]) -> dict[str, CachedHeader]:
+        out: dict[str, CachedHeader] = {}
+        paths = list(paths)
+        for i in range(0, len(paths), 500):
+            chunk = paths[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject "
+                f"FROM scan_cache WHERE path IN ({marks})",
+                chunk,
+            ):
+                out[row[0]] = CachedHeader(
+                    path=row[0],
+                    size=row[1],
+                    mtime_ns=row[2],
+                    keywords=frozenset(json.loads(row[3])),
+                    transfer_syntax=row[4],
+                    header=json.loads(row[5]) if row[5] is not None else None,
+                    reject=row[6],
+                )
+        return out
+
+    def cache_all(self) -> dict[str, CachedHeader]:
+        """The whole cache in one query (cheaper than IN-chunks when most paths are wanted)."""
+        out = {}
+        for row in self.conn.execute(
+            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject FROM scan_cache"
+        ):
+            out[row[0]] = CachedHeader(
+                row[0],
+                row[1],
+                row[2],
+                frozenset(json.loads(row[3])),
+                row[4],
+                json.loads(row[5]) if row[5] is not None else None,
+                row[6],
+            )
+        return out
+
+    def cache_put(self, entries: Iterable[CachedHeader]) -> None:
+        with self.tx():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO scan_cache "
+                "(path, size, mtime_ns, keywords, transfer_syntax, header, reject) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        e.path,
+                        e.size,
+                        e.mtime_ns,
+                        json.dumps(sorted(e.keywords)),
+                        e.transfer_syntax,
+                        json.dumps(dict(e.header), ensure_ascii=False) if e.header is not None else None,
+                        e.reject,
+                    )
+                    for e in entries
+                ),
+            )
+
+    # -- timestamps -----------------------------------------------------------------------------
+
+    def timestamp_for(self, project: str | None, session: str, study_uid: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT timestamp FROM timestamps WHERE project=? AND session=? AND study_uid=?",
+            (project or "", session, study_uid),
+        ).fetchone()
+        return row[0] if row else None
+
+    def all_timestamps(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT timestamp FROM timestamps")}
+
+    def record_timestamps(self, rows: Iterable[tuple[str | None, str, str, str]]) -> None:
+        """Keep each (project, session, study) → timestamp choice; an existing one is never changed."""
+        with self.tx():
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO timestamps (project, session, study_uid, timestamp) "
+                "VALUES (?, ?, ?, ?)",
+                ((p or "", s, u, t) for p, s, u, t in rows),
+            )
+
+    # -- sessions and steps ---------------------------------------------------------------------
+
+    def register_session(self, plan_id: str, s: Any) -> None:
+        """Record a planned session (a ``PlannedSession``) before its first step; idempotent."""
+        with self.tx():
+            self.conn.execute(
+                "INSERT INTO sessions (action_id, plan_id, method, project, subject, session, "
+                "study_uid, timestamp, session_dir, url, prearchive_uri, row_json, files, bytes, "
+                "sources_json, status, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (action_id) DO UPDATE SET plan_id=excluded.plan_id, "
+                "updated=excluded.updated WHERE sessions.status != 'applied'",
+                (
+                    s.action_id,
+                    plan_id,
+                    s.method,
+                    s.project,
+                    s.subject,
+                    s.session,
+                    s.study_uid,
+                    s.timestamp,
+                    s.session_dir,
+                    s.url,
+                    s.prearchive_uri,
+                    json.dumps(dict(s.row)) if s.row is not None else None,
+                    s.file_count,
+                    s.bytes,
+                    json.dumps(sorted(f.source for f in s.files)),
+                    "applying",
+                    now_iso(),
+                ),
+            )
+
+    def set_session_status(self, action_id: str, status: str) -> None:
+        with self.tx():
+            self.conn.execute(
+                "UPDATE sessions SET status=?, updated=? WHERE action_id=?", (status, now_iso(), action_id)
+            )
+
+    def sessions(self) -> list[AppliedSession]:
+        rows = self.conn.execute(
+            "SELECT action_id, plan_id, method, project, subject, session, study_uid, timestamp, "
+            "session_dir, url, prearchive_uri, row_json, files, bytes, sources_json, status "
+            "FROM sessions ORDER BY project, session, study_uid"
+        ).fetchall()
+        return [
+            AppliedSession(
+                *r[:11],
+                row=json.loads(r[11]) if r[11] else None,  # type: ignore[misc]
+                files=r[12],
+                bytes=r[13],
+                sources=tuple(json.loads(r[14])),
+                status=r[15],
+            )
+            for r in rows
+        ]
+
+    def session(self, action_id: str) -> AppliedSession | None:
+        for s in self.sessions():
+            if s.action_id == action_id:
+                return s
+        return None
+
+    def record_step(self, action_id: str, step: str, outcome: str = "done", detail: Any = None) -> None:
+        """Append one ledger entry. ``outcome``: done | noop | failed."""
+        with self.tx():
+            self.conn.execute(
+                "INSERT INTO steps (action_id, step, outcome, detail, at) VALUES (?, ?, ?, ?, ?)",
+                (
+                    action_id,
+                    step,
+                    outcome,
+                    json.dumps(detail, ensure_ascii=False) if detail is not None else None,
+                    now_iso(),
+                ),
+            )
+
+    def steps_done(self, action_id: str) -> set[str]:
+        """Steps whose latest record is done or noop (a later ``reverted`` record undoes them)."""
+        latest: dict[str, str] = {}
+        for step, outcome in self.conn.execute(
+            "SELECT step, outcome FROM steps WHERE action_id=? ORDER BY id", (action_id,)
+        ):
+            latest[step] = outcome
+        return {s for s, o in latest.items() if o in ("done", "noop")}
+
+    def step_detail(self, action_id: str, step: str) -> Any:
+        row = self.conn.execute(
+            "SELECT detail FROM steps WHERE action_id=? AND step=? AND outcome IN ('done','noop') "
+            "ORDER BY id DESC LIMIT 1",
+            (action_id, step),
+        ).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def history(self, action_id: str) -> list[tuple[str, str, Any, str]]:
+        return [
+            (step, outcome, json.loads(detail) if detail else None, at)
+            for step, outcome, detail, at in self.conn.execute(
+                "SELECT step, outcome, detail, at FROM steps WHERE action_id=? ORDER BY id", (action_id,)
+            )
+        ]
+
+    # -- per-file records -----------------------------------------------------------------------
+
+    def record_files(self, action_id: str, rows: Iterable[tuple[str, str, int, str]]) -> None:
+        """(dest, source, size, sha256) of files staged for a session."""
+        with self.tx():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO files (action_id, dest, source, size, sha256) VALUES (?,?,?,?,?)",
+                ((action_id, d, s, n, h) for d, s, n, h in rows),
+            )
+
+    def files_for(self, action_id: str) -> dict[str, tuple[str, int, str]]:
+        return {
+            d: (s, n, h)
+            for d, s, n, h in self.conn.execute(
+                "SELECT dest, source, size, sha256 FROM files WHERE action_id=?", (action_id,)
+            )
+        }
+
+    def record_sent(self, action_id: str, rows: Iterable[tuple[str, int]]) -> None:
+        """(SOPInstanceUID, C-STORE status) confirmed by the receiver."""
+        with self.tx():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO sent (action_id, sop_instance_uid, status, at) VALUES (?,?,?,?)",
+                ((action_id, uid, status, now_iso()) for uid, status in rows),
+            )
+
+    def sent_for(self, action_id: str) -> dict[str, int]:
+        return dict(
+            self.conn.execute("SELECT sop_instance_uid, status FROM sent WHERE action_id=?", (action_id,))
+        )
+
+    def clear_session_records(self, action_id: str) -> None:
+        """Forget files and sends of a reverted session (its steps stay in the ledger)."""
+        with self.tx():
+            self.conn.execute("DELETE FROM files WHERE action_id=?", (action_id,))
+            self.conn.execute("DELETE FROM sent WHERE action_id=?", (action_id,))
+
+    # -- observations (refresh) ------------------------------------------------------------------
+
+    def record_observation(self, action_id: str, observation: Mapping[str, Any]) -> None:
+        with self.tx():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO observed (action_id, observation, at) VALUES (?,?,?)",
+                (action_id, json.dumps(dict(observation)), now_iso()),
+            )
+
+    def observation(self, action_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT observation, at FROM observed WHERE action_id=?", (action_id,)
+        ).fetchone()
+        return {**json.loads(row[0]), "observed_at": row[1]} if row else None

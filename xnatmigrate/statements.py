@@ -1,0 +1,88 @@
+"""Every SQL statement the tool runs or prints, built from the templates in ``sql/``.
+
+Pure: no driver import. ``execute/db.py`` executes these; ``plan.sql`` prints the same objects, so
+what a reviewer reads is what apply runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+from . import xnat_table
+from .model import Plan, PlannedSession
+from .render import Statement, render_script, render_statement, render_statements
+
+_BOOL_COLUMNS = frozenset({"prevent_anon", "prevent_auto_commit"})
+
+
+def lock_key(project: str | None, timestamp: str, foldername: str) -> int:
+    """A stable signed 64-bit advisory-lock key for one prearchive session."""
+    digest = hashlib.sha256(f"xnatmigrate|{project or ''}|{timestamp}|{foldername}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def insert_session(session: PlannedSession) -> list[Statement]:
+    """The advisory lock and the guarded INSERT for one session (sql/prearchive_insert.sql.j2)."""
+    assert session.row is not None, "C-STORE sessions have no row to insert"
+    row = dict(session.row)
+    return render_statements(
+        "prearchive_insert.sql.j2",
+        session=session,
+        row=row,
+        columns=xnat_table.COLUMN_NAMES,
+        timestamp_columns=xnat_table.TIMESTAMP_COLUMNS,
+        bool_columns=_BOOL_COLUMNS,
+        lock_key=lock_key(row["project"], row["timestamp"], row["foldername"]),
+    )
+
+
+def table_profile() -> Statement:
+    return render_statement("prearchive_profile.sql.j2", constraint=xnat_table.UNIQUE_CONSTRAINT)
+
+
+def rows_by_tag(tags: Sequence[str]) -> Statement:
+    return render_statement("prearchive_rows_by_tag.sql.j2", tags=list(tags))
+
+
+def used_timestamps() -> Statement:
+    return render_statement("prearchive_timestamps.sql.j2")
+
+
+def archived_sessions(projects: Iterable[str]) -> Statement:
+    return render_statement("archived_sessions.sql.j2", projects=sorted(set(projects)))
+
+
+def fetch_row(project: str | None, timestamp: str, foldername: str) -> Statement:
+    return render_statement(
+        "prearchive_row.sql.j2",
+        columns=xnat_table.COLUMN_NAMES,
+        project=project,
+        timestamp=timestamp,
+        foldername=foldername,
+    )
+
+
+def delete_row(project: str | None, timestamp: str, foldername: str) -> Statement:
+    return render_statement(
+        "prearchive_delete.sql.j2",
+        project=project,
+        timestamp=timestamp,
+        foldername=foldername,
+        source=xnat_table.ROW_SOURCE,
+    )
+
+
+def plan_script(plan: Plan) -> str:
+    """plan.sql: one transaction holding every statement apply will run, values as literals."""
+    rows = [s for s in plan.sessions if s.method == "prearchive"]
+    return (
+        render_script(
+            "plan.sql.j2",
+            plan=plan,
+            rows=len(rows),
+            cstore=len(plan.sessions) - len(rows),
+            statements=[insert_session(s) for s in rows],
+        ).rstrip()
+        + "\n"
+    )
