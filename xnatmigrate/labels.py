@@ -181,8 +181,11 @@ def routing_line(project: str | None, subject: str | None, session: str | None) 
     return " ".join(parts)
 
 
+# ContainedAssignmentExtractor's pattern, applied with Java's matches() (= fullmatch); Java's \w is
+# ASCII-only, hence re.ASCII. Without DOTALL, `.` stops at a newline: a key two or more lines
+# below the start is never found (a single newline is still crossed by the [\s,;] class).
 _ASSIGNMENT = {
-    key: re.compile(rf"(?:\A|.*[\s,;]){key}\s*:\s*([\w\-]*)(?:[\s,;].*\Z|\Z)", re.IGNORECASE)
+    key: re.compile(rf"(?:\A|.*[\s,;]){key}\s*:\s*([\w\-]*)(?:[\s,;].*\Z|\Z)", re.IGNORECASE | re.ASCII)
     for key in ("Project", "Subject", "Session")
 }
 # ClassicDicomObjectIdentifier's comment fields, in order (§5 rows 3-5).

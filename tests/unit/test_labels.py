@@ -1,0 +1,112 @@
+"""Labels, scan folders and file names as XNAT makes them (xnat-reference.md §2, §5, §6)."""
+
+import pytest
+
+from xnatmigrate import labels
+
+# Computed with the JDK (openjdk 17): Long.toString(List.of(a, b).hashCode() & 0xffffffffL, 36).
+JDK_HASHES = [
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5", "14o7axy"),
+    (
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.3.6.1.4.1.9590.100.1.2.227305838311957143831006521212591024213",
+        "183rs1k",
+    ),
+    ("", "", "qp"),
+    ("a", "b", "34y"),
+    ("1.2.840.10008.5.1.4.1.1.7", "2.25.123456789012345678901234567890", "1l4anfg"),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), JDK_HASHES)
+def test_xnat_hash_matches_the_jdk(a, b, expected):
+    assert labels.xnat_hash(a, b) == expected
+
+
+def test_java_string_hash_uses_utf16_code_units():
+    # "Ünïcødé𝄞".hashCode() & 0xffffffffL on the JDK; the clef is a surrogate pair in UTF-16.
+    assert labels.java_string_hash("Ünïcødé𝄞") == 660894721
+
+
+def test_file_name_follows_xnat_default_template():
+    values = {
+        "StudyInstanceUID": "1.2.3",
+        "SeriesNumber": "5",
+        "InstanceNumber": "12",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.4",
+        "SOPInstanceUID": "1.2.3.4.5",
+    }
+    assert labels.file_name(values) == "1.2.3-5-12-14o7axy.dcm"
+
+
+def test_file_name_marks_missing_values():
+    values = {"StudyInstanceUID": "1.2.3", "SOPClassUID": "a", "SOPInstanceUID": "b"}
+    assert labels.file_name(values) == "1.2.3-no-value-for-SeriesNumber-no-value-for-InstanceNumber-34y.dcm"
+
+
+def test_file_name_strips_leading_dots():
+    assert labels.file_name({"X": ".hidden"}, template="${X}") == "hidden.dcm"
+
+
+@pytest.mark.parametrize(
+    ("number", "uid", "expected"),
+    [
+        ("5", "1.2.3", "5"),
+        ("1001", None, "1001"),
+        ("5 A", "1.2.3", "1_2_3"),  # not a valid file name → sanitised SeriesInstanceUID
+        (None, "1.2.3", "1_2_3"),
+        (None, None, "NA"),
+        ("+5", None, "NA"),
+    ],
+)
+def test_scan_folder_follows_restructurer(number, uid, expected):
+    assert labels.scan_folder(number, uid) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [("DOE^JOHN", "DOE_JOHN"), ("a.b c", "a_b_c"), ("ok-1_2", "ok-1_2"), ("Müller", "M_ller")],
+)
+def test_sanitize_like_labels_to_label_chars(raw, clean):
+    assert labels.sanitize(raw) == clean
+    assert labels.is_valid_label(clean)
+
+
+def test_template_rendering_and_missing_value():
+    assert labels.render("{{ PatientID }}_{{ StudyDate }}", {"PatientID": "P1", "StudyDate": "2020"}) == "P1_2020"
+    with pytest.raises(labels.MissingValue) as exc:
+        labels.render("{{ PatientID }}_{{ StudyDate }}", {"PatientID": "P1"})
+    assert exc.value.keyword == "StudyDate"
+
+
+def test_template_is_sandboxed():
+    with pytest.raises(labels.TemplateError):
+        labels.render("{{ PatientID.__class__.__mro__[1].__subclasses__() }}", {"PatientID": "x"})
+
+
+def test_unknown_keywords_are_found():
+    assert labels.unknown_keywords({"PatientID", "PatientIDD"}) == ["PatientIDD"]
+
+
+def test_routing_line():
+    assert labels.routing_line("P1", "S01", "S01_MR1") == "Project: P1 Subject: S01 Session: S01_MR1"
+    assert labels.routing_line(None, "S", "E") == "Subject: S Session: E"
+    with pytest.raises(ValueError):
+        labels.routing_line("P 1", "S", "E")
+
+
+def test_predict_route_follows_classic_identifier_order():
+    values = {
+        "PatientComments": "Project: P1 Subject: S1 Session: E1",
+        "StudyComments": "Project: P2",
+        "StudyDescription": "P3",
+        "PatientName": "DOE^JOHN",
+        "PatientID": "ID 7",
+    }
+    assert labels.predict_route(values) == ("P1", "S1", "E1")
+    values.pop("PatientComments")
+    assert labels.predict_route(values) == ("P2", "DOE_JOHN", "ID_7")
+    # No DOTALL in XNAT's regex: `.*` cannot cross newlines, so a key two lines down is not seen.
+    assert labels.predict_route({"PatientComments": "a\nb\nProject: P1"}) == (None, None, "dicom_upload")
+    # Java's \w is ASCII: a non-ASCII value does not match at all.
+    assert labels.predict_route({"PatientComments": "Project: Pé"})[0] is None
