@@ -1,0 +1,58 @@
+"""Fixtures shared by every test.
+
+PostgreSQL: ``pg_admin_dsn`` is the server (``XNATMIGRATE_TEST_DSN`` if set, else one embedded server per
+test process, so each pytest-xdist worker has its own); ``pg_dsn`` / ``pg_db_17`` give each test a fresh
+database holding XNAT's real ``xdat_search.prearchive`` table, dropped afterwards. Tests that use them
+are marked ``pg`` automatically (``make test-pg`` selects them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from xnatmigrate.testing.pg import TABLE_PROFILES, EmbeddedPostgres, PgDb, temporary_database
+
+PG_FIXTURES = frozenset({"pg_admin_dsn", "pg_dsn", "pg_db_17"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "pg: uses a PostgreSQL server (added automatically by the pg fixtures)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PG_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pg)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    """DSN of a server where the tests may CREATE DATABASE (session-wide, per xdist worker)."""
+    external = os.environ.get("XNATMIGRATE_TEST_DSN")
+    if external:
+        yield external
+        return
+    with EmbeddedPostgres() as server:
+        yield server.dsn
+
+
+@pytest.fixture(params=TABLE_PROFILES, ids=[f"pg{p}" for p in TABLE_PROFILES])
+def pg_dsn(request: pytest.FixtureRequest, pg_admin_dsn: str) -> Iterator[PgDb]:
+    """A fresh database with the prearchive table, once per XNAT DDL profile."""
+    with temporary_database(pg_admin_dsn, request.param) as db:
+        yield db
+
+
+@pytest.fixture
+def pg_db_17(pg_admin_dsn: str) -> Iterator[PgDb]:
+    """A fresh database with the 1.7 (no unique constraint) prearchive table, for single-profile tests."""
+    with temporary_database(pg_admin_dsn, "1.7") as db:
+        yield db

@@ -1,0 +1,1 @@
+"""Test rig shared by the tests, the demo and the benchmarks (embedded PostgreSQL, synthetic DICOM)."""
