@@ -193,5 +193,7 @@ def test_ddl_path_prefers_packaged_data(tmp_path: Path, monkeypatch: pytest.Monk
     # An installed wheel ships sql/ as xnatmigrate/_data/sql; a source checkout falls back to sql/.
     assert ddl_path("1.7") == Path(pg_module.__file__).resolve().parents[2] / "sql" / "xnat" / "1.7.sql"
     (tmp_path / "_data" / "sql" / "xnat").mkdir(parents=True)
-    monkeypatch.setattr(pg_module, "files", lambda package: tmp_path)
+    import xnatmigrate.resources as resources
+
+    monkeypatch.setattr(resources, "files", lambda package: tmp_path)
     assert ddl_path("1.8.2") == tmp_path / "_data" / "sql" / "xnat" / "1.8.2.sql"
