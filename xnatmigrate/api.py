@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from . import labels, statements, xnat_table
 from .errors import PlanError, Problem, StalePlanError, XnatMigrateError
@@ -233,7 +234,9 @@ def _archived_facts(
             with db.connect(db.resolve_dsn(manifest.xnat.database)) as conn, conn.cursor() as cur:
                 labels_found = db.archived_labels(cur, projects)
             if labels_found is None:
-                return None, (f"{what}: XNAT's experiment tables are not in this database and xnat.url is not set",)
+                return None, (
+                    f"{what}: XNAT's experiment tables are not in this database and xnat.url is not set",
+                )
             return labels_found, ()
         except XnatMigrateError as exc:
             return None, (f"{what} ({exc})",)
@@ -272,3 +275,99 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# apply / status
+# --------------------------------------------------------------------------------------------
+
+
+def apply(
+    plan_path: str | Path | None = None,
+    *,
+    state_dir: str | Path | None = None,
+    jobs: int | None = None,
+    progress: ProgressFn | None = None,
+    on_session: Callable[[Any], None] | None = None,
+    poll: float = 1.0,
+) -> Any:
+    """Apply a saved plan (default ``<state-dir>/plan.json``); returns an ``ApplyReport``.
+
+    Refuses a stale plan and a second concurrent apply on the same state directory.
+    """
+    from .execute.apply import Options, apply_plan
+
+    sdir = state_dir_of(state_dir)
+    plan_obj = load_plan(plan_path or sdir / PLAN_FILE)
+    with StateStore(sdir, create=False) as store:
+        store.lock("apply")
+        check_fresh(plan_obj, store)
+        return apply_plan(
+            plan_obj, store, Options(jobs=jobs, progress=progress, on_session=on_session, poll=poll)
+        )
+
+
+@dataclass(frozen=True)
+class SessionStatus:
+    action_id: str
+    method: str
+    project: str | None
+    subject: str | None
+    session: str
+    study_uid: str
+    prearchive_uri: str
+    status: str
+    last_step: str | None
+    last_outcome: str | None
+    remaining: tuple[str, ...]
+    observed: dict[str, Any] | None
+
+
+def steps_for(method: str, build: str | None = None, archive: bool = False) -> tuple[str, ...]:
+    if method == "prearchive":
+        base: tuple[str, ...] = ("stage", "publish", "insert", "build")
+    else:
+        base = ("send", "locate", "build")
+    return base + (("archive",) if archive else ())
+
+
+def status(state_dir: str | Path | None = None) -> list[SessionStatus]:
+    """Per session in the ledger: the last step done and what remains."""
+    sdir = state_dir_of(state_dir)
+    out = []
+    with StateStore(sdir, create=False) as store:
+        archive_wanted = _archive_flags(sdir)
+        for s in store.sessions():
+            hist = store.history(s.action_id)
+            done = store.steps_done(s.action_id)
+            wanted = steps_for(s.method, archive=archive_wanted.get(s.action_id, "archive" in done))
+            remaining = (
+                () if s.status in ("applied", "reverted") else tuple(w for w in wanted if w not in done)
+            )
+            last = hist[-1] if hist else None
+            out.append(
+                SessionStatus(
+                    action_id=s.action_id,
+                    method=s.method,
+                    project=s.project,
+                    subject=s.subject,
+                    session=s.session,
+                    study_uid=s.study_uid,
+                    prearchive_uri=s.prearchive_uri,
+                    status=s.status,
+                    last_step=last[0] if last else None,
+                    last_outcome=last[1] if last else None,
+                    remaining=remaining,
+                    observed=store.observation(s.action_id),
+                )
+            )
+    return out
+
+
+def _archive_flags(sdir: Path) -> dict[str, bool]:
+    """Which sessions of the saved plan archive (the ledger keeps no copy of that option)."""
+    try:
+        p = load_plan(sdir / PLAN_FILE)
+    except XnatMigrateError:
+        return {}
+    return {s.action_id: s.archive for s in p.sessions}

@@ -168,19 +168,92 @@ def _not_yet(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    fn = getattr(api, "apply", None)
-    if fn is None:
-        return _not_yet(args)
-    from .cli_apply import run_apply
+    bar = Progress("applying", "files", enabled=None if not args.json else False)
 
-    return run_apply(args)
+    def on_session(res: Any) -> None:
+        if args.json:
+            return
+        bar.close()
+        mark = {"done": "+", "noop": "=", "failed": "!", "skipped": "-"}[res.outcome]
+        steps = ", ".join(f"{k}:{o}" for k, o in res.steps) or res.message or ""
+        print(f"  {mark} {res.label:<40} {res.outcome:<7} {steps}")
+        if res.outcome == "failed":
+            print(f"    error: {res.message}", file=sys.stderr)
+
+    try:
+        report = api.apply(
+            args.plan, state_dir=args.state_dir, jobs=args.jobs, progress=bar, on_session=on_session
+        )
+    finally:
+        bar.close()
+    counts = {
+        k: sum(1 for s in report.sessions if s.outcome == k) for k in ("done", "noop", "failed", "skipped")
+    }
+    files = sum(s.files for s in report.sessions if s.outcome == "done")
+    size = sum(s.bytes for s in report.sessions if s.outcome == "done")
+    if args.json:
+        _print_json(
+            {
+                "plan_id": report.plan_id,
+                "summary": {**counts, "files": files, "bytes": size, "seconds": round(report.seconds, 3)},
+                "stopped": report.stopped,
+                "sessions": [
+                    {
+                        "action_id": s.action_id,
+                        "session": s.label,
+                        "outcome": s.outcome,
+                        "steps": [{"step": k, "outcome": o} for k, o in s.steps],
+                        "message": s.message,
+                    }
+                    for s in report.sessions
+                ],
+            }
+        )
+    else:
+        if not counts["done"] and not counts["failed"] and not counts["skipped"]:
+            print(
+                f"Nothing to do: all {len(report.sessions)} session(s) of plan {report.plan_id[:12]} are applied."
+            )
+        else:
+            rate = size / report.seconds / 1e6 if report.seconds > 0 else 0.0
+            print(
+                f"Apply: {counts['done']} session(s) changed, {counts['noop']} already done, "
+                f"{counts['failed']} failed, {counts['skipped']} not attempted; "
+                f"{files} file(s), {size / 1e6:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s)."
+            )
+    if report.stopped:
+        print(f"error: stopped: {report.stopped}", file=sys.stderr)
+    if report.failures or report.stopped:
+        print(
+            "Fix the cause and run `xnatmigrate apply` again: it resumes where it stopped.", file=sys.stderr
+        )
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = api.status(args.state_dir)
+    if args.json:
+        _print_json([r.__dict__ for r in rows])
+        return EXIT_OK
+    if not rows:
+        print("No sessions applied yet.")
+        return EXIT_OK
+    for r in rows:
+        left = ", ".join(r.remaining) if r.remaining else "nothing"
+        last = f"{r.last_step}:{r.last_outcome}" if r.last_step else "-"
+        seen = f" (XNAT: {r.observed.get('state')})" if r.observed else ""
+        print(
+            f"{r.project or 'Unassigned'}/{r.session:<28} {r.method:<10} {r.status:<9} last {last:<16} remaining {left}{seen}"
+        )
+    return EXIT_OK
 
 
 _COMMANDS = {
     "validate": cmd_validate,
     "plan": cmd_plan,
     "apply": cmd_apply,
-    "status": _not_yet,
+    "status": cmd_status,
     "verify": _not_yet,
     "revert": _not_yet,
     "refresh": _not_yet,

@@ -146,9 +146,7 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
             f"{c['unchanged']} unchanged; {c['rejected']} file(s) rejected."
         )
     else:
-        out.append(
-            f"No changes. {c['unchanged']} session(s) unchanged; {c['rejected']} file(s) rejected."
-        )
+        out.append(f"No changes. {c['unchanged']} session(s) unchanged; {c['rejected']} file(s) rejected.")
     if plan_path:
         out.append(f"Saved the plan to {plan_path}" + (f" and its SQL to {sql_path}" if sql_path else ""))
         if plan.sessions:

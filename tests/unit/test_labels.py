@@ -73,7 +73,10 @@ def test_sanitize_like_labels_to_label_chars(raw, clean):
 
 
 def test_template_rendering_and_missing_value():
-    assert labels.render("{{ PatientID }}_{{ StudyDate }}", {"PatientID": "P1", "StudyDate": "2020"}) == "P1_2020"
+    assert (
+        labels.render("{{ PatientID }}_{{ StudyDate }}", {"PatientID": "P1", "StudyDate": "2020"})
+        == "P1_2020"
+    )
     with pytest.raises(labels.MissingValue) as exc:
         labels.render("{{ PatientID }}_{{ StudyDate }}", {"PatientID": "P1"})
     assert exc.value.keyword == "StudyDate"

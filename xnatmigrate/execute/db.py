@@ -93,11 +93,7 @@ def table_profile(cur: Any) -> tuple[str | None, str | None]:
     live = [(name, dtype, nullable == "YES") for name, dtype, nullable, _ in rows]
     if live != list(xnat_table.COLUMNS):
         expected = {c[0]: c for c in xnat_table.COLUMNS}
-        diffs = [
-            f"{n} {t}{'' if nl else ' NOT NULL'}"
-            for n, t, nl in live
-            if expected.get(n) != (n, t, nl)
-        ]
+        diffs = [f"{n} {t}{'' if nl else ' NOT NULL'}" for n, t, nl in live if expected.get(n) != (n, t, nl)]
         missing = sorted(set(expected) - {c[0] for c in live})
         return None, (
             "the columns of xdat_search.prearchive match no known XNAT profile (1.7, 1.8.2): "

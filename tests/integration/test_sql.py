@@ -1,0 +1,134 @@
+"""The SQL chokepoint against real PostgreSQL: printed == executed, guards, hostile values."""
+
+import shutil
+import subprocess
+from datetime import datetime
+
+import psycopg2
+import pytest
+
+from tests.unit.test_planner import FakeState, header, manifest, src
+from xnatmigrate import labels, statements
+from xnatmigrate.execute import db
+from xnatmigrate.model import XnatFacts
+from xnatmigrate.planner import build_plan
+from xnatmigrate.render import literal, to_sql_text
+
+HOSTILE = [
+    "O'Brien",
+    "back\\slash",
+    "two\\\\ and ' quotes ''",
+    "Ünïcødé 日本語 𝄞",
+    "line\nbreak\ttab",
+    "'); DROP TABLE xdat_search.prearchive; --",
+    "$$ dollar $$",
+    "%(project)s and %s",
+]
+
+
+def plan_for(values: dict, n: int = 1, study: str = "1.2."):
+    hs = [header(f"/src/{i}", study=f"{study}{i}", PatientID=f"P{i}", **values) for i in range(n)]
+    m = manifest(src(subject="{{ PatientName }}"))
+    return build_plan(m, [(0, h) for h in hs], [], FakeState(), XnatFacts(), datetime(2024, 1, 31, 10, 0, 0))
+
+
+def rows(dsn):
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT project, timestamp, foldername, name, subject, tag, status, url, "
+            "prevent_anon, prevent_auto_commit, autoarchive, source, scan_date, lastmod "
+            "FROM xdat_search.prearchive ORDER BY timestamp"
+        )
+        return cur.fetchall()
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_literal_equals_the_drivers_quoting(pg_db_17, value):
+    with psycopg2.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
+        assert cur.mogrify("%s", (value,)).decode() == literal(value)
+        cur.execute(f"SELECT {literal(value)}")
+        assert cur.fetchone()[0] == value
+
+
+def test_printed_statements_equal_executed_ones(pg_dsn):
+    p = plan_for({"PatientName": "O'Brien^Jo\\hn"})
+    with psycopg2.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+        for stmt in statements.insert_session(p.sessions[0]):
+            assert cur.mogrify(stmt.sql, dict(stmt.params)).decode() == to_sql_text(stmt)
+
+
+def test_insert_row_and_guards(pg_dsn):
+    p = plan_for({})
+    s = p.sessions[0]
+    with db.connect(pg_dsn.dsn) as conn:
+        assert db.insert_row(conn, s) == "done"
+        assert db.insert_row(conn, s) == "noop"
+    (r,) = rows(pg_dsn.dsn)
+    assert r[:8] == ("prj001", s.timestamp, "P0_MR", "P0_MR", "DOE_JOHN", "1.2.0", "RECEIVING", s.url)
+    assert r[8] is False and r[9] is True and r[10:12] == ("Manual", "xnatmigrate")
+    assert r[12] == datetime(2013, 12, 11, 15, 18, 18) and r[13] is not None
+
+
+def test_guard_refuses_merging_into_another_session_of_the_study(pg_dsn):
+    s = plan_for({}).sessions[0]
+    with psycopg2.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url) "
+            "VALUES ('prj001', '20200101_000000000', 'P0_MR', 'P0_MR', '1.2.0', 'READY', '/x')"
+        )
+    with (
+        db.connect(pg_dsn.dsn) as conn,
+        pytest.raises(db.DatabaseError, match="another session of study 1.2.0"),
+    ):
+        db.insert_row(conn, s)
+    assert len(rows(pg_dsn.dsn)) == 1
+
+
+def test_unassigned_guard_holds_without_the_unique_constraint(pg_dsn):
+    m = manifest(src(project=None))
+    p = build_plan(m, [(0, header("/src/a"))], [], FakeState(), XnatFacts(), datetime(2024, 1, 1))
+    with db.connect(pg_dsn.dsn) as conn:
+        assert db.insert_row(conn, p.sessions[0]) == "done"
+        assert db.insert_row(conn, p.sessions[0]) == "noop"
+    assert [r[0] for r in rows(pg_dsn.dsn)] == [None]
+
+
+@pytest.mark.skipif(
+    shutil.which("psql") is None, reason="psql not installed; .ci/run installs postgresql-client"
+)
+def test_plan_sql_runs_twice_under_psql_with_hostile_values(pg_dsn, tmp_path):
+    # Labels are sanitised, but the tag (StudyInstanceUID) is written as the header has it.
+    hostile = "'); DROP TABLE xdat_search.prearchive; --\\ Ünï $$ %s "
+    p = plan_for({"PatientName": hostile}, n=3, study=hostile)
+    sql = tmp_path / "plan.sql"
+    sql.write_text(statements.plan_script(p))
+    for _ in range(2):
+        subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(sql), pg_dsn.dsn],
+            check=True,
+            capture_output=True,
+        )
+    got = rows(pg_dsn.dsn)
+    assert len(got) == 3
+    assert sorted(r[5] for r in got) == [f"{hostile}{i}" for i in range(3)]
+    assert {r[4] for r in got} == {labels.sanitize(hostile)}
+
+
+def test_table_profile_detection(pg_dsn):
+    with db.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+        assert db.table_profile(cur) == (pg_dsn.profile, None)
+        cur.execute("ALTER TABLE xdat_search.prearchive ADD COLUMN extra varchar")
+        profile, why = db.table_profile(cur)
+        assert profile is None and "match no known XNAT profile" in why and "extra" in why
+        cur.execute("DROP TABLE xdat_search.prearchive")
+        assert "does not exist" in db.table_profile(cur)[1]
+
+
+def test_dead_database_is_one_clear_line():
+    with (
+        pytest.raises(db.DatabaseError) as exc,
+        db.connect("postgresql://nobody@127.0.0.1:1/none", timeout=2),
+    ):
+        pass
+    msg = str(exc.value)
+    assert "cannot connect to XNAT's database (none on 127.0.0.1:1)" in msg and "\n" not in msg

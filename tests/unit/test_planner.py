@@ -1,0 +1,293 @@
+"""The pure planner: labels, grouping, hold-backs, refusals, timestamps, rows (no services)."""
+
+from dataclasses import replace
+from datetime import datetime
+
+import pytest
+
+from xnatmigrate.errors import PlanError
+from xnatmigrate.model import (
+    DatabaseTarget,
+    ExistingRow,
+    FileHeader,
+    Manifest,
+    Reject,
+    ScpTarget,
+    SourceSpec,
+    XnatFacts,
+    compute_plan_id,
+    plan_from_dict,
+    plan_to_dict,
+)
+from xnatmigrate.planner import build_plan
+from xnatmigrate.state import AppliedSession
+
+NOW = datetime(2024, 1, 31, 10, 11, 12, 123000)
+MR = "1.2.840.10008.5.1.4.1.1.4"
+ELE = "1.2.840.10008.1.2.1"
+
+
+class FakeState:
+    """A read-only state view, as the planner's contract allows."""
+
+    def __init__(self, serial=0, timestamps=None, sessions=()):
+        self.serial = serial
+        self._ts = dict(timestamps or {})
+        self._sessions = list(sessions)
+
+    def timestamp_for(self, project, session, study_uid):
+        return self._ts.get((project, session, study_uid))
+
+    def all_timestamps(self):
+        return set(self._ts.values())
+
+    def sessions(self):
+        return self._sessions
+
+
+def header(path, study="1.2.3", series="1.2.3.1", sop=None, number="1", inst="1", **values):
+    base = {
+        "SOPInstanceUID": sop or f"{series}.{inst}",
+        "SOPClassUID": MR,
+        "StudyInstanceUID": study,
+        "SeriesInstanceUID": series,
+        "SeriesNumber": number,
+        "InstanceNumber": inst,
+        "Modality": "MR",
+        "PatientID": "PAT001",
+        "PatientName": "DOE^JOHN",
+        "StudyDate": "20131211",
+        "StudyTime": "151818.000",
+    }
+    base.update(values)
+    return FileHeader(path=path, size=1000, mtime_ns=1, transfer_syntax=ELE, values=base)
+
+
+def manifest(*sources, url_root=None):
+    specs = []
+    for i, s in enumerate(sources):
+        specs.append(SourceSpec(index=i, line=None, **s))
+    from xnatmigrate.model import XnatTarget
+
+    return Manifest(
+        path="/m.yaml",
+        digest="d" * 64,
+        version=1,
+        xnat=XnatTarget(
+            prearchive="/data/xnat/prearchive",
+            prearchive_url_root=url_root,
+            database=DatabaseTarget(dsn="postgresql://x@db/x"),
+            url="http://xnat",
+            scp=ScpTarget(host="xnat"),
+        ),
+        sources=tuple(specs),
+    )
+
+
+def src(**kw):
+    base = {
+        "source": "/src",
+        "project": "prj001",
+        "subject": "{{ PatientID }}",
+        "session": "{{ PatientID }}_MR",
+    }
+    base.update(kw)
+    return base
+
+
+def plan_of(m, headers, state=None, facts=None, rejects=()):
+    return build_plan(
+        m,
+        [(0, h) if not isinstance(h, tuple) else h for h in headers],
+        list(rejects),
+        state or FakeState(),
+        facts or XnatFacts(),
+        NOW,
+    )
+
+
+def test_one_study_becomes_one_session_with_xnat_paths_and_row():
+    m = manifest(src(), url_root="/xnat/prearchive")
+    p = plan_of(
+        m,
+        [
+            header("/src/a", inst="1"),
+            header("/src/b", inst="2"),
+            header("/src/c", series="1.2.3.2", number="2"),
+        ],
+    )
+    (s,) = p.sessions
+    assert (s.project, s.subject, s.session, s.timestamp) == (
+        "prj001",
+        "PAT001",
+        "PAT001_MR",
+        "20240131_101112123",
+    )
+    assert s.session_dir == "/data/xnat/prearchive/prj001/20240131_101112123/PAT001_MR"
+    assert s.prearchive_uri == "/prearchive/projects/prj001/20240131_101112123/PAT001_MR"
+    assert [sc.scan_id for sc in s.scans] == ["1", "2"]
+    assert s.scans[0].files[0].dest.startswith("SCANS/1/DICOM/1.2.3-1-1-") and s.scans[0].files[
+        0
+    ].dest.endswith(".dcm")
+    row = s.row
+    assert row["url"] == "/xnat/prearchive/prj001/20240131_101112123/PAT001_MR"
+    assert row["uploaded"] == "2024-01-31 10:11:12.123"
+    assert (row["scan_date"], row["scan_time"]) == ("2013-12-11 15:18:18", "15:18:18")
+    assert (row["tag"], row["name"], row["foldername"], row["status"]) == (
+        "1.2.3",
+        "PAT001_MR",
+        "PAT001_MR",
+        "RECEIVING",
+    )
+    assert row["prevent_anon"] is False and row["prevent_auto_commit"] is True
+    assert (row["autoarchive"], row["source"]) == ("Manual", "xnatmigrate")
+
+
+def test_scheduler_build_lets_xnat_build_and_archive():
+    p = plan_of(manifest(src(build="scheduler", archive=True)), [header("/src/a")])
+    row = p.sessions[0].row
+    assert row["prevent_auto_commit"] is False and row["autoarchive"] == "AutoArchive"
+
+
+def test_unassigned_session_layout():
+    p = plan_of(manifest(src(project=None)), [header("/src/a")])
+    s = p.sessions[0]
+    assert s.project is None and s.row["project"] is None
+    assert s.session_dir == "/data/xnat/prearchive/20240131_101112123/PAT001_MR"
+    assert s.prearchive_uri == "/prearchive/projects/Unassigned/20240131_101112123/PAT001_MR"
+
+
+def test_labels_are_sanitised_and_raw_kept():
+    p = plan_of(manifest(src(subject="{{ PatientName }}")), [header("/src/a")])
+    s = p.sessions[0]
+    assert s.subject == "DOE_JOHN" and s.raw_labels == {"subject": "DOE^JOHN"}
+
+
+def test_where_filter_and_missing_template_value_reject_files():
+    m = manifest(src(where=(("Modality", ("MR",)),), session="{{ PatientID }}_{{ AccessionNumber }}"))
+    p = plan_of(m, [header("/src/ct", Modality="CT", AccessionNumber="A1"), header("/src/noacc", inst="2")])
+    reasons = {r.path: r.reason for r in p.rejected}
+    assert reasons["/src/ct"] == "filtered out by where: Modality=CT not in MR"
+    assert reasons["/src/noacc"] == "template variable AccessionNumber is missing from the header"
+    assert p.sessions == ()
+
+
+def test_every_file_is_accounted_for():
+    hs = [header(f"/src/{i}", study=f"1.2.{i % 3}", inst=str(i), PatientID=f"P{i % 3}") for i in range(9)]
+    hs.append(header("/src/x", study="1.2.9", Modality="CT", PatientID="P9"))
+    m = manifest(src(where=(("Modality", ("MR",)),)))
+    p = plan_of(m, hs, rejects=[Reject("/src/junk", "not DICOM: x")])
+    planned = sum(s.file_count for s in p.sessions)
+    assert planned + len(p.rejected) == len(hs) + 1
+
+
+def test_fixed_session_with_two_studies_refuses_the_plan():
+    m = manifest(src(session="S1", subject="s"))
+    with pytest.raises(PlanError, match="holds 2 studies but maps them all to the fixed session S1"):
+        plan_of(m, [header("/src/a", study="1.1"), header("/src/b", study="1.2")])
+
+
+def test_two_studies_rendering_to_one_session_are_held_back():
+    p = plan_of(manifest(src()), [header("/src/a", study="1.1"), header("/src/b", study="1.2")])
+    assert p.sessions == () and len(p.held_back) == 2
+    assert "2 studies render to project prj001 session PAT001_MR" in p.held_back[0].reason
+    assert all(r.reason.startswith("held back: ") for r in p.rejected)
+
+
+def test_files_of_a_study_disagreeing_on_label_values_are_held_back():
+    p = plan_of(manifest(src()), [header("/src/a"), header("/src/b", inst="2", PatientID="OTHER")])
+    assert p.sessions == () and "disagree on the values its labels use" in p.held_back[0].reason
+
+
+def test_existing_foreign_row_holds_back_but_our_own_row_resumes():
+    rows = (ExistingRow("prj001", "20200101_000000000", "PAT001_MR", "PAT001_MR", "1.2.3", "READY", None),)
+    p = plan_of(manifest(src()), [header("/src/a")], facts=XnatFacts(existing_rows=rows))
+    assert p.sessions == () and "XNAT would merge into it" in p.held_back[0].reason
+    state = FakeState(timestamps={("prj001", "PAT001_MR", "1.2.3"): "20200101_000000000"})
+    p2 = plan_of(manifest(src()), [header("/src/a")], state=state, facts=XnatFacts(existing_rows=rows))
+    assert [s.timestamp for s in p2.sessions] == ["20200101_000000000"]
+
+
+def test_archived_label_holds_back():
+    facts = XnatFacts(archived=frozenset({("prj001", "PAT001_MR")}))
+    p = plan_of(manifest(src()), [header("/src/a")], facts=facts)
+    assert "already has an archived session labelled PAT001_MR" in p.held_back[0].reason
+
+
+def test_timestamps_are_unique_and_kept_across_replans():
+    hs = [header(f"/src/{i}", study=f"1.{i}", PatientID=f"P{i}") for i in range(3)]
+    facts = XnatFacts(taken_timestamps=frozenset({"20240131_101112123"}))
+    p = plan_of(manifest(src()), hs, facts=facts)
+    assert [s.timestamp for s in p.sessions] == [
+        "20240131_101112124",
+        "20240131_101112125",
+        "20240131_101112126",
+    ]
+    state = FakeState(timestamps={(s.project, s.session, s.study_uid): s.timestamp for s in p.sessions})
+    later = build_plan(manifest(src()), [(0, h) for h in hs], [], state, XnatFacts(), datetime(2030, 1, 1))
+    assert [s.timestamp for s in later.sessions] == [s.timestamp for s in p.sessions]
+    assert later.plan_id != "" and later.sessions == p.sessions
+
+
+def test_applied_sessions_are_unchanged_and_new_files_are_held_back():
+    p = plan_of(manifest(src()), [header("/src/a")])
+    s = p.sessions[0]
+    applied = AppliedSession(
+        s.action_id,
+        p.plan_id,
+        "prearchive",
+        "prj001",
+        "PAT001",
+        "PAT001_MR",
+        "1.2.3",
+        s.timestamp,
+        s.session_dir,
+        s.url,
+        s.prearchive_uri,
+        s.row,
+        1,
+        1000,
+        ("/src/a",),
+        "applied",
+    )
+    again = plan_of(manifest(src()), [header("/src/a")], state=FakeState(sessions=[applied]))
+    assert again.sessions == () and len(again.unchanged) == 1 and not again.has_changes
+    more = plan_of(
+        manifest(src()), [header("/src/a"), header("/src/b", inst="2")], state=FakeState(sessions=[applied])
+    )
+    assert "already migrated by an earlier apply" in more.held_back[0].reason
+
+
+def test_target_refusals():
+    hs = [header("/src/a")]
+    with pytest.raises(PlanError, match="not writable"):
+        plan_of(manifest(src()), hs, facts=XnatFacts(prearchive_writable=False))
+    with pytest.raises(PlanError, match="not enough free space"):
+        plan_of(manifest(src()), hs, facts=XnatFacts(free_bytes=10))
+    with pytest.raises(PlanError, match="transfer: hardlink needs /src on the prearchive's filesystem"):
+        plan_of(manifest(src(transfer="hardlink")), hs, facts=XnatFacts(same_filesystem={"/src": False}))
+    with pytest.raises(PlanError, match="match no known"):
+        plan_of(manifest(src()), hs, facts=XnatFacts(refusals=("columns match no known XNAT profile",)))
+
+
+def test_cstore_session_has_routing_and_contexts_and_no_row():
+    hs = [header("/src/a"), header("/src/b", inst="2", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")]
+    p = plan_of(manifest(src(method="cstore")), hs)
+    s = p.sessions[0]
+    assert s.row is None and s.timestamp == "" and s.session_dir is None
+    assert s.routing_line == "Project: prj001 Subject: PAT001 Session: PAT001_MR"
+    assert [c.sop_class_uid for c in s.contexts] == ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7"]
+
+
+def test_cstore_without_routing_predicts_xnat_route():
+    hs = [header("/src/a", StudyDescription="prjX")]
+    s = plan_of(manifest(src(method="cstore", routing="none")), hs).sessions[0]
+    assert (s.project, s.subject, s.session, s.routing_line) == ("prjX", "DOE_JOHN", "PAT001", None)
+
+
+def test_plan_id_is_a_content_hash_and_json_round_trips():
+    p = plan_of(manifest(src()), [header("/src/a")])
+    assert p.plan_id == compute_plan_id(p)
+    assert plan_from_dict(plan_to_dict(p)) == p
+    assert compute_plan_id(replace(p, created="other")) == p.plan_id
+    assert compute_plan_id(replace(p, state_serial=5)) != p.plan_id

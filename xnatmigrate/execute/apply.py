@@ -1,0 +1,305 @@
+"""Carry out a saved plan, session by session, step by step: check → act → record.
+
+Invariants:
+- Each step is recorded in the state ledger right after it takes effect; before acting, a step
+  checks whether its effect is already there (a crash may have lost the record) and records a
+  ``noop`` with the reason if so. A rerun therefore resumes wherever the last run stopped, and
+  the end state equals an uninterrupted run's.
+- Prearchive order: stage (outside XNAT's view) → publish (one atomic rename) → insert the row →
+  build → archive. A row is never inserted before its folder is complete in the prearchive.
+- A failure in one session is reported and the others go on, except failures of a shared
+  resource (database, XNAT, disk), which stop the run: every later session would fail the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ApplyError, DatabaseError, DicomSendError, XnatMigrateError, XnatRestError
+from ..model import Plan, PlannedSession
+from ..state import SESSION_DONE, StateStore
+from . import db, files
+
+Progress = Callable[[int, int], None]
+
+# Errors of shared resources: stop the run rather than fail every remaining session alike.
+_FATAL = (DatabaseError, XnatRestError)
+
+
+@dataclass
+class SessionResult:
+    action_id: str
+    label: str
+    outcome: str  # done | noop | failed | skipped
+    steps: list[tuple[str, str]] = field(default_factory=list)
+    message: str | None = None
+    files: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class ApplyReport:
+    plan_id: str
+    sessions: list[SessionResult] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped: str | None = None
+
+    @property
+    def failures(self) -> list[SessionResult]:
+        return [s for s in self.sessions if s.outcome == "failed"]
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for s in self.sessions if s.outcome == "done")
+
+
+@dataclass
+class Options:
+    jobs: int | None = None
+    poll: float = 1.0
+    send_retries: int = 3
+    progress: Progress | None = None
+    on_session: Callable[[SessionResult], None] | None = None
+
+
+def _label(s: PlannedSession) -> str:
+    return f"{s.project_label}/{s.session}"
+
+
+class _Runner:
+    def __init__(self, plan: Plan, store: StateStore, opts: Options) -> None:
+        self.plan = plan
+        self.store = store
+        self.opts = opts
+        self._conn: Any = None
+        self._client: Any = None
+        self.total_files = sum(s.file_count for s in plan.sessions)
+        self.done_files = 0
+
+    # -- shared resources, opened lazily so a finished plan touches nothing ----------------------
+
+    def conn(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            dsn = db.resolve_dsn(self.plan.xnat.database)
+            self._conn_cm = db.connect(dsn)
+            self._conn = self._conn_cm.__enter__()
+        return self._conn
+
+    def client(self) -> Any:
+        if self._client is None:
+            if not self.plan.xnat.url:
+                raise XnatRestError("this step needs XNAT's REST API but the manifest has no xnat.url")
+            from .xnat import XnatClient, credentials_from_env
+
+            self._client = XnatClient(self.plan.xnat.url, credentials_from_env(self.plan.xnat.url))
+        return self._client
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn_cm.__exit__(None, None, None)
+            self._conn = None
+
+    # -- recording --------------------------------------------------------------------------------
+
+    def record(self, res: SessionResult, step: str, outcome: str, detail: Any = None) -> None:
+        self.store.record_step(res.action_id, step, outcome, detail)
+        res.steps.append((step, outcome))
+
+    def advance(self, n: int) -> None:
+        self.done_files += n
+        if self.opts.progress:
+            self.opts.progress(self.done_files, self.total_files)
+
+    # -- per session ------------------------------------------------------------------------------
+
+    def run(self) -> ApplyReport:
+        report = ApplyReport(self.plan.plan_id)
+        started = time.monotonic()
+        self.store.begin_plan(self.plan.plan_id)
+        applied = {s.action_id for s in self.store.sessions() if s.status == SESSION_DONE}
+        try:
+            for s in self.plan.sessions:
+                res = SessionResult(s.action_id, _label(s), "noop", files=s.file_count, bytes=s.bytes)
+                report.sessions.append(res)
+                if report.stopped:
+                    res.outcome, res.message = "skipped", "not attempted: the run stopped earlier"
+                    continue
+                if s.action_id in applied:
+                    res.message = "already applied"
+                    self.advance(s.file_count)
+                    continue
+                try:
+                    self.store.register_session(self.plan.plan_id, s)
+                    if s.method == "prearchive":
+                        self.prearchive(s, res)
+                    else:
+                        self.cstore(s, res)
+                    self.store.set_session_status(s.action_id, SESSION_DONE)
+                    res.outcome = "done" if any(o == "done" for _, o in res.steps) else "noop"
+                except XnatMigrateError as exc:
+                    res.outcome, res.message = "failed", str(exc)
+                    self.store.set_session_status(s.action_id, "failed")
+                    if isinstance(exc, _FATAL) or getattr(exc, "fatal", False):
+                        report.stopped = str(exc)
+                finally:
+                    if self.opts.on_session:
+                        self.opts.on_session(res)
+        finally:
+            self.close()
+            report.seconds = time.monotonic() - started
+        return report
+
+    def prearchive(self, s: PlannedSession, res: SessionResult) -> None:
+        root = self.plan.xnat.prearchive
+        assert root, "planner guarantees a prearchive root for prearchive sessions"
+        done = self.store.steps_done(s.action_id)
+        staging = files.staging_dir(root, s)
+        final = files.final_dir(root, s)
+
+        # 1. stage — check: already published (by this or a crashed run) or staged and recorded.
+        if "publish" in done or (final.exists() and not staging.exists()):
+            if "stage" not in done:
+                self.record(res, "stage", "noop", {"reason": "session folder already published"})
+            self.advance(s.file_count)
+        elif "stage" in done and staging.exists():
+            self.advance(s.file_count)
+        else:
+            files.check_sources(s)
+            before = self.done_files
+
+            def prog(d: int, _t: int) -> None:
+                self.done_files = before + d
+                if self.opts.progress:
+                    self.opts.progress(self.done_files, self.total_files)
+
+            staged = files.stage_session(
+                s,
+                staging,
+                transfer=s.transfer,
+                jobs=self.opts.jobs or files.DEFAULT_JOBS,
+                file_mode=self.plan.xnat.file_mode,
+                file_owner=self.plan.xnat.file_owner,
+                progress=prog,
+            )
+            self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
+            self.record(res, "stage", "done", {"files": len(staged), "bytes": sum(f.size for f in staged)})
+            self.done_files = before + s.file_count
+
+        # 2. publish — one atomic rename into XNAT's view.
+        if "publish" not in done:
+            outcome = files.publish(staging, final)
+            self.record(res, "publish", outcome, {"path": str(final)})
+
+        # 3. insert — guarded INSERT; "noop" when the row is already ours.
+        if "insert" not in done:
+            outcome = db.insert_row(self.conn(), s)
+            self.record(res, "insert", outcome, {"timestamp": s.timestamp, "project": s.project})
+
+        self.build_and_archive(s, res, done, s.project, s.timestamp, s.session)
+
+    def build_and_archive(
+        self, s: PlannedSession, res: SessionResult, done: set[str], project: str | None, ts: str, folder: str
+    ) -> None:
+        # 4. build
+        if "build" not in done:
+            if s.build == "rest":
+                client = self.client()
+                row = client.prearchive_session(project, ts, folder)
+                if row is not None and row.get("status") == "READY":
+                    self.record(res, "build", "noop", {"status": "READY"})
+                else:
+                    client.rebuild(project, ts, folder)
+                    row = client.wait_for_status(
+                        project, ts, folder, timeout=s.build_timeout, poll=self.opts.poll
+                    )
+                    status = row.get("status")
+                    if status != "READY":
+                        log = client.last_log(project, ts, folder)
+                        self.record(res, "build", "failed", {"status": status, "log": log})
+                        raise ApplyError(
+                            f"XNAT's build of {s.prearchive_uri} ended {status}: {log.strip()[:300] or 'no log'}; "
+                            "fix the cause in XNAT (prearchive page → Rebuild), then rerun apply"
+                        )
+                    self.record(res, "build", "done", {"status": status})
+            elif s.build == "scheduler":
+                self.record(res, "build", "noop", {"reason": "left to XNAT's SessionXMLRebuilder job"})
+            else:
+                self.record(res, "build", "noop", {"reason": "build: none"})
+
+        # 5. archive
+        if s.archive and "archive" not in done:
+            if s.build == "scheduler":
+                # The scheduled build archives by itself (row autoarchive = AutoArchive, §3).
+                self.record(
+                    res, "archive", "noop", {"reason": "XNAT auto-archives after its scheduled build"}
+                )
+                return
+            client = self.client()
+            uri = client.archive(project, ts, folder)
+            self.record(res, "archive", "done", {"uri": uri})
+
+    def cstore(self, s: PlannedSession, res: SessionResult) -> None:
+        from . import dicom
+
+        scp = self.plan.xnat.scp
+        assert scp is not None, "manifest validation requires xnat.scp for cstore"
+        done = self.store.steps_done(s.action_id)
+        if "send" not in done:
+            confirmed = self.store.sent_for(s.action_id)
+            todo = [f for f in s.files if f.sop_instance_uid not in confirmed]
+            self.advance(s.file_count - len(todo))
+            if todo:
+                files.check_sources_of(todo)
+
+                def on_confirmed(batch: list[tuple[str, int]]) -> None:
+                    self.store.record_sent(s.action_id, batch)
+
+                before = self.done_files
+
+                def prog(d: int, _t: int) -> None:
+                    self.done_files = before + d
+                    if self.opts.progress:
+                        self.opts.progress(self.done_files, self.total_files)
+
+                outcome = dicom.send_files(
+                    todo,
+                    scp,
+                    routing=s.routing,
+                    line=s.routing_line,
+                    contexts=s.contexts,
+                    jobs=self.opts.jobs or 1,
+                    retries=self.opts.send_retries,
+                    on_confirmed=on_confirmed,
+                    progress=prog,
+                )
+                if outcome.failures:
+                    path, reason = outcome.failures[0]
+                    self.record(res, "send", "failed", {"failures": len(outcome.failures)})
+                    raise DicomSendError(
+                        f"{len(outcome.failures)} file(s) of {_label(s)} were not stored (e.g. {path}: {reason}); "
+                        "rerun apply to send them again"
+                    )
+            sent = self.store.sent_for(s.action_id)
+            warnings = sum(1 for v in sent.values() if v != 0)
+            self.record(
+                res, "send", "done" if todo else "noop", {"confirmed": len(sent), "warnings": warnings}
+            )
+        if not self.plan.xnat.url:
+            return
+        # Find the session XNAT's receiver made (project, tag, label), then build/archive it.
+        located = self.store.step_detail(s.action_id, "locate")
+        if located is None:
+            row = self.client().wait_for_session(
+                s.project, s.study_uid, s.session, timeout=s.build_timeout, poll=self.opts.poll
+            )
+            located = {"timestamp": row["timestamp"], "folder": row["folderName"]}
+            self.record(res, "locate", "done", located)
+        self.build_and_archive(s, res, done, s.project, located["timestamp"], located["folder"])
+
+
+def apply_plan(plan: Plan, store: StateStore, opts: Options | None = None) -> ApplyReport:
+    """Apply every session of ``plan``; the caller holds the state lock and checked freshness."""
+    return _Runner(plan, store, opts or Options()).run()
