@@ -291,3 +291,17 @@ def test_plan_id_is_a_content_hash_and_json_round_trips():
     assert plan_from_dict(plan_to_dict(p)) == p
     assert compute_plan_id(replace(p, created="other")) == p.plan_id
     assert compute_plan_id(replace(p, state_serial=5)) != p.plan_id
+
+
+def test_plan_json_matches_its_schema():
+    import json
+
+    import jsonschema
+
+    from xnatmigrate.resources import schema_path
+
+    schema = json.loads(schema_path("plan.schema.json").read_text())
+    hs = [header("/src/a"), header("/src/b", study="9.9", PatientID="P9")]
+    for m in (manifest(src()), manifest(src(method="cstore")), manifest(src(project=None))):
+        p = plan_of(m, hs)
+        jsonschema.Draft202012Validator(schema).validate(json.loads(json.dumps(plan_to_dict(p))))
