@@ -136,8 +136,8 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
             out.append(f"    - {n} × {reason} (e.g. {example.path}: {example.reason})")
     for w in plan.warnings:
         out.append(f"  warning: {w}")
-    for s in plan.skipped_checks:
-        out.append(f"  not checked: {s}")
+    for skipped in plan.skipped_checks:
+        out.append(f"  not checked: {skipped}")
     c = summary_counts(plan)
     out.append("")
     if plan.sessions:

@@ -261,15 +261,15 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
             and not labels.is_template(session)
             and (project is None or (isinstance(project, str) and not labels.is_template(project)))
         ):
-            key = (project, session)
-            if key in fixed:
+            label_key = (project, session)
+            if label_key in fixed:
                 doc.problem(
-                    base + ("session",),
-                    f"sources[{fixed[key]}] already names project {project or 'Unassigned'} "
+                    (*base, "session"),
+                    f"sources[{fixed[label_key]}] already names project {project or 'Unassigned'} "
                     f"session {session}; two sources may not fill one session",
                 )
             else:
-                fixed[key] = i
+                fixed[label_key] = i
         if check_sources and isinstance(src.get("source"), str):
             folder = _resolve(manifest_dir, src["source"])
             if not folder.is_dir():

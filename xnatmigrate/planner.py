@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import labels, xnat_table
 from .errors import PlanError
@@ -363,7 +363,8 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSessi
     rel = f"{st.project}/{ts}/{st.session}" if st.project else f"{ts}/{st.session}"
     first = st.files[0]
     scan_date, scan_time = _scan_date(first.get("StudyDate"), first.get("StudyTime"))
-    row = {
+    url = f"{url_root}/{rel}"
+    row: dict[str, Any] = {
         "project": st.project,
         "timestamp": ts,
         "lastmod": None,  # LOCALTIMESTAMP at insert (sql/prearchive_insert.sql.j2)
@@ -375,7 +376,7 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSessi
         "name": st.session,
         "tag": st.study_uid,
         "status": "RECEIVING",
-        "url": f"{url_root}/{rel}",
+        "url": url,
         # A scheduled build archives by itself only if autoarchive says so (§3, isAutoArchive);
         # REST builds never auto-archive, the tool archives explicitly then.
         "autoarchive": xnat_table.AUTOARCHIVE_AUTO
@@ -405,7 +406,7 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSessi
         build_timeout=src.build_timeout,
         prearchive_uri=f"/prearchive/projects/{st.project or 'Unassigned'}/{ts}/{st.session}",
         session_dir=f"{root.rstrip('/')}/{rel}",
-        url=row["url"],
+        url=url,
         row=row,
         scans=_scans(st),
         raw_labels=st.raw,
@@ -474,7 +475,7 @@ def _scan_date(study_date: str | None, study_time: str | None) -> tuple[str | No
 
 
 def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
-    out = []
+    out: list[str] = []
     pre = [s for s in sessions if s.method == "prearchive"]
     if not pre:
         return out
