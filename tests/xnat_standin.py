@@ -273,6 +273,11 @@ class XnatStandIn:
         with self._lock:
             self._faults.append([n, status, path_prefix])
 
+    def clear_faults(self) -> None:
+        """Forget every pending injected failure (the outage is over)."""
+        with self._lock:
+            self._faults.clear()
+
     def fail_builds(self, folder: str, message: str) -> None:
         """Builds of sessions in folder ``folder`` end in ERROR with ``message`` as their last log line."""
         with self._lock:

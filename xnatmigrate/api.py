@@ -371,3 +371,65 @@ def _archive_flags(sdir: Path) -> dict[str, bool]:
     except XnatMigrateError:
         return {}
     return {s.action_id: s.archive for s in p.sessions}
+
+
+# --------------------------------------------------------------------------------------------
+# verify / revert / refresh
+# --------------------------------------------------------------------------------------------
+
+
+def _target(sdir: Path) -> Any:
+    """The XNAT target the ledger's sessions went to: from the saved plan in the state directory."""
+    return load_plan(sdir / PLAN_FILE).xnat
+
+
+def verify(
+    state_dir: str | Path | None = None,
+    *,
+    quick: bool = False,
+    on_session: Callable[[Any], None] | None = None,
+) -> Any:
+    """Check every applied session (files, checksums, rows, instances in XNAT); a VerifyReport."""
+    from .execute.verify import verify as run
+
+    sdir = state_dir_of(state_dir)
+    with StateStore(sdir, create=False) as store:
+        return run(store, _target(sdir), quick=quick, on_session=on_session)
+
+
+def revert(
+    state_dir: str | Path | None = None,
+    *,
+    yes: bool = False,
+    sessions: Sequence[str] = (),
+    projects: Sequence[str] = (),
+    force: bool = False,
+    archived: bool = False,
+    confirm: Callable[[str], bool] | None = None,
+) -> Any:
+    """Remove (with ``yes``) or list what this tool created and XNAT has not taken over."""
+    from .execute.revert import revert as run
+
+    sdir = state_dir_of(state_dir)
+    with StateStore(sdir, create=False) as store:
+        if yes:
+            store.lock("revert")
+        return run(
+            store,
+            _target(sdir),
+            yes=yes,
+            sessions=sessions,
+            projects=projects,
+            force=force,
+            archived=archived,
+            confirm=confirm,
+        )
+
+
+def refresh(state_dir: str | Path | None = None, *, on_session: Callable[[Any], None] | None = None) -> Any:
+    """Observe every applied session in XNAT now and record what was seen; a list of Observations."""
+    from .execute.refresh import observe
+
+    sdir = state_dir_of(state_dir)
+    with StateStore(sdir, create=False) as store:
+        return observe(store, _target(sdir), on_session=on_session)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__, api
@@ -163,10 +164,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise XnatMigrateError(f"`{args.command}` is not available in this build")
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     bar = Progress("applying", "files", enabled=None if not args.json else False)
 
@@ -249,14 +246,100 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    def line(res: Any) -> None:
+        if args.json:
+            return
+        for p in res.problems:
+            print(f"FAIL {p.session}: {p.check}: {p.message}")
+        if not res.problems:
+            print(
+                f"ok   {res.label} ({res.checks} check(s))"
+                + (f"; not checked: {'; '.join(res.skipped)}" if res.skipped else "")
+            )
+
+    report = api.verify(args.state_dir, quick=args.quick, on_session=line)
+    if args.junit:
+        from .execute.verify import junit_xml
+
+        api.atomic_write(Path(args.junit), junit_xml(report))
+    if args.json:
+        _print_json(
+            {
+                "ok": report.ok,
+                "sessions": [
+                    {
+                        "session": s.label,
+                        "method": s.method,
+                        "checks": s.checks,
+                        "problems": [p.__dict__ for p in s.problems],
+                        "not_checked": s.skipped,
+                    }
+                    for s in report.sessions
+                ],
+            }
+        )
+    else:
+        bad = sum(1 for s in report.sessions if s.problems)
+        print(
+            f"Verify: {len(report.sessions) - bad} of {len(report.sessions)} session(s) hold; {len(report.problems)} problem(s)."
+        )
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    def confirm(what: str) -> bool:
+        if not sys.stdin.isatty():
+            return False
+        answer = input(f"Type the session {what} to delete it from XNAT's archive: ")
+        return answer.strip() == what
+
+    report = api.revert(
+        args.state_dir,
+        yes=args.yes,
+        sessions=args.session,
+        projects=args.project,
+        force=args.force,
+        archived=args.archived,
+        confirm=None if args.yes else confirm,
+    )
+    if args.json:
+        _print_json({"dry_run": report.dry_run, "items": [i.__dict__ for i in report.items]})
+    else:
+        for i in report.items:
+            print(f"  {i.outcome:<12} {i.label:<40} {i.reason}")
+        if report.dry_run and any(i.outcome == "would-remove" for i in report.items):
+            print(
+                "Nothing was removed. Run `xnatmigrate revert --yes` to remove the sessions marked would-remove."
+            )
+        elif not report.items:
+            print("Nothing to revert.")
+    for i in report.refused:
+        print(f"refused: {i.label}: {i.reason}", file=sys.stderr)
+    return EXIT_ERROR if report.refused else EXIT_OK
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    def line(o: Any) -> None:
+        if not args.json:
+            print(f"  {o.state:<9} {o.label:<40} {o.detail}")
+
+    observations = api.refresh(args.state_dir, on_session=line)
+    if args.json:
+        _print_json([{"action_id": o.action_id, "session": o.label, **o.as_dict()} for o in observations])
+    elif not observations:
+        print("No applied sessions to refresh.")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "validate": cmd_validate,
     "plan": cmd_plan,
     "apply": cmd_apply,
     "status": cmd_status,
-    "verify": _not_yet,
-    "revert": _not_yet,
-    "refresh": _not_yet,
+    "verify": cmd_verify,
+    "revert": cmd_revert,
+    "refresh": cmd_refresh,
 }
 
 

@@ -13,6 +13,8 @@ Invariants:
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,31 @@ Progress = Callable[[int, int], None]
 
 # Errors of shared resources: stop the run rather than fail every remaining session alike.
 _FATAL = (DatabaseError, XnatRestError)
+
+# Fault injection for the crash tests (tests/integration/test_apply_crash.py): SIGKILL this process
+# at a chosen point, as a power cut would. "after:STEP[:N]" once STEP is recorded (the N-th time),
+# "before-record:STEP[:N]" after STEP acted but before its record, "files:N" after N files staged.
+_CRASH_ENV = "XNATMIGRATE_TEST_CRASH"
+
+
+class _Crash:
+    def __init__(self, spec: str | None) -> None:
+        kind, _, rest = (spec or "").partition(":")
+        what, _, n = rest.partition(":")
+        self.kind, self.what = kind, what
+        self.n = int(n or 1) if kind != "files" else int(what or 0)
+        self.seen = 0
+
+    def hit(self, kind: str, what: str = "") -> None:
+        if self.kind != kind or (kind != "files" and what != self.what):
+            return
+        self.seen += 1
+        if self.seen >= self.n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def files(self, done: int) -> None:
+        if self.kind == "files" and done >= self.n:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -78,6 +105,7 @@ class _Runner:
         self._client: Any = None
         self.total_files = sum(s.file_count for s in plan.sessions)
         self.done_files = 0
+        self.crash = _Crash(os.environ.get(_CRASH_ENV))
 
     # -- shared resources, opened lazily so a finished plan touches nothing ----------------------
 
@@ -105,8 +133,10 @@ class _Runner:
     # -- recording --------------------------------------------------------------------------------
 
     def record(self, res: SessionResult, step: str, outcome: str, detail: Any = None) -> None:
+        self.crash.hit("before-record", step)
         self.store.record_step(res.action_id, step, outcome, detail)
         res.steps.append((step, outcome))
+        self.crash.hit("after", step)
 
     def advance(self, n: int) -> None:
         self.done_files += n
@@ -172,6 +202,7 @@ class _Runner:
 
             def prog(d: int, _t: int) -> None:
                 self.done_files = before + d
+                self.crash.files(self.done_files)
                 if self.opts.progress:
                     self.opts.progress(self.done_files, self.total_files)
 
@@ -238,6 +269,16 @@ class _Runner:
                 )
                 return
             client = self.client()
+            if client.prearchive_session(project, ts, folder) is None:
+                # Check: a crash between XNAT archiving and our record leaves no row; the archived
+                # experiment proves the step happened (the archive call itself is not idempotent).
+                if project and folder in client.experiment_labels(project):
+                    self.record(res, "archive", "noop", {"reason": f"{project}/{folder} is already archived"})
+                    return
+                raise ApplyError(
+                    f"{s.prearchive_uri} is no longer in XNAT's prearchive and not archived in {project}; "
+                    "see `xnatmigrate refresh`"
+                )
             uri = client.archive(project, ts, folder)
             self.record(res, "archive", "done", {"uri": uri})
 

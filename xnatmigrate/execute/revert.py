@@ -1,0 +1,268 @@
+"""``revert``: remove what the ledger proves this tool created and XNAT has not taken over.
+
+Invariants:
+- Only paths recorded in the ledger and rows matching this tool's key *and* ``source =
+  'xnatmigrate'`` are ever touched; other uploads' folders and rows survive untouched.
+- Each removal is check → act → record like apply, so a revert killed midway resumes.
+- Without ``yes`` nothing is removed: the report says what would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import xnat_table
+from ..errors import XnatMigrateError
+from ..model import XnatTarget
+from ..state import AppliedSession, StateStore
+from . import db, files
+
+APPLY_STEPS = ("stage", "publish", "insert", "build", "archive", "send", "locate")
+
+
+@dataclass
+class RevertItem:
+    action_id: str
+    label: str
+    outcome: str  # would-remove | removed | refused | nothing
+    reason: str = ""
+    steps: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RevertReport:
+    items: list[RevertItem] = field(default_factory=list)
+    dry_run: bool = True
+
+    @property
+    def refused(self) -> list[RevertItem]:
+        return [i for i in self.items if i.outcome == "refused"]
+
+
+def _label(s: AppliedSession) -> str:
+    return f"{s.project or 'Unassigned'}/{s.session}"
+
+
+class _Reverter:
+    def __init__(
+        self,
+        store: StateStore,
+        xnat: XnatTarget,
+        yes: bool,
+        force: bool,
+        archived: bool,
+        confirm: Callable[[str], bool] | None,
+    ) -> None:
+        self.store, self.xnat, self.yes, self.force, self.archived = store, xnat, yes, force, archived
+        self.confirm = confirm
+        self._client: Any = None
+        self._conn_cm: Any = None
+        self._conn: Any = None
+
+    def client(self) -> Any:
+        if self._client is None and self.xnat.url:
+            from .xnat import XnatClient, credentials_from_env
+
+            self._client = XnatClient(self.xnat.url, credentials_from_env(self.xnat.url))
+        return self._client
+
+    def conn(self) -> Any:
+        if self._conn is None and self.xnat.database is not None:
+            self._conn_cm = db.connect(db.resolve_dsn(self.xnat.database))
+            self._conn = self._conn_cm.__enter__()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn_cm is not None:
+            self._conn_cm.__exit__(None, None, None)
+
+    def record(self, item: RevertItem, step: str, outcome: str, detail: Any = None) -> None:
+        self.store.record_step(item.action_id, step, outcome, detail)
+        item.steps.append((step, outcome))
+
+    def row(self, s: AppliedSession, ts: str, folder: str) -> dict[str, Any] | None:
+        conn = self.conn()
+        if conn is not None:
+            with conn, conn.cursor() as cur:
+                return db.fetch_row(cur, s.project, ts, folder)
+        client = self.client()
+        return client.prearchive_session(s.project, ts, folder) if client else None
+
+    # -- one session ----------------------------------------------------------------------------
+
+    def session(self, s: AppliedSession) -> RevertItem:
+        item = RevertItem(s.action_id, _label(s), "nothing")
+        done = self.store.steps_done(s.action_id)
+        if not done & set(APPLY_STEPS):
+            item.reason = "nothing of it was applied"
+            return item
+        if "archive" in done:
+            return self.archived_session(s, item)
+        if s.method == "cstore":
+            return self.cstore_session(s, item, done)
+        return self.prearchive_session(s, item, done)
+
+    def refuse(self, item: RevertItem, reason: str) -> RevertItem:
+        item.outcome, item.reason = "refused", reason
+        return item
+
+    def prearchive_session(self, s: AppliedSession, item: RevertItem, done: set[str]) -> RevertItem:
+        row = self.row(s, s.timestamp, s.session)
+        if row is not None and xnat_table.is_locked(str(row.get("status"))):
+            return self.refuse(
+                item,
+                f"XNAT holds it locked (status {row['status']}): wait for XNAT to finish; a stuck lock "
+                "is cleared as xnat-reference.md §7 describes",
+            )
+        if row is not None and row.get("source") not in (None, "", xnat_table.ROW_SOURCE):
+            return self.refuse(item, f"the row's source is {row.get('source')!r}, not this tool's")
+        if not self.force:
+            changed = self.changes(s, row)
+            if changed:
+                return self.refuse(item, f"changed since apply ({changed}); --force removes it anyway")
+        final = Path(s.session_dir or "")
+        if not self.yes:
+            item.outcome = "would-remove"
+            item.reason = f"folder {final} and its row" if final.exists() or row else "its ledger records"
+            return item
+        # Files first, then the row: a row without its folder is what XNAT's own clean-up expects
+        # to find and delete (§7); a folder without a row would be invisible to the UI.
+        client = self.client()
+        if client is not None and row is not None:
+            client.delete_prearchive_session(s.project, s.timestamp, s.session)
+            self.record(item, "revert-files", "done", {"via": "REST DELETE"})
+            self.record(item, "revert-row", "done", {"via": "REST DELETE"})
+        else:
+            self.remove_folder(s, item)
+            self.remove_row(s, item)
+        self.forget(s, item)
+        return item
+
+    def remove_folder(self, s: AppliedSession, item: RevertItem) -> None:
+        final = Path(s.session_dir or "")
+        root = Path(self.xnat.prearchive or "")
+        if not final.exists():
+            self.record(item, "revert-files", "noop", {"reason": "folder already gone"})
+        else:
+            # Rename into the staging area first (atomic), so XNAT never sees a half-deleted session.
+            trash = root / files.STAGING_DIRNAME / "trash" / s.action_id
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            if trash.exists():
+                shutil.rmtree(trash)
+            final.rename(trash)
+            shutil.rmtree(trash)
+            self.record(item, "revert-files", "done", {"path": str(final)})
+        xml = final.parent / f"{final.name}.xml"
+        with contextlib.suppress(FileNotFoundError):
+            xml.unlink()
+        with contextlib.suppress(OSError):
+            final.parent.rmdir()  # the timestamp folder, if this session was its only content
+
+    def remove_row(self, s: AppliedSession, item: RevertItem) -> None:
+        conn = self.conn()
+        if conn is None:
+            self.record(item, "revert-row", "noop", {"reason": "no database configured"})
+            return
+        n = db.delete_row(conn, s.project, s.timestamp, s.session)
+        self.record(item, "revert-row", "done" if n else "noop", {"rows": n})
+
+    def changes(self, s: AppliedSession, row: dict[str, Any] | None) -> str:
+        recorded = self.store.files_for(s.action_id)
+        base = Path(s.session_dir or "")
+        for dest, (_src, size, sha) in recorded.items():
+            p = base / dest
+            if not p.exists():
+                continue  # partly removed already (a revert killed midway): finish it
+            if p.stat().st_size != size or files.sha256_file(p) != sha:
+                return f"{p} differs from what was copied"
+        if row is not None and s.row:
+            for col in ("project", "foldername", "name", "tag", "url"):
+                if row.get(col) != s.row.get(col):
+                    return f"row column {col} is {row.get(col)!r}"
+        return ""
+
+    def archived_session(self, s: AppliedSession, item: RevertItem) -> RevertItem:
+        if not self.archived:
+            return self.refuse(item, "it is archived in XNAT; --archived deletes the experiment through REST")
+        client = self.client()
+        if client is None:
+            return self.refuse(item, "deleting an archived session needs xnat.url")
+        if not self.yes:
+            item.outcome, item.reason = "would-remove", "the archived experiment (REST DELETE)"
+            return item
+        if self.confirm is not None and not self.confirm(f"{s.project}/{s.session}"):
+            return self.refuse(item, "not confirmed")
+        gone = client.delete_experiment(s.project or "", s.subject or "", s.session)
+        self.record(item, "revert-archive", "done" if gone else "noop", {"project": s.project})
+        self.forget(s, item)
+        return item
+
+    def cstore_session(self, s: AppliedSession, item: RevertItem, done: set[str]) -> RevertItem:
+        located = self.store.step_detail(s.action_id, "locate")
+        client = self.client()
+        if not located or client is None:
+            return self.refuse(
+                item,
+                "sent over C-STORE and not located in XNAT's prearchive"
+                + ("" if client else " (xnat.url not set)")
+                + ": delete it in XNAT's prearchive page",
+            )
+        row = client.prearchive_session(s.project, located["timestamp"], located["folder"])
+        if row is not None and xnat_table.is_locked(row.get("status", "")):
+            return self.refuse(item, f"XNAT holds it locked (status {row['status']})")
+        if not self.yes:
+            item.outcome, item.reason = (
+                "would-remove",
+                "the prearchive session XNAT's receiver made (REST DELETE)",
+            )
+            return item
+        gone = client.delete_prearchive_session(s.project, located["timestamp"], located["folder"])
+        self.record(item, "revert-files", "done" if gone else "noop", {"via": "REST DELETE"})
+        self.forget(s, item)
+        return item
+
+    def forget(self, s: AppliedSession, item: RevertItem) -> None:
+        for step in self.store.steps_done(s.action_id) & set(APPLY_STEPS):
+            self.store.record_step(s.action_id, step, "reverted")
+        self.store.clear_session_records(s.action_id)
+        self.store.set_session_status(s.action_id, "reverted")
+        item.outcome = "removed"
+
+
+def revert(
+    store: StateStore,
+    xnat: XnatTarget,
+    *,
+    yes: bool = False,
+    sessions: Sequence[str] = (),
+    projects: Sequence[str] = (),
+    force: bool = False,
+    archived: bool = False,
+    confirm: Callable[[str], bool] | None = None,
+) -> RevertReport:
+    """Revert the matching sessions of the ledger (all by default); see the module docstring."""
+    report = RevertReport(dry_run=not yes)
+    worker = _Reverter(store, xnat, yes, force, archived, confirm)
+    try:
+        for s in store.sessions():
+            if s.status == "reverted":
+                continue
+            if sessions and s.session not in sessions:
+                continue
+            if projects and (s.project or "Unassigned") not in projects:
+                continue
+            try:
+                report.items.append(worker.session(s))
+            except XnatMigrateError as exc:
+                report.items.append(RevertItem(s.action_id, _label(s), "refused", str(exc)))
+                break
+    finally:
+        worker.close()
+    if yes and any(i.outcome == "removed" for i in report.items):
+        store.bump_serial()
+    return report

@@ -1,0 +1,234 @@
+"""``verify``: prove that what the ledger says was applied is in XNAT, intact, where planned.
+
+Read-only: nothing here writes to XNAT, its database or the prearchive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .. import xnat_table
+from ..errors import XnatMigrateError
+from ..model import XnatTarget
+from ..state import AppliedSession, StateStore
+from . import db, files
+
+# Statuses a healthy session may show after apply: waiting, being built, built (§3). ERROR and
+# CONFLICT are problems; locked/queued ones mean XNAT is busy with it (not a failure of ours).
+HEALTHY = frozenset({"RECEIVING", "READY", "BUILDING", "QUEUED_BUILDING", "_BUILDING", "RECEIVING_INTERRUPT"})
+# Columns XNAT itself rewrites after our insert (status changes, builds): not compared.
+XNAT_OWNED = frozenset({"lastmod", "status", "scan_date", "scan_time", "subject", "autoarchive"})
+
+
+@dataclass
+class Finding:
+    session: str
+    check: str
+    message: str
+    path: str | None = None
+
+
+@dataclass
+class SessionCheck:
+    action_id: str
+    label: str
+    method: str
+    checks: int = 0
+    problems: list[Finding] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    sessions: list[SessionCheck] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [p for s in self.sessions for p in s.problems]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _label(s: AppliedSession) -> str:
+    return f"{s.project or 'Unassigned'}/{s.session}"
+
+
+class _Verifier:
+    def __init__(self, store: StateStore, xnat: XnatTarget, quick: bool, client: Any, conn: Any) -> None:
+        self.store, self.xnat, self.quick, self.client, self.conn = store, xnat, quick, client, conn
+
+    def session(self, s: AppliedSession) -> SessionCheck:
+        res = SessionCheck(s.action_id, _label(s), s.method)
+        done = self.store.steps_done(s.action_id)
+        if s.method == "prearchive":
+            if "archive" in done:
+                self.archived(s, res)
+            else:
+                self.files(s, res)
+                self.row(s, res)
+        else:
+            self.cstore(s, res, done)
+        return res
+
+    def problem(self, res: SessionCheck, check: str, message: str, path: str | None = None) -> None:
+        res.problems.append(Finding(res.label, check, message, path))
+
+    def files(self, s: AppliedSession, res: SessionCheck) -> None:
+        recorded = self.store.files_for(s.action_id)
+        if not recorded:
+            self.problem(res, "files", "the ledger has no file records for this session (it was not staged)")
+            return
+        base = Path(s.session_dir or "")
+        for dest, (_source, size, sha) in sorted(recorded.items()):
+            path = base / dest
+            res.checks += 1
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                self.problem(res, "files", f"missing: {path}", str(path))
+                continue
+            except OSError as exc:
+                self.problem(res, "files", f"unreadable ({exc.strerror}): {path}", str(path))
+                continue
+            if st.st_size != size:
+                self.problem(res, "files", f"size {st.st_size} != recorded {size}: {path}", str(path))
+            elif not self.quick and files.sha256_file(path) != sha:
+                self.problem(
+                    res, "files", f"SHA-256 differs from the one recorded at apply: {path}", str(path)
+                )
+
+    def row(self, s: AppliedSession, res: SessionCheck) -> None:
+        if self.conn is None:
+            res.skipped.append("prearchive row (no database configured)")
+            return
+        res.checks += 1
+        with self.conn, self.conn.cursor() as cur:
+            row = db.fetch_row(cur, s.project, s.timestamp, s.session)
+        if row is None:
+            self.problem(
+                res, "row", "its row is missing from xdat_search.prearchive (see `xnatmigrate refresh`)"
+            )
+            return
+        for col, want in (s.row or {}).items():
+            if col in XNAT_OWNED:
+                continue
+            got = row.get(col)
+            if isinstance(got, datetime):
+                # Timestamps compare to the second: the planned value is millisecond text.
+                got_s: Any = xnat_table.sql_timestamp(got)[:19]
+                want_s: Any = str(want)[:19]
+            else:
+                got_s, want_s = got, want
+            if got_s != want_s:
+                self.problem(res, "row", f"column {col} is {got_s!r}, planned {want_s!r}")
+        if row["status"] not in HEALTHY:
+            self.problem(
+                res, "row", f"status {row['status']} (XNAT's build or archive failed; see its logs/last)"
+            )
+
+    def archived(self, s: AppliedSession, res: SessionCheck) -> None:
+        if self.client is None:
+            res.skipped.append("archived session (xnat.url not set)")
+            return
+        subject = s.subject or ""
+        counts = self.client.experiment_scan_files(s.project or "", subject, s.session)
+        res.checks += 1
+        if counts is None:
+            self.problem(
+                res, "archive", f"archived experiment {s.project}/{subject}/{s.session} not found in XNAT"
+            )
+            return
+        total = sum(counts.values())
+        if total != s.files:
+            self.problem(
+                res, "archive", f"XNAT holds {total} file(s) in the archived session, {s.files} were migrated"
+            )
+        res.skipped.append("checksums of archived files (XNAT owns them after archiving)")
+
+    def cstore(self, s: AppliedSession, res: SessionCheck, done: set[str]) -> None:
+        sent = self.store.sent_for(s.action_id)
+        res.checks += 1
+        if len(sent) != s.files:
+            self.problem(res, "send", f"{len(sent)} of {s.files} instance(s) confirmed by the receiver")
+        if self.client is None:
+            res.skipped.append("instances held by XNAT (xnat.url not set)")
+            return
+        located = self.store.step_detail(s.action_id, "locate")
+        if "archive" in done:
+            counts = self.client.experiment_scan_files(s.project or "", s.subject or "", s.session)
+        elif located:
+            counts = self.client.prearchive_scan_files(s.project, located["timestamp"], located["folder"])
+        else:
+            res.skipped.append("instances held by XNAT (session not located yet)")
+            return
+        res.checks += 1
+        total = sum((counts or {}).values())
+        if total != len(sent):
+            self.problem(
+                res,
+                "xnat",
+                f"XNAT holds {total} instance(s) of this session; {len(sent)} were confirmed sent",
+            )
+
+
+def verify(
+    store: StateStore,
+    xnat: XnatTarget,
+    *,
+    quick: bool = False,
+    on_session: Callable[[SessionCheck], None] | None = None,
+) -> VerifyReport:
+    """Check every applied session. Opens the database/REST only if the target has them."""
+    report = VerifyReport()
+    client = None
+    if xnat.url:
+        from .xnat import XnatClient, credentials_from_env
+
+        client = XnatClient(xnat.url, credentials_from_env(xnat.url))
+    sessions = [s for s in store.sessions() if s.status == "applied"]
+    conn_cm = None
+    conn = None
+    try:
+        if xnat.database is not None and any(s.method == "prearchive" for s in sessions):
+            conn_cm = db.connect(db.resolve_dsn(xnat.database))
+            conn = conn_cm.__enter__()
+        for s in sessions:
+            try:
+                res = _Verifier(store, xnat, quick, client, conn).session(s)
+            except XnatMigrateError as exc:
+                res = SessionCheck(s.action_id, _label(s), s.method)
+                res.problems.append(Finding(res.label, "error", str(exc)))
+            report.sessions.append(res)
+            if on_session:
+                on_session(res)
+    finally:
+        if conn_cm is not None:
+            conn_cm.__exit__(None, None, None)
+    return report
+
+
+def junit_xml(report: VerifyReport) -> str:
+    """A JUnit report: one test case per session, one failure per problem."""
+    from xml.sax.saxutils import escape, quoteattr
+
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<testsuite name="xnatmigrate verify" tests="{len(report.sessions)}" '
+        f'failures="{sum(1 for s in report.sessions if s.problems)}">',
+    ]
+    for s in report.sessions:
+        lines.append(f"  <testcase classname={quoteattr(s.method)} name={quoteattr(s.label)}>")
+        if s.problems:
+            text = "\n".join(f"{p.check}: {p.message}" for p in s.problems)
+            lines.append(f"    <failure message={quoteattr(s.problems[0].message)}>{escape(text)}</failure>")
+        if s.skipped:
+            lines.append(f"    <system-out>{escape('not checked: ' + '; '.join(s.skipped))}</system-out>")
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    return "\n".join(lines) + "\n"
