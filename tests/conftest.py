@@ -56,3 +56,19 @@ def pg_db_17(pg_admin_dsn: str) -> Iterator[PgDb]:
     """A fresh database with the 1.7 (no unique constraint) prearchive table, for single-profile tests."""
     with temporary_database(pg_admin_dsn, "1.7") as db:
         yield db
+
+
+@pytest.fixture
+def site(tmp_path, pg_dsn, monkeypatch):
+    """A Site (tests/sites.py) with the REST stand-in running and its environment set."""
+    from tests.sites import Site
+    from tests.xnat_standin import XnatStandIn
+
+    s = Site(tmp_path / "site", pg_dsn.dsn)
+    with XnatStandIn(pg_dsn.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
+        xnat.build_delay = 0.05
+        s.write_manifest(xnat.url)
+        for k, v in s.env().items():
+            monkeypatch.setenv(k, v)
+        s.xnat = xnat  # type: ignore[attr-defined]
+        yield s

@@ -8,98 +8,16 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
-from datetime import datetime
 from pathlib import Path
 
-import psycopg2
 import pytest
 
+from tests.sites import NOW, Site
 from tests.xnat_standin import XnatStandIn
 from xnatmigrate import api, cli
 from xnatmigrate.errors import StalePlanError
 from xnatmigrate.execute import db
 from xnatmigrate.render import to_sql_text
-from xnatmigrate.testing.corpus import CorpusSpec, build_corpus
-
-NOW = datetime(2024, 5, 6, 7, 8, 9, 100000)
-SPEC = CorpusSpec(patients=2, studies_per_patient=1, series_per_study=2, images_per_series=3, rows=16, seed=3)
-
-
-class Site:
-    """One isolated XNAT-like target: prearchive + archive folders, a database, REST stand-in."""
-
-    def __init__(self, root: Path, dsn: str, build: str = "rest", archive: bool = False) -> None:
-        self.root = root
-        self.dsn = dsn
-        self.source = root / "legacy"
-        self.prearchive = root / "prearchive"
-        self.archive_dir = root / "archive"
-        self.state = root / "state"
-        self.prearchive.mkdir(parents=True)
-        self.archive_dir.mkdir()
-        self.files = build_corpus(self.source, SPEC)
-        self.manifest = root / "manifest.yaml"
-        self.build, self.archive = build, archive
-
-    def write_manifest(self, url: str | None) -> None:
-        url_line = f"  url: {url}\n" if url else ""
-        self.manifest.write_text(
-            textwrap.dedent(
-                f"""\
-                version: 1
-                xnat:
-                  prearchive: {self.prearchive}
-                  database: {{dsn_env: XNATMIGRATE_TEST_SITE_DSN}}
-                """
-            )
-            + url_line
-            + textwrap.dedent(
-                f"""\
-                defaults:
-                  build: {self.build}
-                  archive: {str(self.archive).lower()}
-                  build_timeout: 30
-                sources:
-                  - source: {self.source}
-                    project: prj001
-                    subject: "{{{{ PatientID }}}}"
-                    session: "{{{{ PatientID }}}}_{{{{ StudyDate }}}}"
-                """
-            )
-        )
-
-    def env(self) -> dict[str, str]:
-        return {"XNATMIGRATE_TEST_SITE_DSN": self.dsn, "XNAT_USER": "admin", "XNAT_PASSWORD": "admin"}
-
-    def tree(self) -> list[str]:
-        return sorted(
-            str(p.relative_to(self.prearchive)) + ("/" if p.is_dir() else f" {p.stat().st_size}")
-            for p in self.prearchive.rglob("*")
-        )
-
-    def rows(self) -> list[tuple]:
-        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT project, timestamp, subject, foldername, name, tag, status, url, autoarchive, "
-                "prevent_anon, prevent_auto_commit, source, uploaded, scan_date FROM xdat_search.prearchive "
-                "ORDER BY timestamp"
-            )
-            rows = cur.fetchall()
-        conn.close()
-        return [tuple(str(v).replace(str(self.root), "<root>") for v in r) for r in rows]
-
-
-@pytest.fixture
-def site(tmp_path, pg_dsn, monkeypatch):
-    s = Site(tmp_path / "site", pg_dsn.dsn)
-    with XnatStandIn(pg_dsn.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
-        xnat.build_delay = 0.05
-        s.write_manifest(xnat.url)
-        for k, v in s.env().items():
-            monkeypatch.setenv(k, v)
-        s.xnat = xnat  # type: ignore[attr-defined]
-        yield s
 
 
 def plan_and_apply(s: Site, **kw):
