@@ -65,8 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     _say("1. A legacy DICOM export (synthetic, with a DICOMDIR, a text file, a truncated image …)")
     files = build_corpus(
         source,
-        CorpusSpec(patients=args.patients, studies_per_patient=2, series_per_study=2, images_per_series=5,
-                   rows=64, seed=7, nuisances=True),
+        CorpusSpec(
+            patients=args.patients,
+            studies_per_patient=2,
+            series_per_study=2,
+            images_per_series=5,
+            rows=64,
+            seed=7,
+            nuisances=True,
+        ),
     )
     print(f"{len(files)} files under {source}")
 
@@ -104,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         print(manifest.read_text())
         steps = [
             ("4. Validate it (as CI would)", ["validate", str(manifest)]),
-            ("5. Plan: scan headers, check, write plan.json and plan.sql", ["plan", str(manifest), "--state-dir", str(state)]),
+            (
+                "5. Plan: scan headers, check, write plan.json and plan.sql",
+                ["plan", str(manifest), "--state-dir", str(state)],
+            ),
             ("6. Apply: stage → publish → INSERT, each step recorded", ["apply", "--state-dir", str(state)]),
             ("7. Status", ["status", "--state-dir", str(state)]),
             ("8. Apply again: a finished plan is a no-op", ["apply", "--state-dir", str(state)]),

@@ -20,7 +20,9 @@ class Progress:
     NOTE: silent unless the stream is a terminal, so logs and pipes stay clean.
     """
 
-    def __init__(self, label: str, unit: str = "files", stream: TextIO | None = None, enabled: bool | None = None):
+    def __init__(
+        self, label: str, unit: str = "files", stream: TextIO | None = None, enabled: bool | None = None
+    ):
         self.label = label
         self.unit = unit
         self.stream = stream or sys.stderr
