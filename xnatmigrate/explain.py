@@ -18,6 +18,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
+# A DICOM association carries at most 128 presentation contexts (PS3.8 §9.3.2.2: odd IDs 1-255).
+MAX_CONTEXTS = 128
+
+
+def associations(s: PlannedSession) -> int:
+    """Associations one sender worker opens for this session: contexts are split by 128."""
+    return max(1, -(-len(s.contexts) // MAX_CONTEXTS))
+
+
 def summary_counts(plan: Plan) -> dict[str, int]:
     return {
         "sessions": len(plan.sessions),
@@ -57,6 +66,7 @@ def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
                 "raw_labels": dict(s.raw_labels),
                 "routing_line": s.routing_line,
                 "contexts": len(s.contexts),
+                "associations_per_worker": associations(s) if s.method == "cstore" else 0,
             }
             for s in plan.sessions
         ],
@@ -115,9 +125,10 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
                 out.append(f"        build: {s.build}, archive: {'yes' if s.archive else 'no'}")
             else:
                 routing = s.routing_line or f"none (XNAT's own rules → {s.project_label}/{s.session})"
+                out.append(f"        routing: {routing}")
                 out.append(
-                    f"        routing: {routing}; {len(s.contexts)} presentation context(s); "
-                    f"build: {s.build}, archive: {'yes' if s.archive else 'no'}"
+                    f"        {len(s.contexts)} presentation context(s) in {associations(s)} association(s) "
+                    f"per --jobs worker; build: {s.build}, archive: {'yes' if s.archive else 'no'}"
                 )
         out.append("")
     if plan.unchanged:
