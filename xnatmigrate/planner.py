@@ -37,6 +37,9 @@ from .model import (
 )
 from .state import AppliedSession
 
+# Files grouped by (source index, StudyInstanceUID), each with its rendered (raw) label triple.
+_Groups = dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]]
+
 
 class StateReader(Protocol):
     """The read-only part of the state the planner may see."""
@@ -143,9 +146,7 @@ def build_plan(
 # --------------------------------------------------------------------------------------------
 
 
-def _group(
-    manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], rejects: list[Reject]
-) -> dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]]:
+def _group(manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], rejects: list[Reject]) -> _Groups:
     """Filter by ``where``, render labels per file, group by (source, StudyInstanceUID)."""
     groups: dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]] = defaultdict(
         list
@@ -181,7 +182,7 @@ def _where_mismatch(src: SourceSpec, h: FileHeader) -> str | None:
 
 def _resolve_labels(
     manifest: Manifest,
-    groups: dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]],
+    groups: _Groups,
     held: list[HeldBack],
 ) -> list[_Study]:
     """One label triple per study, sanitised as XNAT does (Labels.toLabelChars, §6)."""
@@ -231,7 +232,7 @@ def _resolve_labels(
 
 def _fixed_label_refusals(
     manifest: Manifest,
-    groups: dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]],
+    groups: _Groups,
     studies: list[_Study],
 ) -> list[str]:
     out = []
