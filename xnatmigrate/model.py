@@ -169,6 +169,19 @@ class FileHeader:
 
 
 @dataclass(frozen=True)
+class CachedHeader:
+    """A scan-cache entry: valid while (size, mtime_ns) match and ``keywords`` covers the need."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    keywords: frozenset[str]
+    transfer_syntax: str | None
+    header: Mapping[str, str] | None
+    reject: str | None
+
+
+@dataclass(frozen=True)
 class Reject:
     """A file that will not be migrated, and why."""
 

@@ -3,8 +3,9 @@
 Invariants:
 - Read-only: files are opened ``O_RDONLY`` and only their headers are read; Pixel Data is never read
   (its element header and, for encapsulated data, the last 8 bytes of the file are).
-- Every walked file ends up in exactly one of ``ScanResult.headers`` / ``ScanResult.rejects``, and no
-  input bytes make ``read_header`` raise: a bad file becomes a reject with a reason.
+- Every walked file ends up in exactly one of ``ScanResult.headers`` / ``ScanResult.rejects`` (a folder
+  that cannot be listed is a reject of its own), and no input bytes make ``read_header`` raise: a bad
+  file becomes a reject with a reason.
 - Deterministic: the result depends on the files only, never on ``jobs``, chunking or cache state.
 - A file's path is the source folder joined with its relative path (symlinks in it are kept, never
   resolved), so it is stable between runs and is the key of the scan cache.
@@ -23,20 +24,25 @@ Reject reasons (the prefixes are an interface; the planner, tests and users key 
   Double Float Pixel Data); for encapsulated Pixel Data: ``truncated: encapsulated Pixel Data …`` when
   an item runs past the end or the Sequence Delimitation Item is missing.
 - ``corrupt: …``: encapsulated Pixel Data holding something other than items.
-- ``duplicate: same SOPInstanceUID as <kept path>, identical content|different content``: see ``dedupe``.
+- ``duplicate: same SOPInstanceUID as <kept path>, identical content|different content``: see ``dedupe``
+  (``content not compared (<strerror>)`` if a copy cannot be read at that point).
 
 Decisions:
 - Files without preamble/file meta are ACCEPTED, as dcm4che (XNAT's parser) reads such streams and a
   C-STORE re-wraps them anyway, PROVIDED they start the way dcm4che's ``guessTransferSyntax`` requires
   (first tag a known public tag whose explicit VR matches the dictionary, or whose implicit length ends
   within the first 132 bytes) and carry syntactically valid SOPClassUID, SOPInstanceUID and
-  StudyInstanceUID. Their transfer syntax is recorded as pydicom inferred it (implicit/explicit VR LE).
-- Files are parsed with pydicom's ``read_partial``, which is what ``dcmread(stop_before_pixels=True)``
-  runs, with our own ``stop_when`` callback: it still stops at (7FE0,0010/0008/0009), and it also notes
-  where each top-level element ends, which is how a header cut inside an element is detected.
-- Speed: the first 64 KiB are read with one system call and parsed in memory; only when that does not
-  reach Pixel Data (and is not the whole file) is the file re-parsed through a windowed reader.
-  ``specific_tags`` limits value reads to the keywords needed. Folders are walked with ``os.scandir``.
+  StudyInstanceUID. Their transfer syntax is recorded as pydicom infers it (implicit or explicit VR
+  little endian; explicit big endian when the first tag reads byte-swapped).
+- Elements are parsed by pydicom's ``data_element_generator``, the loop inside ``dcmread``; this module
+  does what ``read_partial`` does around it (preamble, file meta, transfer syntax, the implicit/explicit
+  VR check) without building Dataset objects, which measured as half of ``dcmread``'s time. Our
+  ``stop_when`` callback stops at (7FE0,0010/0008/0009) as ``stop_before_pixels`` does, and also notes
+  where each top-level element ends, which is how a header cut inside an element is found.
+  ``specific_tags`` makes pydicom seek over the values of every element not asked for.
+- Speed: the first 16 KiB are read with one system call and parsed in memory; only when that does not
+  reach Pixel Data (and is not the whole file) is the file parsed again through a windowed reader, and
+  the first read grows to fit such headers. Folders are walked with ``os.scandir``, paths kept as str.
 
 NOTE: known gaps: elements after a defined-length Pixel Data are not checked; a header cut exactly at an
 element boundary, or stray bytes after a final undefined-length sequence, look like a complete header;
@@ -61,15 +67,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO, cast
 
-from pydicom.charset import decode_bytes
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
+from pydicom.filereader import data_element_generator
+from pydicom.tag import BaseTag
 
 from .errors import PlanError
-from .model import BASE_KEYWORDS, FileHeader, Manifest, Reject, SourceSpec
-from .state import CachedHeader
+from .model import BASE_KEYWORDS, CachedHeader, FileHeader, Manifest, Reject, SourceSpec
 
 __all__ = [
     "ScanResult",
@@ -82,10 +87,14 @@ __all__ = [
 
 ProgressFn = Callable[[int, int], None]
 
-# Bytes read with the first system call; covers the header of nearly every single-frame image.
-_HEAD = 64 * 1024
+# Bytes read with the first system call: small, because on a cold disk the bytes read (and the
+# kernel's read-ahead they trigger) dominate; grown per process to the largest header met, up to MAX.
+_HEAD_MIN, _HEAD_MAX = 16 * 1024, 1024 * 1024
+_head_size = [_HEAD_MIN]  # NOTE: a performance hint only; results never depend on it
 # Window of the fallback reader (headers that do not fit in _HEAD, e.g. enhanced multi-frame).
 _WINDOW = 256 * 1024
+# Most bytes a deflated data set is inflated to (its header is all the scan needs).
+_INFLATE_MAX = 64 * 1024 * 1024
 # Below this many files to read, worker processes cost more than they save.
 _PARALLEL_MIN = 300
 _CHUNK_MIN, _CHUNK_MAX = 64, 256
@@ -277,9 +286,10 @@ def _want(keywords: frozenset[str]) -> _Want:
 
 
 class _Tracker:
-    """pydicom ``stop_when`` callback: stops at Pixel Data, remembers the last top-level element.
+    """``stop_when`` callback: stops at Pixel Data and remembers the last top-level element seen.
 
-    Called after each top-level element header is read, with the stream at the value's first byte.
+    pydicom calls it after reading each top-level element header, with the stream at the value's first
+    byte; when it returns True, pydicom rewinds the stream to the first byte of that element's tag.
     """
 
     __slots__ = ("length", "pixel", "pos", "tell", "vr")
@@ -297,6 +307,14 @@ class _Tracker:
         self.vr = vr
         self.pixel = tag in _PIXEL_TAGS
         return self.pixel
+
+
+class _IOFailure(Exception):
+    """A real read error inside pydicom's parse (pydicom raises OSError for bad data too)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class _FdReader:
@@ -331,7 +349,10 @@ class _FdReader:
             return b""
         off = pos - self._start
         if off < 0 or off + n > len(self._buf):
-            self._buf = _pread(self._fd, max(n, _WINDOW), pos)
+            try:
+                self._buf = _pread(self._fd, max(n, _WINDOW), pos)
+            except OSError as exc:
+                raise _IOFailure(exc) from exc
             self._start = pos
             off = 0
         data = self._buf[off : off + n]
@@ -363,13 +384,12 @@ def _raw_stream_start(head: bytes) -> bool:
     window = min(len(head), 132)
     for endian in ("<", ">"):
         group, elem = struct.unpack(endian + "HH", head[:4])
-        tag = group << 16 | elem
         vrs: tuple[str, ...]
         if elem == 0:
             vrs = ("UL",)  # group length, any group
         else:
             try:
-                vrs = tuple(dictionary_VR(tag).split(" or "))
+                vrs = tuple(dictionary_VR(group << 16 | elem).split(" or "))
             except KeyError:
                 continue
         if head[4:6].decode("latin-1") in vrs:
@@ -379,19 +399,112 @@ def _raw_stream_start(head: bytes) -> bool:
     return False
 
 
+def _looks_explicit(vr: bytes) -> bool:
+    """pydicom's own test (``_is_implicit_vr``): two upper-case letters where an explicit VR would be."""
+    return len(vr) == 2 and 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
+
+
+def _not_group(group: int) -> Callable[[int, str | None, int], bool]:
+    return lambda tag, vr, length: tag >> 16 != group
+
+
+Elements = dict[int, "RawDataElement | DataElement"]
+
+
+@dataclass
+class _Parsed:
+    """pydicom's view of a file's header. ``stop`` is the stream position where parsing ended."""
+
+    meta: Elements
+    elems: Elements
+    ts: str  # as declared in the file meta, else as inferred from the bytes
+    little: bool
+    deflated: bool
+    tracker: _Tracker
+    stop: int
+    error: Exception | None = None
+
+
+def _run_pydicom(fp: io.BytesIO | _FdReader, has_dicm: bool, want: _Want) -> _Parsed:
+    """Parse file meta and data set up to Pixel Data with pydicom's element generator.
+
+    This is ``pydicom.filereader.read_partial`` (what ``dcmread(stop_before_pixels=True)`` runs) minus
+    the Dataset objects, which cost half its time, plus our ``stop_when`` tracker.
+    """
+    tracker = _Tracker(fp.tell)
+    parsed = _Parsed({}, {}, "", True, False, tracker, 0)
+    try:
+        _frame(fp, has_dicm, want, parsed)
+    except _IOFailure as exc:
+        raise exc.error from None
+    except Exception as exc:  # any bytes may reach here: pydicom's failure is a verdict on the file
+        parsed.error = exc
+    parsed.stop = fp.tell()
+    return parsed
+
+
+def _frame(fp: io.BytesIO | _FdReader, has_dicm: bool, want: _Want, parsed: _Parsed) -> None:
+    """What ``read_partial`` does around its element loop: preamble, file meta, command set, encoding."""
+    stream = cast(BinaryIO, fp)
+    fp.seek(132 if has_dicm else 0)
+    peek = _peek(fp)
+    # File meta (0002,eeee): explicit VR little endian by PS3.10 7.1, but some writers use implicit
+    # VR here (pydicom issue 503), hence the same test pydicom applies to a data set's first element.
+    if peek[:2] == b"\x02\x00":
+        meta = data_element_generator(stream, not _looks_explicit(peek[4:6]), True, stop_when=_not_group(2))
+        parsed.meta = {e.tag: e for e in meta}
+        peek = _peek(fp)
+    # A command set (0000,eeee), as in raw DIMSE dumps, is always implicit VR little endian; skipped
+    # (specific_tags=[0], a tag never present, makes pydicom seek over the values).
+    if peek[:2] == b"\x00\x00" and len(peek) == 6:
+        for _ in data_element_generator(stream, True, True, stop_when=_not_group(0), specific_tags=[0]):
+            pass
+        peek = _peek(fp)
+
+    declared = _text(parsed.meta.get(0x00020010), ["iso8859"])
+    if declared == _DEFLATED:
+        stream = cast(BinaryIO, io.BytesIO(_inflate(fp.read())))
+        parsed.deflated = True
+        peek = _peek(stream)
+    implicit = declared == _IMPLICIT_LE
+    little = declared != _EXPLICIT_BE
+    if len(peek) == 6:
+        # The data set may contradict its transfer syntax: pydicom believes the bytes, and so do we.
+        implicit = not _looks_explicit(peek[4:6])
+        if not declared and not implicit:
+            # No transfer syntax: pydicom's byte order guess. Group 0x0008 written big endian reads
+            # 0x0800 little endian; no little endian data set starts with a group that high.
+            little = struct.unpack("<H", peek[:2])[0] < 0x0400
+    parsed.little = little
+    parsed.ts = declared or (_IMPLICIT_LE if implicit else (_EXPLICIT_LE if little else _EXPLICIT_BE))
+    tags: list[BaseTag | int] = list(want.tags)
+    gen = data_element_generator(stream, implicit, little, stop_when=parsed.tracker, specific_tags=tags)
+    parsed.elems = {e.tag: e for e in gen}
+
+
+def _peek(fp: io.BytesIO | _FdReader | BinaryIO) -> bytes:
+    """The next 6 bytes (tag and, if explicit, VR), without moving."""
+    start = fp.tell()
+    data = fp.read(6)
+    fp.seek(start)
+    return data
+
+
+def _inflate(data: bytes) -> bytes:
+    """A deflated data set (PS3.5 A.5), capped so a decompression bomb cannot exhaust memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = inflater.decompress(data, _INFLATE_MAX)
+    if not inflater.eof and len(out) < _INFLATE_MAX:
+        raise EOFError("the deflated data set ends early")
+    return out
+
+
 def _text(elem: RawDataElement | DataElement | None, encodings: list[str]) -> str | None:
     """The element's value as one string (multiple values ``\\``-joined), or None if empty/binary/SQ."""
     if elem is None:
         return None
-    if isinstance(elem, DataElement):  # only values pydicom converted itself (charset, SQ)
-        if elem.VR == "SQ" or elem.value is None:
-            return None
-        value = elem.value
-        values = (
-            list(value) if isinstance(value, Sequence) and not isinstance(value, str | bytes) else [value]
-        )
-        text = "\\".join(str(v).strip(_STRIP) for v in values)
-        return text if text.strip("\\") else None
+    if isinstance(elem, DataElement):  # pydicom converts only sequences of undefined length itself
+        return None
     raw = elem.value
     if not raw or not isinstance(raw, bytes):
         return None
@@ -413,7 +526,7 @@ def _text(elem: RawDataElement | DataElement | None, encodings: list[str]) -> st
         else:
             return None
     except (LookupError, UnicodeError, ValueError):
-        text = raw.decode("latin-1")  # a broken charset must not lose the value
+        text = raw.decode("latin-1")  # a broken character set must not lose the value
     if vr in _TEXT_SINGLE or vr == "UR":
         text = text.strip(_STRIP)
         return text or None
@@ -421,19 +534,20 @@ def _text(elem: RawDataElement | DataElement | None, encodings: list[str]) -> st
     return "\\".join(parts) if any(parts) else None
 
 
-def _encodings(ds: Dataset) -> list[str]:
-    try:
-        enc = ds.original_character_set
-    except Exception:  # pydicom computes this from a header value; never let it fail a scan
+def _encodings(elems: Elements) -> list[str]:
+    """Python codecs for (0008,0005) Specific Character Set (pydicom's mapping and repairs)."""
+    terms = _text(elems.get(0x00080005), ["iso8859"])
+    if not terms:
         return ["iso8859"]
-    if isinstance(enc, str):
-        return [enc]
-    return list(enc) if enc else ["iso8859"]
+    try:
+        # An empty first value means the default repertoire (PS3.3 C.12.1.1.2).
+        return convert_encodings([t or "ISO_IR 6" for t in terms.split("\\")])
+    except Exception:  # pydicom repairs or warns about most bad terms; a scan never fails on one
+        return ["iso8859"]
 
 
 def _unreadable(path: str, want: _Want, exc: OSError, st: os.stat_result | None = None) -> CachedHeader:
-    reason = f"unreadable: {exc.strerror or exc}"
-    return _reject(path, want, st, reason)
+    return _reject(path, want, st, f"unreadable: {exc.strerror or exc}")
 
 
 def _reject(
@@ -449,16 +563,17 @@ def read_header(path: str, keywords: frozenset[str]) -> CachedHeader:
     Returns a cache entry with ``header`` set (keyword → string) or ``reject`` set (the reason).
     Size and mtime are those of the file as opened (``fstat``), so they describe the bytes read.
     """
-    return _read(path, _want(frozenset(keywords)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's complaints about a bad file are not ours to show
+        return _read(path, _want(frozenset(keywords)))
 
 
 def _read(path: str, want: _Want) -> CachedHeader:
     if os.path.basename(path).upper() == "DICOMDIR":
         try:
-            st = os.stat(path)
+            return _reject(path, want, os.stat(path), "DICOMDIR: media directory, not an image")
         except OSError as exc:
             return _unreadable(path, want, exc)
-        return _reject(path, want, st, "DICOMDIR: media directory, not an image")
     try:
         # O_NONBLOCK: a FIFO passed in by mistake must not hang the scan (no effect on regular files).
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -469,7 +584,7 @@ def _read(path: str, want: _Want) -> CachedHeader:
         fst = st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return _reject(path, want, st, "unreadable: not a regular file")
-        head = _pread(fd, min(st.st_size, _HEAD) if st.st_size else _HEAD, 0)
+        head = _pread(fd, min(st.st_size, _head_size[0]) if st.st_size else _HEAD_MIN, 0)
         return _parse(path, fd, st, head, want)
     except OSError as exc:
         return _unreadable(path, want, exc, fst)
@@ -477,45 +592,22 @@ def _read(path: str, want: _Want) -> CachedHeader:
         os.close(fd)
 
 
-@dataclass
-class _Parsed:
-    ds: Dataset | None
-    error: Exception | None
-    tracker: _Tracker
-    stop: int  # stream position after parsing (the Pixel Data tag when tracker.pixel)
-
-
-def _run_pydicom(fp: io.BytesIO | _FdReader, want: _Want) -> _Parsed:
-    tracker = _Tracker(fp.tell)
-    try:
-        ds = read_partial(cast(BinaryIO, fp), tracker, force=True, specific_tags=list(want.tags))
-    except Exception as exc:  # any bytes may reach here: pydicom's failure is a verdict on the file
-        return _Parsed(None, exc, tracker, fp.tell())
-    return _Parsed(ds, None, tracker, fp.tell())
-
-
-def _meta_text(ds: Dataset, tag: int) -> str | None:
-    meta = getattr(ds, "file_meta", None)
-    if not meta:
-        return None
-    return _text(meta.get_item(tag), ["iso8859"])
-
-
 def _parse(path: str, fd: int, st: os.stat_result, head: bytes, want: _Want) -> CachedHeader:
     size = st.st_size
     whole = len(head) >= size
-    if len(head) < min(size, _HEAD):  # shrank since fstat: believe the bytes
+    if len(head) < min(size, _head_size[0]):  # shrank since fstat: believe the bytes
         size, whole = len(head), True
     has_dicm = head[128:132] == b"DICM"
     if not has_dicm and not _raw_stream_start(head):
         return _reject(path, want, st, "not DICOM: no DICM prefix and the bytes do not start a data set")
 
-    parsed = _run_pydicom(io.BytesIO(head), want)
-    if not whole:
-        deflated = parsed.ds is not None and _meta_text(parsed.ds, 0x00020010) == _DEFLATED
-        if parsed.ds is None or not parsed.tracker.pixel or deflated:
-            # The first 64 KiB did not settle it: parse again with the whole file behind the reader.
-            parsed = _run_pydicom(_FdReader(fd, size, head), want)
+    parsed = _run_pydicom(io.BytesIO(head), has_dicm, want)
+    if not whole and (parsed.error is not None or not parsed.tracker.pixel or parsed.deflated):
+        # The first bytes did not settle it: parse again with the whole file behind the reader, and
+        # read more at once from now on (headers within one collection are alike).
+        parsed = _run_pydicom(_FdReader(fd, size, head), has_dicm, want)
+        if parsed.tracker.pixel and not parsed.deflated:
+            _head_size[0] = max(_head_size[0], min(_HEAD_MAX, 1 << (parsed.stop + 12).bit_length()))
     return _judge(path, fd, st, size, head, has_dicm, parsed, want)
 
 
@@ -529,69 +621,63 @@ def _judge(
     parsed: _Parsed,
     want: _Want,
 ) -> CachedHeader:
-    ds = parsed.ds
-    if ds is None:
-        exc = parsed.error
-        eof = isinstance(exc, EOFError | struct.error) or (
+    """The verdict on a parsed file, in the order of the reasons in the module docstring."""
+    exc = parsed.error
+    if exc is not None:
+        eof = isinstance(exc, EOFError | struct.error | OSError) or (
             isinstance(exc, zlib.error) and "incomplete" in str(exc)
         )
-        if eof and has_dicm:
+        if eof and (has_dicm or parsed.meta):
             return _reject(path, want, st, "truncated: header ends early")
-        return _reject(path, want, st, f"not DICOM: pydicom cannot parse it ({type(exc).__name__}: {exc})")
+        detail = f"{type(exc).__name__}: {exc}"[:200]
+        return _reject(path, want, st, f"not DICOM: pydicom cannot parse it ({detail})")
 
-    meta = getattr(ds, "file_meta", None)
-    has_meta = bool(meta)
-    ts = _meta_text(ds, 0x00020010)
-    implicit, little = ds.original_encoding
-    if not ts:
-        ts = _IMPLICIT_LE if implicit else (_EXPLICIT_LE if little is not False else _EXPLICIT_BE)
-
-    if _meta_text(ds, 0x00020002) == _MEDIA_DIRECTORY or _DICOMDIR_OFFSET in ds:
+    ts = parsed.ts
+    if (
+        _text(parsed.meta.get(0x00020002), ["iso8859"]) == _MEDIA_DIRECTORY
+        or _DICOMDIR_OFFSET in parsed.elems
+    ):
         return _reject(path, want, st, "DICOMDIR: media directory, not an image", ts)
 
-    encodings = _encodings(ds)
+    encodings = _encodings(parsed.elems)
     values: dict[str, str] = {}
     for kw, tag in want.fields:
-        try:
-            elem = ds.get_item(tag)
-        except Exception:  # a value pydicom fails to convert is treated as absent
-            continue
-        text = _text(elem, encodings)
+        text = _text(parsed.elems.get(tag), encodings)
         if text is not None:
             values[kw] = text
 
-    raw_stream = not has_dicm and not has_meta
-    if raw_stream:
+    if not has_dicm and not parsed.meta:
         bad = [kw for kw in _REQUIRED if not _UID.fullmatch(values.get(kw, ""))]
         if bad:
             return _reject(
                 path, want, st, f"not DICOM: no file meta, and no valid {'/'.join(bad)} in what parses", ts
             )
 
-    deflated = ts == _DEFLATED  # positions are in the inflated stream: no offset checks possible
-    if not deflated and _header_cut(ds, has_dicm, size, parsed):
+    # A deflated data set's positions are in the inflated stream: no offset checks are possible.
+    if not parsed.deflated and _header_cut(parsed, has_dicm, size):
         return _reject(path, want, st, "truncated: header ends early", ts)
 
     for kw in _REQUIRED:
         if kw not in values:
             return _reject(path, want, st, f"no {kw}", ts)
 
-    if parsed.tracker.pixel and not deflated:
-        problem = _pixel_problem(fd, size, head, parsed, little is not False)
+    if parsed.tracker.pixel and not parsed.deflated:
+        problem = _pixel_problem(fd, size, head, parsed)
         if problem:
             return _reject(path, want, st, problem, ts)
     return CachedHeader(path, st.st_size, st.st_mtime_ns, want.keywords, ts, values, None)
 
 
-def _header_cut(ds: Dataset, has_dicm: bool, size: int, parsed: _Parsed) -> bool:
+def _header_cut(parsed: _Parsed, has_dicm: bool, size: int) -> bool:
     """Whether the header before Pixel Data (file meta included) runs past the end of the file."""
-    meta = getattr(ds, "file_meta", None)
-    if meta:
-        gl = meta.get_item(0x00020000)
-        if isinstance(gl, RawDataElement) and isinstance(gl.value, bytes) and len(gl.value) == 4:
-            start = 132 if has_dicm else 0
-            if start + 12 + struct.unpack("<I", gl.value)[0] > size:
-                return True
+    gl = parsed.meta.get(0x00020000)
+    if (
+        isinstance(gl, RawDataElement)
+        and isinstance(gl.value, bytes)
+        and len(gl.value) == 4
+        and (132 if has_dicm else 0) + 12 + struct.unpack("<I", gl.value)[0] > size
+    ):
+        return True
     t = parsed.tracker
     if t.pixel or t.pos < 0 or t.length == _UNDEFINED:
         return False
@@ -599,17 +685,17 @@ def _header_cut(ds: Dataset, has_dicm: bool, size: int, parsed: _Parsed) -> bool
     return t.pos + t.length != size
 
 
-def _pixel_problem(fd: int, size: int, head: bytes, parsed: _Parsed, little: bool) -> str | None:
+def _pixel_problem(fd: int, size: int, head: bytes, parsed: _Parsed) -> str | None:
     """Check the Pixel Data element against the file size without reading the pixels."""
     pos = parsed.stop  # pydicom rewinds to the first byte of the element's tag
     raw = head[pos : pos + 12] if pos + 12 <= len(head) else _pread(fd, 12, pos)
-    endian = "<" if little else ">"
+    endian = "<" if parsed.little else ">"
     if len(raw) < 8:
         return "truncated: header ends early"
     group, elem = struct.unpack(endian + "HH", raw[:4])
     if (group << 16 | elem) not in _PIXEL_TAGS:
         return None  # not where pydicom said: nothing to check (the data set was garbage anyway)
-    if parsed.tracker.vr is None:  # parsed as implicit VR: tag, 4-byte length
+    if parsed.tracker.vr is None:  # pydicom read it as implicit VR: tag, 4-byte length
         hdr, length = 8, struct.unpack(endian + "I", raw[4:8])[0]
     elif raw[4:6] in _LONG_VRS:  # explicit VR OB/OW/OF/OD/UN: tag, VR, 2 reserved, 4-byte length
         if len(raw) < 12:
@@ -656,11 +742,8 @@ def _encapsulated_problem(fd: int, size: int, start: int, endian: str) -> str | 
 
 
 def _read_chunk(paths: Sequence[str], keywords: frozenset[str]) -> list[CachedHeader]:
-    """Worker entry point: read a chunk of files (warnings from pydicom silenced)."""
-    want = _want(keywords)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return [_read(p, want) for p in paths]
+    """Worker entry point: read a chunk of files."""
+    return [read_header(p, keywords) for p in paths]
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,20 +804,26 @@ def _read_many(
     """Read ``paths`` in process or in a process pool; ``report(n)`` after every n files done."""
     out: dict[str, CachedHeader] = {}
     workers = jobs if jobs is not None else (os.cpu_count() or 1)
-    if workers <= 1 or len(paths) < _PARALLEL_MIN:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for i, p in enumerate(paths, 1):
-                out[p] = _read(p, want)
-                if i % _PROGRESS_EVERY == 0 or i == len(paths):
-                    report(_PROGRESS_EVERY if i % _PROGRESS_EVERY == 0 else i % _PROGRESS_EVERY)
-        return out
     # Several chunks per worker balance uneven files; 64–256 paths keep IPC small next to the work.
-    size = max(_CHUNK_MIN, min(_CHUNK_MAX, -(-len(paths) // (workers * 4))))
+    size = max(_CHUNK_MIN, min(_CHUNK_MAX, -(-len(paths) // (max(workers, 1) * 4))))
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+    pool: ProcessPoolExecutor | None = None
+    if workers > 1 and len(paths) >= _PARALLEL_MIN:
+        try:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(chunks)))
+        except (OSError, NotImplementedError):  # no POSIX semaphores here (some sandboxes): read in process
+            pool = None
+    if pool is None:
+        reported = 0
+        for i, p in enumerate(paths, 1):
+            out[p] = read_header(p, want.keywords)
+            if i % _PROGRESS_EVERY == 0 or i == len(paths):
+                report(i - reported)
+                reported = i
+        return out
+    with pool:
         pending: set[Future[list[CachedHeader]]] = {
-            pool.submit(_read_chunk, list(c), want.keywords) for c in chunks
+            pool.submit(_read_chunk, c, want.keywords) for c in chunks
         }
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockedError, StateError
+from .model import CachedHeader
 
 STATE_FORMAT = 1
 STATE_FILE = "state.db"
@@ -65,19 +66,6 @@ SESSION_DONE = "applied"
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
-
-
-@dataclass(frozen=True)
-class CachedHeader:
-    """A scan-cache entry: valid while (size, mtime_ns) match and ``keywords`` covers the need."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    keywords: frozenset[str]
-    transfer_syntax: str | None
-    header: Mapping[str, str] | None
-    reject: str | None
 
 
 @dataclass(frozen=True)

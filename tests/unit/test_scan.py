@@ -1,0 +1,674 @@
+"""The header scan: globs, every reject reason, truncation without reading pixels, cache, duplicates."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import random
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.fileset import FileSet
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
+
+from xnatmigrate import scan
+from xnatmigrate.errors import PlanError
+from xnatmigrate.model import BASE_KEYWORDS, Manifest, SourceSpec, XnatTarget
+from xnatmigrate.scan import dedupe, glob_to_regex, read_header, scan_sources, walk_source
+from xnatmigrate.state import CachedHeader
+
+KW = frozenset(BASE_KEYWORDS)
+STUDY = "1.2.826.0.1.3680043.10.999.1"
+SERIES = "1.2.826.0.1.3680043.10.999.1.1"
+PIXELS = bytes(range(64))  # 8 rows x 4 columns x 16 bits
+
+
+def sop(n: int) -> str:
+    return f"1.2.826.0.1.3680043.10.999.1.1.{n}"
+
+
+def image(n: int = 1, **overrides: Any) -> Dataset:
+    """A small CT image; ``overrides`` set (value) or delete (None) attributes."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop(n)
+    ds.StudyDate = "20200102"
+    ds.StudyTime = "101500"
+    ds.Modality = "CT"
+    ds.StudyDescription = "CT HEAD "
+    ds.PatientName = "DOE^JOHN"
+    ds.PatientID = "P1"
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = SERIES
+    ds.SeriesNumber = 5
+    ds.InstanceNumber = n
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = 8
+    ds.Columns = 4
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = PIXELS
+    ds["PixelData"].VR = "OW"
+    for key, value in overrides.items():
+        if value is None:
+            del ds[key]
+        else:
+            setattr(ds, key, value)
+    return ds
+
+
+def part10(path: Path, ds: Dataset, ts: str = ExplicitVRLittleEndian) -> bytes:
+    """Write ``ds`` as a Part 10 file in ``ts``; returns the bytes written."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", CTImageStorage)
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", sop(0))
+    meta.TransferSyntaxUID = ts
+    ds.file_meta = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def raw_stream(path: Path, ds: Dataset, implicit: bool = True) -> bytes:
+    """Write ``ds`` without preamble or file meta, as some old tools do."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    return path.read_bytes()
+
+
+def encapsulated(n: int = 1) -> Dataset:
+    ds = image(n)
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(40) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def reason(path: Path, keywords: frozenset[str] = KW) -> str | None:
+    return read_header(str(path), keywords).reject
+
+
+def manifest(*folders: Path, include: tuple[str, ...] = ("**/*",), exclude: tuple[str, ...] = ()) -> Manifest:
+    sources = tuple(
+        SourceSpec(i, None, str(f), "P", None, "S", include=include, exclude=exclude)
+        for i, f in enumerate(folders)
+    )
+    return Manifest("manifest.yaml", "0" * 64, 1, XnatTarget(), sources)
+
+
+# --------------------------------------------------------------------------------------------
+# Globs and walking
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("**/*", "a.dcm", True),
+        ("**/*", "x/y/a.dcm", True),
+        ("**", "x/y/a.dcm", True),
+        ("**/*.dcm", "a.dcm", True),
+        ("**/*.dcm", "x/y/a.dcm", True),
+        ("**/*.dcm", "x/y/a.DCM", False),
+        ("*.dcm", "a.dcm", True),
+        ("*.dcm", "x/a.dcm", False),
+        ("*", "x/a", False),
+        ("a/**/b.dcm", "a/b.dcm", True),
+        ("a/**/b.dcm", "a/x/y/b.dcm", True),
+        ("a/**/b.dcm", "ab.dcm", False),
+        ("a/**", "a/x/y", True),
+        ("a/**", "b/a/x", False),
+        ("**/SCOUT/**", "p/SCOUT/1.dcm", True),
+        ("**/SCOUT/**", "SCOUT/1.dcm", True),
+        ("**/SCOUT/**", "p/SCOUTS/1.dcm", False),
+        ("?.dcm", "a.dcm", True),
+        ("?.dcm", "ab.dcm", False),
+        ("a?b", "a/b", False),
+        ("x*y", "x/y", False),
+        ("IMG[0-9]*", "IMG1.dcm", True),
+        ("IMG[!0-9]*", "IMG1.dcm", False),
+        ("IMG[!0-9]*", "IMGa.dcm", True),
+        ("a.b", "aXb", False),
+        ("(x)+.dcm", "(x)+.dcm", True),
+        ("**/.*", ".hidden", True),
+        ("./sub/*", "sub/a", True),
+        ("sub//*", "sub/a", True),
+        ("a**b", "aXYb", True),
+        ("a**b", "a/b", False),
+    ],
+)
+def test_glob_semantics(pattern: str, path: str, matches: bool) -> None:
+    assert bool(glob_to_regex(pattern).match(path)) is matches
+    assert bool(glob_to_regex(pattern).fullmatch(path)) is matches
+
+
+def test_walk_applies_globs_to_relative_paths_and_skips_what_is_not_a_file(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    for rel in (
+        "a.dcm",
+        "b.txt",
+        "sub/c.dcm",
+        "sub/deep/d.dcm",
+        "skip/e.dcm",
+        "skip/more/f.dcm",
+        ".hid/g.dcm",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.dcm").write_bytes(b"x")
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)  # not followed
+    (root / "loop").symlink_to(root, target_is_directory=True)  # would loop if followed
+    (root / "linkfile.dcm").symlink_to(outside / "o.dcm")  # a regular file: kept
+    (root / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")  # kept: reported as unreadable
+    os.mkfifo(root / "pipe.dcm")  # skipped: reading it would block
+
+    spec = SourceSpec(0, None, str(root), "P", None, "S", include=("**/*.dcm",), exclude=("skip/**",))
+    got = walk_source(spec)
+    rel = [os.path.relpath(p, root) for p in got]
+    assert rel == sorted(rel)
+    assert all(os.path.isabs(p) and p.startswith(str(root) + os.sep) for p in got)
+    assert set(rel) == {"a.dcm", "sub/c.dcm", "sub/deep/d.dcm", ".hid/g.dcm", "linkfile.dcm", "dangling.dcm"}
+    assert read_header(str(root / "dangling.dcm"), KW).reject == "unreadable: No such file or directory"
+
+    default = SourceSpec(0, None, str(root), "P", None, "S")
+    assert len(walk_source(default)) == 9  # 7 regular files + 2 links to files; no fifo, no dir links
+
+
+def test_walk_of_a_missing_source_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=r"sources\[0\]: cannot list"):
+        walk_source(SourceSpec(0, None, str(tmp_path / "nope"), "P", None, "S"))
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "src"
+    part10(root / "ok" / "1.dcm", image(1))
+    (root / "locked").mkdir()
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = scan_sources(manifest(root), KW, jobs=1)
+    assert [h.path for _, h in result.headers] == [str(root / "ok" / "1.dcm")]
+    assert [(r.path, r.reason) for r in result.rejects] == [
+        (str(root / "locked"), "unreadable: Permission denied (folder not listed)")
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# One file: values
+# --------------------------------------------------------------------------------------------
+
+
+def test_values_are_dicom_strings(tmp_path: Path) -> None:
+    ds = image(3, PatientName="DOE^JOHN^^DR", SOPInstanceUID=sop(3))
+    ds.OtherPatientNames = ["ROE^JANE", "ROE^J"]
+    ds.ReferencedImageSequence = Sequence([Dataset()])
+    ds.AccessionNumber = ""
+    part10(tmp_path / "a.dcm", ds)
+    extra = frozenset({"ImageType", "OtherPatientNames", "Rows", "ReferencedImageSequence", "NotAKeyword"})
+    entry = read_header(str(tmp_path / "a.dcm"), KW | extra)
+    assert entry.reject is None and entry.header is not None
+    h = entry.header
+    assert h["PatientName"] == "DOE^JOHN^^DR"
+    assert h["OtherPatientNames"] == "ROE^JANE\\ROE^J"
+    assert h["ImageType"] == "ORIGINAL\\PRIMARY\\AXIAL"
+    assert h["InstanceNumber"] == "3" and h["SeriesNumber"] == "5"
+    assert h["StudyDescription"] == "CT HEAD"  # padding stripped
+    assert h["SOPInstanceUID"] == sop(3)  # the UID's NUL padding stripped
+    assert "Rows" not in h  # binary VR
+    assert "ReferencedImageSequence" not in h  # sequence
+    assert "AccessionNumber" not in h  # empty
+    assert entry.transfer_syntax == ExplicitVRLittleEndian
+    assert entry.keywords >= KW | extra
+    st = os.stat(tmp_path / "a.dcm")
+    assert (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_values_follow_the_character_set(tmp_path: Path) -> None:
+    ds = image(1, SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen", StudyDescription="Ünïcödé")
+    part10(tmp_path / "u.dcm", ds)
+    h = read_header(str(tmp_path / "u.dcm"), KW).header
+    assert h is not None
+    assert h["PatientName"] == "Müller^Jürgen"
+    assert h["StudyDescription"] == "Ünïcödé"
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_values_in_every_uncompressed_transfer_syntax(tmp_path: Path, ts: str) -> None:
+    part10(tmp_path / "a.dcm", image(1), ts)
+    entry = read_header(str(tmp_path / "a.dcm"), KW)
+    assert entry.reject is None and entry.header is not None
+    assert entry.transfer_syntax == ts
+    assert entry.header["PatientName"] == "DOE^JOHN"
+    assert entry.header["StudyInstanceUID"] == STUDY
+
+
+# --------------------------------------------------------------------------------------------
+# One file: every reject reason
+# --------------------------------------------------------------------------------------------
+
+
+def test_not_dicom(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image\n" * 20)
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "tiny.dcm").write_bytes(b"\x08\x00")
+    (tmp_path / "png.dcm").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    for name in ("notes.txt", "empty.dcm", "tiny.dcm", "png.dcm"):
+        assert (reason(tmp_path / name) or "").startswith("not DICOM: "), name
+
+
+def test_garbage_that_parses_as_a_data_set_is_not_dicom(tmp_path: Path) -> None:
+    # Starts like a real data set (0008,0005) CS, so the reader is tried, but carries no UIDs.
+    rng = random.Random(5)
+    data = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + rng.randbytes(3000)
+    (tmp_path / "g.dcm").write_bytes(data)
+    assert (reason(tmp_path / "g.dcm") or "").startswith("not DICOM: ")
+    # Implicit VR: (0008,0016) with a 26-byte value, then garbage.
+    data = struct.pack("<HHI", 8, 0x16, 26) + CTImageStorage.encode().ljust(26, b"\0") + rng.randbytes(500)
+    (tmp_path / "h.dcm").write_bytes(data)
+    assert (reason(tmp_path / "h.dcm") or "").startswith("not DICOM: ")
+
+
+def test_dicomdir(tmp_path: Path) -> None:
+    part10(tmp_path / "img" / "1.dcm", image(1, StudyID="1"))  # FileSet needs a Study ID
+    fs = FileSet()
+    fs.add(tmp_path / "img" / "1.dcm")
+    fs.write(tmp_path / "media")
+    (tmp_path / "media" / "DICOMDIR").rename(tmp_path / "media" / "index.bin")  # found by content too
+    (tmp_path / "DICOMDIR").write_bytes(b"whatever")  # found by name
+    assert reason(tmp_path / "media" / "index.bin") == "DICOMDIR: media directory, not an image"
+    assert reason(tmp_path / "DICOMDIR") == "DICOMDIR: media directory, not an image"
+
+
+@pytest.mark.parametrize("missing", ["SOPInstanceUID", "StudyInstanceUID", "SOPClassUID"])
+def test_missing_uid(tmp_path: Path, missing: str) -> None:
+    part10(tmp_path / "a.dcm", image(1, **{missing: None}))
+    assert reason(tmp_path / "a.dcm") == f"no {missing}"
+
+
+def test_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert reason(tmp_path / "gone.dcm") == "unreadable: No such file or directory"
+    assert reason(tmp_path) == "unreadable: not a regular file"
+    os.mkfifo(tmp_path / "fifo")
+    assert reason(tmp_path / "fifo") == "unreadable: not a regular file"  # and it did not block
+    part10(tmp_path / "a.dcm", image(1))
+    real = os.open
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith("a.dcm"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)  # tests may run as root, where chmod 000 denies nothing
+    assert reason(tmp_path / "a.dcm") == "unreadable: Permission denied"
+
+
+def test_read_error_inside_the_parse_is_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = image(1)
+    ds.TextValue = "x" * 40_000  # UT: a header larger than the first read, so the windowed reader runs
+    part10(tmp_path / "a.dcm", ds)
+    real = os.pread
+
+    def flaky(fd: int, n: int, offset: int) -> bytes:
+        if offset > 0:
+            raise OSError(5, "Input/output error")
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", flaky)
+    monkeypatch.setattr(scan, "_head_size", [scan._HEAD_MIN])
+    assert reason(tmp_path / "a.dcm") == "unreadable: Input/output error"
+
+
+# --------------------------------------------------------------------------------------------
+# Truncation, found without reading pixels
+# --------------------------------------------------------------------------------------------
+
+
+PIXEL_TAG = {True: b"\xe0\x7f\x10\x00", False: b"\x7f\xe0\x00\x10"}
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_pydicom_leaves_the_stream_at_the_pixel_data_tag(tmp_path: Path, ts: str) -> None:
+    data = part10(tmp_path / "a.dcm", image(1), ts)
+    offset = data.rindex(PIXEL_TAG[ts != ExplicitVRBigEndian])
+    with open(tmp_path / "a.dcm", "rb") as fp:
+        pydicom.dcmread(fp, stop_before_pixels=True)
+        assert fp.tell() == offset
+    parsed = scan._run_pydicom(io.BytesIO(data), True, scan._want(KW))
+    assert parsed.tracker.pixel
+    assert parsed.stop == offset
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_cut_inside_pixel_data(tmp_path: Path, ts: str) -> None:
+    data = part10(tmp_path / "full.dcm", image(1), ts)
+    assert reason(tmp_path / "full.dcm") is None
+    header = 8 if ts == ImplicitVRLittleEndian else 12
+    assert len(data) == data.rindex(PIXEL_TAG[ts != ExplicitVRBigEndian]) + header + len(PIXELS)
+    (tmp_path / "cut.dcm").write_bytes(data[:-24])
+    assert reason(tmp_path / "cut.dcm") == "truncated: Pixel Data declares 64 bytes, file has 40 after it"
+    (tmp_path / "nopixels.dcm").write_bytes(data[: -len(PIXELS)])
+    assert reason(tmp_path / "nopixels.dcm") == "truncated: Pixel Data declares 64 bytes, file has 0 after it"
+
+
+def test_cut_inside_float_pixel_data(tmp_path: Path) -> None:
+    ds = image(1, PixelData=None)
+    ds.FloatPixelData = bytes(64)
+    data = part10(tmp_path / "f.dcm", ds)
+    assert reason(tmp_path / "f.dcm") is None
+    (tmp_path / "cut.dcm").write_bytes(data[:-1])
+    assert reason(tmp_path / "cut.dcm") == "truncated: Pixel Data declares 64 bytes, file has 63 after it"
+
+
+def test_cut_inside_the_header(tmp_path: Path) -> None:
+    data = part10(tmp_path / "a.dcm", image(1))
+    name = data.index(b"DOE^JOHN")  # a value pydicom reads
+    image_type = data.index(b"ORIGINAL")  # a value pydicom skips (not a wanted keyword)
+    patient_id_tag = data.index(b"\x10\x00\x20\x00LO")
+    for cut in (name + 3, image_type + 2, patient_id_tag + 3, patient_id_tag + 7, 150, 200):
+        (tmp_path / "cut.dcm").write_bytes(data[:cut])
+        assert reason(tmp_path / "cut.dcm") == "truncated: header ends early", cut
+
+
+def test_cut_inside_the_header_of_a_stream_without_meta(tmp_path: Path) -> None:
+    data = raw_stream(tmp_path / "a.dcm", image(1))
+    cut = data.index(PIXEL_TAG[True]) - 3  # inside the last element before Pixel Data
+    (tmp_path / "cut.dcm").write_bytes(data[:cut])
+    assert reason(tmp_path / "cut.dcm") == "truncated: header ends early"
+
+
+def test_encapsulated_pixel_data(tmp_path: Path) -> None:
+    data = part10(tmp_path / "ok.dcm", encapsulated(1), JPEGBaseline8Bit)
+    assert data.endswith(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    assert reason(tmp_path / "ok.dcm") is None
+
+    (tmp_path / "nodelim.dcm").write_bytes(data[:-8])
+    assert (reason(tmp_path / "nodelim.dcm") or "").startswith(
+        "truncated: encapsulated Pixel Data has no Sequence Delimitation Item"
+    )
+    (tmp_path / "cutitem.dcm").write_bytes(data[:-20])
+    assert (reason(tmp_path / "cutitem.dcm") or "").startswith(
+        "truncated: encapsulated Pixel Data item declares"
+    )
+
+    # Elements after the delimiter (trailing padding) are legal: the items are walked instead.
+    trailing = data + struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, 4) + bytes(4)
+    (tmp_path / "trailing.dcm").write_bytes(trailing)
+    assert reason(tmp_path / "trailing.dcm") is None
+
+    end = data.rindex(b"\xfe\xff\xdd\xe0")
+    corrupt = data[:end] + b"\x08\x00\x10\x00" + data[end + 4 :]
+    (tmp_path / "corrupt.dcm").write_bytes(corrupt)
+    assert (reason(tmp_path / "corrupt.dcm") or "").startswith(
+        "corrupt: encapsulated Pixel Data holds (0008,0010)"
+    )
+
+
+def test_a_header_larger_than_the_first_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scan, "_head_size", [scan._HEAD_MIN])
+    ds = image(1)
+    ds.TextValue = "c" * 100_000  # UT (0040,A160): 100 kB before Pixel Data
+    data = part10(tmp_path / "big.dcm", ds)
+    entry = read_header(str(tmp_path / "big.dcm"), KW | {"TextValue"})
+    assert entry.header is not None and entry.header["TextValue"] == "c" * 100_000
+    assert scan._head_size[0] > 100_000  # the next file is read in one go
+    (tmp_path / "cut.dcm").write_bytes(data[:-10])
+    assert reason(tmp_path / "cut.dcm") == "truncated: Pixel Data declares 64 bytes, file has 54 after it"
+    monkeypatch.setattr(scan, "_head_size", [scan._HEAD_MIN])
+    (tmp_path / "cuthead.dcm").write_bytes(data[:50_000])
+    assert reason(tmp_path / "cuthead.dcm") == "truncated: header ends early"
+
+
+def test_deflated_transfer_syntax(tmp_path: Path) -> None:
+    part10(tmp_path / "d.dcm", image(1), "1.2.840.10008.1.2.1.99")
+    entry = read_header(str(tmp_path / "d.dcm"), KW)
+    assert entry.reject is None and entry.header is not None
+    assert entry.transfer_syntax == "1.2.840.10008.1.2.1.99"
+    assert entry.header["PatientName"] == "DOE^JOHN"
+
+
+# --------------------------------------------------------------------------------------------
+# Streams without preamble / file meta
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("implicit", "ts"), [(True, ImplicitVRLittleEndian), (False, ExplicitVRLittleEndian)]
+)
+def test_stream_without_file_meta_is_accepted(tmp_path: Path, implicit: bool, ts: str) -> None:
+    data = raw_stream(tmp_path / "raw.dcm", image(1), implicit)
+    assert data[128:132] != b"DICM" and data[:2] == b"\x08\x00"
+    entry = read_header(str(tmp_path / "raw.dcm"), KW)
+    assert entry.reject is None and entry.header is not None
+    assert entry.transfer_syntax == ts
+    assert entry.header["SOPInstanceUID"] == sop(1)
+    (tmp_path / "cut.dcm").write_bytes(data[:-1])
+    assert reason(tmp_path / "cut.dcm") == "truncated: Pixel Data declares 64 bytes, file has 63 after it"
+
+
+def test_stream_without_file_meta_needs_the_uids(tmp_path: Path) -> None:
+    raw_stream(tmp_path / "raw.dcm", image(1, StudyInstanceUID=None))
+    assert (
+        reason(tmp_path / "raw.dcm")
+        == "not DICOM: no file meta, and no valid StudyInstanceUID in what parses"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID we set on purpose
+        bad = image(1, SOPInstanceUID="not a uid")
+    raw_stream(tmp_path / "bad.dcm", bad)
+    assert (reason(tmp_path / "bad.dcm") or "").startswith("not DICOM: ")
+
+
+def test_file_meta_without_preamble_is_read(tmp_path: Path) -> None:
+    data = part10(tmp_path / "a.dcm", image(1))
+    (tmp_path / "nopre.dcm").write_bytes(data[132:])
+    entry = read_header(str(tmp_path / "nopre.dcm"), KW)
+    assert entry.reject is None and entry.transfer_syntax == ExplicitVRLittleEndian
+
+
+# --------------------------------------------------------------------------------------------
+# No input bytes make it raise
+# --------------------------------------------------------------------------------------------
+
+
+def test_fuzz_never_raises(tmp_path: Path) -> None:
+    rng = random.Random(20240601)
+    good = part10(tmp_path / "good.dcm", image(1))
+    raw = raw_stream(tmp_path / "raw.dcm", image(2))
+    enc = part10(tmp_path / "enc.dcm", encapsulated(3), JPEGBaseline8Bit)
+    samples: list[bytes] = []
+    samples += [rng.randbytes(rng.randrange(0, 3000)) for _ in range(150)]
+    samples += [bytes(128) + b"DICM" + rng.randbytes(rng.randrange(0, 2000)) for _ in range(100)]
+    samples += [
+        bytes(128) + b"DICM" + good[132:200] + rng.randbytes(rng.randrange(0, 800)) for _ in range(50)
+    ]
+    for data in (good, raw, enc):
+        samples += [data[:n] for n in range(0, len(data), 3)]
+        for _ in range(150):
+            mutated = bytearray(data)
+            for _ in range(rng.randrange(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            samples.append(bytes(mutated))
+    path = tmp_path / "fuzz.dcm"
+    outcomes = set()
+    for data in samples:
+        path.write_bytes(data)
+        entry = read_header(str(path), KW)
+        assert (entry.header is None) != (entry.reject is None)
+        outcomes.add((entry.reject or "accepted").split(":")[0])
+    assert {"not DICOM", "truncated", "accepted"} <= outcomes
+
+
+# --------------------------------------------------------------------------------------------
+# The scan: cache, duplicates, determinism
+# --------------------------------------------------------------------------------------------
+
+
+def corpus(root: Path, n: int = 6) -> list[Path]:
+    paths = [root / f"s{i % 2}" / f"IMG{i:04d}.dcm" for i in range(n)]
+    for i, p in enumerate(paths):
+        part10(p, image(i + 1))
+    (root / "notes.txt").write_text("hello\n")
+    return paths
+
+
+def test_scan_result_shape(tmp_path: Path) -> None:
+    paths = corpus(tmp_path / "src")
+    calls: list[tuple[int, int]] = []
+    result = scan_sources(manifest(tmp_path / "src"), KW, jobs=1, progress=lambda d, t: calls.append((d, t)))
+    assert result.files_seen == 7 and result.cache_hits == 0
+    assert [h.path for _, h in result.headers] == sorted(str(p) for p in paths)
+    assert [r.path for r in result.rejects] == [str(tmp_path / "src" / "notes.txt")]
+    assert len(result.cache_updates) == 7  # rejects are cached too
+    assert calls[-1] == (7, 7) and calls == sorted(calls)
+    h = result.headers[0][1]
+    assert h.transfer_syntax == ExplicitVRLittleEndian and h.values["PatientName"] == "DOE^JOHN"
+
+
+def test_cache_hit_reads_no_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus(tmp_path / "src")
+    m = manifest(tmp_path / "src")
+    first = scan_sources(m, KW, jobs=1)
+    cache = {e.path: e for e in first.cache_updates}
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a cached file was opened")
+
+    monkeypatch.setattr(os, "open", boom)
+    monkeypatch.setattr(builtins, "open", boom)
+    again = scan_sources(m, KW, cache=cache, jobs=1)
+    monkeypatch.undo()
+    assert again.cache_hits == 7 and again.cache_updates == ()
+    assert again.headers == first.headers and again.rejects == first.rejects
+
+
+def test_changed_file_invalidates_its_cache_entry(tmp_path: Path) -> None:
+    paths = corpus(tmp_path / "src")
+    m = manifest(tmp_path / "src")
+    cache = {e.path: e for e in scan_sources(m, KW, jobs=1).cache_updates}
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    part10(paths[1], image(2, PatientName="CHANGED^NAME", PatientID="LONGER-ID-THAN-BEFORE"))
+    again = scan_sources(m, KW, cache=cache, jobs=1)
+    assert again.cache_hits == 5
+    assert sorted(e.path for e in again.cache_updates) == [str(paths[0]), str(paths[1])]
+    names = {h.path: h.values["PatientName"] for _, h in again.headers}
+    assert names[str(paths[1])] == "CHANGED^NAME"
+
+
+def test_cache_keyword_superset_rule(tmp_path: Path) -> None:
+    corpus(tmp_path / "src", n=2)
+    m = manifest(tmp_path / "src")
+    wide = KW | {"ImageType"}
+    cache = {e.path: e for e in scan_sources(m, wide, jobs=1).cache_updates}
+    narrow = scan_sources(m, KW, cache=cache, jobs=1)
+    assert narrow.cache_hits == 3
+    assert all("ImageType" not in h.values for _, h in narrow.headers)  # only what was asked for
+    wider = scan_sources(m, wide | {"BodyPartExamined"}, cache=cache, jobs=1)
+    assert wider.cache_hits == 0 and len(wider.cache_updates) == 3
+
+
+def test_unreadable_is_not_cached(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    corpus(root, n=1)
+    (root / "dangling.dcm").symlink_to(tmp_path / "gone")
+    result = scan_sources(manifest(root), KW, jobs=1)
+    assert [r.reason for r in result.rejects if r.path.endswith("dangling.dcm")] == [
+        "unreadable: No such file or directory"
+    ]
+    assert not any(e.path.endswith("dangling.dcm") for e in result.cache_updates)
+
+
+def test_duplicates(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    a = part10(root / "a" / "1.dcm", image(1))
+    (root / "b").mkdir()
+    (root / "b" / "1.dcm").write_bytes(a)  # identical copy
+    part10(root / "c" / "1.dcm", image(1, PatientName="OTHER^NAME"))  # same UID, other content
+    part10(root / "d" / "1.dcm", image(1, PatientName="DOE^JOHX"))  # same size, other content
+    result = scan_sources(manifest(root), KW, jobs=1)
+    kept = str(root / "a" / "1.dcm")
+    assert [h.path for _, h in result.headers] == [kept]
+    assert {r.path: r.reason for r in result.rejects} == {
+        str(root / "b" / "1.dcm"): f"duplicate: same SOPInstanceUID as {kept}, identical content",
+        str(root / "c" / "1.dcm"): f"duplicate: same SOPInstanceUID as {kept}, different content",
+        str(root / "d" / "1.dcm"): f"duplicate: same SOPInstanceUID as {kept}, different content",
+    }
+
+
+def test_duplicates_across_sources_keep_the_smallest_path(tmp_path: Path) -> None:
+    data = part10(tmp_path / "z" / "1.dcm", image(1))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.dcm").write_bytes(data)
+    result = scan_sources(manifest(tmp_path / "z", tmp_path / "a"), KW, jobs=1)
+    assert [(i, h.path) for i, h in result.headers] == [(1, str(tmp_path / "a" / "1.dcm"))]
+    assert [r.reason.split(",")[-1].strip() for r in result.rejects] == ["identical content"]
+
+
+def test_dedupe_directly(tmp_path: Path) -> None:
+    part10(tmp_path / "x.dcm", image(1))
+    h = scan_sources(manifest(tmp_path), KW, jobs=1).headers[0]
+    kept, rejects = dedupe([h])
+    assert kept == [h] and rejects == []
+
+
+def test_a_file_under_two_sources_belongs_to_the_first(tmp_path: Path) -> None:
+    corpus(tmp_path / "src", n=2)
+    result = scan_sources(manifest(tmp_path / "src", tmp_path / "src" / "s0"), KW, jobs=1)
+    assert result.files_seen == 3
+    assert {i for i, _ in result.headers} == {0}
+
+
+def test_deterministic_whatever_the_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "src"
+    paths = corpus(root, n=40)
+    (root / "dup.dcm").write_bytes(paths[3].read_bytes())
+    (root / "cut.dcm").write_bytes(paths[4].read_bytes()[:-9])
+    m = manifest(root)
+    monkeypatch.setattr(scan, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(scan, "_CHUNK_MIN", 3)  # several chunks over two worker processes
+    calls: list[tuple[int, int]] = []
+    one = scan_sources(m, KW, jobs=1)
+    two = scan_sources(m, KW, jobs=2, progress=lambda d, t: calls.append((d, t)))
+    assert one == two
+    assert len(one.headers) == 40 and len(one.rejects) == 3
+    assert calls[0] == (0, 43) and calls[-1] == (43, 43) and len(calls) > 3
+    assert calls == sorted(calls)
+
+
+def test_cached_header_round_trips_through_the_state(tmp_path: Path) -> None:
+    from xnatmigrate.state import StateStore
+
+    corpus(tmp_path / "src", n=2)
+    m = manifest(tmp_path / "src")
+    first = scan_sources(m, KW, jobs=1)
+    with StateStore(tmp_path / "state") as store:
+        store.cache_put(first.cache_updates)
+        cache: dict[str, CachedHeader] = store.cache_all()
+    again = scan_sources(m, KW, cache=cache, jobs=1)
+    assert again.cache_hits == 3 and again.headers == first.headers and again.rejects == first.rejects
