@@ -23,7 +23,7 @@ from typing import Any
 from . import labels, statements, xnat_table
 from .errors import PlanError, Problem, StalePlanError, XnatMigrateError
 from .manifest import check_manifest, load_manifest, template_keywords_of
-from .model import BASE_KEYWORDS, Manifest, Plan, XnatFacts, plan_from_dict, plan_to_dict
+from .model import BASE_KEYWORDS, Manifest, Plan, XnatFacts, plan_from_dict, plan_to_dict, with_plan_id
 from .planner import build_plan
 from .state import StateStore
 
@@ -110,18 +110,29 @@ def plan(
             store.cache_put(scanned.cache_updates)
         study_uids = sorted({h.study_uid for _, h in scanned.headers})
         facts = gather_facts(manifest, study_uids, offline=offline)
+        if offline:
+            facts = replace(
+                facts, skipped=(*facts.skipped, "archived sessions with the same label (--offline)")
+            )
         when = now or datetime.now()
         result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when)
         archived = _archived_facts(manifest, result, offline)
-        if archived is not None:
+        if archived is not None and archived[0] is not None:
+            # Plan again with the archived labels known: studies that collide get held back.
             facts = replace(facts, archived=archived[0], skipped=facts.skipped + archived[1])
             result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when)
+        elif archived is not None:
+            result = with_plan_id(replace(result, skipped_checks=result.skipped_checks + archived[1]))
         store.record_timestamps(
             (s.project, s.session, s.study_uid, s.timestamp) for s in result.sessions if s.timestamp
         )
     plan_path = Path(out) if out else sdir / PLAN_FILE
     sql_path = Path(sql_out) if sql_out else sdir / SQL_FILE
-    atomic_write(plan_path, json.dumps(plan_to_dict(result), indent=1, ensure_ascii=False) + "\n")
+    # Compact: plan.json is for machines (the summary and plan.sql are for people), and the C
+    # encoder only runs without indent, which matters for plans of 100,000 files.
+    atomic_write(
+        plan_path, json.dumps(plan_to_dict(result), ensure_ascii=False, separators=(",", ":")) + "\n"
+    )
     atomic_write(sql_path, statements.plan_script(result))
     return PlanOutcome(
         plan=result,
@@ -215,7 +226,7 @@ def _archived_facts(
         return None
     what = "archived sessions with the same label"
     if offline:
-        return None, (f"{what} (--offline)",)
+        return None  # noted in the facts before planning
     if manifest.xnat.url:
         try:
             from .execute.xnat import XnatClient, credentials_from_env

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from .errors import PlanError
@@ -332,7 +332,7 @@ _HASH_EXCLUDED = ("plan_id", "created")
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The plan as JSON-ready data (the shape ``schemas/plan.schema.json`` describes)."""
-    return _plain(asdict(plan))
+    return _plain(plan)
 
 
 def compute_plan_id(plan: Plan) -> str:
@@ -412,12 +412,27 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
 
 
 def _plain(obj: Any) -> Any:
-    """Tuples → lists, recursively, so the dict is exactly what json.loads gives back."""
+    """Dataclasses → dicts, tuples → lists, recursively: exactly what json.loads gives back.
+
+    NOTE: not ``dataclasses.asdict``, which deep-copies every leaf and dominated planning time on
+    large plans (4 s of a 10,000-file warm plan).
+    """
+    names = _FIELD_NAMES.get(type(obj))
+    if names is not None:
+        return {n: _plain(getattr(obj, n)) for n in names}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
+    if is_dataclass(obj):
+        _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+        return _plain(obj)
     return obj
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 # --------------------------------------------------------------------------------------------
