@@ -1,0 +1,495 @@
+"""Staging and publishing session folders (real files in tmp_path; no services)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from xnatmigrate.errors import ApplyError, StalePlanError, XnatMigrateError
+from xnatmigrate.execute import files
+from xnatmigrate.model import PlannedFile, PlannedScan, PlannedSession
+
+TS = "20240131_101112123"
+
+
+def make_sources(root: Path, n: int = 6, size: int = 50_000, series: int = 2) -> list[Path]:
+    out = []
+    for i in range(n):
+        p = root / f"series{i % series}" / f"IMG{i:04d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(os.urandom(size + i))
+        out.append(p)
+    return out
+
+
+def make_session(
+    sources: list[Path], project: str | None = "P1", ts: str = TS, label: str = "S1"
+) -> PlannedSession:
+    by_scan: dict[str, list[PlannedFile]] = {}
+    for p in sources:
+        st = p.stat()
+        scan = p.parent.name.removeprefix("series")
+        by_scan.setdefault(scan, []).append(
+            PlannedFile(
+                str(p),
+                st.st_size,
+                st.st_mtime_ns,
+                "1.2.3",
+                "1.2.840",
+                "1.2",
+                f"SCANS/{scan}/DICOM/{p.name}.dcm",
+            )
+        )
+    scans = tuple(PlannedScan(k, f"1.2.{k}", k, "MR", tuple(v)) for k, v in by_scan.items())
+    return PlannedSession(
+        action_id="a1",
+        source_index=0,
+        method="prearchive",
+        project=project,
+        subject="SUBJ",
+        session=label,
+        study_uid="1.2.3.4",
+        timestamp=ts,
+        build="none",
+        archive=False,
+        transfer="copy",
+        routing="none",
+        build_timeout=1.0,
+        prearchive_uri=f"/prearchive/projects/{project or 'Unassigned'}/{ts}/{label}",
+        session_dir=None,
+        url=None,
+        row=None,
+        scans=scans,
+    )
+
+
+def sha(p: Path | str) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "prearchive"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> list[Path]:
+    return make_sources(tmp_path / "src")
+
+
+def all_files(top: Path) -> list[str]:
+    return sorted(str(p.relative_to(top)) for p in top.rglob("*") if p.is_file())
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def test_staging_dir_is_hidden_from_xnat_and_unique(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    top = staging.relative_to(root).parts[0]
+    assert top == files.STAGING_DIRNAME and "." in top  # XNAT's trawler skips names with '.' (§2)
+    assert staging == root / files.STAGING_DIRNAME / TS / "P1" / "S1"
+    unassigned = make_session(sources, project=None)
+    assert (
+        files.staging_dir(str(root), unassigned) == root / files.STAGING_DIRNAME / TS / "_unassigned" / "S1"
+    )
+    other = make_session(sources, ts="20240131_101112124")
+    assert files.staging_dir(str(root), other) != staging
+
+
+def test_final_dir_project_and_unassigned(root: Path, sources: list[Path]) -> None:
+    assert files.final_dir(str(root), make_session(sources)) == root / "P1" / TS / "S1"
+    assert files.final_dir(str(root), make_session(sources, project=None)) == root / TS / "S1"
+
+
+# --- stage + publish -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jobs", [1, 4])
+@pytest.mark.parametrize("fsync_each", [False, True])
+def test_stage_and_publish_layout_and_checksums(
+    root: Path, sources: list[Path], jobs: int, fsync_each: bool
+) -> None:
+    s = make_session(sources)
+    staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
+    seen: list[tuple[int, int]] = []
+    staged = files.stage_session(
+        s, staging, jobs=jobs, progress=lambda d, t: seen.append((d, t)), fsync_each=fsync_each
+    )
+
+    assert [f.dest for f in staged] == [f.dest for f in s.files]  # plan order
+    for rec, pf in zip(staged, s.files):
+        assert rec.source == pf.source and rec.size == pf.size
+        assert rec.sha256 == sha(pf.source) == sha(staging / pf.dest)
+    assert all_files(staging) == sorted(f.dest for f in s.files)  # no .part, nothing else
+    assert seen[-1] == (len(s.files), len(s.files)) and len(seen) == len(s.files)
+    assert not final.exists()
+
+    assert files.publish(staging, final) == "done"
+    assert not staging.exists()
+    assert all_files(final) == sorted(f.dest for f in s.files)
+    assert all(sha(final / r.dest) == r.sha256 for r in staged)
+    # Empty <ts>/<project> folders of the staging area are pruned; the staging root stays.
+    assert list((root / files.STAGING_DIRNAME).iterdir()) == []
+    record = {r.dest: (r.size, r.sha256) for r in staged}
+    assert files.session_complete(final, record, s)
+    assert files.session_complete(final, record, s, deep=True)
+    assert files.session_complete(final, None, s)
+
+
+def test_publish_unassigned_goes_under_timestamp(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources, project=None)
+    staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    assert files.publish(staging, final) == "done"
+    assert (root / TS / "S1" / s.files[0].dest).is_file()
+
+
+def test_publish_noop_when_already_published(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    assert files.publish(staging, final) == "done"
+    assert files.publish(staging, final) == "noop"  # the record of the first publish was lost
+
+
+def test_publish_refuses_when_both_exist(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    final.mkdir(parents=True)
+    (final / "xnat-was-here").write_text("x")
+    with pytest.raises(ApplyError, match="both staging .* exist; inspect and remove one") as ei:
+        files.publish(staging, final)
+    assert "\n" not in str(ei.value)
+    assert all_files(final) == ["xnat-was-here"]  # never merged
+    assert all_files(staging) == sorted(f.dest for f in s.files)
+
+
+def test_publish_never_replaces_an_empty_final_folder(root: Path, sources: list[Path]) -> None:
+    # rename(2) would silently replace an empty directory; renameat2(RENAME_NOREPLACE) refuses.
+    s = make_session(sources)
+    staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    final.mkdir(parents=True)
+    with pytest.raises(ApplyError):
+        files.publish(staging, final)
+    with pytest.raises(OSError) as ei:
+        files._rename_noreplace(staging, final)
+    assert ei.value.errno == errno.EEXIST
+
+
+def test_publish_without_staging_says_rerun(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    with pytest.raises(ApplyError, match="nothing staged"):
+        files.publish(files.staging_dir(str(root), s), files.final_dir(str(root), s))
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+
+def test_resume_deletes_parts_and_strays_and_rehashes_reused_files(
+    root: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    inodes = {f.dest: (staging / f.dest).stat().st_ino for f in s.files}
+
+    # A crash mid-copy of the first file: its final name is not there yet, a half .part is.
+    first = staging / s.files[0].dest
+    first.unlink()
+    Path(f"{first}.part").write_bytes(b"half")
+    (staging / "SCANS" / "0" / "DICOM" / "stray.dcm").write_bytes(b"not planned")
+    (staging / "SCANS" / "99" / "DICOM").mkdir(parents=True)
+    (staging / "SCANS" / "99" / "DICOM" / "x.dcm").write_bytes(b"old plan")
+
+    hashed: list[str] = []
+    real = files._hash_path
+
+    def spy(path: str, buf: bytearray) -> str:
+        hashed.append(path)
+        return real(path, buf)
+
+    monkeypatch.setattr(files, "_hash_path", spy)
+    staged = files.stage_session(s, staging, jobs=2)
+
+    assert all_files(staging) == sorted(f.dest for f in s.files)  # .part and strays gone
+    assert all(r.sha256 == sha(staging / r.dest) == sha(r.source) for r in staged)
+    reused = [f.dest for f in s.files[1:]]
+    # Every reused file was re-hashed (its checksum record may have died with the crash) ...
+    assert sorted(os.path.relpath(p, staging) for p in hashed) == sorted(reused)
+    # ... and kept, not copied again.
+    assert all((staging / d).stat().st_ino == inodes[d] for d in reused)
+
+
+def test_resume_recopies_a_corrupted_reused_file(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    bad = staging / s.files[2].dest
+    data = bytearray(bad.read_bytes())
+    data[100] ^= 0xFF  # same size, different content: only a re-hash can tell
+    bad.write_bytes(bytes(data))
+
+    staged = files.stage_session(s, staging, jobs=2)
+    assert sha(bad) == sha(s.files[2].source) == staged[2].sha256
+
+
+def test_resume_recopies_a_truncated_reused_file(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    files.stage_session(s, staging, jobs=1)
+    (staging / s.files[0].dest).write_bytes(b"")  # what a power cut can leave without per-file fsync
+    files.stage_session(s, staging, jobs=1)
+    assert sha(staging / s.files[0].dest) == sha(s.files[0].source)
+
+
+# --- hardlink, modes, owners ---------------------------------------------------------------------
+
+
+def test_hardlink_is_the_source_inode(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    staged = files.stage_session(s, staging, transfer="hardlink", jobs=2)
+    for rec, pf in zip(staged, s.files):
+        assert os.path.samefile(staging / pf.dest, pf.source)
+        assert rec.sha256 == sha(pf.source)
+    assert all_files(staging) == sorted(f.dest for f in s.files)
+    # A rerun reuses the links (same inode) and relinks a copy that is not one.
+    victim = staging / s.files[1].dest
+    victim.unlink()
+    victim.write_bytes(Path(s.files[1].source).read_bytes())
+    files.stage_session(s, staging, transfer="hardlink", jobs=2)
+    assert os.path.samefile(victim, s.files[1].source)
+
+
+def test_file_mode_and_owner_applied_to_files_and_folders(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
+    owner = f"{os.getuid()}:{os.getgid()}"
+    files.stage_session(s, staging, jobs=2, file_mode=0o640, file_owner=owner)
+    for f in s.files:
+        st = (staging / f.dest).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o640
+        assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    for d in (staging, staging / "SCANS", staging / "SCANS" / "0", staging / "SCANS" / "0" / "DICOM"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o750  # readable → searchable, owner may write
+    files.publish(staging, final)
+    # Folders publish creates for XNAT (it writes the session XML there) mirror the session folder.
+    assert stat.S_IMODE(final.parent.stat().st_mode) == 0o750
+    assert stat.S_IMODE((root / "P1").stat().st_mode) == 0o750
+
+
+def test_unknown_owner_is_a_clear_error(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    with pytest.raises(ApplyError, match="no user 'no-such-user-xm'.*fix xnat.file_owner"):
+        files.stage_session(s, files.staging_dir(str(root), s), jobs=1, file_owner="no-such-user-xm")
+
+
+def test_chown_not_permitted_is_a_clear_error(
+    root: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(*_a: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "chown", denied)
+    monkeypatch.setattr(files.os, "fchown", denied)
+    s = make_session(sources)
+    with pytest.raises(ApplyError, match="may not chown .*run apply as root"):
+        files.stage_session(
+            s, files.staging_dir(str(root), s), jobs=1, file_owner="0:0" if os.getuid() else "1:1"
+        )
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def test_check_sources_detects_size_mtime_and_vanished(sources: list[Path]) -> None:
+    s = make_session(sources)
+    files.check_sources(s)
+
+    os.utime(sources[0], ns=(1, 1))
+    with pytest.raises(StalePlanError, match=r"IMG0000 was modified.*re-run xnatmigrate plan"):
+        files.check_sources(s)
+
+    s = make_session(sources)
+    with sources[1].open("ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(StalePlanError, match=r"IMG0001 changed size"):
+        files.check_sources(s)
+
+    s = make_session(sources)
+    sources[2].unlink()
+    sources[3].unlink()
+    with pytest.raises(StalePlanError, match=r"IMG0002 has vanished since planning \(and 1 more\)") as ei:
+        files.check_sources(s)
+    assert "\n" not in str(ei.value)
+    gone = [f for f in s.files if f.source == str(sources[2])]
+    with pytest.raises(StalePlanError, match="IMG0002 has vanished"):
+        files.check_sources_of(gone)  # the subset form C-STORE resumes use
+    files.check_sources_of([f for f in s.files if f.source == str(sources[4])])
+
+
+@pytest.mark.parametrize("jobs", [1, 4])
+def test_stage_refuses_a_changed_or_vanished_source_and_leaves_no_part(
+    root: Path, sources: list[Path], jobs: int
+) -> None:
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    sources[3].write_bytes(b"changed")
+    with pytest.raises(StalePlanError, match="re-run xnatmigrate plan"):
+        files.stage_session(s, staging, jobs=jobs)
+    assert not [p for p in staging.rglob("*.part")]
+    sources[3].unlink()
+    with pytest.raises(StalePlanError, match="vanished"):
+        files.stage_session(s, staging, jobs=jobs)
+
+
+def test_unreadable_source_is_a_clear_error(
+    root: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root reads through chmod 000, so the denial is simulated at open().
+    real_open = os.open
+    victim = str(sources[1])
+
+    def fake_open(path: object, flags: int, *a: object) -> int:
+        if str(path) == victim:
+            raise PermissionError(errno.EACCES, "Permission denied", victim)
+        return real_open(path, flags, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files.os, "open", fake_open)
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    with pytest.raises(ApplyError, match=r"cannot read source .*IMG0001: permission denied for user") as ei:
+        files.stage_session(s, staging, jobs=1)
+    assert "\n" not in str(ei.value)
+    assert not [p for p in staging.rglob("*.part")]
+
+
+def test_write_error_mid_copy_removes_the_part(
+    root: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real_write = os.write
+
+    def failing_write(fd: int, data: object) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files.os, "write", failing_write)
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    with pytest.raises(ApplyError, match="Input/output error on .*staged files are kept for resume"):
+        files.stage_session(s, staging, jobs=1)
+    assert not [p for p in staging.rglob("*.part")]
+    assert len(all_files(staging)) == 2  # the two finished files stay for the rerun
+    monkeypatch.undo()
+    files.stage_session(s, staging, jobs=1)
+    assert all_files(staging) == sorted(f.dest for f in s.files)
+
+
+# --- guards and helpers --------------------------------------------------------------------------
+
+
+def test_unsafe_destinations_are_refused(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources[:1])
+    pf = s.scans[0].files[0]
+    for dest in ("../escape.dcm", "/abs.dcm", "SCANS/1/DICOM/x.dcm.part", "SCANS//x.dcm"):
+        bad = make_session(sources[:1])
+        object.__setattr__(bad.scans[0], "files", (PlannedFile(**{**pf.__dict__, "dest": dest}),))
+        with pytest.raises(ApplyError, match="unsafe destination"):
+            files.stage_session(bad, files.staging_dir(str(root), bad), jobs=1)
+
+
+def test_staging_must_be_below_the_staging_root(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    with pytest.raises(ApplyError, match="not below a .xnatmigrate-staging"):
+        files.stage_session(s, files.final_dir(str(root), s), jobs=1)
+    with pytest.raises(ApplyError):
+        files.remove_staging(files.final_dir(str(root), s))
+
+
+def test_missing_prearchive_root_is_not_created(tmp_path: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    with pytest.raises(ApplyError, match="prearchive root .* does not exist"):
+        files.stage_session(s, files.staging_dir(str(tmp_path / "nope"), s), jobs=1)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_remove_staging(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    files.remove_staging(staging)
+    assert not staging.exists() and list((root / files.STAGING_DIRNAME).iterdir()) == []
+    files.remove_staging(staging)  # missing is fine
+
+
+def test_session_complete_detects_missing_and_wrong_size(root: Path, sources: list[Path]) -> None:
+    s = make_session(sources)
+    staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
+    staged = files.stage_session(s, staging, jobs=2)
+    files.publish(staging, final)
+    record = {r.dest: (r.size, r.sha256) for r in staged}
+    (final / s.files[0].dest).write_bytes(b"short")
+    assert not files.session_complete(final, record, s)
+    (final / s.files[0].dest).unlink()
+    assert not files.session_complete(final, None, s)
+    assert not files.session_complete(final, {}, make_session(sources[1:2]))  # no record for it
+
+
+def test_small_helpers(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"abc")
+    assert files.sha256_file(p) == hashlib.sha256(b"abc").hexdigest()
+    assert files.free_bytes(tmp_path / "does" / "not" / "exist") > 0
+    assert files.same_filesystem(tmp_path, tmp_path / "x" / "y")
+    assert issubclass(files.DiskError, ApplyError) and files.DiskError.fatal
+    assert issubclass(files.DiskError, XnatMigrateError)
+
+
+def test_empty_session_stages_an_empty_folder(root: Path) -> None:
+    s = make_session([])
+    staging = files.staging_dir(str(root), s)
+    assert files.stage_session(s, staging, jobs=4) == []
+    assert staging.is_dir()
+
+
+def test_writeback_error_at_the_final_syncfs_forgets_this_runs_files(
+    root: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    kept = staging / s.files[0].dest
+    inode = kept.stat().st_ino
+    for f in s.files[1:]:
+        (staging / f.dest).unlink()
+
+    class FailingLibc:
+        @staticmethod
+        def syncfs(_fd: int) -> int:
+            ctypes.set_errno(errno.EIO)
+            return -1
+
+    monkeypatch.setattr(files, "_libc", lambda: FailingLibc)
+    with pytest.raises(ApplyError, match="Input/output error"):
+        files.stage_session(s, staging, jobs=2)
+    # The page cache may hold bytes the disk never got: what this run wrote is not trusted later.
+    assert all_files(staging) == [s.files[0].dest] and kept.stat().st_ino == inode
+    monkeypatch.undo()
+    files.stage_session(s, staging, jobs=2)
+    assert all_files(staging) == sorted(f.dest for f in s.files)
