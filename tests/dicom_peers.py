@@ -256,9 +256,15 @@ class PynetdicomStoreSCP:
 
     def stop(self) -> None:
         """Abort every open association and stop listening (the port is kept for ``start``)."""
-        if self._ae is not None:
-            self._ae.shutdown()
-            self._ae = None
+        ae, self._ae = self._ae, None
+        if ae is None:
+            return
+        # pynetdicom raises in its reactor thread when told to abort an association that is only
+        # waiting for its connection to close (rejected/released, Sta13): let those finish first.
+        deadline = time.monotonic() + 2
+        while any(not a.is_established for a in ae.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ae.shutdown()
 
     @property
     def running(self) -> bool:

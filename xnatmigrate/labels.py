@@ -46,7 +46,7 @@ class MissingValue(XnatMigrateError):
 
 
 def is_valid_label(text: str) -> bool:
-    return bool(VALID_LABEL.match(text))
+    return bool(VALID_LABEL.fullmatch(text))  # fullmatch: `$` would accept a trailing newline
 
 
 def sanitize(text: str) -> str:
@@ -196,7 +196,7 @@ def file_name(values: Mapping[str, str], template: str = XNAT_FILE_NAME_TEMPLATE
     return name.lstrip(".")
 
 
-def routing_line(project: str | None, subject: str | None, session: str | None) -> str:
+def routing_line(project: str | None, subject: str | None, session: str) -> str:
     """``Project: P Subject: S Session: E`` for XNAT's comment convention (§5).
 
     XNAT's ContainedAssignmentExtractor reads values of ``[\\w-]*`` only and fails on a newline, so
@@ -204,9 +204,9 @@ def routing_line(project: str | None, subject: str | None, session: str | None) 
     """
     parts = []
     for key, value in (("Project", project), ("Subject", subject), ("Session", session)):
-        if value is None:
+        if value is None and key != "Session":
             continue
-        if not is_valid_label(value):
+        if value is None or not is_valid_label(value):
             raise ValueError(f"{key} {value!r} is not a valid XNAT label for routing")
         parts.append(f"{key}: {value}")
     return " ".join(parts)
@@ -215,12 +215,25 @@ def routing_line(project: str | None, subject: str | None, session: str | None) 
 # ContainedAssignmentExtractor's pattern, applied with Java's matches() (= fullmatch); Java's \w is
 # ASCII-only, hence re.ASCII. Without DOTALL, `.` stops at a newline: a key two or more lines
 # below the start is never found (a single newline is still crossed by the [\s,;] class).
+_ANY = r"[^\n\r\u0085\u2028\u2029]"  # Java's `.` without DOTALL: any char but a line terminator
 _ASSIGNMENT = {
-    key: re.compile(rf"(?:\A|.*[\s,;]){key}\s*:\s*([\w\-]*)(?:[\s,;].*\Z|\Z)", re.IGNORECASE | re.ASCII)
+    key: re.compile(
+        rf"(?:\A|{_ANY}*[\s,;]){key}\s*:\s*([\w\-]*)(?:[\s,;]{_ANY}*\Z|\Z)", re.IGNORECASE | re.ASCII
+    )
     for key in ("Project", "Subject", "Session")
 }
 # ClassicDicomObjectIdentifier's comment fields, in order (§5 rows 3-5).
 _COMMENT_FIELDS = ("PatientComments", "StudyComments", "AdditionalPatientHistory")
+
+
+def comment_assignments(text: str | None) -> dict[str, str]:
+    """The ``Project:``/``Subject:``/``Session:`` values XNAT would read from one comment field (§5)."""
+    out: dict[str, str] = {}
+    for key, pattern in _ASSIGNMENT.items():
+        m = pattern.fullmatch(text or "")
+        if m and m.group(1):
+            out[key] = m.group(1)
+    return out
 
 
 def predict_route(values: Mapping[str, str]) -> tuple[str | None, str | None, str]:

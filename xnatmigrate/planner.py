@@ -116,6 +116,7 @@ def build_plan(
         todo.append(st)
 
     sessions = _make_sessions(manifest, todo, state, facts, now)
+    warnings += _routing_warnings(todo)
     refusals += _target_refusals(manifest, sessions, facts)
     if refusals:
         raise PlanError("plan refused: " + "; ".join(refusals))
@@ -448,6 +449,25 @@ def _cstore_session(manifest: Manifest, st: _Study) -> PlannedSession:
         routing_line=line,
         contexts=tuple(PresentationContext(sop, tuple(sorted(ts))) for sop, ts in sorted(contexts.items())),
     )
+
+
+def _routing_warnings(studies: list[_Study]) -> list[str]:
+    """``routing: study_comments`` loses to assignments already in PatientComments, which XNAT's
+    identifier reads first (§5 rows 3-4): say so per study, as the route would silently differ."""
+    out = []
+    for st in studies:
+        if st.source.method != "cstore" or st.source.routing != "study_comments":
+            continue
+        found: dict[str, str] = {}
+        for h in st.files:
+            found.update(labels.comment_assignments(h.get("PatientComments")))
+        if found:
+            said = " ".join(f"{k}: {v}" for k, v in sorted(found.items()))
+            out.append(
+                f"study {st.study_uid}: PatientComments already says {said!r}, which XNAT reads before "
+                "StudyComments (§5): use routing: patient_comments to route it as planned"
+            )
+    return out
 
 
 def _scan_date(study_date: str | None, study_time: str | None) -> tuple[str | None, str | None]:

@@ -113,3 +113,13 @@ def test_predict_route_follows_classic_identifier_order():
     assert labels.predict_route({"PatientComments": "a\nb\nProject: P1"}) == (None, None, "dicom_upload")
     # Java's \w is ASCII: a non-ASCII value does not match at all.
     assert labels.predict_route({"PatientComments": "Project: Pé"})[0] is None
+
+
+def test_java_dot_does_not_cross_a_carriage_return():
+    # Java's `.` stops at \r too (and \u0085, \u2028, \u2029), Python's only at \n.
+    assert labels.comment_assignments("a\rb\rProject: P1") == {}
+    assert labels.comment_assignments("x Project: P1, Session: S") == {"Project": "P1", "Session": "S"}
+
+
+def test_a_trailing_newline_is_not_a_valid_label():
+    assert not labels.is_valid_label("prj001\n")

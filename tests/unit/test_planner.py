@@ -305,3 +305,11 @@ def test_plan_json_matches_its_schema():
     for m in (manifest(src()), manifest(src(method="cstore")), manifest(src(project=None))):
         p = plan_of(m, hs)
         jsonschema.Draft202012Validator(schema).validate(json.loads(json.dumps(plan_to_dict(p))))
+
+
+def test_study_comments_routing_warns_when_patient_comments_would_win():
+    hs = [header("/src/a", PatientComments="Project: other Session: X")]
+    p = plan_of(manifest(src(method="cstore", routing="study_comments")), hs)
+    assert any("PatientComments already says" in w for w in p.warnings)
+    quiet = plan_of(manifest(src(method="cstore", routing="patient_comments")), hs)
+    assert not any("PatientComments already says" in w for w in quiet.warnings)

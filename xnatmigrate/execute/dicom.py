@@ -33,10 +33,10 @@ import logging
 import multiprocessing
 import os
 import queue as queue_mod
-import re
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -58,6 +58,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from .. import __version__
 from ..errors import DicomSendError
+from ..labels import routing_line as routing_line  # the one implementation, re-exported
 from ..model import PlannedFile, PresentationContext, ScpTarget
 
 LOGGER = logging.getLogger(__name__)
@@ -70,9 +71,6 @@ WARNING_STATUSES = frozenset({0xB000, 0xB007, 0xB006, 0x0107, 0x0116})
 
 #: PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255, so at most 128 per association.
 MAX_CONTEXTS = 128
-
-# XNAT labels and the comment convention allow only these characters (xnat-reference.md §5, §6).
-_LABEL = re.compile(r"[A-Za-z0-9_-]+")
 
 _APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 _VERIFICATION = "1.2.840.10008.1.1"
@@ -106,28 +104,6 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-
-
-def routing_line(project: str | None, subject: str | None, session: str) -> str:
-    """The comment XNAT's receiver routes by: ``Project: P Subject: S Session: E``.
-
-    ``Project:`` (or ``Subject:``) is left out when None, so XNAT falls back to its next rule for
-    that value (xnat-reference.md §5: each value is resolved independently by its own chain).
-
-    Raises:
-        ValueError: a value is empty or has a character outside ``[A-Za-z0-9_-]``; the
-            ContainedAssignmentExtractor regex would capture only part of it (§5).
-
-    NOTE: one line, single spaces: the regex has no DOTALL flag, so a newline can defeat it (§5).
-    """
-    parts = []
-    for key, value in (("Project", project), ("Subject", subject), ("Session", session)):
-        if value is None and key != "Session":
-            continue
-        if not isinstance(value, str) or not _LABEL.fullmatch(value):
-            raise ValueError(f"{key} {value!r} is not a valid XNAT label ([A-Za-z0-9_-]+, §5)")
-        parts.append(f"{key}: {value}")
-    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -182,12 +158,14 @@ def send_files(
         The confirmed files and the failures (path, reason with the status in hex and its meaning).
 
     Raises:
-        DicomSendError: the receiver cannot be reached or rejects the association at the start of
-            the call (nothing can be sent; the message says what to fix).
+        DicomSendError: the receiver cannot be reached when the call starts, or rejects an
+            association permanently (wrong AE title, ...): the message says what to fix. Once an
+            association was made, an unreachable receiver makes failures instead (retried first).
         ValueError: bad arguments (unknown routing, missing or multi-line ``line``).
 
     NOTE: files whose presentation context the receiver rejects fail at once, without retries:
-    another association would be negotiated the same way.
+    another association would be negotiated the same way. Fewer workers than ``jobs`` start when
+    there are fewer than ``_MIN_FILES_PER_WORKER`` files each; one worker runs in this process.
     """
     tag = _routing_tag(routing, line)
     if jobs < 1:
@@ -565,18 +543,28 @@ def load_payload(path: str, planned_ts: str | None, tag: int | None, line: str) 
     return _Payload(ts, pieces, sum(len(p) for p in pieces) + tail_length, path, tail_offset, tail_length)
 
 
+class _SourceChanged(Exception):
+    """The file could not be read to its end while it was being sent."""
+
+
 def _segments(payload: _Payload) -> Iterator[bytes | memoryview]:
+    """The payload's pieces, then its tail read from the file in blocks (large files only)."""
     yield from payload.pieces
     if payload.tail_length:
-        with open(payload.path, "rb") as f:
-            f.seek(payload.tail_offset)
-            left = payload.tail_length
-            while left:
-                block = f.read(min(left, _FLUSH_BYTES))
-                if not block:
-                    raise DicomSendError(f"{payload.path} shrank while it was being sent")
-                left -= len(block)
-                yield block
+        try:
+            with open(payload.path, "rb") as f:
+                f.seek(payload.tail_offset)
+                left = payload.tail_length
+                while left:
+                    block = f.read(min(left, _FLUSH_BYTES))
+                    if not block:
+                        raise _SourceChanged("the file shrank while it was being sent")
+                    left -= len(block)
+                    yield block
+        except OSError as exc:
+            raise _SourceChanged(
+                f"reading the file failed while it was being sent: {exc.strerror or exc}"
+            ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,7 +756,10 @@ class _Association:
                 "recognised; add it to the receiver's whitelist or change xnat.scp.calling_aet"
             )
         if rj.result == 2:
-            raise _Unreachable(f"{self.where} rejected the association for now ({why})")
+            raise _Unreachable(
+                f"{self.where} rejected the association for now ({why}); if it limits associations, "
+                "send with fewer parallel jobs"
+            )
         raise _Rejected(f"{self.where} rejected the association ({why}); check xnat.scp")
 
     def release(self) -> None:
@@ -876,7 +867,7 @@ class _Association:
                             self._sendv(bufs)
                             bufs, pending = [], 0
             if done != total:
-                raise DicomSendError(f"{payload.path} changed size while it was being sent")
+                raise _SourceChanged("the file changed size while it was being sent")
         self._sendv(bufs)
 
     def _response(self, msg_id: int, command_field: int) -> tuple[int, str | None]:
@@ -955,6 +946,9 @@ class _Association:
         )
         try:
             self._send_message(context_id, command, payload)
+        except _SourceChanged as exc:
+            self.abort()  # half a message is on the wire: this association cannot go on
+            raise _Lost(f"{exc}; association aborted") from None
         except TimeoutError:
             self.abort()
             raise _Lost(
@@ -1216,12 +1210,22 @@ def _worker_main(worker: int, tasks: list[_Task], scp: ScpTarget, opts: _Options
 
 
 def _mp_context() -> Any:
-    """forkserver: no fork of a threaded parent (the lead's progress thread, test receivers), and
-    after the first call a worker starts in milliseconds with this module already imported."""
+    """How worker processes start: ``fork`` when this process runs no other thread, else forkserver.
+
+    fork starts a worker in ~30 ms with everything already imported. Forking a process that runs
+    other threads can deadlock the child on a lock one of them held, so a threaded caller (the
+    in-process test receivers, say) gets forkserver instead: workers fork from a server that
+    imported this module once. NOTE: multiprocessing still re-runs a main *script* (not ``-m``) in
+    every forkserver worker (``__main__`` preloading is broken in CPython 3.11), so the CLI's
+    modules are preloaded too, and such scripts must guard their top level with
+    ``if __name__ == "__main__"`` as for any multiprocessing user.
+    """
     methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([__name__, *(m for m in ("xnatmigrate.cli",) if m in sys.modules)])
         return ctx
     return multiprocessing.get_context("spawn")
 
