@@ -266,17 +266,17 @@ class StateStore:
     def cache_all(self) -> dict[str, CachedHeader]:
         """The whole cache in one query (cheaper than IN-chunks when most paths are wanted)."""
         out = {}
-        for row in self.conn.execute(
+        # Every entry of one scan shares its keyword list: decode each distinct list once.
+        keyword_sets: dict[str, frozenset[str]] = {}
+        loads = json.loads
+        for path, size, mtime, kw, ts, header, reject in self.conn.execute(
             "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject FROM scan_cache"
         ):
-            out[row[0]] = CachedHeader(
-                row[0],
-                row[1],
-                row[2],
-                frozenset(json.loads(row[3])),
-                row[4],
-                json.loads(row[5]) if row[5] is not None else None,
-                row[6],
+            keywords = keyword_sets.get(kw)
+            if keywords is None:
+                keywords = keyword_sets[kw] = frozenset(loads(kw))
+            out[path] = CachedHeader(
+                path, size, mtime, keywords, ts, loads(header) if header is not None else None, reject
             )
         return out
 
