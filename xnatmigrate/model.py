@@ -134,7 +134,7 @@ class Manifest:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
 class FileHeader:
     """What the scan learnt from one DICOM file (headers only, never pixels).
 
@@ -168,7 +168,7 @@ class FileHeader:
         return self.values.get("SeriesInstanceUID", "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
 class CachedHeader:
     """A scan-cache entry: valid while (size, mtime_ns) match and ``keywords`` covers the need."""
 
@@ -181,7 +181,7 @@ class CachedHeader:
     reject: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
 class Reject:
     """A file that will not be migrated, and why."""
 
@@ -194,7 +194,7 @@ class Reject:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
 class PlannedFile:
     """One source file and where it goes. ``dest`` is relative to the session folder."""
 

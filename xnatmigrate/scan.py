@@ -906,7 +906,12 @@ def scan_sources(
         if e.reject is not None or e.header is None:
             rejects.append(Reject(p, e.reject or "unreadable: no header recorded"))
             continue
-        values = {k: v for k, v in e.header.items() if k in want.keywords}
+        # The cache entry read exactly these keywords (the usual warm case): share its dict.
+        values = (
+            e.header
+            if e.keywords == want.keywords
+            else {k: v for k, v in e.header.items() if k in want.keywords}
+        )
         headers.append((owner[p], FileHeader(p, e.size, e.mtime_ns, e.transfer_syntax or "", values)))
 
     kept, dup_rejects = dedupe(headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -407,7 +408,7 @@ def test_unsafe_destinations_are_refused(root: Path, sources: list[Path]) -> Non
     pf = s.scans[0].files[0]
     for dest in ("../escape.dcm", "/abs.dcm", "SCANS/1/DICOM/x.dcm.part", "SCANS//x.dcm"):
         bad = make_session(sources[:1])
-        object.__setattr__(bad.scans[0], "files", (PlannedFile(**{**pf.__dict__, "dest": dest}),))
+        object.__setattr__(bad.scans[0], "files", (dataclasses.replace(pf, dest=dest),))
         with pytest.raises(ApplyError, match="unsafe destination"):
             files.stage_session(bad, files.staging_dir(str(root), bad), jobs=1)
 
