@@ -1,0 +1,205 @@
+"""``docs/benchmarks.md`` (table, commands, versions, machine) and the throughput plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ORDER = [
+    ("plan-cold", 1),
+    ("plan-cold-dcmtk", 1),
+    ("plan-cold-offline", 1),
+    ("plan-warm", 2),
+    ("apply-copy", 3),
+    ("apply-hardlink", 4),
+    ("cstore-best", 5),
+    ("cstore-one", 6),
+    ("cstore-recipe", 7),
+    ("reapply", 8),
+    ("rss-plan (cold)", 9),
+    ("rss-plan (warm)", 9),
+    ("rss-apply copy", 9),
+    ("rss-apply hardlink", 9),
+    ("rss-apply cstore", 9),
+]
+NUMBER = dict(ORDER)
+RANK = {k: i for i, (k, _) in enumerate(ORDER)}
+
+# (row key, which side) → plot line; throughput in files/s against corpus size.
+PLOT_LINES = [
+    ("plan-cold", "ours", "xnatmigrate plan (cold)", "C0", "-"),
+    ("plan-cold", "ref", "pydicom loop", "C0", ":"),
+    ("plan-cold-dcmtk", "ref", "dcmdump batched", "C0", "--"),
+    ("plan-warm", "ours", "xnatmigrate plan (warm)", "C4", "-"),
+    ("apply-copy", "ours", "xnatmigrate apply copy", "C1", "-"),
+    ("apply-copy", "ref", "cp -r + sync", "C1", ":"),
+    ("apply-hardlink", "ours", "xnatmigrate apply hardlink", "C2", "-"),
+    ("apply-hardlink", "ref", "cp -al + sync", "C2", ":"),
+    ("cstore-best", "ours", "xnatmigrate cstore (best N)", "C3", "-"),
+    ("cstore-best", "ref", "storescu +sd +r", "C3", ":"),
+]
+
+
+def _s(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _met(row: dict[str, Any]) -> str:
+    if row.get("skipped"):
+        return "not run"
+    return {True: "**yes**", False: "**no**", None: "–"}[row["met"]]
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    if row["key"] == "cstore-recipe" and row["extra"].get("speedup"):
+        return f"{row['extra']['speedup']:.0f}× faster"
+    if row["key"].startswith("rss-"):
+        e = row["extra"]
+        return f"×{e['growth']:.2f} ({e['small_mib']:.0f} → {e['large_mib']:.0f} MiB)"
+    if row["key"] == "reapply":
+        return "no contents read" if row["extra"].get("no_contents_read") else "**contents read**"
+    return "–" if row["ratio"] is None else f"{row['ratio']:.2f}"
+
+
+def sort_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (RANK.get(r["key"], 99), r["size"]))
+
+
+def markdown(
+    rows: Sequence[dict[str, Any]],
+    *,
+    runs: Sequence[dict[str, Any]],
+    corpora: Sequence[dict[str, Any]],
+    not_run: Sequence[str],
+    plot: str | None,
+    notes: str | None,
+) -> str:
+    out: list[str] = []
+    w = out.append
+    w("# Benchmarks\n")
+    w(
+        "Measured side by side in one run on one machine by `make bench` (`bench/run.py`); absolute "
+        "times on a shared machine are noise, so every comparison runs as alternating pairs "
+        "(reference, xnatmigrate, reference, xnatmigrate, … after a warm-up) and the **ratio is the "
+        "median of the per-round ratios** xnatmigrate ÷ reference (below 1: xnatmigrate is faster).\n"
+    )
+    for meta in runs:
+        sizes = ", ".join(f"{n:,}" for n in meta.get("sizes", []))
+        w(
+            f"- Run: `{meta['argv']}` ({sizes} images) on {meta['date']}, {meta['wall_minutes']:.0f} min "
+            f"wall time; {meta['rounds']}; xnatmigrate "
+            f"{meta['versions'].get('xnatmigrate source', '(source state not recorded)')}."
+        )
+    w("- Times are wall seconds from fork to reap of the command, Python start-up included for both sides.")
+    w(
+        "- Peak RSS: `wait4` rusage of the command (the largest single process of its tree, as "
+        "`/usr/bin/time -v` reports).\n"
+    )
+    w("## Results\n")
+    w("| # | comparison | images | xnatmigrate median s | reference median s | ratio | target | met |")
+    w("|---|---|---:|---:|---:|---:|---|---|")
+    for r in sort_rows(rows):
+        ours = r["ours"]["median"] if r["ours"] else None
+        ref = r["ref"]["median"] if r["ref"] else None
+        w(
+            f"| {NUMBER.get(r['key'], '')} | {r['title']} | {r['size']:,} | {_s(ours)} | {_s(ref)} | "
+            f"{_ratio(r)} | {r['target']} | {_met(r)} |"
+        )
+    w("")
+    w("Notes per row:\n")
+    for r in sort_rows(rows):
+        bits = list(r["notes"])
+        if r.get("skipped"):
+            bits.append(f"not run: {r['skipped']}")
+        if r["ours"] and len(r["ours"]["seconds"]) > 1:
+            bits.append("xnatmigrate runs: " + ", ".join(f"{x:.2f}" for x in r["ours"]["seconds"]))
+        if r["ref"] and len(r["ref"]["seconds"]) > 1:
+            bits.append("reference runs: " + ", ".join(f"{x:.2f}" for x in r["ref"]["seconds"]))
+        if bits:
+            w(f"- **{r['key']} @ {r['size']:,}**: " + "; ".join(bits) + ".")
+    w("")
+    if plot:
+        w(f"![throughput against corpus size]({plot})\n")
+        w("Throughput (files/s, log scales) against corpus size, from the medians above.\n")
+    if not_run:
+        w("## Not run, and why\n")
+        for line in not_run:
+            w(f"- {line}")
+        w("")
+    w("## Commands\n")
+    w(
+        "Paths are those of this run (corpora under the bench directory, outside the repository). "
+        "`XNATMIGRATE_BENCH_DSN` points at a database of an embedded PostgreSQL "
+        "(`xnatmigrate.testing.pg`) holding XNAT's `xdat_search.prearchive` (profile 1.8.2).\n"
+    )
+    seen: set[tuple[str, str]] = set()
+    for r in sort_rows(rows):
+        for side in ("ref", "ours"):
+            s = r[side]
+            if s and (s["label"], s["command"]) not in seen:
+                seen.add((s["label"], s["command"]))
+                cmd = s["command"].replace(runs[-1].get("bench_dir", "\0"), "$BENCH")
+                w(f"- {s['label']} ({r['size']:,}):\n  `{cmd}`")
+    w("")
+    w(
+        "Untimed between runs: `rm -rf` of the destination, `TRUNCATE xdat_search.prearchive`, a copy of "
+        "the saved plan's state folder, a restart of `storescp` with an empty output folder, then `sync`.\n"
+    )
+    w("## Corpora\n")
+    w(
+        "Deterministic (`xnatmigrate.testing.corpus`, seed 0): 200 images per patient, two studies each "
+        "(a follow-up), four series of 25 images; studies cycle MR 256², MR, MR, CT 512². "
+        "Explicit VR little endian, uncompressed.\n"
+    )
+    w("| images | files | MB | made |")
+    w("|---:|---:|---:|---|")
+    for c in corpora:
+        w(f"| {c['size']:,} | {c['files']:,} | {c['bytes'] / 1e6:,.0f} | {c['made']} |")
+    w("")
+    w("## Machine and versions\n")
+    last = runs[-1]
+    for k, v in last["machine"].items():
+        w(f"- {k}: {v}")
+    for k, v in last["versions"].items():
+        if k != "xnatmigrate source":
+            w(f"- {k}: {v}")
+    w("")
+    if notes:
+        w(notes.strip() + "\n")
+    return "\n".join(out)
+
+
+def plot_png(rows: Sequence[dict[str, Any]], path: Path) -> str | None:
+    """Write the throughput plot; None (and no file) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by = {(r["key"], r["size"]): r for r in rows if not r.get("skipped")}
+    fig, ax = plt.subplots(figsize=(9.5, 4.5), dpi=100)
+    drawn = 0
+    for key, side, label, colour, style in PLOT_LINES:
+        pts = sorted(
+            (size, size / r[side]["median"]) for (k, size), r in by.items() if k == key and r.get(side)
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour, marker="o", label=label)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("corpus size (images)")
+    ax.set_ylabel("throughput (files/s)")
+    ax.set_title("xnatmigrate (solid) vs reference tools (dotted/dashed)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name

@@ -1,0 +1,122 @@
+"""Rows 5-7: ``apply`` of a cstore plan against dcmtk's ``storescu`` into the same dcmtk ``storescp``."""
+
+from __future__ import annotations
+
+import shlex
+import statistics
+from collections.abc import Callable, Sequence
+
+from .common import BenchError, Row, Run, Series, Step, alternate, paired_ratios, run, show
+from .corpora import subset
+from .site import CALLED_AET, CALLING_AET, DCMTK_ENV, Site, StoreSCP, receiver_dir
+
+T_BEST = "≤ 1.0 (best N)"
+T_ONE = "report"
+T_RECIPE = "≥ 25× faster"
+RECIPE_FILES = 200
+
+
+def cstore_rows(
+    site: Site, rounds: int, warmup: int, jobs: Sequence[int], recipe: bool, recipe_files: int = RECIPE_FILES
+) -> list[Row]:
+    """Per round: ``storescu +sd +r``, then ours with each N in ``jobs``, then the per-file recipe.
+
+    storescp is restarted with an empty output folder before every run (untimed) and each run is
+    checked to have delivered every file. N > 1 associations need ``storescp --fork``; it is used
+    for every run, dcmtk's included, so all senders face the same receiver.
+    """
+    corpus = site.corpus
+    n = corpus.files
+    out, where = receiver_dir(site)
+    snap = site.make_plan("cstore")
+    state = site.root / "state-cstore"
+    ref_cmd = (
+        f"storescu +sd +r -aet {CALLING_AET} -aec {CALLED_AET} 127.0.0.1 {site.port} "
+        f"{shlex.quote(str(corpus.path))}"
+    )
+    sub = subset(corpus, site.root / "recipe-subset", min(recipe_files, n))
+    nsub = sum(1 for _ in sub.iterdir())
+    recipe_cmd = (
+        f"find {shlex.quote(str(sub))} -name '*.dcm' -exec storescu --aetitle LOCAL --call {CALLED_AET} "
+        f"127.0.0.1 {site.port} {{}} \\;"
+    )
+    ref = Series("storescu +sd +r (one association)", show(ref_cmd, DCMTK_ENV))
+    ours = {j: Series(f"xnatmigrate apply --jobs {j} (cstore)", show(site.apply_cmd(state, j))) for j in jobs}
+    per_file = Series(f"find … -exec storescu … {{}} \\; ({nsub} files)", show(recipe_cmd, DCMTK_ENV))
+
+    with StoreSCP(site.port, out, site.root / "storescp.log") as scp:
+
+        def checked(step: Callable[[], Run], expect: int) -> Step:
+            def go() -> Run:
+                result = step()
+                got = scp.received()
+                if got != expect:
+                    raise BenchError(f"storescp received {got} of {expect} files; see {scp.log}")
+                return result
+
+            return go
+
+        def ours_setup() -> None:
+            scp.restart()
+            site.restore(snap, state)
+
+        sides: list[tuple[Series, Step, Callable[[], None] | None]] = [
+            (ref, checked(lambda: run(ref_cmd, env=DCMTK_ENV), n), scp.restart)
+        ]
+
+        def send(cmd: list[str]) -> Callable[[], Run]:
+            return lambda: site.xnatmigrate(cmd)
+
+        for j in jobs:
+            sides.append((ours[j], checked(send(site.apply_cmd(state, j)), n), ours_setup))
+        if recipe:
+            sides.append((per_file, checked(lambda: run(recipe_cmd, env=DCMTK_ENV), nsub), scp.restart))
+        alternate(sides, rounds, warmup)
+
+    best_j = min(jobs, key=lambda j: ours[j].median)
+    best = ours[best_j]
+    rows = []
+    r = paired_ratios(best, ref)
+    row = Row(
+        "cstore-best",
+        n,
+        f"apply cstore, best N (N={best_j}), vs storescu +sd +r",
+        best,
+        ref,
+        r,
+        T_BEST,
+        statistics.median(r) <= 1.0,
+    )
+    row.extra["best_jobs"] = best_j
+    row.extra["by_jobs"] = {j: ours[j].median for j in jobs}
+    row.notes.append(
+        "medians by N: " + ", ".join(f"N={j} {ours[j].median:.2f} s" for j in jobs) + f"; receiver on {where}"
+    )
+    row.extra["mb_per_s"] = corpus.mb / best.median
+    row.extra["ref_mb_per_s"] = corpus.mb / ref.median
+    rows.append(row)
+    one = ours[jobs[0]] if 1 not in ours else ours[1]
+    r = paired_ratios(one, ref)
+    rows.append(
+        Row("cstore-one", n, "apply cstore, 1 association, vs storescu +sd +r", one, ref, r, T_ONE, None)
+    )
+    if recipe:
+        # Scaled: the recipe's per-file time × the corpus size, against ours on the whole corpus.
+        scale = n / nsub
+        speedups = [(p * scale) / o for p, o in zip(per_file.seconds, best.seconds)]
+        row = Row(
+            "cstore-recipe",
+            n,
+            f"apply cstore (N={best_j}) vs per-file storescu recipe ({nsub} files, scaled ×{scale:.0f})",
+            best,
+            per_file,
+            [1 / s for s in speedups],
+            T_RECIPE,
+            statistics.median(speedups) >= 25,
+        )
+        row.extra["speedup"] = statistics.median(speedups)
+        row.extra["recipe_files_per_s"] = nsub / per_file.median
+        rate = nsub / per_file.median
+        row.notes.append(f"{statistics.median(speedups):.0f}× faster; the recipe sends {rate:.0f} files/s")
+        rows.append(row)
+    return rows

@@ -1,0 +1,351 @@
+"""``make bench``: every comparison of issue 7, side by side, written to ``docs/benchmarks.md``.
+
+    python -m bench.run [--sizes 2000,10000,100000] [--rounds N] [--warmup N] [--only NAME,...]
+                        [--out docs/benchmarks.md] [--corpus-dir DIR] [--cstore-jobs 1,2,4] [--merge]
+                        [--smoke] [--report-only]
+
+Comparisons (``--only`` names): plan-cold, plan-warm, apply-copy, apply-hardlink, reapply, cstore,
+cstore-recipe, rss. Corpora live in ``${XNATMIGRATE_BENCH_DIR:-~/.cache/xnatmigrate-bench}``
+(``--corpus-dir``) and are made once. Corpora above ``LARGE`` images run only the rows that matter
+at that scale (plan cold once, plan warm, a hard-link apply once, the no-op re-apply, peak RSS): a
+durable copy or a C-STORE of 20+ GB per run, several rounds, would take hours and double the disk.
+
+``--smoke`` runs every comparison once on a few hundred small images in a folder next to ``--out``
+(for the test suite: it proves the harness runs, never how fast). ``--merge`` keeps the results of
+sizes not run this time from the previous ``<out>.json``; ``--report-only`` rewrites the report from it.
+
+The plot needs matplotlib in the venv (``.venv/bin/pip install matplotlib``, deliberately not a
+dependency of the package); without it the report says so and has no plot. The analysis at the end of
+the report is ``bench/notes.md``, written by hand from profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import corpora, report
+from .common import BenchError, Row, machine, skipped_row, versions
+from .rows_apply import T_REAPPLY, TARGETS, apply_row, reapply_row
+from .rows_cstore import T_BEST, T_ONE, T_RECIPE, cstore_rows
+from .rows_plan import T_COLD, T_WARM, plan_rows
+from .site import Site, free_port
+
+NAMES = (
+    "plan-cold",
+    "plan-warm",
+    "apply-copy",
+    "apply-hardlink",
+    "reapply",
+    "cstore",
+    "cstore-recipe",
+    "rss",
+)
+LARGE = 20_000
+T_RSS = "100k ≤ 1.5 × 10k, < 500 MB"
+RSS_OF = (
+    ("plan-cold", "plan (cold)"),
+    ("plan-warm", "plan (warm)"),
+    ("apply-copy", "apply copy"),
+    ("apply-hardlink", "apply hardlink"),
+    ("cstore-best", "apply cstore"),
+)
+NOTES = Path(__file__).with_name("notes.md")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--sizes", default="2000,10000,100000")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(NAMES)}")
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    ap.add_argument("--corpus-dir", default=None)
+    ap.add_argument("--cstore-jobs", default="1,2,4")
+    ap.add_argument("--merge", action="store_true", help="keep other sizes' results from <out>.json")
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite <out> from <out>.json, measure nothing"
+    )
+    ap.add_argument("--smoke", action="store_true", help="every comparison once on a few hundred small files")
+    args = ap.parse_args(argv)
+    unknown = set(filter(None, args.only.split(","))) - set(NAMES)
+    if unknown:
+        ap.error(f"unknown --only name(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    out: Path = args.out.resolve()
+    if args.report_only:
+        write_report(out, json.loads(out.with_suffix(".json").read_text()))
+        print(f"rewrote {out} from {out.with_suffix('.json')}")
+        return 0
+    started = time.monotonic()
+    only = set(filter(None, args.only.split(",")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        sizes, rounds, warmup = [300], 1, 0
+        root = Path(args.corpus_dir).resolve() if args.corpus_dir else out.parent / "bench-smoke"
+        jobs = [1, 2]
+    else:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        rounds, warmup = args.rounds, args.warmup
+        root = corpora.bench_dir(args.corpus_dir)
+        jobs = [int(j) for j in args.cstore_jobs.split(",")]
+    root.mkdir(parents=True, exist_ok=True)
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
+    dcmtk_missing = [t for t in ("storescu", "storescp", "dcmdump") if shutil.which(t) is None]
+    meta: dict[str, Any] = {
+        "argv": shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "rounds": f"{rounds} round(s) after {warmup} warm-up"
+        + ("" if args.smoke else f"; above {LARGE:,} images 1 round, no warm-up"),
+        "warmup": warmup,
+        "machine": machine(root),
+        "versions": versions(),
+    }
+    rows: list[Row] = []
+    not_run: list[str] = []
+    corpus_list: list[dict[str, Any]] = []
+    failed = False
+
+    from xnatmigrate.testing.pg import EmbeddedPostgres
+
+    with EmbeddedPostgres() as pg:
+        port = free_port()
+        for size in sizes:
+            try:
+                corpus = corpora.ensure(root, size, smoke=args.smoke)
+            except corpora.NoSpace as exc:
+                not_run.append(f"every row at {size:,} images: {exc}")
+                continue
+            made = json.loads((root / f"corpus-{size}.json").read_text()).get("made", "")
+            corpus_list.append({"size": size, "files": corpus.files, "bytes": corpus.bytes, "made": made})
+            large = size > LARGE and not args.smoke
+            r1, w1 = (1, 0) if large else (rounds, warmup)
+            print(f"== {size:,} images ({corpus.mb:,.0f} MB) at {corpus.path}", flush=True)
+            site = Site(root / f"work-{size}", corpus, pg.dsn, port)
+            try:
+                got = _size_rows(
+                    site,
+                    size,
+                    r1,
+                    w1,
+                    rounds,
+                    warmup,
+                    jobs,
+                    want,
+                    dcmtk_missing,
+                    large,
+                    not_run,
+                    20 if args.smoke else 200,
+                )
+            finally:
+                site.close(pg.dsn)
+            failed |= any(row.skipped and row.skipped.startswith("FAILED") for row in got)
+            rows.extend(got)
+
+    data = [r.as_dict() for r in rows]
+    raw = out.with_suffix(".json")
+    meta["sizes"] = sizes
+    meta["rss"] = want("rss")
+    meta["wall_minutes"] = (time.monotonic() - started) / 60
+    runs = [meta]
+    if args.merge and raw.exists():
+        old = json.loads(raw.read_text())
+        data = [r for r in old["rows"] if r["size"] not in sizes] + data
+        corpus_list = [c for c in old["corpora"] if c["size"] not in sizes] + corpus_list
+        not_run = [n for n in old.get("not_run", []) if not any(f"{s:,}" in n for s in sizes)] + not_run
+        runs = [m for m in old.get("runs", []) if set(m.get("sizes", [])) - set(sizes)] + runs
+    doc = {"runs": runs, "rows": data, "corpora": corpus_list, "not_run": not_run}
+    raw.write_text(json.dumps(doc, indent=1))
+    write_report(out, doc, smoke=args.smoke)
+    print(f"wrote {out} and {raw} in {meta['wall_minutes']:.1f} min")
+    return 1 if failed else 0
+
+
+def write_report(out: Path, doc: dict[str, Any], *, smoke: bool = False) -> None:
+    """``out`` (Markdown) and its throughput PNG from the raw results ``doc``."""
+    rows = [r for r in doc["rows"] if not r["key"].startswith("rss-")]
+    not_run = [n for n in doc["not_run"] if not n.startswith("peak RSS of")]
+    if doc["runs"][-1].get("rss", True):
+        rss, missing = rss_rows(rows)
+        rows += rss
+        not_run += missing
+    plot = report.plot_png(rows, out.with_name(out.stem + "-throughput.png"))
+    if plot is None:
+        not_run.append(
+            "the throughput plot: matplotlib is not installed (`.venv/bin/pip install matplotlib`)"
+        )
+    notes = NOTES.read_text() if NOTES.exists() and not smoke else None
+    out.write_text(
+        report.markdown(
+            rows,
+            runs=doc["runs"],
+            corpora=sorted(doc["corpora"], key=lambda c: c["size"]),
+            not_run=not_run,
+            plot=plot,
+            notes=notes,
+        )
+    )
+
+
+def _size_rows(
+    site: Site,
+    size: int,
+    r1: int,
+    w1: int,
+    rounds: int,
+    warmup: int,
+    jobs: list[int],
+    want: Any,
+    dcmtk_missing: list[str],
+    large: bool,
+    not_run: list[str],
+    recipe_files: int,
+) -> list[Row]:
+    """Every selected comparison at one corpus size; a failure becomes a FAILED row, not an abort."""
+    rows: list[Row] = []
+    n = site.corpus.files
+    no_dcmtk = f"dcmtk not installed ({', '.join(dcmtk_missing)} missing); .ci/run installs it"
+
+    def guarded(keys: list[tuple[str, str, str]], fn: Any) -> None:
+        try:
+            got = fn()
+        except BenchError as exc:
+            got = [skipped_row(k, n, t, tg, f"FAILED: {exc}") for k, t, tg in keys]
+        for row in got:
+            _print(row)
+        rows.extend(got)
+
+    if want("plan-cold") or want("plan-warm"):
+        if dcmtk_missing:
+            not_run.append(f"dcmdump comparison at {size:,}: {no_dcmtk}")
+        guarded(
+            [("plan-cold", "plan, cold", T_COLD), ("plan-warm", "plan, warm", T_WARM)],
+            lambda: plan_rows(
+                site,
+                r1,
+                w1,
+                offline_too=not large,
+                warm_too=want("plan-warm"),
+                dcmtk=not dcmtk_missing,
+                refs=not large,
+            ),
+        )
+    finished: Path | None = None
+    for kind in ("copy", "hardlink"):
+        if not want(f"apply-{kind}") and not (want("reapply") and kind == "hardlink" and finished is None):
+            continue
+        title = f"apply, transfer: {kind}"
+        if kind == "copy" and large:
+            reason = (
+                f"a durable copy of {site.corpus.mb / 1000:.0f} GB per run, two per round, would take "
+                "longer than the whole bench budget; measured at the smaller sizes"
+            )
+            rows.append(skipped_row("apply-copy", n, title, TARGETS[kind], reason))
+            not_run.append(f"apply copy at {size:,}: {reason}")
+            continue
+        box: list[Row] = []
+
+        def one(kind: str = kind, box: list[Row] = box) -> list[Row]:
+            box.append(apply_row(site, kind, r1 if kind == "copy" or not large else 1, w1))
+            return box
+
+        guarded([(f"apply-{kind}", title, TARGETS[kind])], one)
+        if box and not box[0].skipped:
+            finished = Path(box[0].extra["state"])
+    if want("reapply"):
+        if finished is None:
+            rows.append(
+                skipped_row("reapply", n, "re-apply of a finished plan", T_REAPPLY, "no finished apply")
+            )
+        else:
+            guarded(
+                [("reapply", "re-apply of a finished plan", T_REAPPLY)],
+                lambda: [reapply_row(site, finished, 3)],
+            )
+    if want("cstore") or want("cstore-recipe"):
+        keys = [
+            ("cstore-best", "apply cstore, best N", T_BEST),
+            ("cstore-one", "apply cstore, 1 association", T_ONE),
+            ("cstore-recipe", "apply cstore vs per-file recipe", T_RECIPE),
+        ]
+        if dcmtk_missing:
+            rows.extend(skipped_row(k, n, t, tg, no_dcmtk) for k, t, tg in keys)
+        elif large:
+            reason = (
+                f"{site.corpus.mb / 1000:.0f} GB over loopback per run, four runs per round; "
+                "measured at the smaller sizes"
+            )
+            rows.extend(skipped_row(k, n, t, tg, reason) for k, t, tg in keys)
+            not_run.append(f"cstore rows at {size:,}: {reason}")
+        else:
+            guarded(
+                keys,
+                lambda: cstore_rows(
+                    site, rounds, warmup, jobs, recipe=want("cstore-recipe"), recipe_files=recipe_files
+                ),
+            )
+    return rows
+
+
+def rss_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Row 9 from the raw rows: peak RSS at the largest size against the next size down.
+
+    Computed when the report is written, so results merged from several runs are compared too.
+    Returns the rows and a line per command that was measured at fewer than two sizes.
+    """
+    out: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for key, label in RSS_OF:
+        have = sorted(((r["size"], r) for r in rows if r["key"] == key and r.get("ours")), key=lambda t: t[0])
+        if len(have) < 2:
+            missing.append(f"peak RSS of {label}: measured at fewer than two sizes")
+            continue
+        (small_n, small), (large_n, large) = have[-2], have[-1]
+        s, big = small["ours"]["maxrss_mib"], large["ours"]["maxrss_mib"]
+        row = Row(
+            f"rss-{label}",
+            large_n,
+            f"peak RSS of {label}, {large_n:,} vs {small_n:,} images",
+            None,
+            None,
+            [],
+            T_RSS,
+            big <= 1.5 * s and big * 1.048576 < 500,
+        )
+        row.extra.update(small_mib=s, large_mib=big, growth=big / s, small_size=small_n)
+        row.notes.append(f"{big * 1.048576:.0f} MB at {large_n:,} images")
+        if large_n < 100_000:
+            row.met = None
+            row.notes.append(f"judged only at 100,000 images; here {large_n:,} vs {small_n:,}")
+        out.append(row.as_dict())
+    return out, missing
+
+
+def _print(row: Row) -> None:
+    if row.skipped:
+        print(f"  {row.key:<18} not run: {row.skipped}", flush=True)
+        return
+    ours = f"{row.ours.median:8.2f} s" if row.ours and row.ours.runs else "         "
+    ref = f"{row.ref.median:8.2f} s" if row.ref and row.ref.runs else "         "
+    ratio = f"ratio {row.ratio:.2f}" if row.ratio is not None else ""
+    print(
+        f"  {row.key:<18} ours {ours}  ref {ref}  {ratio}  met={row.met}  {'; '.join(row.notes)}", flush=True
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
