@@ -24,6 +24,7 @@ from ..errors import ApplyError, DatabaseError, DicomSendError, XnatMigrateError
 from ..model import Plan, PlannedSession
 from ..state import SESSION_DONE, StateStore
 from . import db, files
+from .connections import Connections
 
 Progress = Callable[[int, int], None]
 
@@ -101,8 +102,7 @@ class _Runner:
         self.plan = plan
         self.store = store
         self.opts = opts
-        self._conn: Any = None
-        self._client: Any = None
+        self.connections = Connections(plan.xnat)
         self.total_files = sum(s.file_count for s in plan.sessions)
         self.done_files = 0
         self.crash = _Crash(os.environ.get(_CRASH_ENV))
@@ -110,25 +110,10 @@ class _Runner:
     # -- shared resources, opened lazily so a finished plan touches nothing ----------------------
 
     def conn(self) -> Any:
-        if self._conn is None or self._conn.closed:
-            dsn = db.resolve_dsn(self.plan.xnat.database)
-            self._conn_cm = db.connect(dsn)
-            self._conn = self._conn_cm.__enter__()
-        return self._conn
+        return self.connections.db()
 
     def client(self) -> Any:
-        if self._client is None:
-            if not self.plan.xnat.url:
-                raise XnatRestError("this step needs XNAT's REST API but the manifest has no xnat.url")
-            from .xnat import XnatClient, credentials_from_env
-
-            self._client = XnatClient(self.plan.xnat.url, credentials_from_env(self.plan.xnat.url))
-        return self._client
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn_cm.__exit__(None, None, None)
-            self._conn = None
+        return self.connections.rest()
 
     # -- recording --------------------------------------------------------------------------------
 
@@ -178,7 +163,7 @@ class _Runner:
                     if self.opts.on_session:
                         self.opts.on_session(res)
         finally:
-            self.close()
+            self.connections.close()
             report.seconds = time.monotonic() - started
         return report
 

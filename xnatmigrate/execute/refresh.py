@@ -14,6 +14,7 @@ from ..errors import XnatMigrateError
 from ..model import XnatTarget
 from ..state import AppliedSession, StateStore
 from . import db
+from .connections import Connections
 
 # SessionXMLRebuilder defaults: runs every 60 s, builds rows idle ≥ 5 minutes (xnat-reference §3).
 REBUILD_INTERVAL = timedelta(minutes=5)
@@ -65,15 +66,10 @@ def observe(
 ) -> list[Observation]:
     """Observe every applied session in XNAT (database first, REST when configured) and record it."""
     now = now or datetime.now()
-    client = None
-    if xnat.url:
-        from .xnat import XnatClient, credentials_from_env
-
-        client = XnatClient(xnat.url, credentials_from_env(xnat.url))
-    conn_cm = db.connect(db.resolve_dsn(xnat.database)) if xnat.database is not None else None
-    conn = conn_cm.__enter__() if conn_cm is not None else None
     out = []
-    try:
+    with Connections(xnat) as target:
+        client = target.rest() if target.has_rest else None
+        conn = target.db() if target.has_db else None
         for s in store.sessions():
             if s.status not in ("applied", "failed", "applying"):
                 continue
@@ -85,9 +81,6 @@ def observe(
             out.append(obs)
             if on_session:
                 on_session(obs)
-    finally:
-        if conn_cm is not None:
-            conn_cm.__exit__(None, None, None)
     return out
 
 

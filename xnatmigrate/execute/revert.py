@@ -21,6 +21,7 @@ from ..errors import XnatMigrateError
 from ..model import XnatTarget
 from ..state import AppliedSession, StateStore
 from . import db, files
+from .connections import Connections
 
 APPLY_STEPS = ("stage", "publish", "insert", "build", "archive", "send", "locate")
 
@@ -60,26 +61,16 @@ class _Reverter:
     ) -> None:
         self.store, self.xnat, self.yes, self.force, self.archived = store, xnat, yes, force, archived
         self.confirm = confirm
-        self._client: Any = None
-        self._conn_cm: Any = None
-        self._conn: Any = None
+        self.target = Connections(xnat)
 
     def client(self) -> Any:
-        if self._client is None and self.xnat.url:
-            from .xnat import XnatClient, credentials_from_env
-
-            self._client = XnatClient(self.xnat.url, credentials_from_env(self.xnat.url))
-        return self._client
+        return self.target.rest() if self.target.has_rest else None
 
     def conn(self) -> Any:
-        if self._conn is None and self.xnat.database is not None:
-            self._conn_cm = db.connect(db.resolve_dsn(self.xnat.database))
-            self._conn = self._conn_cm.__enter__()
-        return self._conn
+        return self.target.db() if self.target.has_db else None
 
     def close(self) -> None:
-        if self._conn_cm is not None:
-            self._conn_cm.__exit__(None, None, None)
+        self.target.close()
 
     def record(self, item: RevertItem, step: str, outcome: str, detail: Any = None) -> None:
         self.store.record_step(item.action_id, step, outcome, detail)

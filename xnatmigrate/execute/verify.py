@@ -16,6 +16,7 @@ from ..errors import XnatMigrateError
 from ..model import XnatTarget
 from ..state import AppliedSession, StateStore
 from . import db, files
+from .connections import Connections
 
 # Statuses a healthy session may show after apply: waiting, being built, built (§3). ERROR and
 # CONFLICT are problems; locked/queued ones mean XNAT is busy with it (not a failure of ours).
@@ -186,18 +187,11 @@ def verify(
 ) -> VerifyReport:
     """Check every applied session. Opens the database/REST only if the target has them."""
     report = VerifyReport()
-    client = None
-    if xnat.url:
-        from .xnat import XnatClient, credentials_from_env
-
-        client = XnatClient(xnat.url, credentials_from_env(xnat.url))
     sessions = [s for s in store.sessions() if s.status == "applied"]
-    conn_cm = None
-    conn = None
-    try:
-        if xnat.database is not None and any(s.method == "prearchive" for s in sessions):
-            conn_cm = db.connect(db.resolve_dsn(xnat.database))
-            conn = conn_cm.__enter__()
+    with Connections(xnat) as target:
+        client = target.rest() if target.has_rest else None
+        need_db = target.has_db and any(s.method == "prearchive" for s in sessions)
+        conn = target.db() if need_db else None
         for s in sessions:
             try:
                 res = _Verifier(store, xnat, quick, client, conn).session(s)
@@ -207,9 +201,6 @@ def verify(
             report.sessions.append(res)
             if on_session:
                 on_session(res)
-    finally:
-        if conn_cm is not None:
-            conn_cm.__exit__(None, None, None)
     return report
 
 
