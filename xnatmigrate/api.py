@@ -156,15 +156,10 @@ def gather_facts(manifest: Manifest, study_uids: Sequence[str], offline: bool) -
         rootp = Path(root)
         writable = rootp.is_dir() and os.access(rootp, os.W_OK | os.X_OK)
         if writable:
-            st = os.statvfs(rootp)
-            free = st.f_bavail * st.f_frsize
-            dev = rootp.stat().st_dev
-            same_fs = {}
-            for s in pre_sources:
-                try:
-                    same_fs[s.source] = Path(s.source).stat().st_dev == dev
-                except OSError:
-                    same_fs[s.source] = False
+            from .execute import files
+
+            free = files.free_bytes(rootp)
+            same_fs = {s.source: files.same_filesystem(s.source, rootp) for s in pre_sources}
             taken |= _timestamp_dirs(rootp)
     profile = None
     rows = None

@@ -172,9 +172,3 @@ def delete_row(conn: Any, project: str | None, timestamp: str, foldername: str) 
     with conn, conn.cursor() as cur:
         execute(cur, statements.delete_row(project, timestamp, foldername))
         return int(cur.rowcount)
-
-
-def row_status(conn: Any, session: PlannedSession) -> str | None:
-    with conn, conn.cursor() as cur:
-        row = fetch_row(cur, session.project, session.timestamp, session.session)
-    return row["status"] if row else None

@@ -32,7 +32,7 @@ import queue
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -988,6 +988,30 @@ def remove_staging(staging: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Checking a published session
 # --------------------------------------------------------------------------------------------
+
+
+def recorded_differences(
+    base: Path, recorded: Mapping[str, tuple[str, int, str]], *, quick: bool = False
+) -> Iterator[tuple[Path, str, str]]:
+    """Each recorded file (dest → (source, size, sha256)) that differs on disk under ``base``.
+
+    Yields (path, kind, message) with kind ``missing``, ``unreadable``, ``size`` or ``sha256``;
+    ``quick`` compares sizes only. Used by verify (reports all) and revert (refuses on change).
+    """
+    for dest, (_source, size, sha) in sorted(recorded.items()):
+        path = Path(base) / dest
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            yield path, "missing", f"missing: {path}"
+            continue
+        except OSError as exc:
+            yield path, "unreadable", f"unreadable ({exc.strerror}): {path}"
+            continue
+        if st.st_size != size:
+            yield path, "size", f"size {st.st_size} != recorded {size}: {path}"
+        elif not quick and sha256_file(path) != sha:
+            yield path, "sha256", f"SHA-256 differs from the one recorded at apply: {path}"
 
 
 def session_complete(

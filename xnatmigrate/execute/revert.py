@@ -164,13 +164,9 @@ class _Reverter:
 
     def changes(self, s: AppliedSession, row: dict[str, Any] | None) -> str:
         recorded = self.store.files_for(s.action_id)
-        base = Path(s.session_dir or "")
-        for dest, (_src, size, sha) in recorded.items():
-            p = base / dest
-            if not p.exists():
-                continue  # partly removed already (a revert killed midway): finish it
-            if p.stat().st_size != size or files.sha256_file(p) != sha:
-                return f"{p} differs from what was copied"
+        for path, kind, _message in files.recorded_differences(Path(s.session_dir or ""), recorded):
+            if kind != "missing":  # missing: partly removed already (a revert killed midway): finish it
+                return f"{path} differs from what was copied"
         if row is not None and s.row:
             for col in ("project", "foldername", "name", "tag", "url"):
                 if row.get(col) != s.row.get(col):

@@ -85,24 +85,11 @@ class _Verifier:
         if not recorded:
             self.problem(res, "files", "the ledger has no file records for this session (it was not staged)")
             return
-        base = Path(s.session_dir or "")
-        for dest, (_source, size, sha) in sorted(recorded.items()):
-            path = base / dest
-            res.checks += 1
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                self.problem(res, "files", f"missing: {path}", str(path))
-                continue
-            except OSError as exc:
-                self.problem(res, "files", f"unreadable ({exc.strerror}): {path}", str(path))
-                continue
-            if st.st_size != size:
-                self.problem(res, "files", f"size {st.st_size} != recorded {size}: {path}", str(path))
-            elif not self.quick and files.sha256_file(path) != sha:
-                self.problem(
-                    res, "files", f"SHA-256 differs from the one recorded at apply: {path}", str(path)
-                )
+        res.checks += len(recorded)
+        for path, _kind, message in files.recorded_differences(
+            Path(s.session_dir or ""), recorded, quick=self.quick
+        ):
+            self.problem(res, "files", message, str(path))
 
     def row(self, s: AppliedSession, res: SessionCheck) -> None:
         if self.conn is None:
