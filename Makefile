@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: help venv install lint test test-pg demo bench clean
+.PHONY: help venv install lint test test-pg demo bench golden clean
 
 help:
 	@echo "make demo   - create the venv, install, run a whole migration on an embedded PostgreSQL"
@@ -39,6 +39,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
+
+# Rewrite tests/golden/ from the current planner (the golden test only compares); review the diff.
+golden: $(STAMP)
+	$(BIN)/python -m tests.golden_regen
 
 clean:
 	rm -rf $(VENV) .demo build dist .pytest_cache .mypy_cache .ruff_cache
