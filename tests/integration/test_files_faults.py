@@ -16,7 +16,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -266,19 +265,40 @@ def test_prearchive_not_writable_by_the_user() -> None:
 
 # --- kill -9 -------------------------------------------------------------------------------------
 
+# The child stages the session with os.write wrapped: once BLOCK_AT bytes of the big file's .part are
+# written it says so on stdout and waits, so the parent's SIGKILL always lands in the middle of that copy
+# (with jobs=2 the other worker copies on meanwhile). A child that finishes prints "finished" instead.
+# (apply's XNATMIGRATE_TEST_CRASH=files:N fires between files, so it cannot stop a copy halfway.)
 CHILD = """
-import pickle, sys
+import os, pickle, sys, threading
 from xnatmigrate.execute import files
 s = pickle.loads(open(sys.argv[1], "rb").read())
+big_part, block_at = sys.argv[4], int(sys.argv[5])
+real_write, written, lock = os.write, 0, threading.Lock()
+
+def write(fd, data):
+    global written
+    n = real_write(fd, data)
+    if os.readlink(f"/proc/self/fd/{fd}") == big_part:
+        with lock:
+            written += n
+            reached = written >= block_at
+        if reached:
+            print("blocked", written, flush=True)
+            threading.Event().wait()
+    return n
+
+os.write = write
 files.stage_session(s, files.staging_dir(sys.argv[2], s), jobs=int(sys.argv[3]))
-print("finished")
+print("finished", flush=True)
 """
+BLOCK_AT = 8 << 20
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_kill_9_during_a_big_copy_then_rerun(tmp_path: Path, jobs: int) -> None:
-    # Small files around one big one, so the kill lands while a .part is being written.
-    sizes = [200_000] * 8 + [96 << 20] + [200_000] * 8
+    # Small files around one big one; the kill lands while the big one's .part is being written.
+    sizes = [200_000] * 8 + [24 << 20] + [200_000] * 8
     sources = write_sources(tmp_path / "src", sizes)
     big = sources[8]
     root = tmp_path / "prearchive"
@@ -287,33 +307,39 @@ def test_kill_9_during_a_big_copy_then_rerun(tmp_path: Path, jobs: int) -> None:
     staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
     blob = tmp_path / "session.pickle"
     blob.write_bytes(pickle.dumps(s))
-    big_part = staging / "SCANS/1/DICOM" / f"{big.name}.dcm{files.PART_SUFFIX}"
+    scans = staging / "SCANS/1/DICOM"
+    big_part = scans / f"{big.name}.dcm{files.PART_SUFFIX}"
 
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(blob), str(root), str(jobs)],
+        [sys.executable, "-c", CHILD, str(blob), str(root), str(jobs), str(big_part), str(BLOCK_AT)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            if big_part.stat().st_size > (8 << 20):
-                break
-        except FileNotFoundError:
-            pass
-        time.sleep(0.0005)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    if child.returncode != -signal.SIGKILL:
-        pytest.skip("the copy finished before the kill landed (machine too fast for this corpus)")
+    try:
+        said = child.stdout.readline()  # type: ignore[union-attr]
+        assert said.startswith("blocked "), f"the child did not stop mid-copy: {said!r}"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
 
-    assert parts_under(staging), "the kill should have left a half-written .part"
+    assert big_part in parts_under(staging)  # half-written: the kill came mid-copy
+    assert BLOCK_AT <= big_part.stat().st_size < big.stat().st_size
     assert not final.exists() and visible_tree(root) == []
+    finished = {p.name: p.stat().st_ino for p in scans.glob("*.dcm")}
+    if jobs == 1:  # one worker goes in plan order: the eight before the big one are done, no later one
+        assert sorted(finished) == [f"{p.name}.dcm" for p in sources[:8]]
+    else:  # the other worker may still have held one file taken before the big one
+        assert len({f"{p.name}.dcm" for p in sources[:8]} & set(finished)) >= 7
 
     staged = files.stage_session(s, staging, jobs=jobs)
     assert parts_under(staging) == []
     assert [r.sha256 for r in staged] == [sha(p) for p in sources]
+    assert {n: (scans / n).stat().st_ino for n in finished} == finished  # reused, not copied again
     assert files.publish(staging, final) == "done"
+    assert sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()) == sorted(
+        r.dest for r in staged
+    )
     assert all(sha(final / r.dest) == r.sha256 for r in staged)
-    assert files.session_complete(final, {r.dest: (r.size, r.sha256) for r in staged}, s, deep=True)
