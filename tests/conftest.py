@@ -9,6 +9,7 @@ are marked ``pg`` automatically (``make test-pg`` selects them).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +29,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if PG_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.pg)
+
+
+# --- environment ----------------------------------------------------------------------------------
+
+# DSNs, logins and the crash hook: a test that sets one without monkeypatch leaks it into every later
+# test of its xdist worker. Set them with monkeypatch.setenv (session-wide: pytest.MonkeyPatch.context())
+# or pass env= to a subprocess.
+_GUARDED_ENV = re.compile(r"^(XNATMIGRATE_|XNAT_|PG)|DSN|PASSWORD|SECRET|TOKEN", re.IGNORECASE)
+
+
+def _guarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if _GUARDED_ENV.search(k)}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_environment() -> Iterator[None]:
+    """Fail a test that leaves a DSN, credential or XNATMIGRATE_* variable changed behind it."""
+    before = _guarded_env()
+    yield
+    after = _guarded_env()
+    leaked = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not leaked, f"the test changed os.environ without monkeypatch: {', '.join(leaked)}"
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------------

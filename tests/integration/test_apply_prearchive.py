@@ -207,8 +207,10 @@ def reference(tmp_path_factory, pg_admin_dsn):
         with XnatStandIn(pdb.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
             xnat.build_delay = 0.0
             s.write_manifest(xnat.url)
-            os.environ.update(s.env())
-            api.plan(s.manifest, state_dir=s.state, now=NOW)
+            with pytest.MonkeyPatch.context() as mp:  # this site's DSN and login, for this block only
+                for k, v in s.env().items():
+                    mp.setenv(k, v)
+                api.plan(s.manifest, state_dir=s.state, now=NOW)
             run = _apply_subprocess(s, None)
             assert run.returncode == 0, run.stderr
             yield _normalised(s), sorted(xnat.experiments), _archive_tree(s)
@@ -223,7 +225,9 @@ def _archive_tree(s: Site) -> list[str]:
 
 
 @pytest.mark.parametrize("crash", CRASH_POINTS)
-def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, pg_admin_dsn, reference, crash):
+def test_kill_9_anywhere_then_rerun_equals_uninterrupted(
+    tmp_path, pg_admin_dsn, reference, crash, monkeypatch
+):
     from xnatmigrate.testing.pg import temporary_database
 
     with temporary_database(pg_admin_dsn, "1.7") as pdb:
@@ -231,7 +235,8 @@ def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, pg_admin_dsn,
         with XnatStandIn(pdb.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
             xnat.build_delay = 0.0
             s.write_manifest(xnat.url)
-            os.environ.update(s.env())
+            for k, v in s.env().items():
+                monkeypatch.setenv(k, v)
             api.plan(s.manifest, state_dir=s.state, now=NOW)
             first = _apply_subprocess(s, crash)
             assert first.returncode == -9, (crash, first.returncode, first.stderr)
