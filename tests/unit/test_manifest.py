@@ -272,8 +272,11 @@ def test_unassigned_warns_but_is_valid(tmp_path):
 
 
 def test_yaml_syntax_error_gives_its_line(tmp_path):
-    probs = problems_of(write(tmp_path, GOOD.replace("    subject: s1", "    subject: [s1")))
-    assert len(probs) == 1 and probs[0].line in (10, 11) and "YAML syntax error" in probs[0].message
+    # The mistake and the place YAML notices it are one line (an unclosed "[" would be noticed a line later).
+    probs = problems_of(write(tmp_path, GOOD.replace("    subject: s1", "    subject: s1: x")))
+    assert [(p.line, p.message) for p in probs] == [
+        (10, "YAML syntax error: mapping values are not allowed here; fix the YAML at this line")
+    ]
 
 
 def test_empty_file_is_an_error(tmp_path):
