@@ -51,6 +51,8 @@ _OPTION_KEYS = (
     "build_timeout",
     "archive",
     "routing",
+    "hardlink_changes_sources",
+    "follow_links",
 )
 
 
@@ -122,10 +124,90 @@ class _Doc:
         self.problems.append(Problem(self.file, self.line(path), json_path(path), message, severity))
 
 
+# Aliases may add at most this many values to the ones written out: a "billion laughs" manifest (an
+# alias of nine aliases of nine aliases …) is a few hundred bytes that would expand to 10⁹ values.
+MAX_ALIAS_EXPANSION = 100_000
+
+
+class _AliasLoader(yaml.SafeLoader):
+    """SafeLoader that notes where each alias is used (the composed graph keeps only the anchor)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases: list[tuple[int, yaml.Node]] = []  # (line, node it refers to)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        alias = self.check_event(yaml.AliasEvent)
+        line = self.peek_event().start_mark.line + 1 if alias else None  # type: ignore[no-untyped-call]
+        node: yaml.Node | None = super().compose_node(parent, index)
+        if line is not None and node is not None:
+            self.aliases.append((line, node))
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _alias_problem(root: yaml.Node, aliases: list[tuple[int, yaml.Node]], file: str) -> Problem | None:
+    """A recursive alias, or aliases adding more than MAX_ALIAS_EXPANSION values; None when fine.
+
+    Counts the values the document has with every alias written out, in one pass over the distinct
+    nodes (each node's count is kept), so nothing is expanded to find out.
+    """
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()  # nodes whose children are being counted: the current node's ancestors
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            entered.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            continue
+        if key in sizes:
+            continue
+        if key in entered:
+            line = next((ln for ln, target in aliases if target is node), None)
+            return Problem(
+                file,
+                line,
+                "$",
+                "this alias refers to a value that contains it (a recursive alias), which has no end: "
+                "write out the values it should repeat",
+            )
+        entered.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node))
+    limit = len(sizes) + MAX_ALIAS_EXPANSION
+    if sizes[id(root)] <= limit:
+        return None
+    line = max(aliases, key=lambda a: sizes[id(a[1])])[0] if aliases else None
+    return Problem(
+        file,
+        line,
+        "$",
+        f"YAML aliases expand this manifest to more than {limit:,} values (an alias bomb?); a "
+        "manifest needs far fewer: write the repeated values out, or nest fewer aliases",
+    )
+
+
 def _parse_yaml(text: str, file: str) -> tuple[Any, _Doc]:
     doc = _Doc(file)
+    loader = _AliasLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        bomb = _alias_problem(node, loader.aliases, file) if node is not None else None
+        if bomb is not None:
+            raise ManifestError([bomb])
+    except RecursionError:
+        raise ManifestError(
+            [Problem(file, None, "$", "the YAML is nested too deeply to read; flatten the manifest")]
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -135,6 +217,8 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, _Doc]:
         ) from None
     except yaml.YAMLError as exc:
         raise ManifestError([Problem(file, None, "$", f"YAML error: {exc}")]) from None
+    finally:
+        loader.dispose()
     if node is None:
         raise ManifestError([Problem(file, 1, "$", "the manifest is empty; start with `version: 1`")])
     return doc.convert(node, ()), doc
@@ -181,6 +265,14 @@ def _dsn_has_password(dsn: str) -> bool:
     return bool(re.search(r"(^|\s)password\s*=", dsn))
 
 
+def _url_has_password(url: str) -> bool:
+    """``https://user:secret@host``: the password would be printed and stored in plan.json."""
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:  # a malformed port or IPv6 host; the URL's other checks report it
+        return False
+
+
 def _check_label(doc: _Doc, path: PathT, value: str) -> None:
     if labels.is_template(value):
         try:
@@ -213,6 +305,12 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
             "the DSN holds a password; keep passwords out of manifests: use PGPASSWORD, "
             "~/.pgpass, or `dsn_env` naming an environment variable",
         )
+    if isinstance(xnat.get("url"), str) and _url_has_password(xnat["url"]):
+        doc.problem(
+            ("xnat", "url"),
+            "the URL holds a password (user:password@); keep passwords out of manifests: remove it "
+            "and use XNAT_USER/XNAT_PASSWORD, an alias token (XNAT_ALIAS/XNAT_SECRET) or ~/.netrc",
+        )
     fixed: dict[tuple[str | None, str], int] = {}
     for where_path in [("defaults",)]:
         for key in ("project", "subject", "session"):
@@ -240,6 +338,21 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
             doc.problem(base, "build: rest needs xnat.url (or set build: scheduler or none)")
         if opts.get("archive") and "url" not in xnat:
             doc.problem(base, "archive: true needs xnat.url")
+        # One inode: chmod/chown of the prearchive's hard link is a chmod/chown of the source file.
+        changes = [k for k in ("file_mode", "file_owner") if xnat.get(k)]
+        if (
+            opts.get("transfer") == "hardlink"
+            and changes
+            and opts.get("hardlink_changes_sources") is not True
+        ):
+            doc.problem(
+                base + ("transfer",)
+                if "transfer" in src
+                else (("defaults", "transfer") if "transfer" in defaults else base),
+                f"transfer: hardlink with xnat.{' and xnat.'.join(changes)} changes the source files "
+                "too (a hard link is the same file): use transfer: copy, drop "
+                f"xnat.{'/'.join(changes)}, or set hardlink_changes_sources: true to accept it",
+            )
         project = opts.get("project")
         if project is None:
             if opts.get("archive"):
@@ -332,6 +445,8 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
                 archive=bool(opts.get("archive", False)),
                 routing=opts.get("routing", "patient_comments"),
                 build_timeout=float(opts.get("build_timeout", 900.0)),
+                hardlink_changes_sources=bool(opts.get("hardlink_changes_sources", False)),
+                follow_links=bool(opts.get("follow_links", False)),
             )
         )
     warnings = tuple(p.render() for p in doc.problems if p.severity == "warning")

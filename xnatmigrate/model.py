@@ -111,6 +111,10 @@ class SourceSpec:
     archive: bool = False
     routing: str = "patient_comments"
     build_timeout: float = 900.0
+    # The manifest acknowledges that hard links plus xnat.file_mode/file_owner change the sources.
+    hardlink_changes_sources: bool = False
+    # Follow symbolic links leading outside the source folder (otherwise they are rejects).
+    follow_links: bool = False
 
     @property
     def where_map(self) -> dict[str, tuple[str, ...]]:

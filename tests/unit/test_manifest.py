@@ -157,6 +157,13 @@ BAD = [
         "holds a password",
     ),
     (
+        "password in url",
+        ("url: https://xnat.example.org", "url: https://admin:secret@xnat.example.org"),
+        5,
+        "$.xnat.url",
+        "the URL holds a password",
+    ),
+    (
         "ae too long",
         ("called_aet: XNAT", "called_aet: ABCDEFGHIJKLMNOPQ"),
         6,
@@ -245,6 +252,33 @@ def test_each_rule_refuses(tmp_path, name, change, line, path, fragment):
     ), [p.render() for p in probs]
 
 
+HARDLINK_MODE = GOOD.replace("  url:", '  file_mode: "0664"\n  url:').replace(
+    "    session: s1_MR1\n", "    session: s1_MR1\n    transfer: hardlink\n"
+)
+
+
+@pytest.mark.parametrize("owner", [False, True], ids=["file_mode", "file_owner"])
+def test_hardlink_with_mode_or_owner_needs_an_acknowledgement(tmp_path, owner):
+    text = HARDLINK_MODE
+    if owner:
+        text = text.replace('  file_mode: "0664"\n', "  file_owner: xnat:xnat\n")
+    probs = problems_of(write(tmp_path, text))
+    assert [(p.line, p.path) for p in probs] == [(13, "$.sources[0].transfer")], [p.render() for p in probs]
+    assert "changes the source files too" in probs[0].message
+    assert "hardlink_changes_sources: true" in probs[0].message
+    acked = text.replace("transfer: hardlink\n", "transfer: hardlink\n    hardlink_changes_sources: true\n")
+    m = load_manifest(write(tmp_path, acked))
+    assert m.sources[0].hardlink_changes_sources is True
+
+
+def test_hardlink_acknowledgement_in_defaults_and_copy_needs_none(tmp_path):
+    text = HARDLINK_MODE.replace("sources:", "defaults:\n  hardlink_changes_sources: true\nsources:")
+    assert problems_of(write(tmp_path, text)) == []
+    assert problems_of(write(tmp_path, HARDLINK_MODE.replace("hardlink", "copy"))) == []
+    not_acked = HARDLINK_MODE.replace("sources:", "defaults:\n  hardlink_changes_sources: false\nsources:")
+    assert [p.path for p in problems_of(write(tmp_path, not_acked))] == ["$.sources[0].transfer"]
+
+
 def test_duplicate_keys_are_errors_with_both_lines(tmp_path):
     p = write(tmp_path, GOOD.replace("    subject: s1\n", "    subject: s1\n    subject: s2\n"))
     probs = problems_of(p)
@@ -269,6 +303,38 @@ def test_unassigned_warns_but_is_valid(tmp_path):
     manifest, probs = check_manifest(write(tmp_path, GOOD.replace("    project: prj001\n", "")))
     assert manifest is not None and manifest.sources[0].project is None
     assert [p.severity for p in probs] == ["warning"] and "Unassigned" in probs[0].message
+
+
+BILLION_LAUGHS = GOOD + 'x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+for _i in range(1, 10):
+    BILLION_LAUGHS += f"x{_i}: &x{_i} [{', '.join([f'*x{_i - 1}'] * 9)}]\n"
+
+
+def test_alias_bomb_is_refused_at_its_line(tmp_path):
+    # 9**10 values if expanded (3.5 billion): refused from the alias counts, without expanding.
+    probs = problems_of(write(tmp_path, BILLION_LAUGHS))
+    assert [(p.line, p.path) for p in probs] == [(21, "$")], [p.render() for p in probs]
+    assert "YAML aliases expand this manifest to more than" in probs[0].message
+    assert "write the repeated values out" in probs[0].message
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    probs = problems_of(write(tmp_path, GOOD + "loop: &loop [1, *loop]\n"))
+    assert [(p.line, p.path) for p in probs] == [(12, "$")], [p.render() for p in probs]
+    assert "recursive alias" in probs[0].message
+
+
+def test_too_deep_yaml_is_one_problem(tmp_path):
+    probs = problems_of(write(tmp_path, GOOD + "deep: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert [p.message for p in probs] == ["the YAML is nested too deeply to read; flatten the manifest"]
+
+
+def test_ordinary_aliases_still_work(tmp_path):
+    text = GOOD.replace("    project: prj001\n", "    project: &p prj001\n") + (
+        '  - source: /data/b\n    project: *p\n    include: &g ["**/*.dcm"]\n    exclude: *g\n'
+    )
+    m = load_manifest(write(tmp_path, text))
+    assert m.sources[1].project == "prj001" and m.sources[1].exclude == ("**/*.dcm",)
 
 
 def test_yaml_syntax_error_gives_its_line(tmp_path):
