@@ -24,7 +24,7 @@ venv install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check xnatmigrate tests bench
 	$(BIN)/ruff format --check xnatmigrate tests bench
-	$(BIN)/mypy
+	$(BIN)/mypy --strict
 	$(BIN)/lint-imports
 
 test: lint

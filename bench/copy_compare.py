@@ -31,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xnatmigrate.execute import files
-from xnatmigrate.model import PlannedFile, PlannedScan, PlannedSession
+from xnatmigrate.model import PlannedFile, PlannedScan, PrearchiveSession
+from xnatmigrate.testing.sessions import prearchive_session
 
 
 def build_corpus(root: Path, n: int, rows: int) -> None:
@@ -55,7 +56,7 @@ def build_corpus(root: Path, n: int, rows: int) -> None:
     build_corpus(root, spec)
 
 
-def session_for(corpus: Path, ts: str) -> PlannedSession:
+def session_for(corpus: Path, ts: str) -> PrearchiveSession:
     """One planned session holding every file of the corpus, one scan per source folder."""
     by_dir: dict[Path, list[Path]] = {}
     for p in sorted(p for p in corpus.rglob("*") if p.is_file()):
@@ -69,25 +70,8 @@ def session_for(corpus: Path, ts: str) -> PlannedSession:
                 PlannedFile(str(p), st.st_size, st.st_mtime_ns, "", "", "", f"SCANS/{i}/DICOM/{p.name}")
             )
         scans.append(PlannedScan(str(i), str(i), str(i), "MR", tuple(planned)))
-    return PlannedSession(
-        action_id="bench",
-        source_index=0,
-        method="prearchive",
-        project="BENCH",
-        subject="S",
-        session="S1",
-        study_uid="1.2",
-        timestamp=ts,
-        build="none",
-        archive=False,
-        transfer="copy",
-        routing="none",
-        build_timeout=0.0,
-        prearchive_uri="",
-        session_dir=None,
-        url=None,
-        row=None,
-        scans=tuple(scans),
+    return prearchive_session(
+        scans, project="BENCH", timestamp=ts, label="S1", action_id="bench", study_uid="1.2"
     )
 
 

@@ -27,7 +27,7 @@ import shlex
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     dcmtk_missing = [t for t in ("storescu", "storescp", "dcmdump") if shutil.which(t) is None]
     meta: dict[str, Any] = {
         "argv": shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "rounds": f"{rounds} round(s) after {warmup} warm-up"
         + ("" if args.smoke else f"; above {LARGE:,} images 1 round, no warm-up"),
         "warmup": warmup,

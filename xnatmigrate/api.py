@@ -18,14 +18,42 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import labels, statements, xnat_table
+from . import labels, statements
 from .errors import PlanError, Problem, StalePlanError, XnatMigrateError
 from .manifest import check_manifest, load_manifest, template_keywords_of
-from .model import BASE_KEYWORDS, Manifest, Plan, XnatFacts, plan_from_dict, plan_to_dict, with_plan_id
+from .model import (
+    BASE_KEYWORDS,
+    Manifest,
+    Method,
+    Outcome,
+    Plan,
+    PrearchiveSession,
+    SessionState,
+    Step,
+    XnatTarget,
+    plan_from_dict,
+    plan_to_dict,
+    unreachable,
+    with_plan_id,
+)
+
+# The vocabularies the CLI prints, re-exported: the CLI imports nothing below this module.
+from .model import Check as Check
+from .model import Result as Result
+from .model import RevertOutcome as RevertOutcome
+from .model import Seen as Seen
 from .planner import build_plan
 from .state import StateStore
+
+if TYPE_CHECKING:  # the executors import drivers; the commands import them only when they run
+    from .execute.apply import ApplyReport as ApplyReport
+    from .execute.apply import SessionResult as SessionResult
+    from .execute.refresh import Observation as Observation
+    from .execute.revert import RevertReport as RevertReport
+    from .execute.verify import SessionCheck as SessionCheck
+    from .execute.verify import VerifyReport as VerifyReport
 
 ProgressFn = Callable[[int, int], None]
 STATE_DIR_ENV = "XNATMIGRATE_STATE_DIR"
@@ -98,6 +126,7 @@ def plan(
     now: datetime | None = None,
 ) -> PlanOutcome:
     """Scan, check and plan; write plan.json and plan.sql. Raises PlanError when refused."""
+    from .execute.facts import archived_facts, gather_facts
     from .scan import scan_sources
 
     started = time.monotonic()
@@ -116,7 +145,7 @@ def plan(
             )
         when = now or datetime.now()
         result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when)
-        archived = _archived_facts(manifest, result, offline)
+        archived = archived_facts(manifest, result, offline)
         if archived is not None and archived[0] is not None:
             # Plan again with the archived labels known: studies that collide get held back.
             facts = replace(facts, archived=archived[0], skipped=facts.skipped + archived[1])
@@ -124,7 +153,9 @@ def plan(
         elif archived is not None:
             result = with_plan_id(replace(result, skipped_checks=result.skipped_checks + archived[1]))
         store.record_timestamps(
-            (s.project, s.session, s.study_uid, s.timestamp) for s in result.sessions if s.timestamp
+            (s.project, s.session, s.study_uid, s.timestamp)
+            for s in result.sessions
+            if isinstance(s, PrearchiveSession)
         )
     plan_path = Path(out) if out else sdir / PLAN_FILE
     sql_path = Path(sql_out) if sql_out else sdir / SQL_FILE
@@ -142,111 +173,6 @@ def plan(
         cache_hits=scanned.cache_hits,
         seconds=time.monotonic() - started,
     )
-
-
-def gather_facts(manifest: Manifest, study_uids: Sequence[str], offline: bool) -> XnatFacts:
-    """Read what the planner needs from the prearchive folder and XNAT's database."""
-    refusals: list[str] = []
-    skipped: list[str] = []
-    pre_sources = [s for s in manifest.sources if s.method == "prearchive"]
-    writable = free = same_fs = None
-    taken: set[str] = set()
-    root = manifest.xnat.prearchive
-    if pre_sources and root:
-        rootp = Path(root)
-        writable = rootp.is_dir() and os.access(rootp, os.W_OK | os.X_OK)
-        if writable:
-            from .execute import files
-
-            free = files.free_bytes(rootp)
-            same_fs = {s.source: files.same_filesystem(s.source, rootp) for s in pre_sources}
-            taken |= _timestamp_dirs(rootp)
-    profile = None
-    rows = None
-    if offline:
-        skipped.append("XNAT's database (--offline): table profile, existing prearchive rows")
-    elif manifest.xnat.database is not None:
-        try:
-            from .execute import db
-
-            dsn = db.resolve_dsn(manifest.xnat.database)
-            with db.connect(dsn) as conn, conn.cursor() as cur:
-                profile, mismatch = db.table_profile(cur)
-                if mismatch:
-                    refusals.append(mismatch)
-                else:
-                    rows = db.existing_rows(cur, study_uids)
-                    taken |= db.used_timestamps(cur)
-        except XnatMigrateError as exc:
-            skipped.append(f"XNAT's database ({exc}): table profile, existing prearchive rows")
-    return XnatFacts(
-        table_profile=profile,
-        existing_rows=rows,
-        archived=None,
-        taken_timestamps=frozenset(taken),
-        prearchive_writable=writable,
-        free_bytes=free,
-        same_filesystem=same_fs,
-        refusals=tuple(refusals),
-        skipped=tuple(skipped),
-    )
-
-
-def _timestamp_dirs(root: Path) -> set[str]:
-    """Timestamp folders already under the prearchive root and its project folders (§2)."""
-    out: set[str] = set()
-    try:
-        top = list(os.scandir(root))
-    except OSError:
-        return out
-    for entry in top:
-        if not entry.is_dir(follow_symlinks=False) or "." in entry.name:
-            continue
-        if xnat_table.is_timestamp_folder(entry.name):
-            out.add(entry.name)
-            continue
-        try:
-            out |= {e.name for e in os.scandir(entry.path) if xnat_table.is_timestamp_folder(e.name)}
-        except OSError:
-            continue
-    return out
-
-
-def _archived_facts(
-    manifest: Manifest, draft: Plan, offline: bool
-) -> tuple[frozenset[tuple[str, str]] | None, tuple[str, ...]] | None:
-    """Archived (project, label) pairs for the projects the draft plan writes into."""
-    projects = sorted({s.project for s in draft.sessions if s.project})
-    if not projects:
-        return None
-    what = "archived sessions with the same label"
-    if offline:
-        return None  # noted in the facts before planning
-    if manifest.xnat.url:
-        try:
-            from .execute.xnat import XnatClient, credentials_from_env
-
-            client = XnatClient(manifest.xnat.url, credentials_from_env(manifest.xnat.url))
-            found: set[tuple[str, str]] = set()
-            for p in projects:
-                found |= {(p, label) for label in client.experiment_labels(p)}
-            return frozenset(found), ()
-        except XnatMigrateError as exc:
-            return None, (f"{what} through XNAT's REST API ({exc})",)
-    if manifest.xnat.database is not None:
-        try:
-            from .execute import db
-
-            with db.connect(db.resolve_dsn(manifest.xnat.database)) as conn, conn.cursor() as cur:
-                labels_found = db.archived_labels(cur, projects)
-            if labels_found is None:
-                return None, (
-                    f"{what}: XNAT's experiment tables are not in this database and xnat.url is not set",
-                )
-            return labels_found, ()
-        except XnatMigrateError as exc:
-            return None, (f"{what} ({exc})",)
-    return None, (f"{what}: neither xnat.url nor xnat.database is set",)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -294,10 +220,10 @@ def apply(
     state_dir: str | Path | None = None,
     jobs: int | None = None,
     progress: ProgressFn | None = None,
-    on_session: Callable[[Any], None] | None = None,
+    on_session: Callable[[SessionResult], None] | None = None,
     poll: float = 1.0,
-) -> Any:
-    """Apply a saved plan (default ``<state-dir>/plan.json``); returns an ``ApplyReport``.
+) -> ApplyReport:
+    """Apply a saved plan (default ``<state-dir>/plan.json``).
 
     Refuses a stale plan and a second concurrent apply on the same state directory.
     """
@@ -316,25 +242,29 @@ def apply(
 @dataclass(frozen=True)
 class SessionStatus:
     action_id: str
-    method: str
+    method: Method
     project: str | None
     subject: str | None
     session: str
     study_uid: str
     prearchive_uri: str
-    status: str
-    last_step: str | None
-    last_outcome: str | None
-    remaining: tuple[str, ...]
+    status: SessionState
+    last_step: Step | None
+    last_outcome: Outcome | None
+    remaining: tuple[Step, ...]
     observed: dict[str, Any] | None
 
 
-def steps_for(method: str, build: str | None = None, archive: bool = False) -> tuple[str, ...]:
-    if method == "prearchive":
-        base: tuple[str, ...] = ("stage", "publish", "insert", "build")
-    else:
-        base = ("send", "locate", "build")
-    return base + (("archive",) if archive else ())
+def steps_for(method: Method, archive: bool = False) -> tuple[Step, ...]:
+    """The apply steps of a route, in order."""
+    match method:
+        case Method.PREARCHIVE:
+            base: tuple[Step, ...] = (Step.STAGE, Step.PUBLISH, Step.INSERT, Step.BUILD)
+        case Method.CSTORE:
+            base = (Step.SEND, Step.LOCATE, Step.BUILD)
+        case _:
+            unreachable(method)
+    return base + ((Step.ARCHIVE,) if archive else ())
 
 
 def status(state_dir: str | Path | None = None) -> list[SessionStatus]:
@@ -342,14 +272,16 @@ def status(state_dir: str | Path | None = None) -> list[SessionStatus]:
     sdir = state_dir_of(state_dir)
     out = []
     with StateStore(sdir, create=False) as store:
-        archive_wanted = _archive_flags(sdir)
-        for s in store.sessions():
+        sessions = store.sessions()
+        # Ledgers written before targets were recorded keep the archive option only in plan.json.
+        legacy = _archive_flags(sdir) if any(s.archive is None for s in sessions) else {}
+        for s in sessions:
             hist = store.history(s.action_id)
             done = store.steps_done(s.action_id)
-            wanted = steps_for(s.method, archive=archive_wanted.get(s.action_id, "archive" in done))
-            remaining = (
-                () if s.status in ("applied", "reverted") else tuple(w for w in wanted if w not in done)
-            )
+            archive = s.archive if s.archive is not None else legacy.get(s.action_id, Step.ARCHIVE in done)
+            wanted = steps_for(s.method, archive=archive)
+            finished = s.status in (SessionState.APPLIED, SessionState.REVERTED)
+            remaining = () if finished else tuple(w for w in wanted if w not in done)
             last = hist[-1] if hist else None
             out.append(
                 SessionStatus(
@@ -371,7 +303,6 @@ def status(state_dir: str | Path | None = None) -> list[SessionStatus]:
 
 
 def _archive_flags(sdir: Path) -> dict[str, bool]:
-    """Which sessions of the saved plan archive (the ledger keeps no copy of that option)."""
     try:
         p = load_plan(sdir / PLAN_FILE)
     except XnatMigrateError:
@@ -384,23 +315,30 @@ def _archive_flags(sdir: Path) -> dict[str, bool]:
 # --------------------------------------------------------------------------------------------
 
 
-def _target(sdir: Path) -> Any:
-    """The XNAT target the ledger's sessions went to: from the saved plan in the state directory."""
-    return load_plan(sdir / PLAN_FILE).xnat
+def _fallback_target(sdir: Path) -> XnatTarget | None:
+    """The saved plan's target, for sessions of a ledger that does not record its own."""
+    try:
+        return load_plan(sdir / PLAN_FILE).xnat
+    except XnatMigrateError:
+        return None
+
+
+def _fallback_if_needed(store: StateStore, sdir: Path) -> XnatTarget | None:
+    return _fallback_target(sdir) if any(s.target is None for s in store.sessions()) else None
 
 
 def verify(
     state_dir: str | Path | None = None,
     *,
     quick: bool = False,
-    on_session: Callable[[Any], None] | None = None,
-) -> Any:
-    """Check every applied session (files, checksums, rows, instances in XNAT); a VerifyReport."""
+    on_session: Callable[[SessionCheck], None] | None = None,
+) -> VerifyReport:
+    """Check every applied session (files, checksums, rows, instances in XNAT) where it went."""
     from .execute.verify import verify as run
 
     sdir = state_dir_of(state_dir)
     with StateStore(sdir, create=False) as store:
-        return run(store, _target(sdir), quick=quick, on_session=on_session)
+        return run(store, _fallback_if_needed(store, sdir), quick=quick, on_session=on_session)
 
 
 def revert(
@@ -412,7 +350,7 @@ def revert(
     force: bool = False,
     archived: bool = False,
     confirm: Callable[[str], bool] | None = None,
-) -> Any:
+) -> RevertReport:
     """Remove (with ``yes``) or list what this tool created and XNAT has not taken over."""
     from .execute.revert import revert as run
 
@@ -422,7 +360,7 @@ def revert(
             store.lock("revert")
         return run(
             store,
-            _target(sdir),
+            _fallback_if_needed(store, sdir),
             yes=yes,
             sessions=sessions,
             projects=projects,
@@ -432,10 +370,19 @@ def revert(
         )
 
 
-def refresh(state_dir: str | Path | None = None, *, on_session: Callable[[Any], None] | None = None) -> Any:
-    """Observe every applied session in XNAT now and record what was seen; a list of Observations."""
+def refresh(
+    state_dir: str | Path | None = None, *, on_session: Callable[[Observation], None] | None = None
+) -> list[Observation]:
+    """Observe every applied session in XNAT now and record what was seen."""
     from .execute.refresh import observe
 
     sdir = state_dir_of(state_dir)
     with StateStore(sdir, create=False) as store:
-        return observe(store, _target(sdir), on_session=on_session)
+        return observe(store, _fallback_if_needed(store, sdir), on_session=on_session)
+
+
+def junit_xml(report: VerifyReport) -> str:
+    """A verify report as JUnit XML (one test case per session, one failure per problem)."""
+    from .execute.verify import junit_xml as render
+
+    return render(report)

@@ -12,14 +12,18 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, api
 from .errors import ManifestError, XnatMigrateError
 from .explain import plan_json, plan_text
 from .progress import Progress
 
+if TYPE_CHECKING:
+    from .api import Observation, SessionCheck, SessionResult
+
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+_MARKS = {api.Result.DONE: "+", api.Result.NOOP: "=", api.Result.FAILED: "!", api.Result.SKIPPED: "-"}
 
 
 def _print_json(data: Any) -> None:
@@ -167,14 +171,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     bar = Progress("applying", "files", enabled=None if not args.json else False)
 
-    def on_session(res: Any) -> None:
+    def on_session(res: SessionResult) -> None:
         if args.json:
             return
         bar.close()
-        mark = {"done": "+", "noop": "=", "failed": "!", "skipped": "-"}[res.outcome]
         steps = ", ".join(f"{k}:{o}" for k, o in res.steps) or res.message or ""
-        print(f"  {mark} {res.label:<40} {res.outcome:<7} {steps}")
-        if res.outcome == "failed":
+        print(f"  {_MARKS[res.outcome]} {res.label:<40} {res.outcome:<7} {steps}")
+        if res.outcome is api.Result.FAILED:
             print(f"    error: {res.message}", file=sys.stderr)
 
     try:
@@ -183,11 +186,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    counts = {
-        k: sum(1 for s in report.sessions if s.outcome == k) for k in ("done", "noop", "failed", "skipped")
-    }
-    files = sum(s.files for s in report.sessions if s.outcome == "done")
-    size = sum(s.bytes for s in report.sessions if s.outcome == "done")
+    counts = {k.value: sum(1 for s in report.sessions if s.outcome is k) for k in api.Result}
+    files = sum(s.files for s in report.sessions if s.outcome is api.Result.DONE)
+    size = sum(s.bytes for s in report.sessions if s.outcome is api.Result.DONE)
     if args.json:
         _print_json(
             {
@@ -207,15 +208,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
             }
         )
     else:
-        if not counts["done"] and not counts["failed"] and not counts["skipped"]:
+        if not (counts[api.Result.DONE] or counts[api.Result.FAILED] or counts[api.Result.SKIPPED]):
             print(
                 f"Nothing to do: all {len(report.sessions)} session(s) of plan {report.plan_id[:12]} are applied."
             )
         else:
             rate = size / report.seconds / 1e6 if report.seconds > 0 else 0.0
             print(
-                f"Apply: {counts['done']} session(s) changed, {counts['noop']} already done, "
-                f"{counts['failed']} failed, {counts['skipped']} not attempted; "
+                f"Apply: {counts[api.Result.DONE]} session(s) changed, {counts[api.Result.NOOP]} already done, "
+                f"{counts[api.Result.FAILED]} failed, {counts[api.Result.SKIPPED]} not attempted; "
                 f"{files} file(s), {size / 1e6:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s)."
             )
     if report.stopped:
@@ -247,7 +248,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    def line(res: Any) -> None:
+    def line(res: SessionCheck) -> None:
         if args.json:
             return
         for p in res.problems:
@@ -260,9 +261,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     report = api.verify(args.state_dir, quick=args.quick, on_session=line)
     if args.junit:
-        from .execute.verify import junit_xml
-
-        api.atomic_write(Path(args.junit), junit_xml(report))
+        api.atomic_write(Path(args.junit), api.junit_xml(report))
     if args.json:
         _print_json(
             {
@@ -308,7 +307,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
     else:
         for i in report.items:
             print(f"  {i.outcome:<12} {i.label:<40} {i.reason}")
-        if report.dry_run and any(i.outcome == "would-remove" for i in report.items):
+        if report.dry_run and any(i.outcome is api.RevertOutcome.WOULD_REMOVE for i in report.items):
             print(
                 "Nothing was removed. Run `xnatmigrate revert --yes` to remove the sessions marked would-remove."
             )
@@ -320,7 +319,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    def line(o: Any) -> None:
+    def line(o: Observation) -> None:
         if not args.json:
             print(f"  {o.state:<9} {o.label:<40} {o.detail}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from .model import Plan, PlannedSession
+from .model import CstoreSession, Plan, PlannedSession, PrearchiveSession, unreachable
 
 MAX_REASONS = 5
 
@@ -22,7 +22,7 @@ def human_bytes(n: float) -> str:
 MAX_CONTEXTS = 128
 
 
-def associations(s: PlannedSession) -> int:
+def associations(s: CstoreSession) -> int:
     """Associations one sender worker opens for this session: contexts are split by 128."""
     return max(1, -(-len(s.contexts) // MAX_CONTEXTS))
 
@@ -47,29 +47,7 @@ def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
         "sql_file": sql_path,
         "table_profile": plan.table_profile,
         "summary": summary_counts(plan),
-        "sessions": [
-            {
-                "action_id": s.action_id,
-                "project": s.project,
-                "subject": s.subject,
-                "session": s.session,
-                "study_uid": s.study_uid,
-                "timestamp": s.timestamp or None,
-                "method": s.method,
-                "build": s.build,
-                "archive": s.archive,
-                "scans": len(s.scans),
-                "files": s.file_count,
-                "bytes": s.bytes,
-                "prearchive_uri": s.prearchive_uri,
-                "session_dir": s.session_dir,
-                "raw_labels": dict(s.raw_labels),
-                "routing_line": s.routing_line,
-                "contexts": len(s.contexts),
-                "associations_per_worker": associations(s) if s.method == "cstore" else 0,
-            }
-            for s in plan.sessions
-        ],
+        "sessions": [_session_json(s) for s in plan.sessions],
         "unchanged": [
             {"project": u.project, "session": u.session, "study_uid": u.study_uid, "reason": u.reason}
             for u in plan.unchanged
@@ -88,6 +66,66 @@ def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
         "warnings": list(plan.warnings),
         "skipped_checks": list(plan.skipped_checks),
     }
+
+
+def _session_json(s: PlannedSession) -> dict[str, Any]:
+    """One session of ``plan --json``: the same keys for every route (None where a route has none)."""
+    out: dict[str, Any] = {
+        "action_id": s.action_id,
+        "project": s.project,
+        "subject": s.subject,
+        "session": s.session,
+        "study_uid": s.study_uid,
+        "timestamp": None,
+        "method": s.method.value,
+        "build": s.build.value,
+        "archive": s.archive,
+        "scans": len(s.scans),
+        "files": s.file_count,
+        "bytes": s.bytes,
+        "prearchive_uri": s.prearchive_uri,
+        "session_dir": None,
+        "raw_labels": dict(s.raw_labels),
+        "routing_line": None,
+        "contexts": 0,
+        "associations_per_worker": 0,
+    }
+    match s:
+        case PrearchiveSession():
+            out.update(timestamp=s.timestamp, session_dir=s.session_dir)
+        case CstoreSession():
+            out.update(
+                routing_line=s.routing_line, contexts=len(s.contexts), associations_per_worker=associations(s)
+            )
+        case _:
+            unreachable(s)
+    return out
+
+
+def _route_lines(s: PlannedSession) -> list[str]:
+    archive = "yes" if s.archive else "no"
+    match s:
+        case PrearchiveSession():
+            return [f"        build: {s.build}, archive: {archive}"]
+        case CstoreSession():
+            routing = s.routing_line or f"none (XNAT's own rules → {s.project_label}/{s.session})"
+            return [
+                f"        routing: {routing}",
+                f"        {len(s.contexts)} presentation context(s) in {associations(s)} association(s) "
+                f"per --jobs worker; build: {s.build}, archive: {archive}",
+            ]
+        case _:
+            unreachable(s)
+
+
+def _where(s: PlannedSession) -> str:
+    match s:
+        case PrearchiveSession():
+            return s.session_dir
+        case CstoreSession():
+            return f"C-STORE → {s.prearchive_uri}"
+        case _:
+            unreachable(s)
 
 
 def _label_line(s: PlannedSession) -> str:
@@ -117,19 +155,12 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
             f"{human_bytes(size)}"
         )
         for s in sessions:
-            where = s.session_dir if s.method == "prearchive" else f"C-STORE → {s.prearchive_uri}"
-            out.append(f"    + {s.session:<24} {s.file_count:>6} files  {human_bytes(s.bytes):>9}  {where}")
+            out.append(
+                f"    + {s.session:<24} {s.file_count:>6} files  {human_bytes(s.bytes):>9}  {_where(s)}"
+            )
             if s.raw_labels:
                 out.append(f"        labels: {_label_line(s)}")
-            if s.method == "prearchive":
-                out.append(f"        build: {s.build}, archive: {'yes' if s.archive else 'no'}")
-            else:
-                routing = s.routing_line or f"none (XNAT's own rules → {s.project_label}/{s.session})"
-                out.append(f"        routing: {routing}")
-                out.append(
-                    f"        {len(s.contexts)} presentation context(s) in {associations(s)} association(s) "
-                    f"per --jobs worker; build: {s.build}, archive: {'yes' if s.archive else 'no'}"
-                )
+            out.extend(_route_lines(s))
         out.append("")
     if plan.unchanged:
         out.append(f"  unchanged: {len(plan.unchanged)} session(s) already migrated")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jinja2
 import jinja2.meta
@@ -32,6 +33,14 @@ _TEMPLATE_VAR = re.compile(r"\$\{([A-Za-z0-9]+)\}")
 _HASH_VAR = re.compile(r"^Hash([A-Za-z0-9]+?)With([A-Za-z0-9]+)$")
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
+# Labels become folder and file names (prearchive/<project>/<timestamp>/<session>/ and <session>.xml
+# next to it, §2): a path component has at most 255 bytes (NAME_MAX), less the ".xml" XNAT appends.
+# A sanitised label is ASCII, one byte per character of the raw one.
+MAX_LABEL_BYTES = 251
+# While rendering, no value a template builds (text, list, number's digits) nor its output may grow
+# past this: far more than any label, small enough that nothing large is ever built.
+_RENDER_CAP = 4096
+
 
 class TemplateError(XnatMigrateError):
     """A label template is malformed or uses a name that is not a DICOM keyword."""
@@ -43,6 +52,29 @@ class MissingValue(XnatMigrateError):
     def __init__(self, keyword: str) -> None:
         self.keyword = keyword
         super().__init__(f"template variable {keyword} is missing from the header")
+
+
+class LabelTooLong(MissingValue):
+    """A template renders a label longer than MAX_LABEL_BYTES for this file's values.
+
+    A MissingValue for its callers: the file's values give no usable label, so the planner rejects
+    the file with this message, as it does for a missing attribute.
+    """
+
+    def __init__(self, template: str, values: Mapping[str, str], length: int | None) -> None:
+        self.keyword = ""
+        shown = template if len(template) <= 60 else template[:57] + "..."
+        size = f"{length} characters" if length is not None else f"more than {_RENDER_CAP:,} characters"
+        XnatMigrateError.__init__(
+            self,
+            f"template {shown!r} renders a label of {size} for study "
+            f"{values.get('StudyInstanceUID') or '?'}, longer than the {MAX_LABEL_BYTES} a folder "
+            "name allows (255 bytes less the '.xml' XNAT appends): shorten the template",
+        )
+
+
+class _TooBig(Exception):
+    """Raised inside a render when a value would grow past _RENDER_CAP."""
 
 
 def is_valid_label(text: str) -> bool:
@@ -58,22 +90,135 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
 
+def _sized(value: object) -> object:
+    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)) and len(value) > _RENDER_CAP:
+        raise _TooBig
+    if isinstance(value, int) and value.bit_length() > 4 * _RENDER_CAP:  # ~4,900 digits
+        raise _TooBig
+    return value
+
+
+def _small_ints(args: tuple[object, ...], kwargs: Mapping[str, object]) -> None:
+    """A width, count or repeat bigger than any label is refused before it allocates anything."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > _RENDER_CAP:
+            raise _TooBig
+
+
+_FORMAT_NUMBER = re.compile(r"\d+|\*")
+
+
+def _small_format(fmt: object) -> None:
+    """``'%300000000s' % x`` or ``'{:>300000000}'.format(x)``: a huge (or argument-given) width."""
+    if isinstance(fmt, str):
+        for n in _FORMAT_NUMBER.findall(fmt):
+            if n == "*" or int(n) > _RENDER_CAP:
+                raise _TooBig
+
+
+def _small_replace(s: object, old: object, new: object, count: object = None) -> None:
+    if isinstance(s, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        n = s.count(old) if old else len(s) + 1
+        if isinstance(count, int) and count >= 0:
+            n = min(n, count)
+        if len(s) + n * (len(new) - len(old)) > _RENDER_CAP:
+            raise _TooBig
+
+
+def _bounded_filter(f: Callable[..., Any], name: str) -> Callable[..., Any]:
+    skip = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0  # context/env comes first
+
+    @functools.wraps(f)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _small_ints(args, kwargs)
+        if name == "replace":
+            _small_replace(*args[skip:])
+        elif name == "format" and len(args) > skip:
+            _small_format(args[skip])
+        return _sized(f(*args, **kwargs))
+
+    return bounded
+
+
+class _BoundedSandbox(jinja2.sandbox.SandboxedEnvironment):
+    """The sandbox, plus: nothing a template builds grows past _RENDER_CAP (repeats, powers,
+    padding, formatting, replace), so ``{{ PatientID * 300000000 }}`` fails fast instead of
+    allocating gigabytes. Loops and macros are refused when parsed (template_keywords)."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {k: _bounded_filter(f, k) for k, f in self.filters.items()}
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _RENDER_CAP:
+                    raise _TooBig
+        elif operator == "**":
+            ints = isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0
+            if ints and abs(left).bit_length() * right > 4 * _RENDER_CAP:
+                raise _TooBig
+        elif operator == "%":
+            _small_format(left)
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def call(self, context: jinja2.runtime.Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        _small_ints(args, kwargs)
+        owner = getattr(obj, "__self__", None)
+        name = getattr(obj, "__name__", "")
+        if isinstance(owner, str):
+            if name in ("format", "format_map"):
+                _small_format(owner)
+            elif name == "replace":
+                _small_replace(owner, *args)
+        return _sized(super().call(context, obj, *args, **kwargs))
+
+
 @functools.lru_cache(maxsize=1)
-def _env() -> jinja2.sandbox.SandboxedEnvironment:
+def _env() -> _BoundedSandbox:
     # Sandboxed: manifests come from users' git repositories, not from us. StrictUndefined: a
     # missing header value must be an error, never an empty label.
-    return jinja2.sandbox.SandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False
-    )
+    return _BoundedSandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+
+
+def _check_bounded(ast: jinja2.nodes.Template) -> None:
+    """Refuse what could run or grow without bound: loops, macros, and literal numbers that make
+    a label longer than any folder name (``PatientID * 300000000``)."""
+    for node in ast.find_all((jinja2.nodes.For, jinja2.nodes.Macro, jinja2.nodes.CallBlock)):
+        kind = "{% for %} loops" if isinstance(node, jinja2.nodes.For) else "macros"
+        raise TemplateError(f"a label template may not use {kind}; use expressions and filters")
+    for op in ast.find_all((jinja2.nodes.Mul, jinja2.nodes.Pow)):
+        for side in (op.left, op.right):
+            n = side.value if isinstance(side, jinja2.nodes.Const) else None
+            if isinstance(n, int) and not isinstance(n, bool) and n > MAX_LABEL_BYTES:
+                raise TemplateError(
+                    f"the template {'repeats by' if isinstance(op, jinja2.nodes.Mul) else 'raises to'} "
+                    f"{n}, which makes a label longer than the {MAX_LABEL_BYTES} characters a folder "
+                    "name allows; use a smaller number"
+                )
+    calls: Iterator[jinja2.nodes.Filter | jinja2.nodes.Call | jinja2.nodes.Test]
+    calls = ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Call, jinja2.nodes.Test))
+    for call in calls:
+        for arg in (*call.args, *(kw.value for kw in call.kwargs)):
+            n = arg.value if isinstance(arg, jinja2.nodes.Const) else None
+            if isinstance(n, int) and not isinstance(n, bool) and abs(n) > _RENDER_CAP:
+                raise TemplateError(
+                    f"the template passes {n} as a width or count, larger than any label "
+                    f"({MAX_LABEL_BYTES} characters at most); use a smaller number"
+                )
 
 
 @functools.lru_cache(maxsize=4096)
 def template_keywords(template: str) -> frozenset[str]:
-    """The variables a template reads. Raises TemplateError on a syntax error."""
+    """The variables a template reads. Raises TemplateError on a syntax error, or when the
+    template could loop or grow without bound (``_check_bounded``)."""
     try:
         ast = _env().parse(template)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}") from exc
+    _check_bounded(ast)
     return frozenset(jinja2.meta.find_undeclared_variables(ast))
 
 
@@ -92,9 +237,11 @@ def _compiled(template: str) -> jinja2.Template:
 def render(template: str, values: Mapping[str, str]) -> str:
     """Render a label template over header values (raw, before sanitising).
 
-    Raises MissingValue when a variable has no value in ``values``. Results are memoised by the
-    values the template reads (all files of a series share them), so large plans render each
-    distinct label once.
+    Raises MissingValue when a variable has no value in ``values``, LabelTooLong (a MissingValue)
+    when the label would be longer than MAX_LABEL_BYTES; the output is built piece by piece and
+    abandoned past _RENDER_CAP characters, and no value inside grows past it (_BoundedSandbox).
+    Results are memoised by the values the template reads (all files of a series share them), so
+    large plans render each distinct label once.
     """
     if not is_template(template):
         return template
@@ -103,13 +250,29 @@ def render(template: str, values: Mapping[str, str]) -> str:
     hit = _RENDERED.get(key)
     if hit is not None:
         return hit
+    parts: list[str] = []
+    size = 0
     try:
-        out = _compiled(template).render(**{k: values[k] for k in names if k in values}).strip()
+        for part in _compiled(template).generate(**{k: values[k] for k in names if k in values}):
+            size += len(part)
+            if size > _RENDER_CAP:
+                raise _TooBig
+            parts.append(part)
     except jinja2.UndefinedError:
         missing = [k for k in names if k not in values]
         raise MissingValue(missing[0] if missing else "?") from None
+    except _TooBig:
+        raise LabelTooLong(template, values, None) from None
     except jinja2.TemplateError as exc:
         raise TemplateError(f"template {template!r} failed: {exc}") from exc
+    except (ArithmeticError, ValueError, TypeError, LookupError) as exc:
+        raise TemplateError(
+            f"template {template!r} failed for study {values.get('StudyInstanceUID') or '?'}: {exc}; "
+            "fix the template"
+        ) from None
+    out = "".join(parts).strip()
+    if len(out) > MAX_LABEL_BYTES:
+        raise LabelTooLong(template, values, len(out))
     if len(_RENDERED) > 100_000:
         _RENDERED.clear()
     _RENDERED[key] = out
@@ -148,7 +311,8 @@ def java_string_hash(text: str) -> int:
             h = (31 * h + u) & 0xFFFFFFFF
         return h
     # sum(u_i * 31^(n-1-i)) mod 2^32, with the products done by map() in C: ~4× the plain loop.
-    return sum(map(operator.mul, units, _POW31[len(_POW31) - n :])) & 0xFFFFFFFF
+    total: int = sum(map(operator.mul, units, _POW31[len(_POW31) - n :]))
+    return total & 0xFFFFFFFF
 
 
 _POW31 = tuple(pow(31, k, 1 << 32) for k in range(255, -1, -1))

@@ -14,8 +14,9 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -23,13 +24,30 @@ import yaml
 from . import labels
 from .errors import ManifestError, Problem
 from .model import (
+    Build,
     DatabaseTarget,
     Manifest,
+    Method,
+    Routing,
     ScpTarget,
     SourceSpec,
+    Transfer,
     XnatTarget,
 )
 from .resources import schema_path
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _enum(kind: type[_E], value: object, default: _E) -> _E | None:
+    """``value`` as a member of ``kind``; the default when absent, None when not a member."""
+    if value is None:
+        return default
+    try:
+        return kind(str(value))
+    except ValueError:
+        return None
+
 
 PathT = tuple[Any, ...]
 
@@ -326,15 +344,16 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
             if isinstance(src.get(key), str):
                 _check_label(doc, base + (key,), src[key])
         _check_where(doc, base + ("where",), src.get("where"))
-        method = opts.get("method", "prearchive")
-        build = opts.get("build", "rest")
-        if method == "cstore" and "scp" not in xnat:
+        # The schema has already checked the spellings; unknown ones only reach here as None.
+        method = _enum(Method, opts.get("method"), Method.PREARCHIVE)
+        build = _enum(Build, opts.get("build"), Build.REST)
+        if method is Method.CSTORE and "scp" not in xnat:
             doc.problem(base, "method cstore needs xnat.scp (host, port, called_aet) to send to")
-        if method == "prearchive":
+        if method is Method.PREARCHIVE:
             for need in ("prearchive", "database"):
                 if need not in xnat:
                     doc.problem(base, f"method prearchive needs xnat.{need}")
-        if build == "rest" and "url" not in xnat:
+        if build is Build.REST and "url" not in xnat:
             doc.problem(base, "build: rest needs xnat.url (or set build: scheduler or none)")
         if opts.get("archive") and "url" not in xnat:
             doc.problem(base, "archive: true needs xnat.url")
@@ -439,11 +458,11 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
                 include=tuple(opts.get("include") or ("**/*",)),
                 exclude=tuple(opts.get("exclude") or ()),
                 where=tuple(sorted((k, (v,) if isinstance(v, str) else tuple(v)) for k, v in where.items())),
-                method=opts.get("method", "prearchive"),
-                transfer=opts.get("transfer", "copy"),
-                build=opts.get("build", "rest"),
+                method=Method(opts.get("method", Method.PREARCHIVE)),
+                transfer=Transfer(opts.get("transfer", Transfer.COPY)),
+                build=Build(opts.get("build", Build.REST)),
                 archive=bool(opts.get("archive", False)),
-                routing=opts.get("routing", "patient_comments"),
+                routing=Routing(opts.get("routing", Routing.PATIENT_COMMENTS)),
                 build_timeout=float(opts.get("build_timeout", 900.0)),
                 hardlink_changes_sources=bool(opts.get("hardlink_changes_sources", False)),
                 follow_links=bool(opts.get("follow_links", False)),

@@ -13,16 +13,136 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any
+from enum import Enum, StrEnum
+from typing import Any, ClassVar, NoReturn, TypeAlias
 
 from .errors import PlanError
 
-METHODS = ("prearchive", "cstore")
-TRANSFERS = ("copy", "hardlink")
-BUILDS = ("rest", "scheduler", "none")
-ROUTINGS = ("patient_comments", "study_comments", "none")
+# --------------------------------------------------------------------------------------------
+# The domain's closed vocabularies. NOTE: every one is a StrEnum, so a member *is* its string
+# (JSON, SQLite and psycopg2 see "prearchive"), and no module spells these values as literals.
+# --------------------------------------------------------------------------------------------
 
-PLAN_FORMAT = 1
+
+class Method(StrEnum):
+    """How a session reaches XNAT (one planned-session type each)."""
+
+    PREARCHIVE = "prearchive"
+    CSTORE = "cstore"
+
+
+class Transfer(StrEnum):
+    """How prearchive files are staged."""
+
+    COPY = "copy"
+    HARDLINK = "hardlink"
+
+
+class Build(StrEnum):
+    """Who builds the prearchive session: the tool over REST, XNAT's scheduled job, or nobody."""
+
+    REST = "rest"
+    SCHEDULER = "scheduler"
+    NONE = "none"
+
+
+class Routing(StrEnum):
+    """Where a C-STORE sender writes ``Project:/Subject:/Session:`` (xnat-reference.md §5)."""
+
+    PATIENT_COMMENTS = "patient_comments"
+    STUDY_COMMENTS = "study_comments"
+    NONE = "none"
+
+
+class Step(StrEnum):
+    """A ledger step. Apply steps first; revert records its own three."""
+
+    STAGE = "stage"
+    PUBLISH = "publish"
+    INSERT = "insert"
+    BUILD = "build"
+    ARCHIVE = "archive"
+    SEND = "send"
+    LOCATE = "locate"
+    REVERT_FILES = "revert-files"
+    REVERT_ROW = "revert-row"
+    REVERT_ARCHIVE = "revert-archive"
+
+
+APPLY_STEPS: frozenset[Step] = frozenset(
+    {Step.STAGE, Step.PUBLISH, Step.INSERT, Step.BUILD, Step.ARCHIVE, Step.SEND, Step.LOCATE}
+)
+
+
+class Outcome(StrEnum):
+    """What one recorded step did. ``reverted`` undoes an earlier done/noop of the same step."""
+
+    DONE = "done"
+    NOOP = "noop"
+    FAILED = "failed"
+    REVERTED = "reverted"
+
+
+class SessionState(StrEnum):
+    """A session's status in the ledger (not XNAT's): applying → applied | failed; reverted."""
+
+    APPLYING = "applying"
+    APPLIED = "applied"
+    FAILED = "failed"
+    REVERTED = "reverted"
+
+
+class Result(StrEnum):
+    """What one apply run did with one session."""
+
+    DONE = "done"
+    NOOP = "noop"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class RevertOutcome(StrEnum):
+    """What revert did (or, in a dry run, would do) with one session."""
+
+    WOULD_REMOVE = "would-remove"
+    REMOVED = "removed"
+    REFUSED = "refused"
+    NOTHING = "nothing"
+
+
+class Check(StrEnum):
+    """What a verify finding is about."""
+
+    FILES = "files"
+    ROW = "row"
+    ARCHIVE = "archive"
+    SEND = "send"
+    XNAT = "xnat"
+    ERROR = "error"
+
+
+class Seen(StrEnum):
+    """What refresh saw of a session in XNAT."""
+
+    WAITING = "waiting"
+    BUILDING = "building"
+    BUILT = "built"
+    ERROR = "error"
+    CONFLICT = "conflict"
+    ARCHIVED = "archived"
+    MOVED = "moved"
+    DELETED = "deleted"
+    STUCK = "stuck"
+    UNKNOWN = "unknown"
+    OTHER = "other"  # a status outside the groups above (e.g. QUEUED_DELETING): ``status`` says which
+
+
+def unreachable(value: NoReturn) -> NoReturn:
+    """The ``case _`` of an exhaustive ``match``: mypy proves it dead; at run time it is a bug."""
+    raise AssertionError(f"unhandled case {value!r}")
+
+
+PLAN_FORMAT = 2
 
 # The DICOM attributes every scan reads, whatever the manifest asks for: identity, XNAT naming
 # (xnat-reference.md §2), routing (§5) and the prearchive row (§1).
@@ -105,16 +225,26 @@ class SourceSpec:
     include: tuple[str, ...] = ("**/*",)
     exclude: tuple[str, ...] = ()
     where: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    method: str = "prearchive"
-    transfer: str = "copy"
-    build: str = "rest"
+    method: Method = Method.PREARCHIVE
+    transfer: Transfer = Transfer.COPY
+    build: Build = Build.REST
     archive: bool = False
-    routing: str = "patient_comments"
+    routing: Routing = Routing.PATIENT_COMMENTS
     build_timeout: float = 900.0
     # The manifest acknowledges that hard links plus xnat.file_mode/file_owner change the sources.
     hardlink_changes_sources: bool = False
     # Follow symbolic links leading outside the source folder (otherwise they are rejects).
     follow_links: bool = False
+
+    def __post_init__(self) -> None:
+        # Callers may spell the vocabularies as strings; inside, they are always members.
+        for name, kind in (
+            ("method", Method),
+            ("transfer", Transfer),
+            ("build", Build),
+            ("routing", Routing),
+        ):
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
     @property
     def where_map(self) -> dict[str, tuple[str, ...]]:
@@ -228,35 +358,25 @@ class PresentationContext:
     transfer_syntaxes: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class PlannedSession:
-    """One study becoming one XNAT prearchive session.
-
-    ``row`` holds the prearchive columns as JSON values (timestamps as ``YYYY-MM-DD HH:MM:SS.fff``
-    strings); it is None for C-STORE sessions, whose row XNAT's receiver writes itself.
-    """
+@dataclass(frozen=True, kw_only=True)
+class _SessionBase:
+    """What every planned session has, whatever its route: one study becoming one XNAT session."""
 
     action_id: str
     source_index: int
-    method: str
     project: str | None
     subject: str | None
     session: str
     study_uid: str
-    timestamp: str
-    build: str
+    build: Build
     archive: bool
-    transfer: str
-    routing: str
     build_timeout: float
     prearchive_uri: str
-    session_dir: str | None
-    url: str | None
-    row: Mapping[str, Any] | None
     scans: tuple[PlannedScan, ...]
     raw_labels: Mapping[str, str] = field(default_factory=dict)
-    routing_line: str | None = None
-    contexts: tuple[PresentationContext, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "build", Build(self.build))
 
     @property
     def files(self) -> tuple[PlannedFile, ...]:
@@ -274,6 +394,56 @@ class PlannedSession:
     def project_label(self) -> str:
         """The project as XNAT's REST shows it: ``Unassigned`` for NULL (xnat-reference.md §1)."""
         return self.project or "Unassigned"
+
+    @property
+    def label(self) -> str:
+        """``project/session`` as messages name a session."""
+        return f"{self.project_label}/{self.session}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrearchiveSession(_SessionBase):
+    """Files staged and renamed into ``prearchive/<project>/<timestamp>/<session>`` plus one row.
+
+    ``row`` holds the prearchive columns as JSON values (timestamps as ``YYYY-MM-DD HH:MM:SS.fff``
+    strings), exactly what plan.sql inserts.
+    """
+
+    method: ClassVar[Method] = Method.PREARCHIVE
+    timestamp: str
+    transfer: Transfer
+    session_dir: str
+    url: str
+    row: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "transfer", Transfer(self.transfer))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CstoreSession(_SessionBase):
+    """Files sent to XNAT's receiver, which writes the prearchive row itself.
+
+    ``routing_line`` is what the sender writes into the ``routing`` element (None: XNAT's own rules).
+    """
+
+    method: ClassVar[Method] = Method.CSTORE
+    routing: Routing
+    routing_line: str | None = None
+    contexts: tuple[PresentationContext, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "routing", Routing(self.routing))
+
+
+# The closed union of routes: dispatch on it with ``match`` and ``unreachable`` as the last case.
+PlannedSession: TypeAlias = PrearchiveSession | CstoreSession
+SESSION_TYPES: Mapping[Method, type[PrearchiveSession] | type[CstoreSession]] = {
+    Method.PREARCHIVE: PrearchiveSession,
+    Method.CSTORE: CstoreSession,
+}
 
 
 @dataclass(frozen=True)
@@ -320,12 +490,6 @@ class Plan:
     def has_changes(self) -> bool:
         return bool(self.sessions)
 
-    def session(self, action_id: str) -> PlannedSession:
-        for s in self.sessions:
-            if s.action_id == action_id:
-                return s
-        raise KeyError(action_id)
-
 
 # --------------------------------------------------------------------------------------------
 # JSON round trip
@@ -336,15 +500,18 @@ _HASH_EXCLUDED = ("plan_id", "created")
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The plan as JSON-ready data (the shape ``schemas/plan.schema.json`` describes)."""
-    return _plain(plan)
+    data: dict[str, Any] = _plain(plan)
+    return data
 
 
 def compute_plan_id(plan: Plan) -> str:
     """SHA-256 over the canonical JSON of the plan, without its id and creation time."""
-    data = plan_to_dict(plan)
-    for key in _HASH_EXCLUDED:
-        data.pop(key, None)
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _content_hash(plan_to_dict(plan))
+
+
+def _content_hash(data: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k not in _HASH_EXCLUDED}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -353,11 +520,21 @@ def with_plan_id(plan: Plan) -> Plan:
 
 
 def plan_from_dict(data: Mapping[str, Any]) -> Plan:
-    """Rebuild a Plan from ``plan_to_dict`` output; raises PlanError on a foreign format."""
-    if data.get("format") != PLAN_FORMAT:
+    """Rebuild a Plan from ``plan_to_dict`` output.
+
+    Raises PlanError on a foreign format and on content that does not hash to its ``plan_id``
+    (a hand-edited plan: what was reviewed is not what would be applied).
+    """
+    fmt = data.get("format") if isinstance(data, Mapping) else None
+    if fmt != PLAN_FORMAT:
         raise PlanError(
-            f"plan format {data.get('format')!r} is not {PLAN_FORMAT}; re-run `xnatmigrate plan` "
-            "with this version of xnatmigrate"
+            f"the plan was written in plan format {fmt!r}, this xnatmigrate reads format {PLAN_FORMAT}; "
+            "re-run `xnatmigrate plan` with this version of xnatmigrate"
+        )
+    if data.get("plan_id") != _content_hash(data):
+        raise PlanError(
+            "the plan's content does not match its plan_id: it was edited after `xnatmigrate plan` "
+            "wrote it; re-run `xnatmigrate plan` (change the manifest, never plan.json)"
         )
     try:
         xnat = _xnat_from(data["xnat"])
@@ -380,6 +557,16 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"the plan file is damaged ({exc!r}); re-run `xnatmigrate plan`") from exc
+
+
+def xnat_from_dict(d: Mapping[str, Any]) -> XnatTarget:
+    """An ``XnatTarget`` from its JSON form (plan.json, the ledger's recorded targets)."""
+    return _xnat_from(d)
+
+
+def xnat_to_dict(x: XnatTarget) -> dict[str, Any]:
+    result: dict[str, Any] = _plain(x)
+    return result
 
 
 def _xnat_from(d: Mapping[str, Any]) -> XnatTarget:
@@ -407,12 +594,41 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
         )
         for s in d["scans"]
     )
-    contexts = tuple(
-        PresentationContext(c["sop_class_uid"], tuple(c["transfer_syntaxes"])) for c in d.get("contexts", ())
+    common: dict[str, Any] = dict(
+        action_id=d["action_id"],
+        source_index=d["source_index"],
+        project=d["project"],
+        subject=d["subject"],
+        session=d["session"],
+        study_uid=d["study_uid"],
+        build=Build(d["build"]),
+        archive=d["archive"],
+        build_timeout=d["build_timeout"],
+        prearchive_uri=d["prearchive_uri"],
+        scans=scans,
+        raw_labels=d.get("raw_labels", {}),
     )
-    known = {f.name for f in fields(PlannedSession)}
-    plain = {k: v for k, v in d.items() if k in known and k not in ("scans", "contexts")}
-    return PlannedSession(**plain, scans=scans, contexts=contexts)
+    method = Method(d["method"])
+    match method:
+        case Method.PREARCHIVE:
+            return PrearchiveSession(
+                **common,
+                timestamp=d["timestamp"],
+                transfer=Transfer(d["transfer"]),
+                session_dir=d["session_dir"],
+                url=d["url"],
+                row=d["row"],
+            )
+        case Method.CSTORE:
+            contexts = tuple(
+                PresentationContext(c["sop_class_uid"], tuple(c["transfer_syntaxes"]))
+                for c in d.get("contexts", ())
+            )
+            return CstoreSession(
+                **common, routing=Routing(d["routing"]), routing_line=d.get("routing_line"), contexts=contexts
+            )
+        case _:
+            unreachable(method)
 
 
 def _plain(obj: Any) -> Any:
@@ -424,6 +640,8 @@ def _plain(obj: Any) -> Any:
     names = _FIELD_NAMES.get(type(obj))
     if names is not None:
         return {n: _plain(getattr(obj, n)) for n in names}
+    if isinstance(obj, Enum):
+        return obj.value
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     if isinstance(obj, Mapping):
@@ -431,7 +649,9 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if is_dataclass(obj):
-        _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+        # The route is a ClassVar of each planned-session type; plan.json names it as ``method``.
+        extra = ("method",) if isinstance(obj, _SessionBase) else ()
+        _FIELD_NAMES[type(obj)] = extra + tuple(f.name for f in fields(obj))
         return _plain(obj)
     return obj
 

@@ -21,18 +21,26 @@ from typing import Any, Protocol
 from . import labels, xnat_table
 from .errors import PlanError
 from .model import (
+    Build,
+    CstoreSession,
     FileHeader,
     HeldBack,
     Manifest,
+    Method,
     Plan,
     PlannedFile,
     PlannedScan,
     PlannedSession,
+    PrearchiveSession,
     PresentationContext,
     Reject,
+    Routing,
+    SessionState,
     SourceSpec,
+    Transfer,
     UnchangedSession,
     XnatFacts,
+    unreachable,
     with_plan_id,
 )
 from .state import AppliedSession
@@ -95,7 +103,7 @@ def build_plan(
     todo: list[_Study] = []
     for st in studies:
         prior = applied.get(st.key)
-        if prior is not None and prior.status == "applied":
+        if prior is not None and prior.status is SessionState.APPLIED:
             if set(prior.sources) == {f.path for f in st.files}:
                 unchanged.append(
                     UnchangedSession(st.project, st.session, st.study_uid, f"applied ({prior.action_id})")
@@ -309,19 +317,22 @@ def _make_sessions(
 ) -> list[PlannedSession]:
     taken = set(facts.taken_timestamps) | state.all_timestamps()
     clock = now.replace(microsecond=(now.microsecond // 1000) * 1000)
-    out = []
+    out: list[PlannedSession] = []
     for st in studies:
-        src = st.source
-        if src.method == "cstore":
-            out.append(_cstore_session(manifest, st))
-            continue
-        ts = state.timestamp_for(st.project, st.session, st.study_uid)
-        if ts is None:
-            while xnat_table.timestamp_folder(clock) in taken:
-                clock += timedelta(milliseconds=1)
-            ts = xnat_table.timestamp_folder(clock)
-            taken.add(ts)
-        out.append(_prearchive_session(manifest, st, ts))
+        method = st.source.method
+        match method:
+            case Method.CSTORE:
+                out.append(_cstore_session(st))
+            case Method.PREARCHIVE:
+                ts = state.timestamp_for(st.project, st.session, st.study_uid)
+                if ts is None:
+                    while xnat_table.timestamp_folder(clock) in taken:
+                        clock += timedelta(milliseconds=1)
+                    ts = xnat_table.timestamp_folder(clock)
+                    taken.add(ts)
+                out.append(_prearchive_session(manifest, st, ts))
+            case _:
+                unreachable(method)
     return out
 
 
@@ -358,7 +369,7 @@ def _action_id(*parts: object) -> str:
     return hashlib.sha256("|".join("" if p is None else str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSession:
+def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PrearchiveSession:
     src = st.source
     root = manifest.xnat.prearchive or ""
     url_root = (manifest.xnat.url_root or root).rstrip("/")
@@ -382,20 +393,19 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSessi
         # A scheduled build archives by itself only if autoarchive says so (§3, isAutoArchive);
         # REST builds never auto-archive, the tool archives explicitly then.
         "autoarchive": xnat_table.AUTOARCHIVE_AUTO
-        if (src.build == "scheduler" and src.archive)
+        if (src.build is Build.SCHEDULER and src.archive)
         else xnat_table.AUTOARCHIVE_MANUAL,
         "prevent_anon": False,
         # Only `build: scheduler` lets XNAT's SessionXMLRebuilder job pick the row up (§3).
-        "prevent_auto_commit": src.build != "scheduler",
+        "prevent_auto_commit": src.build is not Build.SCHEDULER,
         "source": xnat_table.ROW_SOURCE,
         "visit": None,
         "protocol": None,
         "timezone": None,
     }
-    return PlannedSession(
-        action_id=_action_id("prearchive", st.project, st.session, st.study_uid, ts),
+    return PrearchiveSession(
+        action_id=_action_id(Method.PREARCHIVE, st.project, st.session, st.study_uid, ts),
         source_index=src.index,
-        method="prearchive",
         project=st.project,
         subject=st.subject,
         session=st.session,
@@ -404,7 +414,6 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSessi
         build=src.build,
         archive=src.archive,
         transfer=src.transfer,
-        routing=src.routing,
         build_timeout=src.build_timeout,
         prearchive_uri=f"/prearchive/projects/{st.project or 'Unassigned'}/{ts}/{st.session}",
         session_dir=f"{root.rstrip('/')}/{rel}",
@@ -415,35 +424,29 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PlannedSessi
     )
 
 
-def _cstore_session(manifest: Manifest, st: _Study) -> PlannedSession:
+def _cstore_session(st: _Study) -> CstoreSession:
     src = st.source
     project, subject, session = st.project, st.subject, st.session
     line = None
-    if src.routing != "none":
+    if src.routing is not Routing.NONE:
         line = labels.routing_line(project, subject, session)
     else:
         project, subject, session = labels.predict_route(st.files[0].values)
     contexts: dict[str, set[str]] = defaultdict(set)
     for h in st.files:
         contexts[h.sop_class_uid].add(h.transfer_syntax)
-    return PlannedSession(
-        action_id=_action_id("cstore", project, session, st.study_uid),
+    return CstoreSession(
+        action_id=_action_id(Method.CSTORE, project, session, st.study_uid),
         source_index=src.index,
-        method="cstore",
         project=project,
         subject=subject,
         session=session,
         study_uid=st.study_uid,
-        timestamp="",
         build=src.build,
         archive=src.archive,
-        transfer=src.transfer,
         routing=src.routing,
         build_timeout=src.build_timeout,
         prearchive_uri=f"/prearchive/projects/{project or 'Unassigned'}",
-        session_dir=None,
-        url=None,
-        row=None,
         scans=_scans(st),
         raw_labels=st.raw,
         routing_line=line,
@@ -456,7 +459,7 @@ def _routing_warnings(studies: list[_Study]) -> list[str]:
     identifier reads first (§5 rows 3-4): say so per study, as the route would silently differ."""
     out = []
     for st in studies:
-        if st.source.method != "cstore" or st.source.routing != "study_comments":
+        if st.source.method is not Method.CSTORE or st.source.routing is not Routing.STUDY_COMMENTS:
             continue
         found: dict[str, str] = {}
         for h in st.files:
@@ -497,13 +500,13 @@ def _scan_date(study_date: str | None, study_time: str | None) -> tuple[str | No
 
 def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
     out: list[str] = []
-    pre = [s for s in sessions if s.method == "prearchive"]
+    pre = [s for s in sessions if isinstance(s, PrearchiveSession)]
     if not pre:
         return out
     root = manifest.xnat.prearchive
     if facts.prearchive_writable is False:
         out.append(f"the prearchive {root} is missing or not writable by this user; fix xnat.prearchive")
-    copy_bytes = sum(s.bytes for s in pre if s.transfer == "copy")
+    copy_bytes = sum(s.bytes for s in pre if s.transfer is Transfer.COPY)
     if facts.free_bytes is not None and copy_bytes > facts.free_bytes:
         out.append(
             f"not enough free space in {root}: {copy_bytes / 1e9:.2f} GB to copy, "
@@ -511,7 +514,7 @@ def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: 
         )
     if facts.same_filesystem is not None:
         for s in pre:
-            if s.transfer != "hardlink":
+            if s.transfer is not Transfer.HARDLINK:
                 continue
             src = manifest.sources[s.source_index].source
             if facts.same_filesystem.get(src) is False:

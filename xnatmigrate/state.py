@@ -27,7 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockedError, StateError
-from .model import CachedHeader
+from .model import (
+    Build,
+    CachedHeader,
+    CstoreSession,
+    Method,
+    Outcome,
+    PlannedSession,
+    PrearchiveSession,
+    SessionState,
+    Step,
+    XnatTarget,
+    unreachable,
+    xnat_from_dict,
+    xnat_to_dict,
+)
 
 STATE_FORMAT = 1
 STATE_FILE = "state.db"
@@ -58,10 +72,10 @@ CREATE TABLE IF NOT EXISTS sent (
     at TEXT NOT NULL, PRIMARY KEY (action_id, sop_instance_uid));
 CREATE TABLE IF NOT EXISTS observed (
     action_id TEXT PRIMARY KEY, observation TEXT NOT NULL, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS session_targets (
+    action_id TEXT PRIMARY KEY, target_json TEXT NOT NULL, build TEXT NOT NULL,
+    archive INTEGER NOT NULL);
 """
-
-# Session statuses in the ledger (not XNAT's): planned → applying → applied | failed; reverted.
-SESSION_DONE = "applied"
 
 
 def now_iso() -> str:
@@ -74,7 +88,7 @@ class AppliedSession:
 
     action_id: str
     plan_id: str
-    method: str
+    method: Method
     project: str | None
     subject: str | None
     session: str
@@ -87,7 +101,20 @@ class AppliedSession:
     files: int
     bytes: int
     sources: tuple[str, ...]
-    status: str
+    status: SessionState
+    # Where it went and what was asked, as recorded when its apply started (None: a ledger
+    # written before targets were recorded; callers fall back to the saved plan then).
+    target: XnatTarget | None = None
+    build: Build | None = None
+    archive: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method(self.method))
+        object.__setattr__(self, "status", SessionState(self.status))
+
+    @property
+    def label(self) -> str:
+        return f"{self.project or 'Unassigned'}/{self.session}"
 
 
 class StateView:
@@ -323,15 +350,30 @@ class StateStore:
 
     # -- sessions and steps ---------------------------------------------------------------------
 
-    def register_session(self, plan_id: str, s: Any) -> None:
-        """Record a planned session (a ``PlannedSession``) before its first step; idempotent."""
+    def register_session(self, plan_id: str, s: PlannedSession, target: XnatTarget) -> None:
+        """Record a planned session and its target before its first step; idempotent.
+
+        NOTE: the target is recorded once, with the first attempt: verify, revert, refresh and
+        status then act on where the session went, whatever plan.json says later.
+        """
+        timestamp: str
+        session_dir: str | None
+        url: str | None
+        row: Mapping[str, Any] | None
+        match s:
+            case PrearchiveSession():
+                timestamp, session_dir, url, row = s.timestamp, s.session_dir, s.url, s.row
+            case CstoreSession():
+                timestamp, session_dir, url, row = "", None, None, None
+            case _:
+                unreachable(s)
         with self.tx():
             self.conn.execute(
                 "INSERT INTO sessions (action_id, plan_id, method, project, subject, session, "
                 "study_uid, timestamp, session_dir, url, prearchive_uri, row_json, files, bytes, "
                 "sources_json, status, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (action_id) DO UPDATE SET plan_id=excluded.plan_id, "
-                "updated=excluded.updated WHERE sessions.status != 'applied'",
+                "updated=excluded.updated WHERE sessions.status != ?",
                 (
                     s.action_id,
                     plan_id,
@@ -340,20 +382,26 @@ class StateStore:
                     s.subject,
                     s.session,
                     s.study_uid,
-                    s.timestamp,
-                    s.session_dir,
-                    s.url,
+                    timestamp,
+                    session_dir,
+                    url,
                     s.prearchive_uri,
-                    json.dumps(dict(s.row)) if s.row is not None else None,
+                    json.dumps(dict(row)) if row is not None else None,
                     s.file_count,
                     s.bytes,
                     json.dumps(sorted(f.source for f in s.files)),
-                    "applying",
+                    SessionState.APPLYING,
                     now_iso(),
+                    SessionState.APPLIED,
                 ),
             )
+            self.conn.execute(
+                "INSERT OR IGNORE INTO session_targets (action_id, target_json, build, archive) "
+                "VALUES (?,?,?,?)",
+                (s.action_id, json.dumps(xnat_to_dict(target), sort_keys=True), s.build, int(s.archive)),
+            )
 
-    def set_session_status(self, action_id: str, status: str) -> None:
+    def set_session_status(self, action_id: str, status: SessionState) -> None:
         with self.tx():
             self.conn.execute(
                 "UPDATE sessions SET status=?, updated=? WHERE action_id=?", (status, now_iso(), action_id)
@@ -361,30 +409,49 @@ class StateStore:
 
     def sessions(self) -> list[AppliedSession]:
         rows = self.conn.execute(
-            "SELECT action_id, plan_id, method, project, subject, session, study_uid, timestamp, "
-            "session_dir, url, prearchive_uri, row_json, files, bytes, sources_json, status "
-            "FROM sessions ORDER BY project, session, study_uid"
+            "SELECT s.action_id, plan_id, method, project, subject, session, study_uid, timestamp, "
+            "session_dir, url, prearchive_uri, row_json, files, bytes, sources_json, status, "
+            "t.target_json, t.build, t.archive "
+            "FROM sessions s LEFT JOIN session_targets t ON t.action_id = s.action_id "
+            "ORDER BY project, session, study_uid"
         ).fetchall()
-        return [
-            AppliedSession(
-                *r[:11],
-                row=json.loads(r[11]) if r[11] else None,  # type: ignore[misc]
-                files=r[12],
-                bytes=r[13],
-                sources=tuple(json.loads(r[14])),
-                status=r[15],
+        targets: dict[str, XnatTarget] = {}  # one decode per distinct target
+        out = []
+        for r in rows:
+            target = None
+            if r[16] is not None:
+                target = targets.get(r[16])
+                if target is None:
+                    target = targets[r[16]] = xnat_from_dict(json.loads(r[16]))
+            out.append(
+                AppliedSession(
+                    action_id=r[0],
+                    plan_id=r[1],
+                    method=Method(r[2]),
+                    project=r[3],
+                    subject=r[4],
+                    session=r[5],
+                    study_uid=r[6],
+                    timestamp=r[7],
+                    session_dir=r[8],
+                    url=r[9],
+                    prearchive_uri=r[10],
+                    row=json.loads(r[11]) if r[11] else None,
+                    files=r[12],
+                    bytes=r[13],
+                    sources=tuple(json.loads(r[14])),
+                    status=SessionState(r[15]),
+                    target=target,
+                    build=Build(r[17]) if r[17] is not None else None,
+                    archive=bool(r[18]) if r[18] is not None else None,
+                )
             )
-            for r in rows
-        ]
+        return out
 
-    def session(self, action_id: str) -> AppliedSession | None:
-        for s in self.sessions():
-            if s.action_id == action_id:
-                return s
-        return None
-
-    def record_step(self, action_id: str, step: str, outcome: str = "done", detail: Any = None) -> None:
-        """Append one ledger entry. ``outcome``: done | noop | failed."""
+    def record_step(
+        self, action_id: str, step: Step, outcome: Outcome = Outcome.DONE, detail: Any = None
+    ) -> None:
+        """Append one ledger entry."""
         with self.tx():
             self.conn.execute(
                 "INSERT INTO steps (action_id, step, outcome, detail, at) VALUES (?, ?, ?, ?, ?)",
@@ -397,26 +464,26 @@ class StateStore:
                 ),
             )
 
-    def steps_done(self, action_id: str) -> set[str]:
+    def steps_done(self, action_id: str) -> set[Step]:
         """Steps whose latest record is done or noop (a later ``reverted`` record undoes them)."""
         latest: dict[str, str] = {}
         for step, outcome in self.conn.execute(
             "SELECT step, outcome FROM steps WHERE action_id=? ORDER BY id", (action_id,)
         ):
             latest[step] = outcome
-        return {s for s, o in latest.items() if o in ("done", "noop")}
+        return {Step(s) for s, o in latest.items() if o in (Outcome.DONE, Outcome.NOOP)}
 
-    def step_detail(self, action_id: str, step: str) -> Any:
+    def step_detail(self, action_id: str, step: Step) -> Any:
         row = self.conn.execute(
-            "SELECT detail FROM steps WHERE action_id=? AND step=? AND outcome IN ('done','noop') "
+            "SELECT detail FROM steps WHERE action_id=? AND step=? AND outcome IN (?, ?) "
             "ORDER BY id DESC LIMIT 1",
-            (action_id, step),
+            (action_id, step, Outcome.DONE, Outcome.NOOP),
         ).fetchone()
         return json.loads(row[0]) if row and row[0] else None
 
-    def history(self, action_id: str) -> list[tuple[str, str, Any, str]]:
+    def history(self, action_id: str) -> list[tuple[Step, Outcome, Any, str]]:
         return [
-            (step, outcome, json.loads(detail) if detail else None, at)
+            (Step(step), Outcome(outcome), json.loads(detail) if detail else None, at)
             for step, outcome, detail, at in self.conn.execute(
                 "SELECT step, outcome, detail, at FROM steps WHERE action_id=? ORDER BY id", (action_id,)
             )

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 from . import xnat_table
-from .model import Plan, PlannedSession
+from .model import Plan, PrearchiveSession
 from .render import Statement, render_script, render_statement, render_statements
 
 _BOOL_COLUMNS = frozenset({"prevent_anon", "prevent_auto_commit"})
@@ -22,9 +22,8 @@ def lock_key(project: str | None, timestamp: str, foldername: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def insert_session(session: PlannedSession) -> list[Statement]:
+def insert_session(session: PrearchiveSession) -> list[Statement]:
     """The advisory lock and the guarded INSERT for one session (sql/prearchive_insert.sql.j2)."""
-    assert session.row is not None, "C-STORE sessions have no row to insert"
     row = dict(session.row)
     return render_statements(
         "prearchive_insert.sql.j2",
@@ -75,7 +74,7 @@ def delete_row(project: str | None, timestamp: str, foldername: str) -> Statemen
 
 def plan_script(plan: Plan) -> str:
     """plan.sql: one transaction holding every statement apply will run, values as literals."""
-    rows = [s for s in plan.sessions if s.method == "prearchive"]
+    rows = [s for s in plan.sessions if isinstance(s, PrearchiveSession)]
     return (
         render_script(
             "plan.sql.j2",

@@ -23,38 +23,26 @@ from typing import Any
 import pytest
 
 from xnatmigrate.execute import files
-from xnatmigrate.model import PlannedFile, PlannedScan, PlannedSession
+from xnatmigrate.model import PlannedFile, PlannedScan, PrearchiveSession
+from xnatmigrate.testing.sessions import prearchive_session
 
 TS = "20240131_101112123"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_session(sources: list[Path], label: str = "S1", ts: str = TS) -> PlannedSession:
+def make_session(sources: list[Path], label: str = "S1", ts: str = TS) -> PrearchiveSession:
     planned = []
     for p in sources:
         st = p.stat()
         planned.append(
             PlannedFile(str(p), st.st_size, st.st_mtime_ns, "", "", "", f"SCANS/1/DICOM/{p.name}.dcm")
         )
-    return PlannedSession(
-        action_id=label,
-        source_index=0,
-        method="prearchive",
-        project="P1",
-        subject="SUBJ",
-        session=label,
-        study_uid="1.2.3",
+    return prearchive_session(
+        (PlannedScan("1", "1.2.3.1", "1", "MR", tuple(planned)),),
         timestamp=ts,
-        build="none",
-        archive=False,
-        transfer="copy",
-        routing="none",
-        build_timeout=1.0,
-        prearchive_uri=f"/prearchive/projects/P1/{ts}/{label}",
-        session_dir=None,
-        url=None,
-        row=None,
-        scans=(PlannedScan("1", "1.2.3.1", "1", "MR", tuple(planned)),),
+        label=label,
+        action_id=label,
+        study_uid="1.2.3",
     )
 
 
@@ -145,18 +133,28 @@ def test_disk_full_midway_then_resume_after_growing_the_disk(
     copy_one = files._copy_one
     started = []
 
+    first_done = threading.Event()
+
     def copy_after_another_writer_filled_the_disk(*args: Any) -> files.StagedFile:
         # Another writer takes the rest of the disk once the first file is in: the kernel's own ENOSPC.
+        # The second copy waits for the first to finish, so with several workers the first is kept.
         with lock:
             started.append(1)
-            if len(started) == 2:
-                with filler.open("wb") as fh:
-                    try:
-                        while True:
-                            fh.write(b"\0" * 65536)
-                            fh.flush()
-                    except OSError:
-                        pass
+            n = len(started)
+        if n == 1:
+            try:
+                return copy_one(*args)
+            finally:
+                first_done.set()
+        if n == 2:
+            assert first_done.wait(30)
+            with lock, filler.open("wb") as fh:
+                try:
+                    while True:
+                        fh.write(b"\0" * 65536)
+                        fh.flush()
+                except OSError:
+                    pass
         return copy_one(*args)
 
     monkeypatch.setattr(files, "_copy_one", copy_after_another_writer_filled_the_disk)

@@ -145,12 +145,23 @@ def test_revert_refuses_archived_unless_asked(site, capsys):
     assert not (site.archive_dir / "prj001" / "arc001" / plan.sessions[0].session).exists()
 
 
-def test_revert_killed_midway_resumes(site):
+def test_verify_revert_refresh_act_where_the_ledger_says_not_on_plan_json(site, capsys):
+    """The target is recorded per session at apply: a later plan.json (or none) does not redirect them."""
     plan = applied(site)
+    (site.state / "plan.json").unlink()
+    assert cli.main(["verify", "--state-dir", str(site.state)]) == 0
+    assert "2 of 2 session(s) hold" in capsys.readouterr().out
+    assert cli.main(["refresh", "--state-dir", str(site.state)]) == 0
+    assert cli.main(["revert", "--state-dir", str(site.state), "--yes"]) == 0
+    assert site.rows() == [] and not any(Path(s.session_dir).exists() for s in plan.sessions)
+
+
+def test_revert_killed_midway_resumes(site):
+    # No xnat.url: revert removes the folder itself, then the row (the REST DELETE path does both at once).
+    site.build = "none"
     site.write_manifest(None)
-    data = json.loads((site.state / "plan.json").read_text())
-    data["xnat"]["url"] = None
-    (site.state / "plan.json").write_text(json.dumps(data))
+    plan = api.plan(site.manifest, state_dir=site.state, now=NOW).plan
+    assert not api.apply(state_dir=site.state, poll=0.05).failures
     code = (
         "import os, signal, sys\n"
         "import xnatmigrate.execute.revert as r\n"

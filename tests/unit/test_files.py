@@ -13,7 +13,8 @@ import pytest
 
 from xnatmigrate.errors import ApplyError, StalePlanError, XnatMigrateError
 from xnatmigrate.execute import files
-from xnatmigrate.model import PlannedFile, PlannedScan, PlannedSession
+from xnatmigrate.model import PlannedFile, PlannedScan, PrearchiveSession
+from xnatmigrate.testing.sessions import prearchive_session
 
 TS = "20240131_101112123"
 
@@ -30,7 +31,7 @@ def make_sources(root: Path, n: int = 6, size: int = 50_000, series: int = 2) ->
 
 def make_session(
     sources: list[Path], project: str | None = "P1", ts: str = TS, label: str = "S1"
-) -> PlannedSession:
+) -> PrearchiveSession:
     by_scan: dict[str, list[PlannedFile]] = {}
     for p in sources:
         st = p.stat()
@@ -47,26 +48,7 @@ def make_session(
             )
         )
     scans = tuple(PlannedScan(k, f"1.2.{k}", k, "MR", tuple(v)) for k, v in by_scan.items())
-    return PlannedSession(
-        action_id="a1",
-        source_index=0,
-        method="prearchive",
-        project=project,
-        subject="SUBJ",
-        session=label,
-        study_uid="1.2.3.4",
-        timestamp=ts,
-        build="none",
-        archive=False,
-        transfer="copy",
-        routing="none",
-        build_timeout=1.0,
-        prearchive_uri=f"/prearchive/projects/{project or 'Unassigned'}/{ts}/{label}",
-        session_dir=None,
-        url=None,
-        row=None,
-        scans=scans,
-    )
+    return prearchive_session(scans, project=project, timestamp=ts, label=label)
 
 
 def sha(p: Path | str) -> str:

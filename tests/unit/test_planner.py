@@ -7,6 +7,7 @@ import pytest
 
 from xnatmigrate.errors import PlanError
 from xnatmigrate.model import (
+    CstoreSession,
     DatabaseTarget,
     ExistingRow,
     FileHeader,
@@ -274,7 +275,9 @@ def test_cstore_session_has_routing_and_contexts_and_no_row():
     hs = [header("/src/a"), header("/src/b", inst="2", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")]
     p = plan_of(manifest(src(method="cstore")), hs)
     s = p.sessions[0]
-    assert s.row is None and s.timestamp == "" and s.session_dir is None
+    # A C-STORE session has no row, timestamp or folder of its own: XNAT's receiver makes them.
+    assert isinstance(s, CstoreSession)
+    assert not any(hasattr(s, name) for name in ("row", "timestamp", "session_dir", "url"))
     assert s.routing_line == "Project: prj001 Subject: PAT001 Session: PAT001_MR"
     assert [c.sop_class_uid for c in s.contexts] == ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7"]
 

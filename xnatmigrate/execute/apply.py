@@ -21,10 +21,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ApplyError, DatabaseError, DicomSendError, XnatMigrateError, XnatRestError
-from ..model import Plan, PlannedSession
-from ..state import SESSION_DONE, StateStore
+from ..model import (
+    Build,
+    CstoreSession,
+    Outcome,
+    Plan,
+    PlannedSession,
+    PrearchiveSession,
+    Result,
+    SessionState,
+    Step,
+    unreachable,
+)
+from ..state import StateStore
 from . import db, files
 from .connections import Connections
+from .xnat import XnatClient
 
 Progress = Callable[[int, int], None]
 
@@ -61,8 +73,8 @@ class _Crash:
 class SessionResult:
     action_id: str
     label: str
-    outcome: str  # done | noop | failed | skipped
-    steps: list[tuple[str, str]] = field(default_factory=list)
+    outcome: Result
+    steps: list[tuple[Step, Outcome]] = field(default_factory=list)
     message: str | None = None
     files: int = 0
     bytes: int = 0
@@ -77,11 +89,11 @@ class ApplyReport:
 
     @property
     def failures(self) -> list[SessionResult]:
-        return [s for s in self.sessions if s.outcome == "failed"]
+        return [s for s in self.sessions if s.outcome is Result.FAILED]
 
     @property
     def changed(self) -> int:
-        return sum(1 for s in self.sessions if s.outcome == "done")
+        return sum(1 for s in self.sessions if s.outcome is Result.DONE)
 
 
 @dataclass
@@ -91,10 +103,6 @@ class Options:
     send_retries: int = 3
     progress: Progress | None = None
     on_session: Callable[[SessionResult], None] | None = None
-
-
-def _label(s: PlannedSession) -> str:
-    return f"{s.project_label}/{s.session}"
 
 
 class _Runner:
@@ -109,15 +117,15 @@ class _Runner:
 
     # -- shared resources, opened lazily so a finished plan touches nothing ----------------------
 
-    def conn(self) -> Any:
+    def conn(self) -> db.Connection:
         return self.connections.db()
 
-    def client(self) -> Any:
+    def client(self) -> XnatClient:
         return self.connections.rest()
 
     # -- recording --------------------------------------------------------------------------------
 
-    def record(self, res: SessionResult, step: str, outcome: str, detail: Any = None) -> None:
+    def record(self, res: SessionResult, step: Step, outcome: Outcome, detail: Any = None) -> None:
         self.crash.hit("before-record", step)
         self.store.record_step(res.action_id, step, outcome, detail)
         res.steps.append((step, outcome))
@@ -134,29 +142,26 @@ class _Runner:
         report = ApplyReport(self.plan.plan_id)
         started = time.monotonic()
         self.store.begin_plan(self.plan.plan_id)
-        applied = {s.action_id for s in self.store.sessions() if s.status == SESSION_DONE}
+        applied = {s.action_id for s in self.store.sessions() if s.status is SessionState.APPLIED}
         try:
             for s in self.plan.sessions:
-                res = SessionResult(s.action_id, _label(s), "noop", files=s.file_count, bytes=s.bytes)
+                res = SessionResult(s.action_id, s.label, Result.NOOP, files=s.file_count, bytes=s.bytes)
                 report.sessions.append(res)
                 if report.stopped:
-                    res.outcome, res.message = "skipped", "not attempted: the run stopped earlier"
+                    res.outcome, res.message = Result.SKIPPED, "not attempted: the run stopped earlier"
                     continue
                 if s.action_id in applied:
                     res.message = "already applied"
                     self.advance(s.file_count)
                     continue
                 try:
-                    self.store.register_session(self.plan.plan_id, s)
-                    if s.method == "prearchive":
-                        self.prearchive(s, res)
-                    else:
-                        self.cstore(s, res)
-                    self.store.set_session_status(s.action_id, SESSION_DONE)
-                    res.outcome = "done" if any(o == "done" for _, o in res.steps) else "noop"
+                    self.store.register_session(self.plan.plan_id, s, self.plan.xnat)
+                    self.session(s, res)
+                    self.store.set_session_status(s.action_id, SessionState.APPLIED)
+                    res.outcome = Result.DONE if any(o is Outcome.DONE for _, o in res.steps) else Result.NOOP
                 except XnatMigrateError as exc:
-                    res.outcome, res.message = "failed", str(exc)
-                    self.store.set_session_status(s.action_id, "failed")
+                    res.outcome, res.message = Result.FAILED, str(exc)
+                    self.store.set_session_status(s.action_id, SessionState.FAILED)
                     if isinstance(exc, _FATAL) or getattr(exc, "fatal", False):
                         report.stopped = str(exc)
                 finally:
@@ -167,7 +172,17 @@ class _Runner:
             report.seconds = time.monotonic() - started
         return report
 
-    def prearchive(self, s: PlannedSession, res: SessionResult) -> None:
+    def session(self, s: PlannedSession, res: SessionResult) -> None:
+        """Dispatch on the route: one method per planned-session type."""
+        match s:
+            case PrearchiveSession():
+                self.prearchive(s, res)
+            case CstoreSession():
+                self.cstore(s, res)
+            case _:
+                unreachable(s)
+
+    def prearchive(self, s: PrearchiveSession, res: SessionResult) -> None:
         root = self.plan.xnat.prearchive
         assert root, "planner guarantees a prearchive root for prearchive sessions"
         done = self.store.steps_done(s.action_id)
@@ -175,11 +190,11 @@ class _Runner:
         final = files.final_dir(root, s)
 
         # 1. stage — check: already published (by this or a crashed run) or staged and recorded.
-        if "publish" in done or (final.exists() and not staging.exists()):
-            if "stage" not in done:
-                self.record(res, "stage", "noop", {"reason": "session folder already published"})
+        if Step.PUBLISH in done or (final.exists() and not staging.exists()):
+            if Step.STAGE not in done:
+                self.record(res, Step.STAGE, Outcome.NOOP, {"reason": "session folder already published"})
             self.advance(s.file_count)
-        elif "stage" in done and staging.exists():
+        elif Step.STAGE in done and staging.exists():
             self.advance(s.file_count)
         else:
             files.check_sources(s)
@@ -201,79 +216,101 @@ class _Runner:
                 progress=prog,
             )
             self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
-            self.record(res, "stage", "done", {"files": len(staged), "bytes": sum(f.size for f in staged)})
+            self.record(
+                res, Step.STAGE, Outcome.DONE, {"files": len(staged), "bytes": sum(f.size for f in staged)}
+            )
             self.done_files = before + s.file_count
 
         # 2. publish — one atomic rename into XNAT's view.
-        if "publish" not in done:
+        if Step.PUBLISH not in done:
             outcome = files.publish(staging, final)
-            self.record(res, "publish", outcome, {"path": str(final)})
+            self.record(res, Step.PUBLISH, outcome, {"path": str(final)})
 
         # 3. insert — guarded INSERT; "noop" when the row is already ours.
-        if "insert" not in done:
+        if Step.INSERT not in done:
             outcome = db.insert_row(self.conn(), s)
-            self.record(res, "insert", outcome, {"timestamp": s.timestamp, "project": s.project})
+            self.record(res, Step.INSERT, outcome, {"timestamp": s.timestamp, "project": s.project})
 
         self.build_and_archive(s, res, done, s.project, s.timestamp, s.session)
 
     def build_and_archive(
-        self, s: PlannedSession, res: SessionResult, done: set[str], project: str | None, ts: str, folder: str
+        self,
+        s: PlannedSession,
+        res: SessionResult,
+        done: set[Step],
+        project: str | None,
+        ts: str,
+        folder: str,
     ) -> None:
         # 4. build
-        if "build" not in done:
-            if s.build == "rest":
+        if Step.BUILD not in done:
+            self.build(s, res, project, ts, folder)
+        # 5. archive
+        if s.archive and Step.ARCHIVE not in done:
+            self.archive(s, res, project, ts, folder)
+
+    def build(self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str) -> None:
+        match s.build:
+            case Build.REST:
                 client = self.client()
                 row = client.prearchive_session(project, ts, folder)
                 if row is not None and row.get("status") == "READY":
-                    self.record(res, "build", "noop", {"status": "READY"})
-                else:
-                    client.rebuild(project, ts, folder)
-                    row = client.wait_for_status(
-                        project, ts, folder, timeout=s.build_timeout, poll=self.opts.poll
+                    self.record(res, Step.BUILD, Outcome.NOOP, {"status": "READY"})
+                    return
+                client.rebuild(project, ts, folder)
+                row = client.wait_for_status(
+                    project, ts, folder, timeout=s.build_timeout, poll=self.opts.poll
+                )
+                status = row.get("status")
+                if status != "READY":
+                    log = client.last_log(project, ts, folder)
+                    self.record(res, Step.BUILD, Outcome.FAILED, {"status": status, "log": log})
+                    raise ApplyError(
+                        f"XNAT's build of {s.prearchive_uri} ended {status}: {log.strip()[:300] or 'no log'}; "
+                        "fix the cause in XNAT (prearchive page → Rebuild), then rerun apply"
                     )
-                    status = row.get("status")
-                    if status != "READY":
-                        log = client.last_log(project, ts, folder)
-                        self.record(res, "build", "failed", {"status": status, "log": log})
-                        raise ApplyError(
-                            f"XNAT's build of {s.prearchive_uri} ended {status}: {log.strip()[:300] or 'no log'}; "
-                            "fix the cause in XNAT (prearchive page → Rebuild), then rerun apply"
-                        )
-                    self.record(res, "build", "done", {"status": status})
-            elif s.build == "scheduler":
-                self.record(res, "build", "noop", {"reason": "left to XNAT's SessionXMLRebuilder job"})
-            else:
-                self.record(res, "build", "noop", {"reason": "build: none"})
-
-        # 5. archive
-        if s.archive and "archive" not in done:
-            if s.build == "scheduler":
-                # The scheduled build archives by itself (row autoarchive = AutoArchive, §3).
+                self.record(res, Step.BUILD, Outcome.DONE, {"status": status})
+            case Build.SCHEDULER:
                 self.record(
-                    res, "archive", "noop", {"reason": "XNAT auto-archives after its scheduled build"}
+                    res, Step.BUILD, Outcome.NOOP, {"reason": "left to XNAT's SessionXMLRebuilder job"}
+                )
+            case Build.NONE:
+                self.record(res, Step.BUILD, Outcome.NOOP, {"reason": "build: none"})
+            case _:
+                unreachable(s.build)
+
+    def archive(
+        self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str
+    ) -> None:
+        if s.build is Build.SCHEDULER:
+            # The scheduled build archives by itself (row autoarchive = AutoArchive, §3).
+            self.record(
+                res, Step.ARCHIVE, Outcome.NOOP, {"reason": "XNAT auto-archives after its scheduled build"}
+            )
+            return
+        client = self.client()
+        if client.prearchive_session(project, ts, folder) is None:
+            # Check: a crash between XNAT archiving and our record leaves no row; the archived
+            # experiment proves the step happened (the archive call itself is not idempotent).
+            if project and folder in client.experiment_labels(project):
+                self.record(
+                    res, Step.ARCHIVE, Outcome.NOOP, {"reason": f"{project}/{folder} is already archived"}
                 )
                 return
-            client = self.client()
-            if client.prearchive_session(project, ts, folder) is None:
-                # Check: a crash between XNAT archiving and our record leaves no row; the archived
-                # experiment proves the step happened (the archive call itself is not idempotent).
-                if project and folder in client.experiment_labels(project):
-                    self.record(res, "archive", "noop", {"reason": f"{project}/{folder} is already archived"})
-                    return
-                raise ApplyError(
-                    f"{s.prearchive_uri} is no longer in XNAT's prearchive and not archived in {project}; "
-                    "see `xnatmigrate refresh`"
-                )
-            uri = client.archive(project, ts, folder)
-            self.record(res, "archive", "done", {"uri": uri})
+            raise ApplyError(
+                f"{s.prearchive_uri} is no longer in XNAT's prearchive and not archived in {project}; "
+                "see `xnatmigrate refresh`"
+            )
+        uri = client.archive(project, ts, folder)
+        self.record(res, Step.ARCHIVE, Outcome.DONE, {"uri": uri})
 
-    def cstore(self, s: PlannedSession, res: SessionResult) -> None:
+    def cstore(self, s: CstoreSession, res: SessionResult) -> None:
         from . import dicom
 
         scp = self.plan.xnat.scp
         assert scp is not None, "manifest validation requires xnat.scp for cstore"
         done = self.store.steps_done(s.action_id)
-        if "send" not in done:
+        if Step.SEND not in done:
             confirmed = self.store.sent_for(s.action_id)
             todo = [f for f in s.files if f.sop_instance_uid not in confirmed]
             self.advance(s.file_count - len(todo))
@@ -303,26 +340,29 @@ class _Runner:
                 )
                 if outcome.failures:
                     path, reason = outcome.failures[0]
-                    self.record(res, "send", "failed", {"failures": len(outcome.failures)})
+                    self.record(res, Step.SEND, Outcome.FAILED, {"failures": len(outcome.failures)})
                     raise DicomSendError(
-                        f"{len(outcome.failures)} file(s) of {_label(s)} were not stored (e.g. {path}: {reason}); "
+                        f"{len(outcome.failures)} file(s) of {s.label} were not stored (e.g. {path}: {reason}); "
                         "rerun apply to send them again"
                     )
             sent = self.store.sent_for(s.action_id)
             warnings = sum(1 for v in sent.values() if v != 0)
             self.record(
-                res, "send", "done" if todo else "noop", {"confirmed": len(sent), "warnings": warnings}
+                res,
+                Step.SEND,
+                Outcome.DONE if todo else Outcome.NOOP,
+                {"confirmed": len(sent), "warnings": warnings},
             )
         if not self.plan.xnat.url:
             return
         # Find the session XNAT's receiver made (project, tag, label), then build/archive it.
-        located = self.store.step_detail(s.action_id, "locate")
+        located = self.store.step_detail(s.action_id, Step.LOCATE)
         if located is None:
             row = self.client().wait_for_session(
                 s.project, s.study_uid, s.session, timeout=s.build_timeout, poll=self.opts.poll
             )
             located = {"timestamp": row["timestamp"], "folder": row["folderName"]}
-            self.record(res, "locate", "done", located)
+            self.record(res, Step.LOCATE, Outcome.DONE, located)
         self.build_and_archive(s, res, done, s.project, located["timestamp"], located["folder"])
 
 

@@ -8,11 +8,13 @@ manifest lacks the target, and close whatever was opened.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any
 
-from ..errors import DatabaseError, XnatRestError
+from ..errors import DatabaseError, StateError, XnatRestError
 from ..model import XnatTarget
+from ..state import AppliedSession
 from . import db
+from .db import Connection as DbConnection
+from .xnat import XnatClient, credentials_from_env
 
 
 class Connections:
@@ -21,8 +23,8 @@ class Connections:
     def __init__(self, xnat: XnatTarget) -> None:
         self.xnat = xnat
         self._stack = ExitStack()
-        self._conn: Any = None
-        self._client: Any = None
+        self._conn: DbConnection | None = None
+        self._client: XnatClient | None = None
 
     def __enter__(self) -> Connections:
         return self
@@ -33,6 +35,7 @@ class Connections:
     def close(self) -> None:
         self._stack.close()
         self._conn = None
+        self._client = None
 
     @property
     def has_db(self) -> bool:
@@ -42,7 +45,7 @@ class Connections:
     def has_rest(self) -> bool:
         return bool(self.xnat.url)
 
-    def db(self) -> Any:
+    def db(self) -> DbConnection:
         """The psycopg2 connection (reconnects if the server closed it)."""
         if self._conn is None or self._conn.closed:
             if self.xnat.database is None:
@@ -50,12 +53,53 @@ class Connections:
             self._conn = self._stack.enter_context(db.connect(db.resolve_dsn(self.xnat.database)))
         return self._conn
 
-    def rest(self) -> Any:
+    def rest(self) -> XnatClient:
         """The XNAT REST client (one JSESSION for the run)."""
         if self._client is None:
             if not self.xnat.url:
                 raise XnatRestError("this step needs XNAT's REST API but the manifest has no xnat.url")
-            from .xnat import XnatClient, credentials_from_env
-
-            self._client = XnatClient(self.xnat.url, credentials_from_env(self.xnat.url))
+            self._client = self._stack.enter_context(
+                XnatClient(self.xnat.url, credentials_from_env(self.xnat.url))
+            )
         return self._client
+
+    def db_if_any(self) -> DbConnection | None:
+        return self.db() if self.has_db else None
+
+    def rest_if_any(self) -> XnatClient | None:
+        return self.rest() if self.has_rest else None
+
+
+class Targets:
+    """One ``Connections`` per distinct target the ledger's sessions went to; a context manager.
+
+    NOTE: a session's own recorded target wins; ``fallback`` (the saved plan's target) serves only
+    sessions of a ledger written before targets were recorded.
+    """
+
+    def __init__(self, fallback: XnatTarget | None) -> None:
+        self.fallback = fallback
+        self._open: dict[XnatTarget, Connections] = {}
+
+    def __enter__(self) -> Targets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for c in self._open.values():
+            c.close()
+        self._open.clear()
+
+    def of(self, s: AppliedSession) -> Connections:
+        target = s.target or self.fallback
+        if target is None:
+            raise StateError(
+                f"the ledger does not record where {s.label} went and the state directory has no "
+                "plan.json: run the command from the state directory its apply used (--state-dir)"
+            )
+        conns = self._open.get(target)
+        if conns is None:
+            conns = self._open[target] = Connections(target)
+        return conns

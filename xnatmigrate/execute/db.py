@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import psycopg2
 import psycopg2.extensions
 
 from .. import statements, xnat_table
 from ..errors import DatabaseError
-from ..model import DatabaseTarget, ExistingRow, PlannedSession
+from ..model import DatabaseTarget, ExistingRow, Outcome, PrearchiveSession
 from ..render import Statement
+
+Connection: TypeAlias = psycopg2.extensions.connection
+Cursor: TypeAlias = psycopg2.extensions.cursor
 
 
 def resolve_dsn(target: DatabaseTarget | None) -> str:
@@ -63,7 +66,7 @@ def connect(dsn: str, timeout: int = 10) -> Iterator[psycopg2.extensions.connect
             conn.close()
 
 
-def execute(cur: Any, stmt: Statement) -> None:
+def execute(cur: Cursor, stmt: Statement) -> None:
     """The executing side of the SQL chokepoint (render.to_sql_text is the printing side)."""
     try:
         cur.execute(stmt.sql, dict(stmt.params))
@@ -82,7 +85,7 @@ def execute(cur: Any, stmt: Statement) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def table_profile(cur: Any) -> tuple[str | None, str | None]:
+def table_profile(cur: Cursor) -> tuple[str | None, str | None]:
     """(profile, None) when the live table matches a known profile, else (None, why not)."""
     execute(cur, statements.table_profile())
     rows = cur.fetchall()
@@ -103,29 +106,30 @@ def table_profile(cur: Any) -> tuple[str | None, str | None]:
     return ("1.8.2" if rows[0][3] else "1.7"), None
 
 
-def existing_rows(cur: Any, tags: Sequence[str]) -> tuple[ExistingRow, ...]:
+def existing_rows(cur: Cursor, tags: Sequence[str]) -> tuple[ExistingRow, ...]:
     execute(cur, statements.rows_by_tag(tags))
     return tuple(ExistingRow(*r) for r in cur.fetchall())
 
 
-def used_timestamps(cur: Any) -> frozenset[str]:
+def used_timestamps(cur: Cursor) -> frozenset[str]:
     execute(cur, statements.used_timestamps())
     return frozenset(r[0] for r in cur.fetchall())
 
 
-def archived_labels(cur: Any, projects: Iterable[str]) -> frozenset[tuple[str, str]] | None:
+def archived_labels(cur: Cursor, projects: Iterable[str]) -> frozenset[tuple[str, str]] | None:
     """(project, label) of archived sessions, or None when XNAT's tables are not in this database."""
     cur.execute(
         "SELECT to_regclass('xnat_experimentdata') IS NOT NULL "
         "AND to_regclass('xnat_experimentdata_share') IS NOT NULL"
     )
-    if not cur.fetchone()[0]:
+    found = cur.fetchone()
+    if not found or not found[0]:
         return None
     execute(cur, statements.archived_sessions(projects))
     return frozenset((p, label) for p, label in cur.fetchall())
 
 
-def fetch_row(cur: Any, project: str | None, timestamp: str, foldername: str) -> dict[str, Any] | None:
+def fetch_row(cur: Cursor, project: str | None, timestamp: str, foldername: str) -> dict[str, Any] | None:
     execute(cur, statements.fetch_row(project, timestamp, foldername))
     row = cur.fetchone()
     return dict(zip(xnat_table.COLUMN_NAMES, row)) if row else None
@@ -136,13 +140,12 @@ def fetch_row(cur: Any, project: str | None, timestamp: str, foldername: str) ->
 # --------------------------------------------------------------------------------------------
 
 
-def insert_row(conn: Any, session: PlannedSession) -> str:
-    """Insert the session's row in one transaction. Returns "done" or "noop" (already there).
+def insert_row(conn: Connection, session: PrearchiveSession) -> Outcome:
+    """Insert the session's row in one transaction: done, or noop when it is already there (ours).
 
     Raises DatabaseError when XNAT holds another session of this study (the guard inserted
     nothing and the row is not ours).
     """
-    assert session.row is not None
     stmts = statements.insert_session(session)
     try:
         with conn, conn.cursor() as cur:
@@ -152,7 +155,7 @@ def insert_row(conn: Any, session: PlannedSession) -> str:
                 if stmt.sql.lstrip().upper().startswith("INSERT") or "INSERT INTO" in stmt.sql:
                     inserted = cur.rowcount
             if inserted == 1:
-                return "done"
+                return Outcome.DONE
             mine = fetch_row(cur, session.project, session.timestamp, session.session)
     except psycopg2.OperationalError as exc:
         raise DatabaseError(
@@ -160,7 +163,7 @@ def insert_row(conn: Any, session: PlannedSession) -> str:
             f"{str(exc).strip().splitlines()[0]}; rerun when it is back (the step resumes)"
         ) from None
     if mine is not None:
-        return "noop"
+        return Outcome.NOOP
     raise DatabaseError(
         f"XNAT's prearchive gained another session of study {session.study_uid} as "
         f"{session.project_label}/{session.session} since the plan; the row was not inserted: "
@@ -168,7 +171,7 @@ def insert_row(conn: Any, session: PlannedSession) -> str:
     )
 
 
-def delete_row(conn: Any, project: str | None, timestamp: str, foldername: str) -> int:
+def delete_row(conn: Connection, project: str | None, timestamp: str, foldername: str) -> int:
     with conn, conn.cursor() as cur:
         execute(cur, statements.delete_row(project, timestamp, foldername))
         return int(cur.rowcount)

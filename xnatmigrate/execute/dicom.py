@@ -409,7 +409,7 @@ def _skip_element(buf: bytes | memoryview, pos: int, end: int, implicit: bool, l
         nxt = pos + head + length
         if nxt > end:
             raise _Odd("element runs past the data read")
-        return nxt
+        return int(nxt)
     if vr not in (b"SQ", b"UN"):
         raise _Odd("undefined length outside a sequence")
     # PS3.5 6.2.2: a UN of undefined length holds an implicit VR little endian sequence.

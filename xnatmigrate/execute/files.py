@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ApplyError, StalePlanError, XnatMigrateError
-from ..model import PlannedFile, PlannedSession
+from ..model import Outcome, PlannedFile, PlannedSession, PrearchiveSession, Transfer
 
 __all__ = [
     "DEFAULT_JOBS",
@@ -98,7 +98,7 @@ class StagedFile:
 # --------------------------------------------------------------------------------------------
 
 
-def staging_dir(prearchive_root: str, session: PlannedSession) -> Path:
+def staging_dir(prearchive_root: str, session: PrearchiveSession) -> Path:
     """``<root>/.xnatmigrate-staging/<timestamp>/<project or _unassigned>/<session>``, unique per session."""
     return (
         Path(prearchive_root)
@@ -109,7 +109,7 @@ def staging_dir(prearchive_root: str, session: PlannedSession) -> Path:
     )
 
 
-def final_dir(prearchive_root: str, session: PlannedSession) -> Path:
+def final_dir(prearchive_root: str, session: PrearchiveSession) -> Path:
     """``<root>/<project>/<timestamp>/<session>``, or ``<root>/<timestamp>/<session>`` when Unassigned."""
     root = Path(prearchive_root)
     if session.project:
@@ -145,7 +145,7 @@ def _safe_dests(files: Sequence[PlannedFile]) -> dict[str, PlannedFile]:
     return out
 
 
-def _describe(session: PlannedSession) -> str:
+def _describe(session: PrearchiveSession) -> str:
     return f"{session.project_label}/{session.timestamp}/{session.session}"
 
 
@@ -366,10 +366,10 @@ class _DestError(Exception):
 
 
 def stage_session(
-    session: PlannedSession,
+    session: PrearchiveSession,
     staging: Path,
     *,
-    transfer: str = "copy",
+    transfer: Transfer = Transfer.COPY,
     jobs: int = DEFAULT_JOBS,
     file_mode: int | None = None,
     file_owner: str | None = None,
@@ -399,8 +399,10 @@ def stage_session(
     NOTE: the read-back compares what ``write()`` put in the page cache; corruption below it (media,
     controller) would need an O_DIRECT re-read, which this does not pay for.
     """
-    if transfer not in ("copy", "hardlink"):
-        raise ApplyError(f"unknown transfer {transfer!r}; use copy or hardlink")
+    try:
+        transfer = Transfer(transfer)  # a bare string from a caller outside the plan: checked here
+    except ValueError:
+        raise ApplyError(f"unknown transfer {transfer!r}; use copy or hardlink") from None
     staging = Path(staging)
     _require_staging_path(staging)
     planned = _safe_dests(session.files)
@@ -420,7 +422,7 @@ def stage_session(
     except OSError as exc:
         raise _dest_error(exc, exc.filename or str(staging), session, staging, planned.values()) from exc
 
-    if transfer == "copy":
+    if transfer is Transfer.COPY:
         # Check early rather than fill XNAT's disk to the last byte (XNAT shares it) and fail halfway.
         need = _bytes_needed(staging, (f for d, f in planned.items() if d not in existing))
         have = free_bytes(staging)
@@ -437,7 +439,7 @@ def stage_session(
             reused = _reuse(f, dst, transfer, perms, wbuf)
             if reused is not None:
                 return reused
-        if transfer == "copy":
+        if transfer is Transfer.COPY:
             written.append(dst)
             return _copy_one(f, dst, perms, wbuf, fsync_each)
         return _link_one(f, dst, perms, wbuf)
@@ -620,7 +622,7 @@ def _parallel(
         raise first
 
 
-def _reuse(f: PlannedFile, dst: str, transfer: str, perms: _Perms, buf: bytearray) -> StagedFile | None:
+def _reuse(f: PlannedFile, dst: str, transfer: Transfer, perms: _Perms, buf: bytearray) -> StagedFile | None:
     """A final-named file left by an earlier run, if it still matches its source; else delete it (None)."""
     try:
         src_fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
@@ -637,12 +639,12 @@ def _reuse(f: PlannedFile, dst: str, transfer: str, perms: _Perms, buf: bytearra
         except OSError as exc:
             raise _DestError(exc, dst) from exc
         same_inode = (dst_st.st_dev, dst_st.st_ino) == (src_st.st_dev, src_st.st_ino)
-        if transfer == "hardlink" and same_inode:
+        if transfer is Transfer.HARDLINK and same_inode:
             digest, n = _read_hash(src_fd, f, buf)
             if n == f.size:
                 _apply_path(perms, dst)
                 return StagedFile(f.dest, f.source, f.size, digest)
-        elif transfer == "copy" and not same_inode and dst_st.st_size == f.size:
+        elif transfer is Transfer.COPY and not same_inode and dst_st.st_size == f.size:
             # The checksum record may be lost with the crash: compare content, not names or sizes.
             try:
                 have = _hash_path(dst, buf)
@@ -831,7 +833,7 @@ def _disk_full(staging: Path, what: str, missing: int) -> DiskError:
 
 
 def _dest_error(
-    exc: OSError, path: str, session: PlannedSession, staging: Path, left: Iterable[PlannedFile]
+    exc: OSError, path: str, session: PrearchiveSession, staging: Path, left: Iterable[PlannedFile]
 ) -> XnatMigrateError:
     what = _describe(session)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -873,8 +875,8 @@ def _source_error(exc: OSError, path: str) -> XnatMigrateError:
 # --------------------------------------------------------------------------------------------
 
 
-def publish(staging: Path, final: Path) -> str:
-    """Move a staged session into XNAT's view with one ``rename()``: ``"done"``, or ``"noop"`` if it is there.
+def publish(staging: Path, final: Path) -> Outcome:
+    """Move a staged session into XNAT's view with one ``rename()``: done, or noop if it is there.
 
     Folders created above ``final`` get the owner and mode of the staged session folder (so XNAT's user
     can write its session XML next to it and remove the timestamp folder after archiving).
@@ -885,7 +887,7 @@ def publish(staging: Path, final: Path) -> str:
     staging, final = Path(staging), Path(final)
     s_there, f_there = staging.is_dir(), os.path.lexists(final)
     if f_there and not s_there:
-        return "noop"
+        return Outcome.NOOP
     if f_there and s_there:
         raise ApplyError(
             f"both staging {staging} and published folder {final} exist; inspect and remove one, then rerun"
@@ -923,7 +925,7 @@ def publish(staging: Path, final: Path) -> str:
             f"{exc.strerror or exc} while publishing {staging} to {final}: fix it and rerun"
         ) from exc
     _prune_staging_parents(staging)
-    return "done"
+    return Outcome.DONE
 
 
 def _makedirs_like(path: Path, like: os.stat_result) -> list[Path]:

@@ -11,29 +11,35 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import XnatMigrateError
-from ..model import XnatTarget
+from ..model import Method, Seen, SessionState, Step, XnatTarget
 from ..state import AppliedSession, StateStore
 from . import db
-from .connections import Connections
+from .connections import Targets
+from .xnat import XnatClient
 
 # SessionXMLRebuilder defaults: runs every 60 s, builds rows idle ≥ 5 minutes (xnat-reference §3).
 REBUILD_INTERVAL = timedelta(minutes=5)
+
+
+# XNAT's prearchive statuses (§3) as refresh groups them.
+_SEEN_OF_STATUS = {
+    "READY": Seen.BUILT,
+    "ERROR": Seen.ERROR,
+    "CONFLICT": Seen.CONFLICT,
+    "RECEIVING": Seen.WAITING,
+}
 
 
 @dataclass
 class Observation:
     action_id: str
     label: str
-    state: str  # waiting | building | built | error | conflict | archived | moved | deleted | stuck | unknown
+    state: Seen
     status: str | None
     detail: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "status": self.status, "detail": self.detail}
-
-
-def _label(s: AppliedSession) -> str:
-    return f"{s.project or 'Unassigned'}/{s.session}"
+        return {"state": self.state.value, "status": self.status, "detail": self.detail}
 
 
 def _parse_ts(value: Any) -> datetime | None:
@@ -59,7 +65,7 @@ def _stuck_cause(row: dict[str, Any]) -> str:
 
 def observe(
     store: StateStore,
-    xnat: XnatTarget,
+    fallback: XnatTarget | None,
     *,
     now: datetime | None = None,
     on_session: Callable[[Observation], None] | None = None,
@@ -67,16 +73,15 @@ def observe(
     """Observe every applied session in XNAT (database first, REST when configured) and record it."""
     now = now or datetime.now()
     out = []
-    with Connections(xnat) as target:
-        client = target.rest() if target.has_rest else None
-        conn = target.db() if target.has_db else None
+    with Targets(fallback) as targets:
         for s in store.sessions():
-            if s.status not in ("applied", "failed", "applying"):
+            if s.status is SessionState.REVERTED:
                 continue
             try:
-                obs = _observe_one(store, s, conn, client, now)
+                target = targets.of(s)
+                obs = _observe_one(store, s, target.db_if_any(), target.rest_if_any(), now)
             except XnatMigrateError as exc:
-                obs = Observation(s.action_id, _label(s), "unknown", None, str(exc))
+                obs = Observation(s.action_id, s.label, Seen.UNKNOWN, None, str(exc))
             store.record_observation(s.action_id, obs.as_dict())
             out.append(obs)
             if on_session:
@@ -84,13 +89,15 @@ def observe(
     return out
 
 
-def _observe_one(store: StateStore, s: AppliedSession, conn: Any, client: Any, now: datetime) -> Observation:
+def _observe_one(
+    store: StateStore, s: AppliedSession, conn: db.Connection | None, client: XnatClient | None, now: datetime
+) -> Observation:
     ts, folder = s.timestamp, s.session
-    if s.method == "cstore":
-        located = store.step_detail(s.action_id, "locate")
+    if s.method is Method.CSTORE:
+        located = store.step_detail(s.action_id, Step.LOCATE)
         if not located:
             return Observation(
-                s.action_id, _label(s), "unknown", None, "sent; not yet located in XNAT's prearchive"
+                s.action_id, s.label, Seen.UNKNOWN, None, "sent; not yet located in XNAT's prearchive"
             )
         ts, folder = located["timestamp"], located["folder"]
     row: dict[str, Any] | None = None
@@ -101,7 +108,7 @@ def _observe_one(store: StateStore, s: AppliedSession, conn: Any, client: Any, n
         row = client.prearchive_session(s.project, ts, folder)
     else:
         return Observation(
-            s.action_id, _label(s), "unknown", None, "neither xnat.database nor xnat.url is set"
+            s.action_id, s.label, Seen.UNKNOWN, None, "neither xnat.database nor xnat.url is set"
         )
     if row is None:
         return _vanished(store, s, conn, client)
@@ -118,30 +125,31 @@ def _observe_one(store: StateStore, s: AppliedSession, conn: Any, client: Any, n
         )
         return Observation(
             s.action_id,
-            _label(s),
-            "stuck",
+            s.label,
+            Seen.STUCK,
             status,
             f"{status} for {int(idle.total_seconds() // 60)} min: {cause}",
         )
-    state = {
-        "READY": "built",
-        "ERROR": "error",
-        "CONFLICT": "conflict",
-        "RECEIVING": "waiting",
-    }.get(status, "building" if "BUILD" in status else status.lower())
-    return Observation(s.action_id, _label(s), state, status, f"row {status}")
+    state = _SEEN_OF_STATUS.get(status, Seen.BUILDING if "BUILD" in status else Seen.OTHER)
+    return Observation(s.action_id, s.label, state, status, f"row {status}")
 
 
-def _vanished(store: StateStore, s: AppliedSession, conn: Any, client: Any) -> Observation:
+def _vanished(
+    store: StateStore, s: AppliedSession, conn: db.Connection | None, client: XnatClient | None
+) -> Observation:
     """The row is gone: archived, moved to another project, or deleted (§3 transitions)."""
-    if "archive" in store.steps_done(s.action_id):
-        detail = store.step_detail(s.action_id, "archive") or {}
+    if Step.ARCHIVE in store.steps_done(s.action_id):
+        detail = store.step_detail(s.action_id, Step.ARCHIVE) or {}
         return Observation(
-            s.action_id, _label(s), "archived", None, f"archived by this tool {detail.get('uri', '')}".strip()
+            s.action_id,
+            s.label,
+            Seen.ARCHIVED,
+            None,
+            f"archived by this tool {detail.get('uri', '')}".strip(),
         )
     if client is not None and s.project and s.session in client.experiment_labels(s.project):
         return Observation(
-            s.action_id, _label(s), "archived", None, f"archived in {s.project} (not by this tool)"
+            s.action_id, s.label, Seen.ARCHIVED, None, f"archived in {s.project} (not by this tool)"
         )
     if conn is not None:
         with conn, conn.cursor() as cur:
@@ -150,15 +158,15 @@ def _vanished(store: StateStore, s: AppliedSession, conn: Any, client: Any) -> O
             if r.name == s.session and r.project != s.project:
                 return Observation(
                     s.action_id,
-                    _label(s),
-                    "moved",
+                    s.label,
+                    Seen.MOVED,
                     r.status,
                     f"moved to project {r.project or 'Unassigned'} ({r.timestamp})",
                 )
     return Observation(
         s.action_id,
-        _label(s),
-        "deleted",
+        s.label,
+        Seen.DELETED,
         None,
         "its prearchive row is gone and no archived session was found",
     )

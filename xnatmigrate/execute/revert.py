@@ -18,21 +18,20 @@ from typing import Any
 
 from .. import xnat_table
 from ..errors import XnatMigrateError
-from ..model import XnatTarget
+from ..model import APPLY_STEPS, Method, Outcome, RevertOutcome, SessionState, Step, XnatTarget, unreachable
 from ..state import AppliedSession, StateStore
 from . import db, files
-from .connections import Connections
-
-APPLY_STEPS = ("stage", "publish", "insert", "build", "archive", "send", "locate")
+from .connections import Connections, Targets
+from .xnat import XnatClient
 
 
 @dataclass
 class RevertItem:
     action_id: str
     label: str
-    outcome: str  # would-remove | removed | refused | nothing
+    outcome: RevertOutcome
     reason: str = ""
-    steps: list[tuple[str, str]] = field(default_factory=list)
+    steps: list[tuple[Step, Outcome]] = field(default_factory=list)
 
 
 @dataclass
@@ -42,37 +41,37 @@ class RevertReport:
 
     @property
     def refused(self) -> list[RevertItem]:
-        return [i for i in self.items if i.outcome == "refused"]
-
-
-def _label(s: AppliedSession) -> str:
-    return f"{s.project or 'Unassigned'}/{s.session}"
+        return [i for i in self.items if i.outcome is RevertOutcome.REFUSED]
 
 
 class _Reverter:
     def __init__(
         self,
         store: StateStore,
-        xnat: XnatTarget,
+        targets: Targets,
         yes: bool,
         force: bool,
         archived: bool,
         confirm: Callable[[str], bool] | None,
     ) -> None:
-        self.store, self.xnat, self.yes, self.force, self.archived = store, xnat, yes, force, archived
+        self.store, self.targets, self.yes, self.force, self.archived = store, targets, yes, force, archived
         self.confirm = confirm
-        self.target = Connections(xnat)
+        self.target: Connections | None = None  # of the session being reverted
 
-    def client(self) -> Any:
-        return self.target.rest() if self.target.has_rest else None
+    @property
+    def xnat(self) -> XnatTarget:
+        assert self.target is not None
+        return self.target.xnat
 
-    def conn(self) -> Any:
-        return self.target.db() if self.target.has_db else None
+    def client(self) -> XnatClient | None:
+        assert self.target is not None
+        return self.target.rest_if_any()
 
-    def close(self) -> None:
-        self.target.close()
+    def conn(self) -> db.Connection | None:
+        assert self.target is not None
+        return self.target.db_if_any()
 
-    def record(self, item: RevertItem, step: str, outcome: str, detail: Any = None) -> None:
+    def record(self, item: RevertItem, step: Step, outcome: Outcome, detail: Any = None) -> None:
         self.store.record_step(item.action_id, step, outcome, detail)
         item.steps.append((step, outcome))
 
@@ -87,22 +86,27 @@ class _Reverter:
     # -- one session ----------------------------------------------------------------------------
 
     def session(self, s: AppliedSession) -> RevertItem:
-        item = RevertItem(s.action_id, _label(s), "nothing")
+        item = RevertItem(s.action_id, s.label, RevertOutcome.NOTHING)
+        self.target = self.targets.of(s)
         done = self.store.steps_done(s.action_id)
-        if not done & set(APPLY_STEPS):
+        if not done & APPLY_STEPS:
             item.reason = "nothing of it was applied"
             return item
-        if "archive" in done:
+        if Step.ARCHIVE in done:
             return self.archived_session(s, item)
-        if s.method == "cstore":
-            return self.cstore_session(s, item, done)
-        return self.prearchive_session(s, item, done)
+        match s.method:
+            case Method.CSTORE:
+                return self.cstore_session(s, item)
+            case Method.PREARCHIVE:
+                return self.prearchive_session(s, item)
+            case _:
+                unreachable(s.method)
 
     def refuse(self, item: RevertItem, reason: str) -> RevertItem:
-        item.outcome, item.reason = "refused", reason
+        item.outcome, item.reason = RevertOutcome.REFUSED, reason
         return item
 
-    def prearchive_session(self, s: AppliedSession, item: RevertItem, done: set[str]) -> RevertItem:
+    def prearchive_session(self, s: AppliedSession, item: RevertItem) -> RevertItem:
         row = self.row(s, s.timestamp, s.session)
         if row is not None and xnat_table.is_locked(str(row.get("status"))):
             return self.refuse(
@@ -118,7 +122,7 @@ class _Reverter:
                 return self.refuse(item, f"changed since apply ({changed}); --force removes it anyway")
         final = Path(s.session_dir or "")
         if not self.yes:
-            item.outcome = "would-remove"
+            item.outcome = RevertOutcome.WOULD_REMOVE
             item.reason = f"folder {final} and its row" if final.exists() or row else "its ledger records"
             return item
         # Files first, then the row: a row without its folder is what XNAT's own clean-up expects
@@ -126,8 +130,8 @@ class _Reverter:
         client = self.client()
         if client is not None and row is not None:
             client.delete_prearchive_session(s.project, s.timestamp, s.session)
-            self.record(item, "revert-files", "done", {"via": "REST DELETE"})
-            self.record(item, "revert-row", "done", {"via": "REST DELETE"})
+            self.record(item, Step.REVERT_FILES, Outcome.DONE, {"via": "REST DELETE"})
+            self.record(item, Step.REVERT_ROW, Outcome.DONE, {"via": "REST DELETE"})
         else:
             self.remove_folder(s, item)
             self.remove_row(s, item)
@@ -138,7 +142,7 @@ class _Reverter:
         final = Path(s.session_dir or "")
         root = Path(self.xnat.prearchive or "")
         if not final.exists():
-            self.record(item, "revert-files", "noop", {"reason": "folder already gone"})
+            self.record(item, Step.REVERT_FILES, Outcome.NOOP, {"reason": "folder already gone"})
         else:
             # Rename into the staging area first (atomic), so XNAT never sees a half-deleted session.
             trash = root / files.STAGING_DIRNAME / "trash" / s.action_id
@@ -147,7 +151,7 @@ class _Reverter:
                 shutil.rmtree(trash)
             final.rename(trash)
             shutil.rmtree(trash)
-            self.record(item, "revert-files", "done", {"path": str(final)})
+            self.record(item, Step.REVERT_FILES, Outcome.DONE, {"path": str(final)})
         xml = final.parent / f"{final.name}.xml"
         with contextlib.suppress(FileNotFoundError):
             xml.unlink()
@@ -157,10 +161,10 @@ class _Reverter:
     def remove_row(self, s: AppliedSession, item: RevertItem) -> None:
         conn = self.conn()
         if conn is None:
-            self.record(item, "revert-row", "noop", {"reason": "no database configured"})
+            self.record(item, Step.REVERT_ROW, Outcome.NOOP, {"reason": "no database configured"})
             return
         n = db.delete_row(conn, s.project, s.timestamp, s.session)
-        self.record(item, "revert-row", "done" if n else "noop", {"rows": n})
+        self.record(item, Step.REVERT_ROW, Outcome.DONE if n else Outcome.NOOP, {"rows": n})
 
     def changes(self, s: AppliedSession, row: dict[str, Any] | None) -> str:
         recorded = self.store.files_for(s.action_id)
@@ -180,17 +184,17 @@ class _Reverter:
         if client is None:
             return self.refuse(item, "deleting an archived session needs xnat.url")
         if not self.yes:
-            item.outcome, item.reason = "would-remove", "the archived experiment (REST DELETE)"
+            item.outcome, item.reason = RevertOutcome.WOULD_REMOVE, "the archived experiment (REST DELETE)"
             return item
         if self.confirm is not None and not self.confirm(f"{s.project}/{s.session}"):
             return self.refuse(item, "not confirmed")
         gone = client.delete_experiment(s.project or "", s.subject or "", s.session)
-        self.record(item, "revert-archive", "done" if gone else "noop", {"project": s.project})
+        self.record(item, Step.REVERT_ARCHIVE, Outcome.DONE if gone else Outcome.NOOP, {"project": s.project})
         self.forget(s, item)
         return item
 
-    def cstore_session(self, s: AppliedSession, item: RevertItem, done: set[str]) -> RevertItem:
-        located = self.store.step_detail(s.action_id, "locate")
+    def cstore_session(self, s: AppliedSession, item: RevertItem) -> RevertItem:
+        located = self.store.step_detail(s.action_id, Step.LOCATE)
         client = self.client()
         if not located or client is None:
             return self.refuse(
@@ -204,26 +208,26 @@ class _Reverter:
             return self.refuse(item, f"XNAT holds it locked (status {row['status']})")
         if not self.yes:
             item.outcome, item.reason = (
-                "would-remove",
+                RevertOutcome.WOULD_REMOVE,
                 "the prearchive session XNAT's receiver made (REST DELETE)",
             )
             return item
         gone = client.delete_prearchive_session(s.project, located["timestamp"], located["folder"])
-        self.record(item, "revert-files", "done" if gone else "noop", {"via": "REST DELETE"})
+        self.record(item, Step.REVERT_FILES, Outcome.DONE if gone else Outcome.NOOP, {"via": "REST DELETE"})
         self.forget(s, item)
         return item
 
     def forget(self, s: AppliedSession, item: RevertItem) -> None:
-        for step in self.store.steps_done(s.action_id) & set(APPLY_STEPS):
-            self.store.record_step(s.action_id, step, "reverted")
+        for step in self.store.steps_done(s.action_id) & APPLY_STEPS:
+            self.store.record_step(s.action_id, step, Outcome.REVERTED)
         self.store.clear_session_records(s.action_id)
-        self.store.set_session_status(s.action_id, "reverted")
-        item.outcome = "removed"
+        self.store.set_session_status(s.action_id, SessionState.REVERTED)
+        item.outcome = RevertOutcome.REMOVED
 
 
 def revert(
     store: StateStore,
-    xnat: XnatTarget,
+    fallback: XnatTarget | None,
     *,
     yes: bool = False,
     sessions: Sequence[str] = (),
@@ -234,10 +238,11 @@ def revert(
 ) -> RevertReport:
     """Revert the matching sessions of the ledger (all by default); see the module docstring."""
     report = RevertReport(dry_run=not yes)
-    worker = _Reverter(store, xnat, yes, force, archived, confirm)
+    targets = Targets(fallback)
+    worker = _Reverter(store, targets, yes, force, archived, confirm)
     try:
         for s in store.sessions():
-            if s.status == "reverted":
+            if s.status is SessionState.REVERTED:
                 continue
             if sessions and s.session not in sessions:
                 continue
@@ -246,10 +251,10 @@ def revert(
             try:
                 report.items.append(worker.session(s))
             except XnatMigrateError as exc:
-                report.items.append(RevertItem(s.action_id, _label(s), "refused", str(exc)))
+                report.items.append(RevertItem(s.action_id, s.label, RevertOutcome.REFUSED, str(exc)))
                 break
     finally:
-        worker.close()
-    if yes and any(i.outcome == "removed" for i in report.items):
+        targets.close()
+    if yes and any(i.outcome is RevertOutcome.REMOVED for i in report.items):
         store.bump_serial()
     return report

@@ -13,10 +13,11 @@ from typing import Any
 
 from .. import xnat_table
 from ..errors import XnatMigrateError
-from ..model import XnatTarget
+from ..model import Check, Method, SessionState, Step, XnatTarget, unreachable
 from ..state import AppliedSession, StateStore
 from . import db, files
-from .connections import Connections
+from .connections import Targets
+from .xnat import XnatClient
 
 # Statuses a healthy session may show after apply: waiting, being built, built (§3). ERROR and
 # CONFLICT are problems; locked/queued ones mean XNAT is busy with it (not a failure of ours).
@@ -28,7 +29,7 @@ XNAT_OWNED = frozenset({"lastmod", "status", "scan_date", "scan_time", "subject"
 @dataclass
 class Finding:
     session: str
-    check: str
+    check: Check
     message: str
     path: str | None = None
 
@@ -37,7 +38,7 @@ class Finding:
 class SessionCheck:
     action_id: str
     label: str
-    method: str
+    method: Method
     checks: int = 0
     problems: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -56,40 +57,43 @@ class VerifyReport:
         return not self.problems
 
 
-def _label(s: AppliedSession) -> str:
-    return f"{s.project or 'Unassigned'}/{s.session}"
-
-
 class _Verifier:
-    def __init__(self, store: StateStore, xnat: XnatTarget, quick: bool, client: Any, conn: Any) -> None:
-        self.store, self.xnat, self.quick, self.client, self.conn = store, xnat, quick, client, conn
+    def __init__(
+        self, store: StateStore, quick: bool, client: XnatClient | None, conn: db.Connection | None
+    ) -> None:
+        self.store, self.quick, self.client, self.conn = store, quick, client, conn
 
     def session(self, s: AppliedSession) -> SessionCheck:
-        res = SessionCheck(s.action_id, _label(s), s.method)
+        res = SessionCheck(s.action_id, s.label, s.method)
         done = self.store.steps_done(s.action_id)
-        if s.method == "prearchive":
-            if "archive" in done:
-                self.archived(s, res)
-            else:
-                self.files(s, res)
-                self.row(s, res)
-        else:
-            self.cstore(s, res, done)
+        match s.method:
+            case Method.PREARCHIVE:
+                if Step.ARCHIVE in done:
+                    self.archived(s, res)
+                else:
+                    self.files(s, res)
+                    self.row(s, res)
+            case Method.CSTORE:
+                self.cstore(s, res, done)
+            case _:
+                unreachable(s.method)
         return res
 
-    def problem(self, res: SessionCheck, check: str, message: str, path: str | None = None) -> None:
+    def problem(self, res: SessionCheck, check: Check, message: str, path: str | None = None) -> None:
         res.problems.append(Finding(res.label, check, message, path))
 
     def files(self, s: AppliedSession, res: SessionCheck) -> None:
         recorded = self.store.files_for(s.action_id)
         if not recorded:
-            self.problem(res, "files", "the ledger has no file records for this session (it was not staged)")
+            self.problem(
+                res, Check.FILES, "the ledger has no file records for this session (it was not staged)"
+            )
             return
         res.checks += len(recorded)
         for path, _kind, message in files.recorded_differences(
             Path(s.session_dir or ""), recorded, quick=self.quick
         ):
-            self.problem(res, "files", message, str(path))
+            self.problem(res, Check.FILES, message, str(path))
 
     def row(self, s: AppliedSession, res: SessionCheck) -> None:
         if self.conn is None:
@@ -100,7 +104,7 @@ class _Verifier:
             row = db.fetch_row(cur, s.project, s.timestamp, s.session)
         if row is None:
             self.problem(
-                res, "row", "its row is missing from xdat_search.prearchive (see `xnatmigrate refresh`)"
+                res, Check.ROW, "its row is missing from xdat_search.prearchive (see `xnatmigrate refresh`)"
             )
             return
         for col, want in (s.row or {}).items():
@@ -114,10 +118,10 @@ class _Verifier:
             else:
                 got_s, want_s = got, want
             if got_s != want_s:
-                self.problem(res, "row", f"column {col} is {got_s!r}, planned {want_s!r}")
+                self.problem(res, Check.ROW, f"column {col} is {got_s!r}, planned {want_s!r}")
         if row["status"] not in HEALTHY:
             self.problem(
-                res, "row", f"status {row['status']} (XNAT's build or archive failed; see its logs/last)"
+                res, Check.ROW, f"status {row['status']} (XNAT's build or archive failed; see its logs/last)"
             )
 
     def archived(self, s: AppliedSession, res: SessionCheck) -> None:
@@ -129,26 +133,28 @@ class _Verifier:
         res.checks += 1
         if counts is None:
             self.problem(
-                res, "archive", f"archived experiment {s.project}/{subject}/{s.session} not found in XNAT"
+                res, Check.ARCHIVE, f"archived experiment {s.project}/{subject}/{s.session} not found in XNAT"
             )
             return
         total = sum(counts.values())
         if total != s.files:
             self.problem(
-                res, "archive", f"XNAT holds {total} file(s) in the archived session, {s.files} were migrated"
+                res,
+                Check.ARCHIVE,
+                f"XNAT holds {total} file(s) in the archived session, {s.files} were migrated",
             )
         res.skipped.append("checksums of archived files (XNAT owns them after archiving)")
 
-    def cstore(self, s: AppliedSession, res: SessionCheck, done: set[str]) -> None:
+    def cstore(self, s: AppliedSession, res: SessionCheck, done: set[Step]) -> None:
         sent = self.store.sent_for(s.action_id)
         res.checks += 1
         if len(sent) != s.files:
-            self.problem(res, "send", f"{len(sent)} of {s.files} instance(s) confirmed by the receiver")
+            self.problem(res, Check.SEND, f"{len(sent)} of {s.files} instance(s) confirmed by the receiver")
         if self.client is None:
             res.skipped.append("instances held by XNAT (xnat.url not set)")
             return
-        located = self.store.step_detail(s.action_id, "locate")
-        if "archive" in done:
+        located = self.store.step_detail(s.action_id, Step.LOCATE)
+        if Step.ARCHIVE in done:
             counts = self.client.experiment_scan_files(s.project or "", s.subject or "", s.session)
         elif located:
             counts = self.client.prearchive_scan_files(s.project, located["timestamp"], located["folder"])
@@ -160,31 +166,33 @@ class _Verifier:
         if total != len(sent):
             self.problem(
                 res,
-                "xnat",
+                Check.XNAT,
                 f"XNAT holds {total} instance(s) of this session; {len(sent)} were confirmed sent",
             )
 
 
 def verify(
     store: StateStore,
-    xnat: XnatTarget,
+    fallback: XnatTarget | None,
     *,
     quick: bool = False,
     on_session: Callable[[SessionCheck], None] | None = None,
 ) -> VerifyReport:
-    """Check every applied session. Opens the database/REST only if the target has them."""
+    """Check every applied session where it went (its recorded target; ``fallback`` for old ledgers).
+
+    Opens each target's database/REST only if the target has them and a session needs them.
+    """
     report = VerifyReport()
-    sessions = [s for s in store.sessions() if s.status == "applied"]
-    with Connections(xnat) as target:
-        client = target.rest() if target.has_rest else None
-        need_db = target.has_db and any(s.method == "prearchive" for s in sessions)
-        conn = target.db() if need_db else None
+    sessions = [s for s in store.sessions() if s.status is SessionState.APPLIED]
+    with Targets(fallback) as targets:
         for s in sessions:
             try:
-                res = _Verifier(store, xnat, quick, client, conn).session(s)
+                target = targets.of(s)
+                conn = target.db_if_any() if s.method is Method.PREARCHIVE else None
+                res = _Verifier(store, quick, target.rest_if_any(), conn).session(s)
             except XnatMigrateError as exc:
-                res = SessionCheck(s.action_id, _label(s), s.method)
-                res.problems.append(Finding(res.label, "error", str(exc)))
+                res = SessionCheck(s.action_id, s.label, s.method)
+                res.problems.append(Finding(res.label, Check.ERROR, str(exc)))
             report.sessions.append(res)
             if on_session:
                 on_session(res)

