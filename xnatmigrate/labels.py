@@ -93,7 +93,7 @@ def is_template(text: str) -> bool:
 def _sized(value: object) -> object:
     if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)) and len(value) > _RENDER_CAP:
         raise _TooBig
-    if isinstance(value, int) and value.bit_length() > 4 * _RENDER_CAP:  # ~4,900 digits
+    if isinstance(value, int) and value.bit_length() > 3 * _RENDER_CAP:  # ~3,700 digits
         raise _TooBig
     return value
 
@@ -158,7 +158,7 @@ class _BoundedSandbox(jinja2.sandbox.SandboxedEnvironment):
                     raise _TooBig
         elif operator == "**":
             ints = isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0
-            if ints and abs(left).bit_length() * right > 4 * _RENDER_CAP:
+            if ints and abs(left).bit_length() * right > 3 * _RENDER_CAP:
                 raise _TooBig
         elif operator == "%":
             _small_format(left)

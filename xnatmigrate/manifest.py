@@ -311,6 +311,12 @@ def _check_label(doc: _Doc, path: PathT, value: str) -> None:
             f"{value!r} is not a valid XNAT label: use only letters, digits, '_' and '-' "
             "(XNAT's XftStringUtils.isValidId), or a {{ template }}",
         )
+    elif len(value) > labels.MAX_LABEL_BYTES:
+        doc.problem(
+            path,
+            f"the label is {len(value)} characters long; XNAT makes it a folder name, which may have "
+            f"at most {labels.MAX_LABEL_BYTES} (255 bytes less the '.xml' XNAT appends): shorten it",
+        )
 
 
 def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_sources: bool) -> None:

@@ -1,5 +1,7 @@
 """Labels, scan folders and file names as XNAT makes them (xnat-reference.md §2, §5, §6)."""
 
+import re
+
 import pytest
 
 from xnatmigrate import labels
@@ -85,6 +87,62 @@ def test_template_rendering_and_missing_value():
 def test_template_is_sandboxed():
     with pytest.raises(labels.TemplateError):
         labels.render("{{ PatientID.__class__.__mro__[1].__subclasses__() }}", {"PatientID": "x"})
+
+
+HEADER = {"PatientID": "P1", "StudyInstanceUID": "1.2.3", "SeriesNumber": "300000000"}
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ PatientID * (SeriesNumber|int) }}",  # the repeat validate cannot see: a header value
+        "{{ [PatientID] * (SeriesNumber|int) }}",
+        "{{ PatientID|center(SeriesNumber|int) }}",
+        "{{ PatientID.ljust(SeriesNumber|int) }}",
+        "{{ ('%' ~ SeriesNumber ~ 's') % PatientID }}",
+        "{{ ('{:>' ~ SeriesNumber ~ '}').format(PatientID) }}",
+        "{{ PatientID|batch(SeriesNumber|int, 'x')|list }}",
+        "{{ 7 ** (SeriesNumber|int) }}",
+        "{{ (PatientID * 60)|replace('', PatientID * 60)|replace('', PatientID * 60) }}",
+    ],
+)
+def test_a_label_cannot_grow_without_bound(template):
+    # Each would build hundreds of MB (or never finish); the sandbox stops it at a few KB.
+    with pytest.raises(labels.LabelTooLong, match=r"for study 1\.2\.3, longer than the 251 a folder name"):
+        labels.render(template, HEADER)
+
+
+def test_a_rendered_label_longer_than_a_folder_name_is_refused():
+    values = {**HEADER, "SeriesNumber": "126"}
+    assert len(labels.render("{{ PatientID * 125 }}x", values)) == 251
+    with pytest.raises(labels.LabelTooLong, match="renders a label of 252 characters for study 1.2.3") as exc:
+        labels.render("{{ PatientID * (SeriesNumber|int) }}", values)
+    # The planner rejects a file it cannot label (as for a missing value), naming the reason.
+    assert isinstance(exc.value, labels.MissingValue)
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("{{ PatientID * 300000000 }}", "repeats by 300000000"),
+        ("{{ 300000000 * PatientID }}", "repeats by 300000000"),
+        ("{{ 10 ** 1000 }}", "raises to 1000"),
+        ("{{ PatientID|center(300000000) }}", "passes 300000000 as a width or count"),
+        ("{{ range(100000)|join }}", "passes 100000 as a width or count"),
+        ("{% for i in range(9) %}{{ PatientID }}{% endfor %}", "may not use {% for %} loops"),
+        ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "may not use macros"),
+    ],
+)
+def test_unbounded_templates_are_refused_before_rendering(template, fragment):
+    with pytest.raises(labels.TemplateError, match=re.escape(fragment)):
+        labels.template_keywords(template)
+
+
+def test_arithmetic_errors_are_template_errors():
+    with pytest.raises(
+        labels.TemplateError, match="failed for study 1.2.3: division by zero; fix the template"
+    ):
+        labels.render("{{ 1 / (PatientID|length - 2) }}", HEADER)
 
 
 def test_unknown_keywords_are_found():

@@ -129,6 +129,27 @@ BAD = [
         "template syntax error",
     ),
     (
+        "unbounded template",
+        ("session: s1_MR1", 'session: "{{ PatientID * 300000000 }}"'),
+        11,
+        "$.sources[0].session",
+        "repeats by 300000000, which makes a label longer than the 251 characters",
+    ),
+    (
+        "template loop",
+        ("session: s1_MR1", 'session: "{% for i in range(9) %}{{ PatientID }}{% endfor %}"'),
+        11,
+        "$.sources[0].session",
+        "may not use {% for %} loops",
+    ),
+    (
+        "fixed label too long",
+        ("session: s1_MR1", "session: " + "s" * 252),
+        11,
+        "$.sources[0].session",
+        "the label is 252 characters long",
+    ),
+    (
         "where keyword",
         ("    session: s1_MR1\n", "    session: s1_MR1\n    where: {Modalty: MR}\n"),
         12,

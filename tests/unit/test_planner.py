@@ -173,6 +173,20 @@ def test_where_filter_and_missing_template_value_reject_files():
     assert p.sessions == ()
 
 
+def test_a_label_too_long_for_a_folder_rejects_its_study_with_the_reason():
+    m = manifest(src(session="{{ PatientID * 20 }}"))
+    long_id = "L" * 13  # 260 characters rendered: more than the 251 a folder name allows
+    p = plan_of(m, [header("/src/a", PatientID="P1"), header("/src/b", study="1.2.4", PatientID=long_id)])
+    assert [s.session for s in p.sessions] == ["P1" * 20]
+    assert [(r.path, r.reason) for r in p.rejected] == [
+        (
+            "/src/b",
+            "template '{{ PatientID * 20 }}' renders a label of 260 characters for study 1.2.4, longer "
+            "than the 251 a folder name allows (255 bytes less the '.xml' XNAT appends): shorten the template",
+        )
+    ]
+
+
 def test_every_file_is_accounted_for():
     hs = [header(f"/src/{i}", study=f"1.2.{i % 3}", inst=str(i), PatientID=f"P{i % 3}") for i in range(9)]
     hs.append(header("/src/x", study="1.2.9", Modality="CT", PatientID="P9"))
