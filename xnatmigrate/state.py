@@ -78,6 +78,109 @@ CREATE TABLE IF NOT EXISTS session_targets (
 """
 
 
+# SQLite primary result codes (sqlite3.h) that are the state directory's condition, not a bug.
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
+
+
+def _state_error(exc: sqlite3.Error, path: Path) -> StateError | None:
+    """The one line for an SQLite failure caused by the state directory (full, read-only, damaged,
+    busy); None for anything else (a constraint, a bug), which keeps its traceback."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    where = path.parent
+    if primary == _SQLITE_FULL:
+        return StateError(
+            f"the state directory {where} is full (writing {path.name} failed: {exc}); free space "
+            "there (or move the whole directory elsewhere and pass --state-dir), then rerun: every "
+            "step recorded before this one is kept"
+        )
+    if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_CANTOPEN):
+        return StateError(
+            f"cannot write the state file {path} ({exc}): the state directory {where} must be "
+            "writable by this user; fix its permissions or mount it read-write, then rerun"
+        )
+    if primary == _SQLITE_IOERR:
+        return StateError(
+            f"I/O error on the state file {path} ({exc}): check the disk holding {where}, then rerun"
+        )
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StateError(
+            f"the state file {path} is unreadable ({exc}); it is the ledger of what was "
+            "migrated: restore it from backup, or move it aside to start over deliberately"
+        )
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return StateError(
+            f"the state file {path} stayed locked by another process ({exc}); wait for it to "
+            "finish, then rerun"
+        )
+    return None
+
+
+class _Cursor(sqlite3.Cursor):
+    """Every statement and fetch turns a state-directory failure into its StateError."""
+
+    def _fail(self, exc: sqlite3.Error) -> BaseException:
+        path = getattr(self.connection, "state_path", None)
+        err = _state_error(exc, path) if isinstance(path, Path) else None
+        return err if err is not None else exc
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from None
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> _Cursor:
+        try:
+            return super().executemany(sql, seq_of_parameters)
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from None
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from None
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from None
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from None
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements run on ``_Cursor`` (``state_path`` names the file)."""
+
+    state_path: Path
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        return _Cursor(self).execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> _Cursor:
+        return _Cursor(self).executemany(sql, seq_of_parameters)
+
+
+def _connect(path: Path, shown: Path | None = None) -> _Connection:
+    """Open ``path``; failures name ``shown`` (the state file a temporary one is written for)."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, factory=_Connection)
+    conn.state_path = shown or path
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
 
@@ -147,20 +250,64 @@ class StateStore:
             raise StateError(
                 f"no state in {self.dir}: run `xnatmigrate plan MANIFEST` first (or pass --state-dir)"
             )
+        self._lock_fd: int | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self._check_format()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(
+            if not self.path.exists():
+                self._create()
+            elif self.path.stat().st_size == 0:
+                raise StateError(
+                    f"the state file {self.path} is empty (0 bytes), but a new one is written complete: "
+                    "it was truncated (a crash, a full disk or a stray redirect), and it is the ledger "
+                    "of what was migrated: restore it from backup, or move it aside to start over "
+                    "deliberately"
+                )
+            self.conn = _connect(self.path)
+            try:
+                self._check_format()
+            except BaseException:
+                self.conn.close()
+                raise
+        except StateError:
+            raise
+        except sqlite3.Error as exc:
+            raise _state_error(exc, self.path) or StateError(
                 f"the state file {self.path} is unreadable ({exc}); it is the ledger of what was "
                 "migrated: restore it from backup, or move it aside to start over deliberately"
             ) from None
         except OSError as exc:
-            raise StateError(f"cannot open the state directory {self.dir}: {exc.strerror}") from None
-        self._lock_fd: int | None = None
+            raise StateError(
+                f"cannot open the state directory {self.dir}: {exc.strerror}; make it a writable "
+                "folder with free space (or pass another --state-dir)"
+            ) from None
+
+    def _create(self) -> None:
+        """Write a complete, empty ledger beside ``state.db`` and link it into place.
+
+        A state.db therefore always holds the schema: one without it (0 bytes, no tables) was
+        damaged, never just created, and is refused instead of being taken for a fresh ledger.
+        """
+        tmp = self.dir / f".{STATE_FILE}.new-{os.getpid()}"
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+        conn = _connect(tmp, shown=self.path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._write_schema(conn)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()  # the last connection checkpoints the WAL into the file and removes it
+        try:
+            os.link(tmp, self.path)  # never replaces a state.db another process created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     # -- format ---------------------------------------------------------------------------------
 
@@ -178,14 +325,23 @@ class StateStore:
                 raise StateError(f"the state file {self.path} has no format marker; it is not ours")
         elif tables:
             raise StateError(f"{self.path} is an SQLite file but not an xnatmigrate state file")
-        with self.tx():
-            for stmt in _SCHEMA.strip().split(";"):
-                if stmt.strip():
-                    self.conn.execute(stmt)
-            self.conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (str(STATE_FORMAT),)
+        else:
+            raise StateError(
+                f"the state file {self.path} holds no tables, but a new one is written complete: it "
+                "was emptied or replaced, and it is the ledger of what was migrated: restore it from "
+                "backup, or move it aside to start over deliberately"
             )
-            self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('serial', '0')")
+        with self.tx():
+            self._write_schema(self.conn)
+
+    @staticmethod
+    def _write_schema(conn: sqlite3.Connection) -> None:
+        """Tables added since the file was created, and the format marker (idempotent)."""
+        for stmt in _SCHEMA.strip().split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (str(STATE_FORMAT),))
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('serial', '0')")
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -193,15 +349,17 @@ class StateStore:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
             self.conn.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (a full disk, an I/O error): keep the real error.
+            with contextlib.suppress(sqlite3.Error, StateError):
+                self.conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.unlock()
-        self.conn.close()
+        if hasattr(self, "conn"):
+            self.conn.close()
 
     def __enter__(self) -> StateStore:
         return self
@@ -244,7 +402,13 @@ class StateStore:
     def lock(self, what: str = "apply") -> None:
         """Take the directory's exclusive lock or raise LockedError naming the holder."""
         path = self.dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the lock file {path}: {exc.strerror}; the state directory {self.dir} "
+                "must be writable by this user, with free space"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -255,9 +419,16 @@ class StateStore:
                 "gone, rerun: the lock is released when its holder exits)"
             ) from None
         info = f"{what} on host {socket.gethostname()} pid {os.getpid()} since {now_iso()}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
         self._lock_fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        except OSError as exc:
+            self.unlock()
+            raise StateError(
+                f"cannot write the lock file {path}: {exc.strerror}; free space in the state "
+                f"directory {self.dir} (or pass another --state-dir), then rerun"
+            ) from None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

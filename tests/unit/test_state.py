@@ -1,7 +1,10 @@
 """The state file is a ledger: never silently reset, one writer at a time, records survive."""
 
 import multiprocessing
+import os
+import shutil
 import sqlite3
+import subprocess
 
 import pytest
 
@@ -34,6 +37,103 @@ def test_garbage_state_is_refused(tmp_path):
     with pytest.raises(StateError, match="unreadable"):
         StateStore(tmp_path)
     assert (tmp_path / "state.db").read_bytes().startswith(b"this is not sqlite")
+
+
+def test_empty_state_file_is_refused_not_reset(tmp_path):
+    (tmp_path / "state.db").write_bytes(b"")
+    with pytest.raises(StateError, match=r"is empty \(0 bytes\).*restore it from backup"):
+        StateStore(tmp_path)
+    assert (tmp_path / "state.db").read_bytes() == b""  # left as found
+
+
+def test_sqlite_file_without_tables_is_refused_not_reset(tmp_path):
+    conn = sqlite3.connect(tmp_path / "state.db")
+    conn.execute("PRAGMA user_version=7")  # a valid, non-empty SQLite file with no tables
+    conn.close()
+    with pytest.raises(StateError, match="holds no tables"):
+        StateStore(tmp_path)
+
+
+def test_a_new_state_file_is_written_complete(tmp_path):
+    StateStore(tmp_path / "s").close()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["state.db"]  # no temporary left
+    conn = sqlite3.connect(tmp_path / "s" / "state.db")
+    assert conn.execute("SELECT value FROM meta WHERE key='format'").fetchone() == (str(STATE_FORMAT),)
+    conn.close()
+
+
+def _filled(path, n=3000):
+    with StateStore(path) as st:
+        st.cache_put(
+            CachedHeader(f"/p/{i}", 1, 1, frozenset({"A"}), "1.2", {"A": "x" * 200}, None) for i in range(n)
+        )
+        st.record_timestamps([("P", "S", "1.2.3", "20240101_000000000")])
+    return path / "state.db"
+
+
+def test_damage_found_after_opening_is_one_line(tmp_path):
+    db = _filled(tmp_path)
+    size = db.stat().st_size
+    with db.open("r+b") as f:  # pages in the middle of the scan cache, past the schema
+        f.seek(size // 2)
+        f.write(b"\xff" * 16384)
+    with (
+        pytest.raises(StateError, match="is unreadable .*restore it from backup"),
+        StateStore(tmp_path) as st,
+    ):
+        st.cache_all()
+
+
+def test_a_full_state_database_is_one_line(tmp_path):
+    # SQLITE_FULL without a full disk: the page limit makes SQLite report "database or disk is full".
+    with StateStore(tmp_path) as st:
+        st.conn.execute("PRAGMA max_page_count=20")
+        with pytest.raises(StateError, match="is full .*free space there.*every step recorded before"):
+            st.cache_put(
+                CachedHeader(f"/p/{i}", 1, 1, frozenset({"A"}), "1.2", {"A": "x" * 200}, None)
+                for i in range(5000)
+            )
+        st.record_step("a", "stage", "done")  # the connection is still usable for what fits
+    with StateStore(tmp_path) as st:
+        assert st.cache_all() == {} and st.steps_done("a") == {"stage"}
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 KiB tmpfs (needs root with mount rights; skipped elsewhere)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_recorded(tiny_fs):
+    with StateStore(tiny_fs / "s") as st:
+        st.record_step("a", "stage", "done")
+        with pytest.raises(StateError, match="is full"):
+            for j in range(100):
+                st.cache_put(
+                    CachedHeader(f"/p/{j}/{i}", 1, 1, frozenset({"A"}), "1.2", {"A": "x" * 200}, None)
+                    for i in range(500)
+                )
+    with StateStore(tiny_fs / "s") as st:
+        assert st.steps_done("a") == {"stage"}
+
+
+def test_a_read_only_state_directory_is_one_line(tiny_fs):
+    StateStore(tiny_fs / "s").close()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    with pytest.raises(StateError, match="must be writable by this user"):
+        StateStore(tiny_fs / "s")
+    with pytest.raises(StateError, match="cannot open the state directory .*Read-only file system"):
+        StateStore(tiny_fs / "new")
 
 
 def test_foreign_sqlite_is_refused(tmp_path):
