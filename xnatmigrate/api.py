@@ -33,6 +33,7 @@ from .model import (
     SessionState,
     Step,
     XnatTarget,
+    json_text,
     plan_from_dict,
     plan_to_dict,
     unreachable,
@@ -161,9 +162,7 @@ def plan(
     sql_path = Path(sql_out) if sql_out else sdir / SQL_FILE
     # Compact: plan.json is for machines (the summary and plan.sql are for people), and the C
     # encoder only runs without indent, which matters for plans of 100,000 files.
-    atomic_write(
-        plan_path, json.dumps(plan_to_dict(result), ensure_ascii=False, separators=(",", ":")) + "\n"
-    )
+    atomic_write(plan_path, json_text(plan_to_dict(result), separators=(",", ":")) + "\n")
     atomic_write(sql_path, statements.plan_script(result))
     return PlanOutcome(
         plan=result,

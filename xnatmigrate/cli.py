@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A file name that is not UTF-8 is a str with lone surrogates (surrogateescape): printed as
+    # "\udcff" instead of failing the print; in --json output that is the JSON escape for it.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
     try:
         return int(_COMMANDS[args.command](args))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum, StrEnum
@@ -511,8 +512,27 @@ def compute_plan_id(plan: Plan) -> str:
 
 def _content_hash(data: Mapping[str, Any]) -> str:
     body = {k: v for k, v in data.items() if k not in _HASH_EXCLUDED}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json_text(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def json_text(data: Any, **options: Any) -> str:
+    """``json.dumps(data, ensure_ascii=False)`` that stays valid UTF-8 for any path.
+
+    A file name that is not UTF-8 reaches us as a str with lone surrogates (os.fsdecode's
+    surrogateescape, e.g. b"\\xff" → "\\udcff"), which no UTF-8 text can hold: those alone are
+    written as JSON escapes (``\\udcff``), which json.loads turns back into the same str, so the
+    path round-trips without loss. Any other text is written as it is.
+    """
+    text = json.dumps(data, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def with_plan_id(plan: Plan) -> Plan:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from .errors import LockedError, StateError
 from .model import (
@@ -38,6 +38,7 @@ from .model import (
     SessionState,
     Step,
     XnatTarget,
+    json_text,
     unreachable,
     xnat_from_dict,
     xnat_to_dict,
@@ -179,6 +180,31 @@ def _connect(path: Path, shown: Path | None = None) -> _Connection:
         conn.close()
         raise
     return conn
+
+
+@overload
+def _db_text(text: str) -> str | bytes: ...
+@overload
+def _db_text(text: None) -> None: ...
+def _db_text(text: str | None) -> str | bytes | None:
+    """A path (or a message holding one) as SQLite can store it: TEXT when it is UTF-8, as every
+    usual name is; else the file system's bytes (a BLOB), which ``_py_text`` turns back into the
+    same str. The mapping is one-to-one, so a path stays the scan cache's key."""
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: a name that is not UTF-8 (os.fsdecode)
+        return os.fsencode(text)
+    return text
+
+
+@overload
+def _py_text(value: str | bytes) -> str: ...
+@overload
+def _py_text(value: None) -> None: ...
+def _py_text(value: str | bytes | None) -> str | None:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def now_iso() -> str:
@@ -473,8 +499,16 @@ class StateStore:
             keywords = keyword_sets.get(kw)
             if keywords is None:
                 keywords = keyword_sets[kw] = frozenset(loads(kw))
+            if isinstance(path, bytes):  # a name that is not UTF-8 (_db_text)
+                path = os.fsdecode(path)
             out[path] = CachedHeader(
-                path, size, mtime, keywords, ts, loads(header) if header is not None else None, reject
+                path,
+                size,
+                mtime,
+                keywords,
+                ts,
+                loads(header) if header is not None else None,
+                _py_text(reject),
             )
         return out
 
@@ -486,13 +520,13 @@ class StateStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
-                        e.path,
+                        _db_text(e.path),
                         e.size,
                         e.mtime_ns,
                         json.dumps(sorted(e.keywords)),
                         e.transfer_syntax,
-                        json.dumps(dict(e.header), ensure_ascii=False) if e.header is not None else None,
-                        e.reject,
+                        json_text(dict(e.header)) if e.header is not None else None,
+                        _db_text(e.reject),
                     )
                     for e in entries
                 ),
@@ -630,7 +664,7 @@ class StateStore:
                     action_id,
                     step,
                     outcome,
-                    json.dumps(detail, ensure_ascii=False) if detail is not None else None,
+                    json_text(detail) if detail is not None else None,
                     now_iso(),
                 ),
             )
@@ -667,12 +701,12 @@ class StateStore:
         with self.tx():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO files (action_id, dest, source, size, sha256) VALUES (?,?,?,?,?)",
-                ((action_id, d, s, n, h) for d, s, n, h in rows),
+                ((action_id, _db_text(d), _db_text(s), n, h) for d, s, n, h in rows),
             )
 
     def files_for(self, action_id: str) -> dict[str, tuple[str, int, str]]:
         return {
-            d: (s, n, h)
+            _py_text(d): (_py_text(s), n, h)
             for d, s, n, h in self.conn.execute(
                 "SELECT dest, source, size, sha256 FROM files WHERE action_id=?", (action_id,)
             )

@@ -3,6 +3,8 @@ cache reuse, offline planning and the database checks."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -97,6 +99,24 @@ def test_warm_plan_reads_no_file_contents(tmp_path, corpus, monkeypatch, capsys)
     second = api.plan(m, state_dir=tmp_path / "state", offline=True, now=NOW)
     assert second.cache_hits == second.files_seen > 0
     assert second.plan.plan_id == first.plan.plan_id
+
+
+def test_a_file_name_that_is_not_utf8_is_planned_like_any_other(tmp_path, corpus, capsys):
+    first = sorted(corpus.rglob("IMG0002.dcm"))[0]  # planned under its own name (IMG0001 is a duplicate)
+    bad = os.fsencode(first.parent) + b"/bad\xff\xfe name.dcm"  # Latin-1 bytes, not UTF-8
+    os.rename(first, bad)
+    m = manifest_for(tmp_path, corpus).as_posix()
+    state = tmp_path / "s"
+    for _ in range(2):  # cold, then from the scan cache
+        assert cli.main(["plan", m, "--state-dir", str(state), "--offline"]) == 0
+        assert "bad\\udcff\\udcfe name.dcm" not in capsys.readouterr().err
+        raw = (state / "plan.json").read_bytes()
+        raw.decode("utf-8")  # plan.json stays UTF-8: the name's bytes are written as JSON escapes
+        plan = api.load_plan(state / "plan.json")  # and its content hash still holds
+        sources = {f.source for s in plan.sessions for f in s.files}
+        assert os.fsdecode(bad) in sources and os.path.exists(os.fsencode(os.fsdecode(bad)))
+    assert cli.main(["plan", m, "--state-dir", str(state), "--offline", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan_id"] == plan.plan_id
 
 
 def test_offline_marks_what_was_not_checked_and_dead_db_is_reported(tmp_path, corpus, monkeypatch, capsys):

@@ -136,6 +136,20 @@ def test_a_read_only_state_directory_is_one_line(tiny_fs):
         StateStore(tiny_fs / "new")
 
 
+def test_a_path_that_is_not_utf8_round_trips(tmp_path):
+    path = os.fsdecode(b"/src/bad\xff\xfe.dcm")  # what os.scandir gives for those bytes
+    entry = CachedHeader(path, 1, 1, frozenset({"A"}), "1.2", {"A": "x"}, f"not DICOM: {path}")
+    with StateStore(tmp_path) as st:
+        st.cache_put([entry])
+        st.cache_put([entry])  # one key per path: replaced, not added
+        st.record_files("a", [("/pre/1.dcm", path, 1, "h")])
+        st.record_step("a", "stage", "done", {"source": path})
+    with StateStore(tmp_path) as st:
+        assert st.cache_all() == {path: entry}
+        assert st.files_for("a") == {"/pre/1.dcm": (path, 1, "h")}
+        assert st.step_detail("a", "stage") == {"source": path}
+
+
 def test_foreign_sqlite_is_refused(tmp_path):
     conn = sqlite3.connect(tmp_path / "state.db")
     conn.execute("CREATE TABLE x (a)")
