@@ -19,6 +19,9 @@ Reject reasons (the prefixes are an interface; the planner, tests and users key 
 - ``no SOPInstanceUID`` / ``no StudyInstanceUID`` / ``no SOPClassUID``: a Part 10 file without it.
 - ``unreadable: <strerror>``: cannot be opened or read (permissions, vanished, a directory we could not
   list, not a regular file). Never cached: the next run tries again.
+- ``skipped: …``: not walked (see ``_walk``): a FIFO, socket or device; a symbolic link to a folder
+  inside the source; a symbolic link leading outside the source without ``follow_links: true``; a
+  followed link to a folder already walked.
 - ``truncated: header ends early``: the data set stops inside an element before Pixel Data.
 - ``truncated: Pixel Data declares N bytes, file has M after it``: cut inside Pixel Data (also Float /
   Double Float Pixel Data); for encapsulated Pixel Data: ``truncated: encapsulated Pixel Data …`` when
@@ -212,19 +215,43 @@ def _prune_regex(pattern: str) -> re.Pattern[str] | None:
 
 
 def _walk(src: SourceSpec) -> tuple[list[str], list[Reject]]:
-    """Files of one source after include/exclude, sorted, plus folders that could not be listed."""
+    """Files of one source after include/exclude, sorted, plus what was not walked and why.
+
+    Entries that are not regular files or folders are never read, and each one the globs would
+    have taken is a ``skipped: …`` reject: FIFOs, sockets and devices (reading could block or never
+    end); symbolic links to folders inside the source (walked where they are); symbolic links
+    leading outside the source, unless the source sets ``follow_links: true``; with it, a link to a
+    folder already walked (a loop, or a second way in). A dangling link is kept, so the scan reports
+    it as unreadable.
+    """
     root = os.path.abspath(src.source)
+    real_root = os.path.realpath(root)
     includes = [glob_to_regex(p) for p in src.include]
     excludes = [glob_to_regex(p) for p in src.exclude]
     prunes = [r for r in (_prune_regex(p) for p in src.exclude) if r is not None]
     files: list[str] = []
     errors: list[Reject] = []
+    # Folders entered, by (device, inode): only needed when links are followed (loops).
+    entered: set[tuple[int, int]] = set()
     stack: list[tuple[str, str]] = [(root, "")]
+
+    def wanted(rel: str) -> bool:
+        return any(r.match(rel) for r in includes) and not any(r.match(rel) for r in excludes)
+
+    def pruned(rel: str) -> bool:
+        return any(r.match(rel) for r in prunes) or any(r.match(rel) for r in excludes)
+
+    def outside(target: str) -> bool:
+        return target != real_root and not target.startswith(real_root.rstrip(os.sep) + os.sep)
+
     while stack:
         folder, prefix = stack.pop()
         subdirs: list[tuple[str, str]] = []
         try:
             it = os.scandir(folder)
+            if src.follow_links:
+                st = os.stat(folder)
+                entered.add((st.st_dev, st.st_ino))
         except OSError as exc:
             if folder == root:
                 raise PlanError(
@@ -237,22 +264,91 @@ def _walk(src: SourceSpec) -> tuple[list[str], list[Reject]]:
             for entry in it:
                 rel = prefix + entry.name
                 try:
-                    # NOTE: directory symlinks are not followed (no loops, no file seen twice).
-                    if entry.is_dir(follow_symlinks=False):
+                    if entry.is_symlink():
+                        if not os.path.exists(entry.path):
+                            pass  # dangling: kept, the scan reports it as unreadable
+                        elif entry.is_dir():
+                            if not pruned(rel):
+                                why = _folder_link(entry.path, real_root, src.follow_links, outside, entered)
+                                if why is None:
+                                    subdirs.append((entry.path, rel + "/"))
+                                else:
+                                    errors.append(Reject(entry.path, why))
+                            continue
+                        elif wanted(rel):
+                            target = os.path.realpath(entry.path)
+                            if outside(target) and not src.follow_links:
+                                errors.append(Reject(entry.path, _outside(target)))
+                            elif not entry.is_file():
+                                errors.append(
+                                    Reject(entry.path, _special(os.stat(entry.path).st_mode, target))
+                                )
+                            else:
+                                files.append(entry.path)
+                            continue
+                        else:
+                            continue
+                    elif entry.is_dir(follow_symlinks=False):
                         if not any(r.match(rel) for r in prunes):
                             subdirs.append((entry.path, rel + "/"))
                         continue
-                    # FIFOs, sockets, devices and links to folders are skipped; a dangling link is
-                    # kept so the scan reports it as unreadable instead of silently dropping it.
-                    if not entry.is_file() and not (entry.is_symlink() and not os.path.exists(entry.path)):
+                    elif not entry.is_file(follow_symlinks=False):
+                        if wanted(rel):
+                            errors.append(
+                                Reject(entry.path, _special(entry.stat(follow_symlinks=False).st_mode))
+                            )
                         continue
                 except OSError:
                     pass  # cannot even stat it: keep it, reading it will say why
-                if any(r.match(rel) for r in includes) and not any(r.match(rel) for r in excludes):
+                if wanted(rel):
                     files.append(entry.path)
         stack.extend(reversed(subdirs))
     files.sort()
+    errors.sort(key=lambda r: r.path)
     return files, errors
+
+
+def _outside(target: str) -> str:
+    return (
+        f"skipped: symbolic link leading outside the source, to {target}; set follow_links: true "
+        "on this source to follow it"
+    )
+
+
+def _special(mode: int, target: str | None = None) -> str:
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    via = f"symbolic link to {target}, " if target else ""
+    return f"skipped: {via}{kind}, not a regular file: it is not read (reading could block or never end)"
+
+
+def _folder_link(
+    path: str,
+    real_root: str,
+    follow: bool,
+    outside: Callable[[str], bool],
+    entered: set[tuple[int, int]],
+) -> str | None:
+    """Why the symbolic link ``path`` to a folder is not walked, or None to walk it."""
+    target = os.path.realpath(path)
+    if not outside(target):
+        return f"skipped: symbolic link to the folder {target}, inside the source: walked there, not twice"
+    if not follow:
+        return _outside(target)
+    st = os.stat(path)
+    if (st.st_dev, st.st_ino) in entered:
+        return f"skipped: symbolic link to the folder {target}, already walked (a loop, or a second way in)"
+    entered.add((st.st_dev, st.st_ino))
+    return None
 
 
 def walk_source(src: SourceSpec) -> list[str]:

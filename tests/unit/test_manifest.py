@@ -300,6 +300,16 @@ def test_hardlink_acknowledgement_in_defaults_and_copy_needs_none(tmp_path):
     assert [p.path for p in problems_of(write(tmp_path, not_acked))] == ["$.sources[0].transfer"]
 
 
+def test_follow_links_is_a_per_source_choice_off_by_default(tmp_path):
+    assert load_manifest(write(tmp_path, GOOD)).sources[0].follow_links is False
+    text = GOOD.replace("sources:", "defaults:\n  follow_links: true\nsources:") + (
+        "  - source: /data/b\n    project: prj001\n    follow_links: false\n"
+    )
+    assert [s.follow_links for s in load_manifest(write(tmp_path, text)).sources] == [True, False]
+    bad = [p.path for p in problems_of(write(tmp_path, GOOD + "    follow_links: yes please\n"))]
+    assert bad == ["$.sources[0].follow_links"]
+
+
 def test_duplicate_keys_are_errors_with_both_lines(tmp_path):
     p = write(tmp_path, GOOD.replace("    subject: s1\n", "    subject: s1\n    subject: s2\n"))
     probs = problems_of(p)

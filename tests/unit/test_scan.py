@@ -6,6 +6,7 @@ import builtins
 import io
 import os
 import random
+import socket
 import struct
 import warnings
 from pathlib import Path
@@ -179,7 +180,8 @@ def test_walk_applies_globs_to_relative_paths_and_skips_what_is_not_a_file(tmp_p
     (outside / "o.dcm").write_bytes(b"x")
     (root / "linkdir").symlink_to(outside, target_is_directory=True)  # not followed
     (root / "loop").symlink_to(root, target_is_directory=True)  # would loop if followed
-    (root / "linkfile.dcm").symlink_to(outside / "o.dcm")  # a regular file: kept
+    (root / "linkfile.dcm").symlink_to(outside / "o.dcm")  # outside the source: not followed
+    (root / "inlink.dcm").symlink_to(root / "a.dcm")  # a file inside the source: kept
     (root / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")  # kept: reported as unreadable
     os.mkfifo(root / "pipe.dcm")  # skipped: reading it would block
 
@@ -188,11 +190,69 @@ def test_walk_applies_globs_to_relative_paths_and_skips_what_is_not_a_file(tmp_p
     rel = [os.path.relpath(p, root) for p in got]
     assert rel == sorted(rel)
     assert all(os.path.isabs(p) and p.startswith(str(root) + os.sep) for p in got)
-    assert set(rel) == {"a.dcm", "sub/c.dcm", "sub/deep/d.dcm", ".hid/g.dcm", "linkfile.dcm", "dangling.dcm"}
+    assert set(rel) == {"a.dcm", "sub/c.dcm", "sub/deep/d.dcm", ".hid/g.dcm", "inlink.dcm", "dangling.dcm"}
     assert read_header(str(root / "dangling.dcm"), KW).reject == "unreadable: No such file or directory"
 
     default = SourceSpec(0, None, str(root), "P", None, "S")
-    assert len(walk_source(default)) == 9  # 7 regular files + 2 links to files; no fifo, no dir links
+    assert len(walk_source(default)) == 9  # 7 regular files + 2 links inside; no fifo, dir or outside link
+
+
+def _odd_entries(tmp_path: Path) -> tuple[Path, Path]:
+    """A source with every kind of entry the walk does not read, and a folder outside it."""
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    part10(root / "a" / "1.dcm", image(1))
+    part10(outside / "o.dcm", image(2))
+    (outside / "back").symlink_to(outside, target_is_directory=True)  # a loop once followed
+    os.mkfifo(root / "pipe.dcm")
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    (root / "linkin").symlink_to(root / "a", target_is_directory=True)
+    (root / "linkfile.dcm").symlink_to(outside / "o.dcm")
+    (root / "null.dcm").symlink_to("/dev/null")  # a character device, outside the source
+    (root / "pipe.txt").symlink_to(root / "pipe.dcm")  # excluded by the globs: not reported
+    return root, outside
+
+
+def test_entries_skipped_by_the_walk_are_rejects_with_a_reason(tmp_path: Path) -> None:
+    root, outside = _odd_entries(tmp_path)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "s.dcm"))
+    try:
+        result = scan_sources(manifest(root, include=("**/*.dcm", "linkdir", "linkin")), KW, jobs=1)
+    finally:
+        sock.close()
+    assert [h.path for _, h in result.headers] == [str(root / "a" / "1.dcm")]
+    outside_link = "skipped: symbolic link leading outside the source, to {}; set follow_links: true on this source to follow it"
+    not_read = "not a regular file: it is not read (reading could block or never end)"
+    assert [(os.path.relpath(r.path, root), r.reason) for r in result.rejects] == [
+        ("linkdir", outside_link.format(outside)),
+        ("linkfile.dcm", outside_link.format(outside / "o.dcm")),
+        (
+            "linkin",
+            f"skipped: symbolic link to the folder {root / 'a'}, inside the source: walked there, not twice",
+        ),
+        ("null.dcm", outside_link.format("/dev/null")),
+        ("pipe.dcm", f"skipped: a FIFO (named pipe), {not_read}"),
+        ("s.dcm", f"skipped: a socket, {not_read}"),
+    ]
+    assert len(result.headers) + len(result.rejects) == 7  # every entry the globs take, once
+
+
+def test_follow_links_walks_outside_the_source_and_stops_at_loops(tmp_path: Path) -> None:
+    root, outside = _odd_entries(tmp_path)
+    spec = SourceSpec(0, None, str(root), "P", None, "S", include=("**/*.dcm", "**/back"), follow_links=True)
+    result = scan_sources(Manifest("m.yaml", "0" * 64, 1, XnatTarget(), (spec,)), KW, jobs=1)
+    # Paths keep the link (never resolved); the same image through two links is one duplicate.
+    assert sorted(os.path.relpath(h.path, root) for _, h in result.headers) == ["a/1.dcm", "linkdir/o.dcm"]
+    reasons = {os.path.relpath(r.path, root): r.reason for r in result.rejects}
+    assert (
+        reasons["linkdir/back"]
+        == f"skipped: symbolic link to the folder {outside}, already walked (a loop, or a second way in)"
+    )
+    assert reasons["null.dcm"].startswith(
+        "skipped: symbolic link to /dev/null, a character device, not a regular file"
+    )
+    assert reasons["linkfile.dcm"].startswith("duplicate: same SOPInstanceUID as")
+    assert reasons["linkin"].endswith("inside the source: walked there, not twice")
 
 
 def test_walk_of_a_missing_source_is_a_user_error(tmp_path: Path) -> None:
