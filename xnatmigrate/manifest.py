@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -528,10 +527,3 @@ def template_keywords_of(manifest: Manifest) -> frozenset[str]:
                 names |= labels.template_keywords(value)
         names |= set(src.where_map)
     return frozenset(names)
-
-
-def iter_problems(paths: Iterable[str | Path], check_sources: bool = False) -> list[Problem]:
-    out: list[Problem] = []
-    for p in paths:
-        out.extend(check_manifest(p, check_sources)[1])
-    return out

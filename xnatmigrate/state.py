@@ -465,28 +465,6 @@ class StateStore:
 
     # -- scan cache -----------------------------------------------------------------------------
 
-    def cache_get(self, paths: Iterable[str]) -> dict[str, CachedHeader]:
-        out: dict[str, CachedHeader] = {}
-        paths = list(paths)
-        for i in range(0, len(paths), 500):
-            chunk = paths[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(
-                f"SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject "
-                f"FROM scan_cache WHERE path IN ({marks})",
-                chunk,
-            ):
-                out[row[0]] = CachedHeader(
-                    path=row[0],
-                    size=row[1],
-                    mtime_ns=row[2],
-                    keywords=frozenset(json.loads(row[3])),
-                    transfer_syntax=row[4],
-                    header=json.loads(row[5]) if row[5] is not None else None,
-                    reject=row[6],
-                )
-        return out
-
     def cache_all(self) -> dict[str, CachedHeader]:
         """The whole cache in one query (cheaper than IN-chunks when most paths are wanted)."""
         out = {}

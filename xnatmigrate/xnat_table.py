@@ -69,7 +69,6 @@ LOCKED_STATUSES = tuple(
     )
 )
 STATUSES = PLAIN_STATUSES + QUEUED_STATUSES + LOCKED_STATUSES
-BUILD_DONE = frozenset({"READY", "ERROR", "CONFLICT"})
 
 # PrearchiveCode names for the autoarchive column ([FW] PrearchiveCode, §1 column 13).
 AUTOARCHIVE_MANUAL = "Manual"

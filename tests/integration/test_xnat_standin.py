@@ -136,12 +136,24 @@ def raw(
         return err.code, err.read().decode()
 
 
+def sync_build(xnat: XnatStandIn, project: str | None, folder: str) -> tuple[int, str]:
+    """``POST .../<ts>/<folder>?action=build`` (§4.4), which the client does not send: (status, body)."""
+    return raw(
+        xnat, "POST", f"/data/prearchive/projects/{project or 'Unassigned'}/{TS}/{folder}?action=build"
+    )
+
+
+def built(xnat: XnatStandIn, project: str | None, folder: str) -> None:
+    status, body = sync_build(xnat, project, folder)
+    assert status == 200, body
+
+
 # --- auth (§4.1) ------------------------------------------------------------------------------------
 
 
 def test_bad_credentials_are_401(xnat: XnatStandIn) -> None:
     with pytest.raises(XnatRestError) as err:
-        XnatClient(xnat.url, Credentials("admin", "wrong", "test"), retries=0).project_exists("prj001")
+        XnatClient(xnat.url, Credentials("admin", "wrong", "test"), retries=0).prearchive_code("prj001")
     assert err.value.status == 401 and "check XNAT_USER/XNAT_PASSWORD" in str(err.value)
     assert raw(xnat, "GET", "/data/projects?format=json", auth=False)[0] == 401
     assert xnat.calls[-1].user is None and xnat.calls[-1].status == 401
@@ -149,20 +161,20 @@ def test_bad_credentials_are_401(xnat: XnatStandIn) -> None:
 
 def test_jsession_is_reused_and_renewed_after_invalidation(xnat: XnatStandIn, client: XnatClient) -> None:
     for _ in range(3):
-        assert client.project_exists("prj001")
+        assert client.prearchive_code("prj001") == 0
     assert [(c.method, c.path, c.auth) for c in xnat.calls] == [
         ("POST", "/data/JSESSION", "basic"),
-        *[("GET", "/data/projects/prj001", "session")] * 3,
+        *[("GET", "/data/projects/prj001/prearchive_code", "session")] * 3,
     ]
     # DELETE /data/JSESSION invalidates the session; the client logs in again on the 401.
     sid = client._session_id
     assert sid and raw(xnat, "DELETE", "/data/JSESSION", cookie=sid)[0] == 200
     assert raw(xnat, "GET", "/data/projects/prj001?format=json", cookie=sid)[0] == 401
-    assert client.project_exists("prj001")
+    assert client.prearchive_code("prj001") == 0
     assert [(c.path, c.status) for c in xnat.calls[-3:]] == [
-        ("/data/projects/prj001", 401),
+        ("/data/projects/prj001/prearchive_code", 401),
         ("/data/JSESSION", 200),
-        ("/data/projects/prj001", 200),
+        ("/data/projects/prj001/prearchive_code", 200),
     ]
 
 
@@ -170,13 +182,15 @@ def test_jsession_is_reused_and_renewed_after_invalidation(xnat: XnatStandIn, cl
 
 
 def test_projects_and_prearchive_code(xnat: XnatStandIn, client: XnatClient) -> None:
-    assert client.project_exists("prj001") and not client.project_exists("nope")
+    assert raw(xnat, "GET", "/data/projects/prj001?format=json")[0] == 200
+    assert raw(xnat, "GET", "/data/projects/nope?format=json")[0] == 404
     assert client.prearchive_code("prj001") == 0
-    client.set_prearchive_code("prj001", 4)
+    assert raw(xnat, "PUT", "/data/projects/prj001/prearchive_code/4") == (200, "")
     assert client.prearchive_code("prj001") == 4
-    with pytest.raises(XnatRestError, match="HTTP 400"):
-        client.set_prearchive_code("prj001", 3)
-    assert client.build_info()["version"] == "1.8.10"
+    assert raw(xnat, "PUT", "/data/projects/prj001/prearchive_code/3") == (400, "Invalid prearchive code 3")
+    assert client.prearchive_code("prj001") == 4
+    status, body = raw(xnat, "GET", "/xapi/siteConfig/buildInfo")
+    assert status == 200 and json.loads(body)["version"] == "1.8.10"
     status, body = raw(xnat, "GET", "/data/projects?format=json")
     assert status == 200
     assert json.loads(body)["ResultSet"]["Result"][0]["URI"] == "/data/projects/prj001"
@@ -218,10 +232,11 @@ def test_missing_rows_are_404(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, "prj001", "S1")  # files without a row stay invisible (§1 "no periodic rescan")
     assert client.prearchive_session("prj001", TS, "S1") is None
     assert client.delete_prearchive_session("prj001", TS, "S1") is False
-    for call in (client.rebuild, client.build, client.archive):
+    for call in (client.rebuild, client.archive):
         with pytest.raises(XnatRestError) as err:
             call("prj001", TS, "S1")
         assert err.value.status == 404
+    assert sync_build(xnat, "prj001", "S1")[0] == 404
     with pytest.raises(XnatRestError) as err:
         client.prearchive_sessions("nope")
     assert err.value.status == 404
@@ -277,8 +292,8 @@ def test_build_with_no_dicom_is_error(xnat: XnatStandIn, client: XnatClient) -> 
 def test_wrong_url_column_fails_the_build(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, "prj001", "S1")
     insert_row(xnat.dsn, "prj001", "S1", url="/data/xnat/prearchive/prj001/x/S1", xnat=xnat)
-    with pytest.raises(XnatRestError, match="HTTP 500 .*url column"):
-        XnatClient(xnat.url, ADMIN, retries=0).build("prj001", TS, "S1")
+    status, body = sync_build(xnat, "prj001", "S1")
+    assert status == 500 and "url column" in body
     assert sql(xnat.dsn, "SELECT status FROM xdat_search.prearchive") == [("ERROR",)]
 
 
@@ -295,7 +310,8 @@ def test_rebuild_deletes_the_row_when_the_timestamp_dir_is_missing(
 def test_sync_build(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, "prj001", "S1")
     insert_row(xnat.dsn, "prj001", "S1", xnat=xnat)
-    assert client.build("prj001", TS, "S1") == f"/data/prearchive/projects/prj001/{TS}/S1"
+    uri_list = f"/data/prearchive/projects/prj001/{TS}/S1\r\n"  # text/uri-list lines end in CRLF
+    assert sync_build(xnat, "prj001", "S1") == (200, uri_list)
     row = client.prearchive_session("prj001", TS, "S1")
     assert row is not None and row["status"] == "READY"
 
@@ -303,10 +319,10 @@ def test_sync_build(xnat: XnatStandIn, client: XnatClient) -> None:
 def test_locked_sessions_are_refused(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, "prj001", "S1")
     insert_row(xnat.dsn, "prj001", "S1", status="_BUILDING", xnat=xnat)
-    for call in (client.rebuild, client.build):
-        with pytest.raises(XnatRestError) as err:
-            call("prj001", TS, "S1")
-        assert err.value.status == 409
+    with pytest.raises(XnatRestError) as err:
+        client.rebuild("prj001", TS, "S1")
+    assert err.value.status == 409
+    assert sync_build(xnat, "prj001", "S1")[0] == 409
     with pytest.raises(XnatRestError, match="Operation already in progress") as err:
         client.archive("prj001", TS, "S1")
     assert err.value.status == 403
@@ -327,8 +343,7 @@ def test_locked_sessions_are_refused(xnat: XnatStandIn, client: XnatClient) -> N
 def test_sync_build_refuses_building(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, "prj001", "S1")
     insert_row(xnat.dsn, "prj001", "S1", status="BUILDING", xnat=xnat)
-    with pytest.raises(XnatRestError, match="session document locked"):
-        client.build("prj001", TS, "S1")
+    assert sync_build(xnat, "prj001", "S1") == (409, "session document locked")
 
 
 def test_malformed_service_requests_are_400(xnat: XnatStandIn) -> None:
@@ -349,7 +364,7 @@ def test_malformed_service_requests_are_400(xnat: XnatStandIn) -> None:
 def test_archive_moves_the_session_and_deletes_the_row(xnat: XnatStandIn, client: XnatClient) -> None:
     sdir = make_session(xnat, "prj001", "S1")
     insert_row(xnat.dsn, "prj001", "S1", xnat=xnat)
-    client.build("prj001", TS, "S1")
+    built(xnat, "prj001", "S1")
     uri = client.archive("prj001", TS, "S1")
     assert uri == "/data/archive/projects/prj001/subjects/prj001_001/experiments/S1"
     target = xnat.archive / "prj001" / "arc001" / "S1"
@@ -373,12 +388,12 @@ def test_archive_moves_the_session_and_deletes_the_row(xnat: XnatStandIn, client
 def test_archive_conflict_then_append(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, "prj001", "S1", {"1": 1})
     insert_row(xnat.dsn, "prj001", "S1", xnat=xnat)
-    client.build("prj001", TS, "S1")
+    built(xnat, "prj001", "S1")
     client.archive("prj001", TS, "S1")
     # the same label again, e.g. a study re-sent after archiving (§5 session grouping)
     make_session(xnat, "prj001", "S1", {"3": 1})
     insert_row(xnat.dsn, "prj001", "S1", xnat=xnat)
-    client.build("prj001", TS, "S1")
+    built(xnat, "prj001", "S1")
     with pytest.raises(XnatRestError) as err:
         client.archive("prj001", TS, "S1")
     assert err.value.status == 409 and "Session already exists" in str(err.value)
@@ -391,7 +406,7 @@ def test_archive_conflict_then_append(xnat: XnatStandIn, client: XnatClient) -> 
 def test_archive_refuses_unassigned(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, None, "U1")
     insert_row(xnat.dsn, None, "U1", xnat=xnat)
-    client.build(None, TS, "U1")
+    built(xnat, None, "U1")
     assert (xnat.prearchive / TS / "U1.xml").is_file()  # Unassigned has no project level (§2)
     with pytest.raises(XnatRestError, match="Cannot archive sessions from the Unassigned folder") as err:
         client.archive(None, TS, "U1")
@@ -418,7 +433,7 @@ def test_archive_refuses_unbuilt_sessions(xnat: XnatStandIn, client: XnatClient)
 def test_delete_removes_files_and_row(xnat: XnatStandIn, client: XnatClient) -> None:
     sdir = make_session(xnat, "prj001", "S1")
     insert_row(xnat.dsn, "prj001", "S1", xnat=xnat)
-    client.build("prj001", TS, "S1")
+    built(xnat, "prj001", "S1")
     assert client.delete_prearchive_session("prj001", TS, "S1") is True
     assert not sdir.exists() and not (sdir.parent / "S1.xml").exists()
     assert sql(xnat.dsn, "SELECT count(*) FROM xdat_search.prearchive") == [(0,)]
@@ -439,7 +454,7 @@ def test_injected_faults_are_retried_and_recovered(xnat: XnatStandIn, client: Xn
 def test_injected_faults_beyond_the_retries_fail_clearly(xnat: XnatStandIn, client: XnatClient) -> None:
     xnat.fail_next(10, 502, path_prefix="/data/projects")
     with pytest.raises(XnatRestError, match="HTTP 502 injected failure 502.*rerun resumes") as err:
-        client.project_exists("prj001")
+        client.prearchive_code("prj001")
     assert err.value.status == 502
     assert len([c for c in xnat.calls if c.path.startswith("/data/projects")]) == 4  # 1 + 3 retries
 
@@ -449,7 +464,7 @@ def test_both_table_profiles(pg_dsn: PgDb, tmp_path: Path) -> None:
         make_session(standin, "prj001", "S1")
         insert_row(standin.dsn, "prj001", "S1", xnat=standin)
         with XnatClient(standin.url, ADMIN) as c:
-            c.build("prj001", TS, "S1")
+            built(standin, "prj001", "S1")
             assert c.archive("prj001", TS, "S1").endswith("/experiments/S1")
     assert standin.errors == []
 

@@ -122,10 +122,9 @@ def test_stage_and_publish_layout_and_checksums(
     assert all(sha(final / r.dest) == r.sha256 for r in staged)
     # Empty <ts>/<project> folders of the staging area are pruned; the staging root stays.
     assert list((root / files.STAGING_DIRNAME).iterdir()) == []
-    record = {r.dest: (r.size, r.sha256) for r in staged}
-    assert files.session_complete(final, record, s)
-    assert files.session_complete(final, record, s, deep=True)
-    assert files.session_complete(final, None, s)
+    record = {r.dest: (r.source, r.size, r.sha256) for r in staged}
+    assert list(files.recorded_differences(final, record)) == []
+    assert list(files.recorded_differences(final, record, quick=True)) == []
 
 
 def test_publish_unassigned_goes_under_timestamp(root: Path, sources: list[Path]) -> None:
@@ -399,8 +398,6 @@ def test_staging_must_be_below_the_staging_root(root: Path, sources: list[Path])
     s = make_session(sources)
     with pytest.raises(ApplyError, match="not below a .xnatmigrate-staging"):
         files.stage_session(s, files.final_dir(str(root), s), jobs=1)
-    with pytest.raises(ApplyError):
-        files.remove_staging(files.final_dir(str(root), s))
 
 
 def test_missing_prearchive_root_is_not_created(tmp_path: Path, sources: list[Path]) -> None:
@@ -410,26 +407,27 @@ def test_missing_prearchive_root_is_not_created(tmp_path: Path, sources: list[Pa
     assert not (tmp_path / "nope").exists()
 
 
-def test_remove_staging(root: Path, sources: list[Path]) -> None:
-    s = make_session(sources)
-    staging = files.staging_dir(str(root), s)
-    files.stage_session(s, staging, jobs=2)
-    files.remove_staging(staging)
-    assert not staging.exists() and list((root / files.STAGING_DIRNAME).iterdir()) == []
-    files.remove_staging(staging)  # missing is fine
-
-
-def test_session_complete_detects_missing_and_wrong_size(root: Path, sources: list[Path]) -> None:
+def test_recorded_differences_detects_missing_wrong_size_and_changed_content(
+    root: Path, sources: list[Path]
+) -> None:
     s = make_session(sources)
     staging, final = files.staging_dir(str(root), s), files.final_dir(str(root), s)
     staged = files.stage_session(s, staging, jobs=2)
     files.publish(staging, final)
-    record = {r.dest: (r.size, r.sha256) for r in staged}
-    (final / s.files[0].dest).write_bytes(b"short")
-    assert not files.session_complete(final, record, s)
-    (final / s.files[0].dest).unlink()
-    assert not files.session_complete(final, None, s)
-    assert not files.session_complete(final, {}, make_session(sources[1:2]))  # no record for it
+    record = {r.dest: (r.source, r.size, r.sha256) for r in staged}
+    first, second = final / s.files[0].dest, final / s.files[1].dest
+
+    def kinds(quick: bool = False) -> list[tuple[Path, str]]:
+        return [(p, kind) for p, kind, _ in files.recorded_differences(final, record, quick=quick)]
+
+    first.write_bytes(b"short")
+    data = bytearray(second.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content
+    second.write_bytes(bytes(data))
+    assert sorted(kinds()) == sorted([(first, "size"), (second, "sha256")])
+    assert kinds(quick=True) == [(first, "size")]  # sizes only
+    first.unlink()
+    assert sorted(kinds()) == sorted([(first, "missing"), (second, "sha256")])
 
 
 def test_small_helpers(tmp_path: Path) -> None:

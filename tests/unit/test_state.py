@@ -231,4 +231,3 @@ def test_scan_cache_round_trip(tmp_path):
         st.cache_put([entry, bad])
     with StateStore(tmp_path) as st:
         assert st.cache_all() == {"/x": entry, "/y": bad}
-        assert st.cache_get(["/x"]) == {"/x": entry}

@@ -203,9 +203,9 @@ def test_bad_base_url() -> None:
 
 def test_logs_in_once_then_uses_the_cookie(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (200, "{}"))
+    script.on("GET", "/data/projects/P1/prearchive_code", (200, "4"))
     c = client(url)
-    assert c.project_exists("P1") and c.project_exists("P1")
+    assert c.prearchive_code("P1") == 4 and c.prearchive_code("P1") == 4
     login, *rest = script.requests
     assert (login["method"], login["path"]) == ("POST", "/data/JSESSION")
     assert login["headers"]["Authorization"].startswith("Basic ")
@@ -213,13 +213,13 @@ def test_logs_in_once_then_uses_the_cookie(server: tuple[Scripted, str]) -> None
     for r in rest:
         assert r["headers"]["Cookie"] == "JSESSIONID=SESSIONID0001"
         assert "Authorization" not in r["headers"]
-        assert r["path"] == "/data/projects/P1?format=json"
+        assert r["path"] == "/data/projects/P1/prearchive_code"
 
 
 def test_401_on_the_cookie_logs_in_again_once(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (401, "expired"), (200, "{}"))
-    assert client(url).project_exists("P1")
+    script.on("GET", "/data/projects/P1/prearchive_code", (401, "expired"), (200, "4"))
+    assert client(url).prearchive_code("P1") == 4
     logins = [r for r in script.requests if r["path"] == "/data/JSESSION"]
     assert len(logins) == 2
     assert script.requests[-1]["headers"]["Cookie"] == "JSESSIONID=SESSIONID0002"
@@ -227,9 +227,9 @@ def test_401_on_the_cookie_logs_in_again_once(server: tuple[Scripted, str]) -> N
 
 def test_persistent_401_is_one_clear_error(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (401, "nope"))
+    script.on("GET", "/data/projects/P1/prearchive_code", (401, "nope"))
     with pytest.raises(XnatRestError) as err:
-        client(url).project_exists("P1")
+        client(url).prearchive_code("P1")
     assert err.value.status == 401
     assert "check XNAT_USER/XNAT_PASSWORD" in str(err.value)
     assert len([r for r in script.requests if r["path"] == "/data/JSESSION"]) == 2
@@ -239,7 +239,7 @@ def test_wrong_password_fails_at_login_without_leaking_it(server: tuple[Scripted
     _, url = server
     wrong = Credentials("alice", "wrong-pass-xyz", "XNAT_USER/XNAT_PASSWORD")
     with pytest.raises(XnatRestError) as err:
-        XnatClient(url, wrong, sleep=Sleeps()).project_exists("P1")
+        XnatClient(url, wrong, sleep=Sleeps()).prearchive_code("P1")
     msg = str(err.value)
     assert err.value.status == 401 and "POST /data/JSESSION" in msg and "Login failed" in msg
     assert "wrong-pass-xyz" not in msg and "\n" not in msg
@@ -247,9 +247,9 @@ def test_wrong_password_fails_at_login_without_leaking_it(server: tuple[Scripted
 
 def test_close_invalidates_the_session(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (200, "{}"))
+    script.on("GET", "/data/projects/P1/prearchive_code", (200, "4"))
     with client(url) as c:
-        c.project_exists("P1")
+        c.prearchive_code("P1")
     last = script.requests[-1]
     assert (last["method"], last["path"], last["headers"]["Cookie"]) == (
         "DELETE",
@@ -263,9 +263,9 @@ def test_close_invalidates_the_session(server: tuple[Scripted, str]) -> None:
 
 def test_5xx_is_retried_with_exponential_backoff(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (503, "busy"), (502, "busy"), (200, "{}"))
+    script.on("GET", "/data/projects/P1/prearchive_code", (503, "busy"), (502, "busy"), (200, "4"))
     sleeps = Sleeps()
-    assert client(url, sleeps).project_exists("P1")
+    assert client(url, sleeps).prearchive_code("P1") == 4
     assert sleeps == [0.5, 1.0]
     assert len(non_login(script)) == 3
 
@@ -302,10 +302,10 @@ def test_4xx_is_not_retried(server: tuple[Scripted, str]) -> None:
 
 def test_501_is_not_retried(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (501, "not implemented"))
+    script.on("GET", "/data/projects/P1/prearchive_code", (501, "not implemented"))
     sleeps = Sleeps()
     with pytest.raises(XnatRestError):
-        client(url, sleeps).project_exists("P1")
+        client(url, sleeps).prearchive_code("P1")
     assert sleeps == []
 
 
@@ -315,7 +315,7 @@ def test_connection_refused_is_retried_then_explained() -> None:
         port = s.getsockname()[1]  # closed again below: nothing listens there
     sleeps = Sleeps()
     with pytest.raises(XnatRestError) as err:
-        client(f"http://127.0.0.1:{port}", sleeps, retries=2).project_exists("P1")
+        client(f"http://127.0.0.1:{port}", sleeps, retries=2).prearchive_code("P1")
     msg = str(err.value)
     assert sleeps == [0.5, 1.0]
     assert msg.startswith(f"cannot reach http://127.0.0.1:{port}") and "check xnat.url" in msg
@@ -324,17 +324,17 @@ def test_connection_refused_is_retried_then_explained() -> None:
 
 def test_timeout_is_retried(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (200, "{}", 1.0), (200, "{}"))
+    script.on("GET", "/data/projects/P1/prearchive_code", (200, "4", 1.0), (200, "4"))
     sleeps = Sleeps()
-    assert client(url, sleeps, timeout=0.3).project_exists("P1")
+    assert client(url, sleeps, timeout=0.3).prearchive_code("P1") == 4
     assert sleeps == [0.5]
 
 
 def test_timeout_exhausted_says_timed_out(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("GET", "/data/projects/P1", (200, "{}", 1.0))
+    script.on("GET", "/data/projects/P1/prearchive_code", (200, "4", 1.0))
     with pytest.raises(XnatRestError, match=r"timed out after 2 attempts.*check xnat.url"):
-        client(url, timeout=0.2, retries=1).project_exists("P1")
+        client(url, timeout=0.2, retries=1).prearchive_code("P1")
 
 
 # --- methods ----------------------------------------------------------------------------------------
@@ -401,9 +401,9 @@ def test_archive_conflict_hint(server: tuple[Scripted, str]) -> None:
 
 def test_password_echoed_by_xnat_is_masked(server: tuple[Scripted, str]) -> None:
     script, url = server
-    script.on("POST", "/data/prearchive/projects/P1/20240131_101112123/S1", (400, f"bad value {PASSWORD}"))
+    script.on("POST", "/data/services/prearchive/rebuild", (400, f"bad value {PASSWORD}"))
     with pytest.raises(XnatRestError) as err:
-        client(url).build("P1", "20240131_101112123", "S1")
+        client(url).rebuild("P1", "20240131_101112123", "S1")
     assert PASSWORD not in str(err.value) and "bad value ***" in str(err.value)
 
 
@@ -447,13 +447,12 @@ def test_small_getters(server: tuple[Scripted, str]) -> None:
     script.on("GET", "/data/projects/P1/prearchive_code", (200, "4"))
     script.on("GET", "/data/prearchive/projects/P1/20240131_101112123/S1/logs/last", (200, "boom\n"))
     c = client(url)
-    assert c.build_info() == {}  # 404: XNAT 1.6 has no /xapi
-    assert c.project_exists("P2") is False
     assert c.prearchive_code("P1") == 4
     assert c.last_log("P1", "20240131_101112123", "S1") == "boom"
     assert c.delete_prearchive_session("P1", "20240131_101112123", "S9") is False
-    script.on("GET", "/xapi/siteConfig/buildInfo", (200, json.dumps({"version": "1.8.10"})))
-    assert c.build_info() == {"version": "1.8.10"}
+    script.on("GET", "/data/projects/P2/prearchive_code", (200, "<html>Login</html>"))
+    with pytest.raises(XnatRestError, match="not a prearchive code"):
+        c.prearchive_code("P2")
 
 
 def test_prearchive_uri_quotes_and_rejects_empty() -> None:
@@ -470,9 +469,9 @@ def test_prearchive_uri_quotes_and_rejects_empty() -> None:
 def test_base_path_prefix_is_kept(server: tuple[Scripted, str]) -> None:
     script, url = server
     script.on("POST", "/xnat/data/JSESSION", (200, "SESSIONPREFIX1"))
-    script.on("GET", "/xnat/data/projects/P1", (200, "{}"))
-    assert client(url + "/xnat/").project_exists("P1")
+    script.on("GET", "/xnat/data/projects/P1/prearchive_code", (200, "4"))
+    assert client(url + "/xnat/").prearchive_code("P1") == 4
     assert [r["path"] for r in script.requests] == [
         "/xnat/data/JSESSION",
-        "/xnat/data/projects/P1?format=json",
+        "/xnat/data/projects/P1/prearchive_code",
     ]

@@ -49,9 +49,7 @@ __all__ = [
     "final_dir",
     "free_bytes",
     "publish",
-    "remove_staging",
     "same_filesystem",
-    "session_complete",
     "sha256_file",
     "stage_session",
     "staging_dir",
@@ -978,15 +976,6 @@ def _prune_staging_parents(staging: Path) -> None:
             return
 
 
-def remove_staging(staging: Path) -> None:
-    """Delete a session's staging folder (and empty parents below the staging root); missing is fine."""
-    staging = Path(staging)
-    _require_staging_path(staging)
-    if os.path.lexists(staging):
-        _remove(str(staging))
-    _prune_staging_parents(staging)
-
-
 # --------------------------------------------------------------------------------------------
 # Checking a published session
 # --------------------------------------------------------------------------------------------
@@ -1014,29 +1003,3 @@ def recorded_differences(
             yield path, "size", f"size {st.st_size} != recorded {size}: {path}"
         elif not quick and sha256_file(path) != sha:
             yield path, "sha256", f"SHA-256 differs from the one recorded at apply: {path}"
-
-
-def session_complete(
-    final: Path, staged: Mapping[str, tuple[int, str]] | None, session: PlannedSession, *, deep: bool = False
-) -> bool:
-    """True when every planned file is under ``final`` with its planned size (and recorded size, if given).
-
-    ``staged`` maps dest → (size, sha256) as recorded after staging; with ``deep`` the content is
-    re-hashed against those records too (reads every byte).
-    """
-    final = Path(final)
-    buf = bytearray(BUFFER_SIZE) if deep else None
-    for f in session.files:
-        try:
-            st = os.stat(final / f.dest)
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
-            return False
-        if staged is not None:
-            rec = staged.get(f.dest)
-            if rec is None or rec[0] != f.size:
-                return False
-            if buf is not None and _hash_path(str(final / f.dest), buf) != rec[1]:
-                return False
-    return True

@@ -312,12 +312,6 @@ class XnatClient:
         except XnatRestError:
             return []
 
-    def build(self, project: str | None, timestamp: str, folder: str) -> str:
-        """Build synchronously (``?action=build``, §4.4); returns XNAT's text/uri-list answer, stripped."""
-        path = "/data" + prearchive_uri(project, timestamp, folder)
-        ctx = _Ctx(project, hints={409: "the session is locked or already building: wait and rerun"})
-        return self._call("POST", path, {"action": "build"}, ctx=ctx).text().strip()
-
     def wait_for_status(
         self,
         project: str | None,
@@ -470,11 +464,6 @@ class XnatClient:
             self._call("DELETE", path, {"removeFiles": "true"}, ctx=_Ctx(project), allow=(404,)).status != 404
         )
 
-    def project_exists(self, project: str) -> bool:
-        """``GET /data/projects/<P>?format=json`` (§4.3): False on 404."""
-        path = f"/data/projects/{_seg(project, 'project')}"
-        return self._call("GET", path, {"format": "json"}, ctx=_Ctx(project), allow=(404,)).status != 404
-
     def prearchive_code(self, project: str) -> int:
         """The project's prearchive code (§4.3): 0 prearchive, 4 auto-archive, 5 auto-archive+overwrite."""
         path = f"/data/projects/{_seg(project, 'project')}/prearchive_code"
@@ -485,22 +474,6 @@ class XnatClient:
                 f"XNAT GET {path} answered {_summary(text)!r}, not a prearchive code; check XNAT's version"
             )
         return int(match.group())
-
-    def set_prearchive_code(self, project: str, code: int) -> None:
-        """``PUT /data/projects/<P>/prearchive_code/<code>`` (§4.3, §7 step 1)."""
-        path = f"/data/projects/{_seg(project, 'project')}/prearchive_code/{int(code)}"
-        self._call("PUT", path, None, ctx=_Ctx(project))
-
-    def build_info(self) -> dict[str, Any]:
-        """``GET /xapi/siteConfig/buildInfo`` (§4.2, XNAT 1.7+); {} on 404 (1.6 has no xapi)."""
-        path = "/xapi/siteConfig/buildInfo"
-        resp = self._call("GET", path, None, allow=(404,))
-        if resp.status == 404:
-            return {}
-        data = self._json(resp, "GET", path)
-        if not isinstance(data, dict):
-            raise XnatRestError(f"XNAT GET {path} did not answer a JSON object; is xnat.url the XNAT root?")
-        return data
 
     # -- plumbing --
 
