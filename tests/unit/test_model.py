@@ -1,0 +1,301 @@
+"""The domain model: its vocabularies match the schemas, plans round-trip through JSON and refuse edits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from enum import StrEnum
+from typing import Any
+
+import jsonschema
+import pytest
+
+from xnatmigrate.errors import PlanError
+from xnatmigrate.model import (
+    PLAN_FORMAT,
+    SESSION_TYPES,
+    Build,
+    CstoreSession,
+    DatabaseTarget,
+    HeldBack,
+    Method,
+    Plan,
+    PlannedFile,
+    PlannedScan,
+    PrearchiveSession,
+    PresentationContext,
+    Reject,
+    Routing,
+    ScpTarget,
+    SourceSpec,
+    Transfer,
+    UnchangedSession,
+    XnatTarget,
+    compute_plan_id,
+    plan_from_dict,
+    plan_to_dict,
+    unreachable,
+    with_plan_id,
+)
+from xnatmigrate.resources import schema_path
+from xnatmigrate.xnat_table import PROFILES
+
+TS = "20240131_101112123"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def schema(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(schema_path(name).read_text(encoding="utf-8"))
+    return data
+
+
+def values(kind: type[StrEnum]) -> list[str]:
+    return [m.value for m in kind]
+
+
+# --- one spelling per vocabulary -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("method", Method), ("transfer", Transfer), ("build", Build), ("routing", Routing)],
+)
+def test_manifest_schema_enums_are_the_model_enums(name: str, kind: type[StrEnum]) -> None:
+    assert schema("manifest.schema.json")["$defs"][name]["enum"] == values(kind)
+
+
+def test_plan_schema_enums_are_the_model_enums() -> None:
+    defs = schema("plan.schema.json")["$defs"]
+    routes = [ref["$ref"].rsplit("/", 1)[1] for ref in defs["session"]["oneOf"]]
+    # One session definition per route, each naming its route as the constant ``method``.
+    assert sorted(defs[r]["properties"]["method"]["const"] for r in routes) == sorted(values(Method))
+    for r in routes:
+        method = Method(defs[r]["properties"]["method"]["const"])
+        assert SESSION_TYPES[method].method is method
+        assert defs[r]["properties"]["build"]["enum"] == values(Build)
+    assert defs["prearchive_session"]["properties"]["transfer"]["enum"] == values(Transfer)
+    assert defs["cstore_session"]["properties"]["routing"]["enum"] == values(Routing)
+    assert schema("plan.schema.json")["properties"]["table_profile"]["enum"] == [*PROFILES, None]
+
+
+def test_a_member_is_its_string() -> None:
+    assert isinstance(Method.CSTORE, str) and f"{Method.CSTORE}" == "cstore"
+    assert json.dumps([Routing.STUDY_COMMENTS]) == '["study_comments"]'  # what plan.json and the ledger hold
+
+
+# --- coercion -----------------------------------------------------------------------------------
+
+
+def test_source_spec_coerces_strings_to_members() -> None:
+    spelled: dict[str, Any] = {
+        "method": "cstore",
+        "transfer": "hardlink",
+        "build": "scheduler",
+        "routing": "study_comments",
+    }
+    spec = SourceSpec(0, None, "/src", "P1", None, "S", **spelled)
+    assert (type(spec.method), type(spec.transfer), type(spec.build), type(spec.routing)) == (
+        Method,
+        Transfer,
+        Build,
+        Routing,
+    )
+    assert (spec.method, spec.transfer, spec.build, spec.routing) == (
+        Method.CSTORE,
+        Transfer.HARDLINK,
+        Build.SCHEDULER,
+        Routing.STUDY_COMMENTS,
+    )
+    with pytest.raises(ValueError, match="'ftp' is not a valid Method"):
+        SourceSpec(0, None, "/src", "P1", None, "S", **{**spelled, "method": "ftp"})
+
+
+def test_planned_sessions_coerce_strings_to_members() -> None:
+    spelled: dict[str, Any] = {"build": "none", "transfer": "hardlink"}
+    pre = replace(prearchive(), **spelled)
+    assert type(pre.build) is Build and pre.build is Build.NONE
+    assert type(pre.transfer) is Transfer and pre.transfer is Transfer.HARDLINK
+    routed: dict[str, Any] = {"build": "scheduler", "routing": "none"}
+    cs = replace(cstore(), **routed)
+    assert type(cs.build) is Build and cs.build is Build.SCHEDULER
+    assert type(cs.routing) is Routing and cs.routing is Routing.NONE
+    unknown: dict[str, Any] = {"routing": "series_comments"}
+    with pytest.raises(ValueError, match="'series_comments' is not a valid Routing"):
+        replace(cstore(), **unknown)
+
+
+def test_unreachable_raises() -> None:
+    value: Any = "bogus"
+    with pytest.raises(AssertionError, match="unhandled case 'bogus'"):
+        unreachable(value)
+
+
+# --- plan JSON round trip ------------------------------------------------------------------------
+
+
+def scan(scan_id: str, *sources: str) -> PlannedScan:
+    files = tuple(
+        PlannedFile(
+            src,
+            1000 + i,
+            1_700_000_000 + i,
+            f"1.2.3.{scan_id}.{i}",
+            MR,
+            EXPLICIT_LE,
+            f"SCANS/{scan_id}/DICOM/{i}.dcm",
+        )
+        for i, src in enumerate(sources)
+    )
+    return PlannedScan(scan_id, f"1.2.3.{scan_id}", scan_id, "MR", files)
+
+
+# The prearchive columns as plan.json holds them (JSON values; lastmod is LOCALTIMESTAMP at insert).
+ROW: dict[str, Any] = {
+    "project": "P1",
+    "timestamp": TS,
+    "lastmod": None,
+    "uploaded": "2024-01-31 10:11:12.123",
+    "scan_date": "2013-12-11 00:00:00.0",
+    "scan_time": "15:18:18",
+    "subject": "SUBJ1",
+    "foldername": "S1",
+    "name": "S1",
+    "tag": "1.2.3",
+    "status": "RECEIVING",
+    "url": f"/data/prearchive/P1/{TS}/S1",
+    "autoarchive": "Manual",
+    "prevent_anon": False,
+    "prevent_auto_commit": True,
+    "source": "xnatmigrate",
+    "visit": None,
+    "protocol": None,
+    "timezone": None,
+}
+
+
+def prearchive() -> PrearchiveSession:
+    return PrearchiveSession(
+        action_id="a1a1a1a1a1a1a1a1",
+        source_index=0,
+        project="P1",
+        subject="SUBJ1",
+        session="S1",
+        study_uid="1.2.3",
+        build=Build.REST,
+        archive=True,
+        build_timeout=60.0,
+        prearchive_uri=f"/prearchive/projects/P1/{TS}/S1",
+        scans=(scan("1", "/src/a/1", "/src/a/2"), scan("2", "/src/a/3")),
+        raw_labels={"session": "S1 ", "subject": "SUBJ1"},
+        timestamp=TS,
+        transfer=Transfer.COPY,
+        session_dir=f"/data/prearchive/P1/{TS}/S1",
+        url=f"/data/prearchive/P1/{TS}/S1",
+        row=ROW,
+    )
+
+
+def cstore() -> CstoreSession:
+    return CstoreSession(
+        action_id="c5c5c5c5c5c5c5c5",
+        source_index=1,
+        project=None,
+        subject=None,
+        session="S2",
+        study_uid="1.2.4",
+        build=Build.SCHEDULER,
+        archive=False,
+        build_timeout=900.0,
+        prearchive_uri="/prearchive/projects/Unassigned",
+        scans=(scan("7", "/src/b/1"),),
+        routing=Routing.PATIENT_COMMENTS,
+        routing_line="Project: Unassigned Session: S2",
+        contexts=(PresentationContext(MR, (EXPLICIT_LE,)),),
+    )
+
+
+def hand_made_plan() -> Plan:
+    return with_plan_id(
+        Plan(
+            plan_id="",
+            created="2024-01-31T10:11:12",
+            manifest_path="/m/manifest.yaml",
+            manifest_digest="ab" * 32,
+            state_serial=3,
+            table_profile="1.8.2",
+            xnat=XnatTarget(
+                prearchive="/data/prearchive",
+                database=DatabaseTarget(dsn_env="XNAT_DSN"),
+                url="http://xnat.example.org",
+                scp=ScpTarget("xnat.example.org"),
+                file_mode=0o640,
+            ),
+            sessions=(prearchive(), cstore()),
+            unchanged=(UnchangedSession("P1", "S0", "1.2.0", "applied by an earlier plan"),),
+            held_back=(HeldBack("P1", "S9", "1.2.9", "archived with the same label", ("/src/c/1",)),),
+            rejected=(Reject("/src/junk", "not DICOM"),),
+            warnings=("a warning",),
+            skipped_checks=("free space",),
+        )
+    )
+
+
+def as_json(plan: Plan) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(json.dumps(plan_to_dict(plan)))
+    return data
+
+
+def test_plan_json_round_trip() -> None:
+    plan = hand_made_plan()
+    data = as_json(plan)
+    jsonschema.Draft202012Validator(schema("plan.schema.json")).validate(data)
+    assert [s["method"] for s in data["sessions"]] == ["prearchive", "cstore"]
+    back = plan_from_dict(data)
+    assert back == plan
+    pre, cs = back.sessions
+    assert isinstance(pre, PrearchiveSession) and isinstance(cs, CstoreSession)
+    assert type(pre.transfer) is Transfer and type(cs.routing) is Routing and type(cs.build) is Build
+    assert back.plan_id == compute_plan_id(back) == plan.plan_id
+    assert len(plan.plan_id) == 64 and plan.format == PLAN_FORMAT
+
+
+def test_created_is_not_part_of_the_plan_id() -> None:
+    data = as_json(hand_made_plan())
+    data["created"] = "2030-01-01T00:00:00"
+    assert plan_from_dict(data).created == "2030-01-01T00:00:00"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda d: d["sessions"][0].update(session="S1-renamed"), id="label"),
+        pytest.param(
+            lambda d: d["sessions"][1]["scans"][0]["files"][0].update(source="/elsewhere"), id="source"
+        ),
+        pytest.param(lambda d: d["sessions"][0]["row"].update(tag="9.9.9"), id="row"),
+        pytest.param(lambda d: d.update(plan_id="0" * 64), id="plan_id"),
+    ],
+)
+def test_a_hand_edited_plan_is_refused(edit: Any) -> None:
+    data = as_json(hand_made_plan())
+    plan_from_dict(data)  # unedited: accepted
+    edit(data)
+    with pytest.raises(PlanError) as err:
+        plan_from_dict(data)
+    msg = str(err.value)
+    assert "does not match its plan_id" in msg and "re-run `xnatmigrate plan`" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("fmt", [1, None, "2"])
+def test_another_plan_format_is_refused_in_one_line(fmt: Any) -> None:
+    data = as_json(hand_made_plan())
+    if fmt is None:
+        del data["format"]
+    else:
+        data["format"] = fmt
+    with pytest.raises(PlanError) as err:
+        plan_from_dict(data)
+    msg = str(err.value)
+    assert f"plan format {fmt!r}" in msg and f"reads format {PLAN_FORMAT}" in msg
+    assert "re-run `xnatmigrate plan`" in msg and "\n" not in msg
