@@ -74,6 +74,11 @@ class DatabaseError(XnatMigrateError):
     """XNAT's PostgreSQL database refused or could not be reached."""
 
 
+class SessionConflict(XnatMigrateError):
+    """Another session of the same study stands where one planned session would go: that session
+    fails, the run goes on (a shared resource is fine; this study is not)."""
+
+
 class XnatRestError(XnatMigrateError):
     """XNAT's REST API answered with an error or could not be reached."""
 

@@ -70,6 +70,8 @@ _OPTION_KEYS = (
     "routing",
     "hardlink_changes_sources",
     "follow_links",
+    "merge_subjects",
+    "allow_partial_studies",
 )
 
 
@@ -471,6 +473,8 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
                 build_timeout=float(opts.get("build_timeout", 900.0)),
                 hardlink_changes_sources=bool(opts.get("hardlink_changes_sources", False)),
                 follow_links=bool(opts.get("follow_links", False)),
+                merge_subjects=bool(opts.get("merge_subjects", False)),
+                allow_partial_studies=bool(opts.get("allow_partial_studies", False)),
             )
         )
     warnings = tuple(p.render() for p in doc.problems if p.severity == "warning")

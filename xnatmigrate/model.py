@@ -236,6 +236,8 @@ class SourceSpec:
     hardlink_changes_sources: bool = False
     # Follow symbolic links leading outside the source folder (otherwise they are rejects).
     follow_links: bool = False
+    merge_subjects: bool = False  # distinct raw values rendering to one subject label are one person
+    allow_partial_studies: bool = False  # migrate a study even with an unreadable file in its folders
 
     def __post_init__(self) -> None:
         # Callers may spell the vocabularies as strings; inside, they are always members.

@@ -12,6 +12,7 @@ rejected, held back or unchanged.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,7 +97,9 @@ def build_plan(
     groups = _group(manifest, headers, rejects)
     studies = _resolve_labels(manifest, groups, held)
     refusals += _fixed_label_refusals(manifest, groups, studies)
+    studies = _drop_incomplete(studies, scan_rejects, held)
     studies = _drop_collisions(studies, held)
+    studies = _drop_merged_subjects(studies, held)
 
     applied = {(s.project, s.session, s.study_uid): s for s in state.sessions()}
     unchanged: list[UnchangedSession] = []
@@ -273,15 +276,89 @@ def _drop_collisions(studies: list[_Study], held: list[HeldBack]) -> list[_Study
             keep.extend(group)
             continue
         uids = sorted({g.study_uid for g in group})
+        raws = sorted({g.raw.get("session", g.session) for g in group})
+        from_values = f" from the values {' and '.join(repr(r) for r in raws[:3])}" if len(raws) > 1 else ""
         for st in group:
             held.append(
                 _held(
                     st,
                     f"{len(group)} studies render to project {project or 'Unassigned'} session "
-                    f"{session} ({', '.join(uids[:4])}); make the session template tell them apart",
+                    f"{session}{from_values} ({', '.join(uids[:4])}); make the session template tell them apart",
                 )
             )
     return sorted(keep, key=lambda s: (s.project or "", s.session, s.study_uid))
+
+
+# Scan rejects of files that were meant to be images of a study but cannot be migrated: a study
+# sharing a folder with one of them would reach XNAT incomplete (not DICOM, DICOMDIR, duplicates
+# and `where` filters are not part of any study and hold nothing back).
+_BROKEN_PREFIXES = ("unreadable", "truncated", "no ")
+
+
+def _drop_incomplete(
+    studies: list[_Study], scan_rejects: Sequence[Reject], held: list[HeldBack]
+) -> list[_Study]:
+    """Hold back a study with a broken file in one of its folders, unless its source allows partial studies."""
+    broken: dict[str, Reject] = {}
+    for r in scan_rejects:
+        if r.reason.startswith(_BROKEN_PREFIXES):
+            broken.setdefault(os.path.dirname(r.path), r)
+    if not broken:
+        return studies
+    keep = []
+    for st in studies:
+        hit = None if st.source.allow_partial_studies else _first_broken(st, broken)
+        if hit is None:
+            keep.append(st)
+            continue
+        held.append(
+            _held(
+                st,
+                f"study {st.study_uid} may be incomplete: {hit.path} in its folder is {hit.reason}; fix or "
+                "remove that file and re-plan, or set allow_partial_studies: true on the source",
+            )
+        )
+    return keep
+
+
+def _first_broken(st: _Study, broken: dict[str, Reject]) -> Reject | None:
+    for folder in sorted({os.path.dirname(h.path) for h in st.files}):
+        if folder in broken:
+            return broken[folder]
+    return None
+
+
+def _drop_merged_subjects(studies: list[_Study], held: list[HeldBack]) -> list[_Study]:
+    """Distinct raw subject values sanitising to one subject label would merge two patients (§6:
+    Labels.toLabelChars maps every character outside [A-Za-z0-9_-] to '_'): hold those studies back,
+    naming the values, unless the source says they are one person (``merge_subjects: true``)."""
+    raws: dict[tuple[str | None, str], dict[str, list[_Study]]] = defaultdict(lambda: defaultdict(list))
+    for st in studies:
+        if st.subject is not None:
+            raws[(st.project, st.subject)][st.raw.get("subject", st.subject)].append(st)
+    bad: dict[str, str] = {}
+    for (project, subject), by_raw in raws.items():
+        if len(by_raw) < 2:
+            continue
+        values = sorted(by_raw)
+        shown = " and ".join(repr(v) for v in values[:3]) + (" …" if len(values) > 3 else "")
+        for group in by_raw.values():
+            for st in group:
+                if not st.source.merge_subjects:
+                    bad[st.study_uid] = (
+                        f"the distinct subject values {shown} all become subject {subject} in project "
+                        f"{project or 'Unassigned'}: two patients would merge; make the subject template "
+                        "tell them apart, or set merge_subjects: true if they are the same person"
+                    )
+    if not bad:
+        return studies
+    keep = []
+    for st in studies:
+        if st.study_uid in bad:
+            held.append(_held(st, bad[st.study_uid]))
+        else:
+            keep.append(st)
+    return keep
 
 
 def _held(st: _Study, reason: str) -> HeldBack:

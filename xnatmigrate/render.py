@@ -42,6 +42,8 @@ class _Binder:
         self.params: dict[str, Any] = {}
 
     def __call__(self, name: str, value: Any, cast: str | None = None) -> str:
+        if isinstance(value, jinja2.Undefined):
+            raise XnatMigrateError(f"SQL template binds {name!r} to an undefined value (bug)")
         if name in self.params and self.params[name] != value:
             raise XnatMigrateError(f"SQL template binds {name!r} twice with different values (bug)")
         self.params[name] = value
@@ -49,9 +51,19 @@ class _Binder:
         return f"CAST({ph} AS {cast})" if cast else ph
 
 
+_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9_.,:/ ^+=@-]")
+
+
+def comment_text(value: Any) -> str:
+    """``value`` made safe inside a ``--`` comment: one line, no ``%`` (a parameter marker to the
+    driver), nothing outside a plain set. NOTE: header values (a StudyInstanceUID with a newline)
+    and paths reach comments; printed raw they could end the comment and start a statement."""
+    return _COMMENT_UNSAFE.sub("?", str(value))
+
+
 @functools.lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(sql_dir())),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -59,6 +71,8 @@ def _env() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=False,
     )
+    env.filters["comment"] = comment_text
+    return env
 
 
 def render_statements(template: str, **context: Any) -> list[Statement]:

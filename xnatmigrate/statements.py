@@ -36,6 +36,11 @@ def insert_session(session: PrearchiveSession) -> list[Statement]:
     )
 
 
+def preflight_insert(session: PrearchiveSession) -> Statement:
+    """Can the row be inserted, is it there already, and does another session of the study stand in its way."""
+    return render_statement("prearchive_preflight.sql.j2", row=dict(session.row))
+
+
 def table_profile() -> Statement:
     return render_statement("prearchive_profile.sql.j2", constraint=xnat_table.UNIQUE_CONSTRAINT)
 

@@ -9,6 +9,7 @@ import pytest
 
 from tests.unit.test_planner import FakeState, header, manifest, src
 from xnatmigrate import labels, statements
+from xnatmigrate.errors import SessionConflict
 from xnatmigrate.execute import db
 from xnatmigrate.model import XnatFacts
 from xnatmigrate.planner import build_plan
@@ -78,7 +79,7 @@ def test_guard_refuses_merging_into_another_session_of_the_study(pg_dsn):
         )
     with (
         db.connect(pg_dsn.dsn) as conn,
-        pytest.raises(db.DatabaseError, match="another session of study 1.2.0"),
+        pytest.raises(SessionConflict, match="another session of study 1.2.0"),
     ):
         db.insert_row(conn, s)
     assert len(rows(pg_dsn.dsn)) == 1

@@ -29,7 +29,7 @@ def plan():
     ]
     rejects = [
         Reject("/src/junk.txt", "not DICOM: no DICM prefix"),
-        Reject("/src2/cut.dcm", "truncated: Pixel Data declares 32 bytes, file has 16 after it"),
+        Reject("/src2/cut/cut.dcm", "truncated: Pixel Data declares 32 bytes, file has 16 after it"),
         Reject("/src2/x.png", "not DICOM: PNG"),
     ]
     return plan_of(m, headers, rejects=rejects)
@@ -78,7 +78,10 @@ def test_json_held_back_and_rejected(plan):
     ]
     assert doc["rejected"] == [
         {"path": "/src/junk.txt", "reason": "not DICOM: no DICM prefix"},
-        {"path": "/src2/cut.dcm", "reason": "truncated: Pixel Data declares 32 bytes, file has 16 after it"},
+        {
+            "path": "/src2/cut/cut.dcm",
+            "reason": "truncated: Pixel Data declares 32 bytes, file has 16 after it",
+        },
         {"path": "/src2/d1", "reason": f"held back: {HELD}"},
         {"path": "/src2/e1", "reason": f"held back: {HELD}"},
         {"path": "/src2/x.png", "reason": "not DICOM: PNG"},
@@ -117,7 +120,7 @@ def test_summary_shows_held_back_rejected_and_totals(plan):
         "  rejected: 5 file(s)",
         "    - 2 × not DICOM (e.g. /src/junk.txt: not DICOM: no DICM prefix)",
         f"    - 2 × held back (e.g. /src2/d1: held back: {HELD})",
-        "    - 1 × truncated (e.g. /src2/cut.dcm: truncated: Pixel Data declares 32 bytes, file has 16 after it)",
+        "    - 1 × truncated (e.g. /src2/cut/cut.dcm: truncated: Pixel Data declares 32 bytes, file has 16 after it)",
     ]
     assert lines[-3:] == [
         "Plan: 3 session(s), 6 file(s), 6.0 KB to add; 0 unchanged; 5 file(s) rejected.",

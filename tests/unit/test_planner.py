@@ -330,3 +330,54 @@ def test_study_comments_routing_warns_when_patient_comments_would_win():
     assert any("PatientComments already says" in w for w in p.warnings)
     quiet = plan_of(manifest(src(method="cstore", routing="patient_comments")), hs)
     assert not any("PatientComments already says" in w for w in quiet.warnings)
+
+
+# --- issue 11: two patients merged, incomplete studies ----------------------------------------------
+
+
+@pytest.mark.parametrize("a,b", [("Ünïcödé", "Ünïcödö"), ("A/B", "A\\B"), ("DOE^JOHN", "DOE JOHN")])
+def test_distinct_subject_values_sanitising_to_one_label_are_held_back_naming_both(a, b):
+    m = manifest(src(subject="{{ PatientName }}", session="{{ PatientID }}_MR"))
+    hs = [
+        header("/src/1/a", study="1.1", PatientName=a, PatientID="P1"),
+        header("/src/2/a", study="1.2", PatientName=b, PatientID="P2"),
+        header("/src/3/a", study="1.3", PatientName="OTHER", PatientID="P3"),
+    ]
+    p = plan_of(m, hs)
+    assert [s.study_uid for s in p.sessions] == ["1.3"]
+    assert sorted(h.study_uid for h in p.held_back) == ["1.1", "1.2"]
+    for h in p.held_back:
+        assert repr(a) in h.reason and repr(b) in h.reason and "two patients would merge" in h.reason
+    # The manifest may say they are one person.
+    merged = plan_of(manifest(src(subject="{{ PatientName }}", merge_subjects=True)), hs)
+    assert sorted(s.study_uid for s in merged.sessions) == ["1.1", "1.2", "1.3"] and not merged.held_back
+
+
+def test_one_patient_in_many_studies_is_not_a_merge():
+    m = manifest(src(subject="{{ PatientName }}", session="{{ PatientID }}_{{ StudyDate }}"))
+    hs = [header("/src/a", study="1.1"), header("/src/b", study="1.2", StudyDate="20200101")]
+    p = plan_of(m, hs)
+    assert len(p.sessions) == 2 and not p.held_back
+
+
+def test_session_collisions_name_the_raw_values():
+    hs = [header("/src/a", study="1.1", PatientID="A/B"), header("/src/b", study="1.2", PatientID="A\\B")]
+    p = plan_of(manifest(src()), hs)
+    assert not p.sessions and len(p.held_back) == 2
+    assert all("'A/B_MR' and 'A\\\\B_MR'" in h.reason for h in p.held_back)
+
+
+@pytest.mark.parametrize(
+    "reason", ["unreadable: Permission denied", "truncated: header ends early", "no SOPInstanceUID"]
+)
+def test_a_study_with_a_broken_file_in_its_folder_is_held_back(reason):
+    hs = [header("/src/s1/a", study="1.1"), header("/src/s2/a", study="1.2", PatientID="P2")]
+    broken = [Reject("/src/s1/b", reason), Reject("/src/s2/readme.txt", "not DICOM: no DICM prefix")]
+    p = plan_of(manifest(src()), hs, rejects=broken)
+    assert [s.study_uid for s in p.sessions] == ["1.2"]  # a text file next to a study holds nothing back
+    (h,) = p.held_back
+    assert h.study_uid == "1.1" and "/src/s1/b" in h.reason and reason in h.reason
+    assert "allow_partial_studies" in h.reason
+    assert any(r.path == "/src/s1/a" and r.reason.startswith("held back:") for r in p.rejected)
+    partial = plan_of(manifest(src(allow_partial_studies=True)), hs, rejects=broken)
+    assert sorted(s.study_uid for s in partial.sessions) == ["1.1", "1.2"]

@@ -124,3 +124,30 @@ def test_plan_script_holds_exactly_the_statements_apply_executes(plan):
     assert positions == sorted(positions)  # all of them, in apply's order
     assert "'/data/it''s; x\\y/prj001/" in script
     assert "-- sessions:  2 prearchive row(s) to insert" in script
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["1.2\nDROP TABLE xdat_search.prearchive; --", "1.2\rDROP TABLE x; --", "1.2 %(tag)s %s 100%"],
+)
+def test_header_values_in_sql_comments_cannot_start_a_statement_or_a_parameter(uid):
+    """A StudyInstanceUID is a header value: it reaches the ``--`` comment above each INSERT."""
+    p = plan_of(manifest(src()), [header("/src/a", study=uid)])
+    lines = statements.plan_script(p).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("-- /prearchive/"))
+    # The comment stays one line and the statement after it starts on the next one. (The value
+    # still spans lines inside its quoted literal further down: that is data, not SQL.)
+    assert "DROP" not in lines[at] or "?DROP" in lines[at]
+    assert lines[at + 1].startswith("SELECT pg_advisory_xact_lock(")
+    for stmt in statements.insert_session(p.sessions[0]):
+        comment_lines = [line for line in stmt.sql.splitlines() if line.startswith("--")]
+        assert all("%" not in line for line in comment_lines)
+        # The value itself still reaches the row exactly, as a bind parameter.
+    assert p.sessions[0].row["tag"] == uid
+
+
+def test_binding_an_undefined_value_is_refused():
+    from xnatmigrate.render import _Binder
+
+    with pytest.raises(XnatMigrateError, match="undefined value"):
+        _Binder()("x", jinja2.Undefined(name="x"))

@@ -18,9 +18,17 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..errors import ApplyError, DatabaseError, DicomSendError, XnatMigrateError, XnatRestError
+from ..errors import (
+    ApplyError,
+    DatabaseError,
+    DicomSendError,
+    SessionConflict,
+    XnatMigrateError,
+    XnatRestError,
+)
 from ..model import (
     Build,
     CstoreSession,
@@ -221,17 +229,44 @@ class _Runner:
             )
             self.done_files = before + s.file_count
 
-        # 2. publish — one atomic rename into XNAT's view.
+        # 2. publish — one atomic rename into XNAT's view, only once the row is known to be writable
+        # (reachable database, INSERT privilege, no other session of the study in the way).
         if Step.PUBLISH not in done:
+            if Step.INSERT not in done:
+                db.check_insertable(self.conn(), s)
             outcome = files.publish(staging, final)
             self.record(res, Step.PUBLISH, outcome, {"path": str(final)})
 
-        # 3. insert — guarded INSERT; "noop" when the row is already ours.
+        # 3. insert — guarded INSERT; "noop" when the row is already ours. If it still fails, the
+        # folder goes back out of XNAT's view, so no folder ever stands there without its row.
         if Step.INSERT not in done:
-            outcome = db.insert_row(self.conn(), s)
+            try:
+                outcome = db.insert_row(self.conn(), s)
+            except (DatabaseError, SessionConflict) as exc:
+                self.withdraw(s, res, staging, final, exc)
+                raise  # withdraw raises; this keeps mypy's flow analysis honest
             self.record(res, Step.INSERT, outcome, {"timestamp": s.timestamp, "project": s.project})
 
         self.build_and_archive(s, res, done, s.project, s.timestamp, s.session)
+
+    def withdraw(
+        self,
+        s: PrearchiveSession,
+        res: SessionResult,
+        staging: Path,
+        final: Path,
+        exc: DatabaseError | SessionConflict,
+    ) -> None:
+        """The row could not be written after publishing: move the folder back to staging and say where."""
+        try:
+            files.unpublish(final, staging)
+        except OSError as move_exc:
+            raise ApplyError(
+                f"{exc}; and the published folder {final} could not be moved back out of XNAT's view "
+                f"({move_exc.strerror}): move it to {staging} by hand before XNAT restarts"
+            ) from None
+        self.record(res, Step.PUBLISH, Outcome.REVERTED, {"path": str(staging), "reason": str(exc)})
+        raise type(exc)(f"{exc} (its folder was moved back out of XNAT's view to {staging})") from None
 
     def build_and_archive(
         self,

@@ -14,10 +14,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
+import psycopg2.extras
 
 from .. import statements, xnat_table
-from ..errors import DatabaseError
+from ..errors import DatabaseError, SessionConflict
 from ..model import DatabaseTarget, ExistingRow, Outcome, PrearchiveSession
 from ..render import Statement
 
@@ -48,11 +50,41 @@ def _where(dsn: str) -> str:
     return f"{params.get('dbname', '?')} on {host}:{params.get('port', '5432')}"
 
 
+# Waits on the database are bounded (a lock held by another transaction must not hang a run for
+# days) and interruptible: with psycopg2's select()-based wait callback, Ctrl-C cancels the running
+# statement on the server instead of being ignored until the statement returns.
+LOCK_TIMEOUT_ENV = "XNATMIGRATE_DB_LOCK_TIMEOUT"
+STATEMENT_TIMEOUT_ENV = "XNATMIGRATE_DB_STATEMENT_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 30.0
+DEFAULT_STATEMENT_TIMEOUT = 600.0
+psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
+
+
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DatabaseError(f"{env}={raw!r} is not a number of seconds; set it to e.g. 30") from None
+    if value <= 0:
+        raise DatabaseError(f"{env}={raw!r} must be more than 0 seconds (0 would mean: wait forever)")
+    return value
+
+
 @contextlib.contextmanager
 def connect(dsn: str, timeout: int = 10) -> Iterator[psycopg2.extensions.connection]:
-    """A connection that is always closed; failures become DatabaseError."""
+    """A connection that is always closed, with bounded lock and statement waits; failures become DatabaseError."""
+    lock_ms = int(_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT) * 1000)
+    statement_ms = int(_seconds(STATEMENT_TIMEOUT_ENV, DEFAULT_STATEMENT_TIMEOUT) * 1000)
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=timeout, application_name="xnatmigrate")
+        conn = psycopg2.connect(
+            dsn,
+            connect_timeout=timeout,
+            application_name="xnatmigrate",
+            options=f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}",
+        )
     except psycopg2.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
         raise DatabaseError(
@@ -70,6 +102,20 @@ def execute(cur: Cursor, stmt: Statement) -> None:
     """The executing side of the SQL chokepoint (render.to_sql_text is the printing side)."""
     try:
         cur.execute(stmt.sql, dict(stmt.params))
+    except psycopg2.errors.LockNotAvailable:
+        raise DatabaseError(
+            f"{stmt.name} waited {_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT):g} s for a lock that another "
+            "transaction holds on xdat_search.prearchive; find it in pg_locks/pg_stat_activity and let it "
+            f"finish (or raise {LOCK_TIMEOUT_ENV}), then rerun"
+        ) from None
+    except psycopg2.extensions.QueryCanceledError as exc:
+        if "user request" in str(exc):
+            raise KeyboardInterrupt from None  # Ctrl-C: the wait callback cancelled it on the server
+        raise DatabaseError(
+            f"{stmt.name} ran longer than {_seconds(STATEMENT_TIMEOUT_ENV, DEFAULT_STATEMENT_TIMEOUT):g} s in "
+            f"XNAT's database and was cancelled; check the server's load (or raise {STATEMENT_TIMEOUT_ENV}), "
+            "then rerun"
+        ) from None
     except psycopg2.OperationalError as exc:
         raise DatabaseError(
             f"the database connection failed during {stmt.name}: {str(exc).strip().splitlines()[0]}; "
@@ -164,11 +210,38 @@ def insert_row(conn: Connection, session: PrearchiveSession) -> Outcome:
         ) from None
     if mine is not None:
         return Outcome.NOOP
-    raise DatabaseError(
+    raise SessionConflict(
         f"XNAT's prearchive gained another session of study {session.study_uid} as "
         f"{session.project_label}/{session.session} since the plan; the row was not inserted: "
         "re-run `xnatmigrate plan` to see it"
     )
+
+
+def check_insertable(conn: Connection, session: PrearchiveSession) -> bool:
+    """Before publishing: True when the row is already ours; raises DatabaseError when it cannot be written.
+
+    Checked before the folder enters XNAT's view, so a refusal leaves nothing visible to XNAT.
+    """
+    with conn, conn.cursor() as cur:
+        execute(cur, statements.preflight_insert(session))
+        found = cur.fetchone()
+    assert found is not None
+    can_insert, mine, conflict = found
+    if mine:
+        return True
+    if not can_insert:
+        raise DatabaseError(
+            f"the database user may not INSERT into xdat_search.prearchive, so {session.prearchive_uri} "
+            "cannot get its row; GRANT INSERT ON xdat_search.prearchive to it (or use XNAT's user), then "
+            "rerun (the session is staged, not published)"
+        )
+    if conflict:
+        raise SessionConflict(
+            f"XNAT's prearchive gained another session of study {session.study_uid} as "
+            f"{session.project_label}/{conflict} since the plan, so the row of {session.prearchive_uri} would "
+            "not be written; the session is staged, not published: re-run `xnatmigrate plan` to see it"
+        )
+    return False
 
 
 def delete_row(conn: Connection, project: str | None, timestamp: str, foldername: str) -> int:

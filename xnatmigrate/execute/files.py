@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import grp
@@ -924,6 +925,21 @@ def publish(staging: Path, final: Path) -> Outcome:
         ) from exc
     _prune_staging_parents(staging)
     return Outcome.DONE
+
+
+def unpublish(final: Path, staging: Path) -> None:
+    """Take a published session back out of XNAT's view (one ``rename()`` back into staging).
+
+    For a session whose row could not be written: a folder without a row is invisible to XNAT's UI
+    but would be picked up by a restart's ``populateTable`` (xnat-reference.md §1), so it must go.
+    """
+    staging, final = Path(staging), Path(final)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    _rename_noreplace(final, staging)
+    _fsync_dir(staging.parent)
+    _fsync_dir(final.parent)
+    with contextlib.suppress(OSError):
+        final.parent.rmdir()  # the timestamp folder, if the session was its only content
 
 
 def _makedirs_like(path: Path, like: os.stat_result) -> list[Path]:

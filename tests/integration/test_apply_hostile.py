@@ -1,0 +1,194 @@
+"""apply under hostile conditions (issue 11): nothing half-published, nothing that hangs, nothing the
+plan did not see. Real PostgreSQL, real folders, the REST stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from tests.sites import NOW, Site
+from xnatmigrate import api, cli
+from xnatmigrate.execute import db
+from xnatmigrate.model import Outcome, Result, Step
+from xnatmigrate.state import StateStore
+
+
+def plan(site: Site):
+    return api.plan(site.manifest, state_dir=site.state, now=NOW).plan
+
+
+def visible(site: Site, s) -> bool:
+    return Path(s.session_dir).exists()
+
+
+def foreign_row_of_the_same_study(site: Site, s) -> None:
+    """Another upload of the same study, as XNAT's receiver would write it, at another timestamp."""
+    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url, "
+            "prevent_anon, prevent_auto_commit) VALUES (%s, '20200101_000000000', %s, %s, %s, 'READY', "
+            "'/elsewhere', false, false)",
+            (s.project, s.session, s.session, s.study_uid),
+        )
+    conn.close()
+
+
+def test_conflicting_row_after_plan_publishes_nothing_and_fails_only_that_session(site):
+    p = plan(site)
+    victim, other = p.sessions
+    foreign_row_of_the_same_study(site, victim)
+    report = api.apply(state_dir=site.state, poll=0.05)
+    by_id = {r.action_id: r for r in report.sessions}
+    assert by_id[victim.action_id].outcome is Result.FAILED
+    assert "another session of study" in (by_id[victim.action_id].message or "")
+    assert "staged, not published" in (by_id[victim.action_id].message or "")
+    assert by_id[other.action_id].outcome is Result.DONE  # a per-study conflict does not stop the run
+    assert report.stopped is None
+    assert not visible(site, victim) and visible(site, other)
+    # A rerun says the same and still publishes nothing; once the other session is gone it goes through.
+    again = api.apply(state_dir=site.state, poll=0.05)
+    assert [r.outcome for r in again.sessions if r.action_id == victim.action_id] == [Result.FAILED]
+    assert not visible(site, victim)
+    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM xdat_search.prearchive WHERE timestamp = '20200101_000000000'")
+    conn.close()
+    last = api.apply(state_dir=site.state, poll=0.05)
+    assert not last.failures and visible(site, victim)
+
+
+def test_insert_that_fails_after_publishing_takes_the_folder_back_out_of_view(site, monkeypatch):
+    p = plan(site)
+    victim = p.sessions[0]
+    foreign_row_of_the_same_study(site, victim)
+    # The race the preflight cannot close: the other row appears between the check and the INSERT.
+    monkeypatch.setattr(db, "check_insertable", lambda conn, s: False)
+    report = api.apply(state_dir=site.state, poll=0.05)
+    res = next(r for r in report.sessions if r.action_id == victim.action_id)
+    assert res.outcome is Result.FAILED
+    assert "moved back out of XNAT's view" in (res.message or "")
+    assert not visible(site, victim)
+    staged = site.prearchive / ".xnatmigrate-staging" / victim.timestamp / "prj001" / victim.session
+    assert sorted(str(f.relative_to(staged)) for f in staged.rglob("*.dcm")) == sorted(
+        f.dest for f in victim.files
+    )
+    with StateStore(site.state) as st:
+        assert Step.PUBLISH not in st.steps_done(victim.action_id)
+        assert (Step.PUBLISH, Outcome.REVERTED) in [(h[0], h[1]) for h in st.history(victim.action_id)]
+    monkeypatch.undo()
+    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM xdat_search.prearchive WHERE timestamp = '20200101_000000000'")
+    conn.close()
+    for k, v in site.env().items():
+        monkeypatch.setenv(k, v)
+    assert not api.apply(state_dir=site.state, poll=0.05).failures
+    assert visible(site, victim) and not staged.exists()
+
+
+def test_database_down_at_apply_publishes_nothing(site, monkeypatch):
+    p = plan(site)
+    monkeypatch.setenv("XNATMIGRATE_TEST_SITE_DSN", "postgresql://nobody@127.0.0.1:1/none")
+    report = api.apply(state_dir=site.state, poll=0.05)
+    assert report.stopped and "cannot connect to XNAT's database" in report.stopped
+    assert not any(visible(site, s) for s in p.sessions)
+    assert [r.outcome for r in report.sessions] == [Result.FAILED, Result.SKIPPED]
+
+
+def hold_table_lock(dsn: str, ready: threading.Event, release: threading.Event) -> None:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("LOCK TABLE xdat_search.prearchive IN ACCESS EXCLUSIVE MODE")
+            ready.set()
+            release.wait(60)
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+def test_a_table_lock_held_elsewhere_times_out_with_one_line(site, monkeypatch):
+    p = plan(site)
+    monkeypatch.setenv(db.LOCK_TIMEOUT_ENV, "1")
+    ready, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=hold_table_lock, args=(site.dsn, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        report = api.apply(state_dir=site.state, poll=0.05)
+    finally:
+        release.set()
+        holder.join()
+    assert report.stopped and "waited 1 s for a lock that another transaction holds" in report.stopped
+    assert "\n" not in report.stopped
+    assert not any(visible(site, s) for s in p.sessions)
+    assert not api.apply(state_dir=site.state, poll=0.05).failures  # lock gone: it resumes
+
+
+def test_ctrl_c_while_waiting_on_a_lock_stops_at_once(site):
+    plan(site)
+    ready, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=hold_table_lock, args=(site.dsn, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        env = {**os.environ, **site.env(), db.LOCK_TIMEOUT_ENV: "120"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(site.state)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Wait until it is blocked on the lock (visible in pg_locks as an ungranted request).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                (waiting,) = cur.fetchone()
+            conn.close()
+            if waiting:
+                break
+            time.sleep(0.1)
+        assert waiting, "apply never waited on the lock"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        holder.join()
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: rerun the same command to resume" in err
+    assert took < 20  # bounded by communicate's timeout: the lock would have held it for 60 s
+
+
+def test_a_hand_edited_plan_is_refused(site, capsys):
+    plan(site)
+    path = site.state / "plan.json"
+    data = json.loads(path.read_text())
+    data["sessions"][0]["session"] = "SOMEONE_ELSE"
+    path.write_text(json.dumps(data))
+    assert cli.main(["apply", "--state-dir", str(site.state)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "does not match its plan_id" in err and "\n" not in err
+    assert not list(site.prearchive.glob("prj001/*")) and site.rows() == []
+
+
+@pytest.mark.parametrize("edit", ["source", "dest"])
+def test_a_hand_edited_file_entry_is_refused(site, capsys, edit):
+    plan(site)
+    path = site.state / "plan.json"
+    data = json.loads(path.read_text())
+    f = data["sessions"][0]["scans"][0]["files"][0]
+    f[edit] = str(site.manifest) if edit == "source" else "SCANS/1/DICOM/other.dcm"
+    path.write_text(json.dumps(data))
+    assert cli.main(["apply", "--state-dir", str(site.state)]) == 1
+    assert "does not match its plan_id" in capsys.readouterr().err
