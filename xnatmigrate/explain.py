@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+from .dicombytes import MAX_CONTEXTS  # shared with the sender, which splits contexts by it
 from .model import CstoreSession, Plan, PlannedSession, PrearchiveSession, unreachable
 
 MAX_REASONS = 5
@@ -16,10 +17,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"  # pragma: no cover
-
-
-# A DICOM association carries at most 128 presentation contexts (PS3.8 §9.3.2.2: odd IDs 1-255).
-MAX_CONTEXTS = 128
 
 
 def associations(s: CstoreSession) -> int:

@@ -76,6 +76,20 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
 
+from .dicombytes import (
+    DEFLATED_EXPLICIT_VR_LE,
+    EXPLICIT_VR_BE,
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    ITEM,
+    SEQUENCE_DELIMITER,
+    UNDEFINED_LENGTH,
+    Malformed,
+    element_header,
+    encoding,
+    looks_explicit,
+    read_tag,
+)
 from .errors import PlanError
 from .model import BASE_KEYWORDS, CachedHeader, FileHeader, Manifest, Reject, SourceSpec
 
@@ -107,15 +121,6 @@ _PROGRESS_EVERY = 64
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float, Double Float
 _DICOMDIR_OFFSET = 0x00041200  # Type 1 in every DICOMDIR, never in an image
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _SEQ_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _REQUIRED = ("SOPInstanceUID", "StudyInstanceUID", "SOPClassUID")
 
@@ -495,11 +500,6 @@ def _raw_stream_start(head: bytes) -> bool:
     return False
 
 
-def _looks_explicit(vr: bytes) -> bool:
-    """pydicom's own test (``_is_implicit_vr``): two upper-case letters where an explicit VR would be."""
-    return len(vr) == 2 and 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
-
-
 def _not_group(group: int) -> Callable[[int, str | None, int], bool]:
     return lambda tag, vr, length: tag >> 16 != group
 
@@ -547,7 +547,7 @@ def _frame(fp: io.BytesIO | _FdReader, has_dicm: bool, want: _Want, parsed: _Par
     # File meta (0002,eeee): explicit VR little endian by PS3.10 7.1, but some writers use implicit
     # VR here (pydicom issue 503), hence the same test pydicom applies to a data set's first element.
     if peek[:2] == b"\x02\x00":
-        meta = data_element_generator(stream, not _looks_explicit(peek[4:6]), True, stop_when=_not_group(2))
+        meta = data_element_generator(stream, not looks_explicit(peek[4:6]), True, stop_when=_not_group(2))
         parsed.meta = {e.tag: e for e in meta}
         peek = _peek(fp)
     # A command set (0000,eeee), as in raw DIMSE dumps, is always implicit VR little endian; skipped
@@ -558,21 +558,20 @@ def _frame(fp: io.BytesIO | _FdReader, has_dicm: bool, want: _Want, parsed: _Par
         peek = _peek(fp)
 
     declared = _text(parsed.meta.get(0x00020010), ["iso8859"])
-    if declared == _DEFLATED:
+    if declared == DEFLATED_EXPLICIT_VR_LE:
         stream = cast(BinaryIO, io.BytesIO(_inflate(fp.read())))
         parsed.deflated = True
         peek = _peek(stream)
-    implicit = declared == _IMPLICIT_LE
-    little = declared != _EXPLICIT_BE
+    implicit, little = encoding(declared)
     if len(peek) == 6:
         # The data set may contradict its transfer syntax: pydicom believes the bytes, and so do we.
-        implicit = not _looks_explicit(peek[4:6])
+        implicit = not looks_explicit(peek[4:6])
         if not declared and not implicit:
             # No transfer syntax: pydicom's byte order guess. Group 0x0008 written big endian reads
             # 0x0800 little endian; no little endian data set starts with a group that high.
             little = struct.unpack("<H", peek[:2])[0] < 0x0400
     parsed.little = little
-    parsed.ts = declared or (_IMPLICIT_LE if implicit else (_EXPLICIT_LE if little else _EXPLICIT_BE))
+    parsed.ts = declared or (IMPLICIT_VR_LE if implicit else (EXPLICIT_VR_LE if little else EXPLICIT_VR_BE))
     tags: list[BaseTag | int] = list(want.tags)
     gen = data_element_generator(stream, implicit, little, stop_when=parsed.tracker, specific_tags=tags)
     parsed.elems = {e.tag: e for e in gen}
@@ -775,7 +774,7 @@ def _header_cut(parsed: _Parsed, has_dicm: bool, size: int) -> bool:
     ):
         return True
     t = parsed.tracker
-    if t.pixel or t.pos < 0 or t.length == _UNDEFINED:
+    if t.pixel or t.pos < 0 or t.length == UNDEFINED_LENGTH:
         return False
     # Parsing ended because fewer than 8 bytes were left: the last element must end exactly at EOF.
     return t.pos + t.length != size
@@ -788,19 +787,16 @@ def _pixel_problem(fd: int, size: int, head: bytes, parsed: _Parsed) -> str | No
     endian = "<" if parsed.little else ">"
     if len(raw) < 8:
         return "truncated: header ends early"
-    group, elem = struct.unpack(endian + "HH", raw[:4])
-    if (group << 16 | elem) not in _PIXEL_TAGS:
+    if read_tag(raw, 0, parsed.little) not in _PIXEL_TAGS:
         return None  # not where pydicom said: nothing to check (the data set was garbage anyway)
-    if parsed.tracker.vr is None:  # pydicom read it as implicit VR: tag, 4-byte length
-        hdr, length = 8, struct.unpack(endian + "I", raw[4:8])[0]
-    elif raw[4:6] in _LONG_VRS:  # explicit VR OB/OW/OF/OD/UN: tag, VR, 2 reserved, 4-byte length
-        if len(raw) < 12:
-            return "truncated: header ends early"
-        hdr, length = 12, struct.unpack(endian + "I", raw[8:12])[0]
-    else:  # explicit VR with a 2-byte length (not valid for Pixel Data, but parseable)
-        hdr, length = 8, struct.unpack(endian + "H", raw[6:8])[0]
+    # Implicit VR as pydicom read it (no VR seen), else by the VR there; a 2-byte length is not valid
+    # for Pixel Data, but parseable.
+    try:
+        hdr, _, length = element_header(raw, 0, len(raw), parsed.tracker.vr is None, parsed.little)
+    except Malformed:
+        return "truncated: header ends early"
     after = size - pos - hdr
-    if length != _UNDEFINED:
+    if length != UNDEFINED_LENGTH:
         if length > after:
             return f"truncated: Pixel Data declares {length} bytes, file has {after} after it"
         return None
@@ -823,9 +819,9 @@ def _encapsulated_problem(fd: int, size: int, start: int, endian: str) -> str | 
             )
         group, elem, length = struct.unpack(endian + "HHI", raw)
         tag = group << 16 | elem
-        if tag == _SEQ_DELIMITER:
+        if tag == SEQUENCE_DELIMITER:
             return None
-        if tag != _ITEM or length == _UNDEFINED:
+        if tag != ITEM or length == UNDEFINED_LENGTH:
             return (
                 f"corrupt: encapsulated Pixel Data holds ({group:04X},{elem:04X}) at byte {pos}, not an item"
             )

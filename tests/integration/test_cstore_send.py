@@ -43,6 +43,7 @@ from tests.dicom_peers import (
 )
 from xnatmigrate.errors import DicomSendError
 from xnatmigrate.execute import dicom
+from xnatmigrate.execute.dicom import part10, workers
 from xnatmigrate.model import PlannedFile, ScpTarget
 
 LINE = "Project: P1 Subject: S01 Session: S01_MR1"
@@ -171,7 +172,7 @@ def test_dcmtk_storescp_receives_every_file(tmp_path: Path, files: list[PlannedF
 def test_two_jobs_send_the_same_set_over_two_associations(
     receiver: str, tmp_path: Path, files: list[PlannedFile], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicom, "_MIN_FILES_PER_WORKER", 1)  # 8 files are enough for two workers
+    monkeypatch.setattr(workers, "MIN_FILES_PER_WORKER", 1)  # 8 files are enough for two workers
     calls = Calls()
     if receiver == "pynetdicom":
         with PynetdicomStoreSCP() as peer:
@@ -218,8 +219,8 @@ def test_many_fragments_and_streamed_tails_arrive_intact(
 ) -> None:
     files = planned_files(p for s in build_test_files(tmp_path / "big", rows=128) for p in s)
     # Stream everything past the first 4 KiB of each file from disk, in the middle of a PDU.
-    monkeypatch.setattr(dicom, "_WHOLE_FILE_LIMIT", 4096)
-    monkeypatch.setattr(dicom, "_HEAD_LIMIT", 4096)
+    monkeypatch.setattr(part10, "WHOLE_FILE_LIMIT", 4096)
+    monkeypatch.setattr(part10, "HEAD_LIMIT", 4096)
     with PynetdicomStoreSCP(max_pdu=4096) as peer:  # 32 KiB of pixels: ~9 PDUs per file
         outcome = send(peer.port, files)
         assert outcome.failures == ()
@@ -341,7 +342,7 @@ def test_receiver_stopped_mid_send_then_restarted(scp: PynetdicomStoreSCP, files
 def test_wrong_called_ae_names_the_setting(
     scp: PynetdicomStoreSCP, files: list[PlannedFile], jobs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicom, "_MIN_FILES_PER_WORKER", 1)
+    monkeypatch.setattr(workers, "MIN_FILES_PER_WORKER", 1)
     with pytest.raises(DicomSendError) as err:
         send(scp.port, files, called_aet="NOT_XNAT", jobs=jobs)
     message = str(err.value)
@@ -362,7 +363,7 @@ def test_refused_connection_names_host_and_port(files: list[PlannedFile]) -> Non
 def test_failure_status_for_one_sop_class(
     files: list[PlannedFile], jobs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dicom, "_MIN_FILES_PER_WORKER", 1)
+    monkeypatch.setattr(workers, "MIN_FILES_PER_WORKER", 1)
     ct = {f.sop_instance_uid for f in files if f.sop_class_uid == CTImageStorage}
     with PynetdicomStoreSCP(fail_sop_classes={CTImageStorage}, fail_status=0xC000) as peer:
         outcome = send(peer.port, files, retries=2, jobs=jobs)
@@ -443,7 +444,7 @@ def test_a_file_that_changes_while_sent_aborts_and_is_retried(
     scp: PynetdicomStoreSCP, files: list[PlannedFile], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     victim = files[2].source
-    real = dicom._segments
+    real = part10.segments
     seen: list[str] = []
 
     def flaky(payload: Any) -> Iterator[Any]:
@@ -451,10 +452,10 @@ def test_a_file_that_changes_while_sent_aborts_and_is_retried(
         seen.append(payload.path)
         for n, piece in enumerate(real(payload)):
             if first and n == 1:
-                raise dicom._SourceChanged("the file shrank while it was being sent")
+                raise part10.SourceChanged("the file shrank while it was being sent")
             yield piece
 
-    monkeypatch.setattr(dicom, "_segments", flaky)
+    monkeypatch.setattr(part10, "segments", flaky)
     outcome = send(scp.port, files, retries=1)
     assert outcome.failures == ()
     assert {u for u, _ in outcome.confirmed} == uids(files) == set(scp.received)

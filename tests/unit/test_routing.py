@@ -37,6 +37,7 @@ from tests.dicom_peers import (
     xnat_route,
 )
 from xnatmigrate.execute import dicom
+from xnatmigrate.execute.dicom import dimse, part10, rounds
 from xnatmigrate.model import PlannedFile, PresentationContext, ScpTarget
 
 LINE = "Project: P1 Subject: S01 Session: S01_MR1"
@@ -276,10 +277,10 @@ def test_splice_corrects_a_group_length_element(implicit: bool) -> None:
 
 
 def test_splice_refuses_deflated_and_garbage() -> None:
-    with pytest.raises(dicom._Odd):
+    with pytest.raises(part10.Odd):
         dicom.splice_routing(b"", 0, 0, DeflatedExplicitVRLittleEndian, PATIENT_COMMENTS, "x")
     garbage = b"\x08\x00\x05\x00??\x04\x00abcd"
-    with pytest.raises(dicom._Odd):
+    with pytest.raises(part10.Odd):
         dicom.splice_routing(garbage, 0, len(garbage), ExplicitVRLittleEndian, PATIENT_COMMENTS, "x")
 
 
@@ -292,7 +293,7 @@ def _write(ds: Dataset, path: Path, ts: str) -> Path:
     return path
 
 
-def _payload_bytes(payload: dicom._Payload) -> bytes:
+def _payload_bytes(payload: part10.Payload) -> bytes:
     return b"".join(bytes(p) for p in payload.pieces)
 
 
@@ -334,11 +335,11 @@ def test_load_payload_handles_a_file_without_preamble(tmp_path: Path) -> None:
 
 def test_large_files_keep_their_tail_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [[path, _]] = build_test_files(tmp_path, images=2, rows=64)[:1]
-    monkeypatch.setattr(dicom, "_WHOLE_FILE_LIMIT", 1000)
-    monkeypatch.setattr(dicom, "_HEAD_LIMIT", 1024)
+    monkeypatch.setattr(part10, "WHOLE_FILE_LIMIT", 1000)
+    monkeypatch.setattr(part10, "HEAD_LIMIT", 1024)
     payload = dicom.load_payload(str(path), None, PATIENT_COMMENTS, LINE)
     assert payload.tail_length == path.stat().st_size - 1024
-    stream = b"".join(bytes(s) for s in dicom._segments(payload))
+    stream = b"".join(bytes(s) for s in part10.segments(payload))
     assert len(stream) == payload.length
     out = decode(BytesIO(stream), False, True)
     assert out.PatientComments == LINE and len(out.PixelData) == 64 * 64 * 2
@@ -350,14 +351,14 @@ def test_large_files_keep_their_tail_on_disk(tmp_path: Path, monkeypatch: pytest
 
 
 def test_c_store_command_set_decodes_as_pynetdicom_expects() -> None:
-    cmd = dicom._command(
+    cmd = dimse.command(
         [
-            (0x0002, dicom._uid(MRImageStorage)),
+            (0x0002, dimse.uid(MRImageStorage)),
             (0x0100, b"\x01\x00"),
             (0x0110, struct.pack("<H", 7)),
             (0x0700, b"\x00\x00"),
             (0x0800, b"\x00\x00"),
-            (0x1000, dicom._uid("1.2.3.45")),
+            (0x1000, dimse.uid("1.2.3.45")),
         ]
     )
     ds = decode(BytesIO(cmd), True, True)
@@ -372,9 +373,7 @@ def test_status_meanings() -> None:
     assert dicom.status_meaning(0xA700) == "Failure: Refused: Out of Resources"
     assert dicom.status_meaning(0xB000) == "Warning: Coercion of Data Elements"
     assert dicom.status_meaning(0xFF00).startswith("Failure")  # Pending is not a C-STORE answer
-    assert dicom._status_reason(0xC000, "bad").startswith(
-        "C-STORE status 0xC000 (Failure: Cannot Understand)"
-    )
+    assert dimse.status_reason(0xC000, "bad").startswith("C-STORE status 0xC000 (Failure: Cannot Understand)")
 
 
 def test_more_than_128_pairs_are_split_into_groups() -> None:
@@ -391,7 +390,7 @@ def test_more_than_128_pairs_are_split_into_groups() -> None:
         for n in range(300)
     ]
     contexts = [PresentationContext("9.9.9", (ExplicitVRLittleEndian,))]  # unused: not proposed
-    groups = dicom._context_groups(files, contexts)
+    groups = rounds.context_groups(files, contexts)
     assert [len(p) for p, _ in groups] == [128, 128, 44]
     assert sorted(i for _, idx in groups for i in idx) == list(range(300))
     for pairs, idx in groups:

@@ -1,0 +1,184 @@
+"""Sending tasks in retry rounds, each round on a fresh association (in any process).
+
+Invariants:
+- A file is reported to the sink exactly once: ``confirmed`` for Success or a Warning status,
+  ``failed`` once it is out of attempts (or at once when retrying cannot help: unreadable file,
+  presentation context rejected). Every other file of a task stays to be retried, until ``stop``.
+- A Failure status and an empty status (DIMSE timeout, abort, closed connection) count as failed
+  attempts, retried on a fresh association after a backoff that doubles with each round in which
+  nothing got through; they are never success.
+- Unreachable before any association was ever made raises ``DicomSendError`` (a configuration or
+  network problem to report at once); afterwards it only fails the attempt (the receiver may be
+  restarting). ``Rejected`` is always raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...dicombytes import MAX_CONTEXTS
+from ...errors import DicomSendError
+from ...model import PlannedFile, PresentationContext, ScpTarget
+from . import dimse
+from .association import Association, Lost, Pair, Rejected, Unreachable
+from .part10 import load_payload
+
+_MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True)
+class Options:
+    """How every association of one ``send_files`` call behaves (picklable: sent to workers)."""
+
+    tag: int | None
+    line: str
+    retries: int
+    backoff: float
+    acse_timeout: float
+    dimse_timeout: float
+
+
+@dataclass(frozen=True)
+class Task:
+    """Files sent over one series of associations, all proposing the same ``pairs``."""
+
+    pairs: tuple[Pair, ...]
+    files: tuple[tuple[int, PlannedFile], ...]
+
+
+class Sink(Protocol):
+    """Where a sender reports: ``confirmed`` (index, status) and ``failed`` (index, reason)."""
+
+    def confirmed(self, index: int, status: int) -> None: ...
+
+    def failed(self, index: int, reason: str) -> None: ...
+
+    def flush(self, force: bool = False) -> None: ...
+
+
+class Stop(Protocol):
+    """A ``threading.Event`` or ``multiprocessing.Event``: set when the caller wants to stop."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def context_groups(
+    files: Sequence[PlannedFile], contexts: Sequence[PresentationContext]
+) -> list[tuple[tuple[Pair, ...], list[int]]]:
+    """Files grouped so that each group needs at most 128 (SOP class, transfer syntax) pairs.
+
+    The pairs come from ``contexts`` plus any pair a file needs that ``contexts`` lacks (a plan
+    is trusted, not relied upon). Pairs no file uses are not proposed.
+    """
+    order: dict[Pair, list[int]] = {}
+    for c in contexts:
+        for ts in c.transfer_syntaxes:
+            order.setdefault((c.sop_class_uid, ts), [])
+    for i, f in enumerate(files):
+        order.setdefault((f.sop_class_uid, f.transfer_syntax), []).append(i)
+    used = [(pair, idx) for pair, idx in order.items() if idx]
+    groups = []
+    for start in range(0, len(used), MAX_CONTEXTS):
+        chunk = used[start : start + MAX_CONTEXTS]
+        groups.append((tuple(p for p, _ in chunk), sorted(i for _, idx in chunk for i in idx)))
+    return groups
+
+
+def split(items: list[int], n: int) -> list[list[int]]:
+    """``n`` contiguous slices of near-equal size (contiguous keeps series together)."""
+    size, extra = divmod(len(items), n)
+    out, pos = [], 0
+    for k in range(n):
+        step = size + (1 if k < extra else 0)
+        out.append(items[pos : pos + step])
+        pos += step
+    return out
+
+
+def run_tasks(tasks: Sequence[Task], scp: ScpTarget, opts: Options, sink: Sink, stop: Stop) -> None:
+    """Send every task; raises DicomSendError only when no association could be made at all."""
+    connected = False
+    for task in tasks:
+        connected = _send_task(task, scp, opts, sink, stop, connected)
+        if stop.is_set():
+            return
+
+
+def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop, connected: bool) -> bool:
+    """Rounds over fresh associations until every file is confirmed or out of attempts.
+
+    Returns whether an association was ever established (from now on, unreachable = retry).
+    """
+    attempts: dict[int, int] = {}
+    todo = list(task.files)
+    failed_rounds = 0
+    while todo and not stop.is_set():
+        if failed_rounds:
+            stop.wait(min(opts.backoff * 2 ** (failed_rounds - 1), _MAX_BACKOFF))
+            if stop.is_set():
+                return connected
+        retry: list[tuple[int, PlannedFile]] = []
+        progress = False
+
+        def give_up(
+            item: tuple[int, PlannedFile], reason: str, retry: list[tuple[int, PlannedFile]] = retry
+        ) -> None:
+            """Count a failed attempt: again in the next round, or a failure once out of retries."""
+            idx = item[0]
+            attempts[idx] = attempts.get(idx, 0) + 1
+            if attempts[idx] > opts.retries:
+                tries = attempts[idx]
+                sink.failed(idx, reason if tries == 1 else f"{reason} (gave up after {tries} attempts)")
+            else:
+                retry.append(item)
+
+        try:
+            with Association(scp, task.pairs, opts.acse_timeout, opts.dimse_timeout) as assoc:
+                connected = True
+                for pos, item in enumerate(todo):
+                    if stop.is_set():
+                        retry.extend(todo[pos:])
+                        break
+                    idx, f = item
+                    try:
+                        payload = load_payload(f.source, f.transfer_syntax, opts.tag, opts.line)
+                    except (OSError, DicomSendError) as exc:
+                        sink.failed(idx, f"cannot read the file: {getattr(exc, 'strerror', None) or exc}")
+                        continue
+                    pair = (f.sop_class_uid, payload.transfer_syntax)
+                    if pair not in assoc.accepted:
+                        why = assoc.rejected.get(pair)
+                        sink.failed(
+                            idx,
+                            f"the receiver did not accept SOP class {pair[0]} in transfer syntax {pair[1]}"
+                            + (f" ({why})" if why else " (the file differs from the plan: re-run plan)"),
+                        )
+                        continue
+                    try:
+                        status, comment = assoc.store(f.sop_class_uid, f.sop_instance_uid, payload)
+                    except Lost as exc:
+                        give_up(item, f"no C-STORE status (empty response): {exc}")
+                        retry.extend(todo[pos + 1 :])
+                        break
+                    if dimse.stored(status):
+                        sink.confirmed(idx, status)
+                        progress = True
+                    else:
+                        give_up(item, dimse.status_reason(status, comment))
+        except Rejected:
+            raise
+        except Unreachable as exc:
+            if not connected:
+                raise DicomSendError(str(exc)) from None
+            for item in todo:
+                give_up(item, str(exc))
+        todo = retry
+        # Something got through: retry soon; nothing did: back off further each round.
+        failed_rounds = 1 if progress else failed_rounds + 1
+    return connected
