@@ -1,4 +1,8 @@
-"""Rows 5-7: ``apply`` of a cstore plan against dcmtk's ``storescu`` into the same dcmtk ``storescp``."""
+"""Rows 5-7: ``apply`` of a cstore plan against dcmtk's ``storescu`` into the same dcmtk ``storescp``.
+
+Plus ``cstore-pynetdicom``: pynetdicom's own ``Association`` (``bench/pynetdicom_send.py``) over the
+same corpus into the same receiver, so the reason for the hand-written sender stays reproducible.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import shlex
 import statistics
 from collections.abc import Callable, Sequence
 
-from .common import BenchError, Row, Run, Series, Step, alternate, paired_ratios, run, show
+from .common import PYTHON, BenchError, Row, Run, Series, Step, alternate, paired_ratios, run, show
 from .corpora import subset
-from .site import CALLED_AET, CALLING_AET, DCMTK_ENV, Site, StoreSCP, receiver_dir
+from .site import CALLED_AET, CALLING_AET, DCMTK_ENV, REPO, Site, StoreSCP, receiver_dir
 
 T_BEST = "≤ 1.0 (best N)"
 T_ONE = "report"
@@ -17,9 +21,15 @@ RECIPE_FILES = 200
 
 
 def cstore_rows(
-    site: Site, rounds: int, warmup: int, jobs: Sequence[int], recipe: bool, recipe_files: int = RECIPE_FILES
+    site: Site,
+    rounds: int,
+    warmup: int,
+    jobs: Sequence[int],
+    recipe: bool,
+    recipe_files: int = RECIPE_FILES,
+    pynetdicom: bool = True,
 ) -> list[Row]:
-    """Per round: ``storescu +sd +r``, then ours with each N in ``jobs``, then the per-file recipe.
+    """Per round: ``storescu +sd +r``, ours with each N in ``jobs``, pynetdicom's loop, the per-file recipe.
 
     storescp is restarted with an empty output folder before every run (untimed) and each run is
     checked to have delivered every file. N > 1 associations need ``storescp --fork``; it is used
@@ -40,7 +50,19 @@ def cstore_rows(
         f"find {shlex.quote(str(sub))} -name '*.dcm' -exec storescu --aetitle LOCAL --call {CALLED_AET} "
         f"127.0.0.1 {site.port} {{}} \\;"
     )
+    pynd_cmd = [
+        PYTHON,
+        "-m",
+        "bench.pynetdicom_send",
+        "127.0.0.1",
+        str(site.port),
+        CALLED_AET,
+        CALLING_AET,
+        str(corpus.path),
+    ]
     ref = Series("storescu +sd +r (one association)", show(ref_cmd, DCMTK_ENV))
+    pynd = Series("pynetdicom AE().associate + send_c_store loop", show(pynd_cmd))
+    lost: list[int] = []  # per pynetdicom run: associations its threads lost (bench/pynetdicom_send.py)
     ours = {j: Series(f"xnatmigrate apply --jobs {j} (cstore)", show(site.apply_cmd(state, j))) for j in jobs}
     per_file = Series(f"find … -exec storescu … {{}} \\; ({nsub} files)", show(recipe_cmd, DCMTK_ENV))
 
@@ -69,6 +91,14 @@ def cstore_rows(
 
         for j in jobs:
             sides.append((ours[j], checked(send(site.apply_cmd(state, j)), n), ours_setup))
+        if pynetdicom:
+
+            def pynd_run() -> Run:
+                result = run(pynd_cmd, cwd=REPO, keep_stdout=True)
+                lost.append(int(result.stdout.split()[1]))
+                return result
+
+            sides.append((pynd, checked(pynd_run, n), scp.restart))
         if recipe:
             sides.append((per_file, checked(lambda: run(recipe_cmd, env=DCMTK_ENV), nsub), scp.restart))
         alternate(sides, rounds, warmup)
@@ -100,6 +130,29 @@ def cstore_rows(
     rows.append(
         Row("cstore-one", n, "apply cstore, 1 association, vs storescu +sd +r", one, ref, r, T_ONE, None)
     )
+    if pynetdicom:
+        r = paired_ratios(pynd, ref)
+        row = Row(
+            "cstore-pynetdicom",
+            n,
+            "pynetdicom's own Association (send_c_store by path, 1 association), vs storescu +sd +r",
+            pynd,
+            ref,
+            r,
+            T_ONE,
+            None,
+        )
+        slower = statistics.median(p / o for p, o in zip(pynd.seconds, one.seconds))
+        row.extra["vs_ours_one"] = slower
+        row.notes.append(f"{slower:.1f}× the time of apply cstore over 1 association (same rounds)")
+        row.extra["lost_associations"] = lost
+        if any(lost):
+            row.notes.append(
+                f"pynetdicom lost {sum(lost)} C-STORE response(s) in {sum(1 for x in lost if x)} of "
+                f"{len(lost)} runs (warm-up included) to its own reactor thread: each cost its 2 s DIMSE "
+                "timeout and a new association"
+            )
+        rows.append(row)
     if recipe:
         # Scaled: the recipe's per-file time × the corpus size, against ours on the whole corpus.
         scale = n / nsub

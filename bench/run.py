@@ -281,6 +281,7 @@ def _size_rows(
             ("cstore-best", "apply cstore, best N", T_BEST),
             ("cstore-one", "apply cstore, 1 association", T_ONE),
             ("cstore-recipe", "apply cstore vs per-file recipe", T_RECIPE),
+            ("cstore-pynetdicom", "pynetdicom's own Association", T_ONE),
         ]
         if dcmtk_missing:
             rows.extend(skipped_row(k, n, t, tg, no_dcmtk) for k, t, tg in keys)

@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DCMTK = all(shutil.which(t) for t in ("storescu", "storescp", "dcmdump"))
 TIMED = ["plan-cold", "plan-warm", "apply-copy", "apply-hardlink", "reapply"]
-DCMTK_ROWS = ["plan-cold-dcmtk", "cstore-best", "cstore-one", "cstore-recipe"]
+DCMTK_ROWS = ["plan-cold-dcmtk", "cstore-best", "cstore-one", "cstore-recipe", "cstore-pynetdicom"]
 
 
 @pytest.mark.slow
