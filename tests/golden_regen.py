@@ -74,6 +74,8 @@ def normalise(text: str, tmp_path: Path) -> str:
     """Remove what differs between runs: the working folder, mtimes, digests and the plan id."""
     text = text.replace(str(tmp_path), "<tmp>")
     text = re.sub(r'"mtime_ns": \d+', '"mtime_ns": 0', text)
+    text = re.sub(r'"ctime_ns": \d+', '"ctime_ns": 0', text)
+    text = re.sub(r'"ino": \d+', '"ino": 0', text)
     text = re.sub(r"sha256 [0-9a-f]{64}", "sha256 <digest>", text)
     text = re.sub(r'"manifest_digest": "[0-9a-f]{64}"', '"manifest_digest": "<digest>"', text)
     text = re.sub(r"plan [0-9a-f]{64}", "plan <id>", text)

@@ -135,7 +135,8 @@ def plan(
     sdir = state_dir_of(state_dir)
     with StateStore(sdir) as store:
         cache = store.cache_all()
-        scanned = scan_sources(manifest, scan_keywords(manifest), cache=cache, jobs=jobs, progress=progress)
+        keywords = scan_keywords(manifest)
+        scanned = scan_sources(manifest, keywords, cache=cache, jobs=jobs, progress=progress)
         if scanned.cache_updates:
             store.cache_put(scanned.cache_updates)
         study_uids = sorted({h.study_uid for _, h in scanned.headers})
@@ -145,12 +146,14 @@ def plan(
                 facts, skipped=(*facts.skipped, "archived sessions with the same label (--offline)")
             )
         when = now or datetime.now()
-        result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when)
+        result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when, keywords)
         archived = archived_facts(manifest, result, offline)
         if archived is not None and archived[0] is not None:
             # Plan again with the archived labels known: studies that collide get held back.
             facts = replace(facts, archived=archived[0], skipped=facts.skipped + archived[1])
-            result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when)
+            result = build_plan(
+                manifest, scanned.headers, scanned.rejects, store.view(), facts, when, keywords
+            )
         elif archived is not None:
             result = with_plan_id(replace(result, skipped_checks=result.skipped_checks + archived[1]))
         store.record_timestamps(

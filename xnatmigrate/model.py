@@ -284,6 +284,8 @@ class FileHeader:
     mtime_ns: int
     transfer_syntax: str
     values: Mapping[str, str]
+    ctime_ns: int = -1  # with ino: a file rewritten in place keeps size and mtime, never its ctime
+    ino: int = -1
 
     def get(self, keyword: str) -> str | None:
         return self.values.get(keyword)
@@ -307,7 +309,8 @@ class FileHeader:
 
 @dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
 class CachedHeader:
-    """A scan-cache entry: valid while (size, mtime_ns) match and ``keywords`` covers the need."""
+    """A scan-cache entry: valid while (size, mtime_ns, ctime_ns, ino) match and ``keywords`` covers
+    the need (-1: not recorded, never valid)."""
 
     path: str
     size: int
@@ -316,6 +319,8 @@ class CachedHeader:
     transfer_syntax: str | None
     header: Mapping[str, str] | None
     reject: str | None
+    ctime_ns: int = -1
+    ino: int = -1
 
 
 @dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
@@ -333,7 +338,12 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
 class PlannedFile:
-    """One source file and where it goes. ``dest`` is relative to the session folder."""
+    """One source file and where it goes. ``dest`` is relative to the session folder.
+
+    ``ctime_ns``/``ino`` bind it to the very file the scan read (-1: not bound, for hand-made
+    sessions); ``header_digest`` is ``header_digest(values)`` of the header the plan relied on, checked
+    again from the bytes staged or about to be sent ("" : not checked).
+    """
 
     source: str
     size: int
@@ -342,6 +352,9 @@ class PlannedFile:
     sop_class_uid: str
     transfer_syntax: str
     dest: str
+    ctime_ns: int = -1
+    ino: int = -1
+    header_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -488,6 +501,8 @@ class Plan:
     warnings: tuple[str, ...] = ()
     skipped_checks: tuple[str, ...] = ()
     format: int = PLAN_FORMAT
+    # The keywords the scan read: apply re-reads these to compare against each file's header_digest.
+    scan_keywords: tuple[str, ...] = ()
 
     @property
     def has_changes(self) -> bool:
@@ -499,6 +514,12 @@ class Plan:
 # --------------------------------------------------------------------------------------------
 
 _HASH_EXCLUDED = ("plan_id", "created")
+
+
+def header_digest(values: Mapping[str, str]) -> str:
+    """A short digest of the header values a file was planned on (every keyword the scan read)."""
+    canonical = json.dumps(dict(values), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -576,6 +597,7 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             warnings=tuple(data.get("warnings", ())),
             skipped_checks=tuple(data.get("skipped_checks", ())),
             format=data["format"],
+            scan_keywords=tuple(data.get("scan_keywords", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"the plan file is damaged ({exc!r}); re-run `xnatmigrate plan`") from exc

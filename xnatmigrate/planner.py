@@ -41,6 +41,7 @@ from .model import (
     Transfer,
     UnchangedSession,
     XnatFacts,
+    header_digest,
     unreachable,
     with_plan_id,
 )
@@ -87,8 +88,13 @@ def build_plan(
     state: StateReader,
     facts: XnatFacts,
     now: datetime,
+    scan_keywords: Iterable[str] = (),
 ) -> Plan:
-    """Plan the migration. PURE (see module docstring); raises PlanError when refused."""
+    """Plan the migration. PURE (see module docstring); raises PlanError when refused.
+
+    ``scan_keywords`` are the keywords the scan read; the plan keeps them so apply can read each
+    file's header again and compare it with the one planned (``PlannedFile.header_digest``).
+    """
     rejects = list(scan_rejects)
     warnings = list(manifest.warnings)
     refusals = list(facts.refusals)
@@ -149,6 +155,7 @@ def build_plan(
         rejected=tuple(sorted(rejects, key=lambda r: r.path)),
         warnings=tuple(dict.fromkeys(warnings)),
         skipped_checks=tuple(dict.fromkeys(skipped)),
+        scan_keywords=tuple(sorted(scan_keywords)),
     )
     return with_plan_id(plan)
 
@@ -431,6 +438,9 @@ def _scans(st: _Study) -> tuple[PlannedScan, ...]:
                 sop_class_uid=h.sop_class_uid,
                 transfer_syntax=h.transfer_syntax,
                 dest=f"SCANS/{scan_id}/DICOM/{labels.file_name(h.values)}",
+                ctime_ns=h.ctime_ns,
+                ino=h.ino,
+                header_digest=header_digest(h.values),
             )
             for h in sorted(files, key=lambda h: h.path)
         )

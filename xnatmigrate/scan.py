@@ -50,8 +50,8 @@ Decisions:
 NOTE: known gaps: elements after a defined-length Pixel Data are not checked; a header cut exactly at an
 element boundary, or stray bytes after a final undefined-length sequence, look like a complete header;
 a deflated data set (1.2.840.10008.1.2.1.99) is checked only by inflating its header.
-NOTE: the cache trusts (size, mtime_ns): a file rewritten with the same size within the file system's
-timestamp granularity of its previous scan is not re-read.
+NOTE: the cache trusts (size, mtime_ns, ctime_ns, inode): a file rewritten in place keeps its size and
+(after ``touch -r``) its mtime, but its ctime changes, and a file replaced by rename has a new inode.
 """
 
 from __future__ import annotations
@@ -648,8 +648,11 @@ def _unreadable(path: str, want: _Want, exc: OSError, st: os.stat_result | None 
 def _reject(
     path: str, want: _Want, st: os.stat_result | None, reason: str, ts: str | None = None
 ) -> CachedHeader:
-    size, mtime = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
-    return CachedHeader(path, size, mtime, want.keywords, ts, None, reason)
+    if st is None:
+        return CachedHeader(path, -1, -1, want.keywords, ts, None, reason)
+    return CachedHeader(
+        path, st.st_size, st.st_mtime_ns, want.keywords, ts, None, reason, st.st_ctime_ns, st.st_ino
+    )
 
 
 def read_header(path: str, keywords: frozenset[str]) -> CachedHeader:
@@ -760,7 +763,9 @@ def _judge(
         problem = _pixel_problem(fd, size, head, parsed)
         if problem:
             return _reject(path, want, st, problem, ts)
-    return CachedHeader(path, st.st_size, st.st_mtime_ns, want.keywords, ts, values, None)
+    return CachedHeader(
+        path, st.st_size, st.st_mtime_ns, want.keywords, ts, values, None, st.st_ctime_ns, st.st_ino
+    )
 
 
 def _header_cut(parsed: _Parsed, has_dicm: bool, size: int) -> bool:
@@ -939,8 +944,8 @@ def scan_sources(
     Args:
         manifest: the sources to walk (include/exclude applied per source).
         keywords: the DICOM keywords to read; BASE_KEYWORDS are always read as well.
-        cache: the state's scan cache; an entry is reused, without opening the file, when its size
-            and mtime_ns equal the file's (``os.stat``) and its keywords cover what is read.
+        cache: the state's scan cache; an entry is reused, without opening the file, when its size,
+            mtime_ns, ctime_ns and inode equal the file's (``os.stat``) and its keywords cover what is read.
         jobs: worker processes (default: CPU count); 1, or fewer than ~300 files to read, reads in
             this process.
         progress: called as ``progress(done, total)`` once per chunk of files, and at the end.
@@ -970,7 +975,12 @@ def scan_sources(
                 except OSError:
                     todo.append(p)
                     continue
-                if st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == (
+                    e.size,
+                    e.mtime_ns,
+                    e.ctime_ns,
+                    e.ino,
+                ):
                     entries[p] = e
                     continue
             todo.append(p)
@@ -1004,7 +1014,9 @@ def scan_sources(
             if e.keywords == want.keywords
             else {k: v for k, v in e.header.items() if k in want.keywords}
         )
-        headers.append((owner[p], FileHeader(p, e.size, e.mtime_ns, e.transfer_syntax or "", values)))
+        headers.append(
+            (owner[p], FileHeader(p, e.size, e.mtime_ns, e.transfer_syntax or "", values, e.ctime_ns, e.ino))
+        )
 
     kept, dup_rejects = dedupe(headers)
     rejects.extend(dup_rejects)

@@ -368,6 +368,11 @@ class StateStore:
                 conn.execute(stmt)
         conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (str(STATE_FORMAT),))
         conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('serial', '0')")
+        # Columns added since: a cache entry without them is never valid (NULL matches no stat).
+        have = {r[1] for r in conn.execute("PRAGMA table_info(scan_cache)")}
+        for column in ("ctime_ns", "ino"):
+            if column not in have:
+                conn.execute(f"ALTER TABLE scan_cache ADD COLUMN {column} INTEGER")
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -471,8 +476,9 @@ class StateStore:
         # Every entry of one scan shares its keyword list: decode each distinct list once.
         keyword_sets: dict[str, frozenset[str]] = {}
         loads = json.loads
-        for path, size, mtime, kw, ts, header, reject in self.conn.execute(
-            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject FROM scan_cache"
+        for path, size, mtime, kw, ts, header, reject, ctime, ino in self.conn.execute(
+            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino "
+            "FROM scan_cache"
         ):
             keywords = keyword_sets.get(kw)
             if keywords is None:
@@ -487,6 +493,8 @@ class StateStore:
                 ts,
                 loads(header) if header is not None else None,
                 _py_text(reject),
+                -1 if ctime is None else ctime,
+                -1 if ino is None else ino,
             )
         return out
 
@@ -494,8 +502,8 @@ class StateStore:
         with self.tx():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO scan_cache "
-                "(path, size, mtime_ns, keywords, transfer_syntax, header, reject) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "(path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
                         _db_text(e.path),
@@ -505,6 +513,8 @@ class StateStore:
                         e.transfer_syntax,
                         json_text(dict(e.header)) if e.header is not None else None,
                         _db_text(e.reject),
+                        e.ctime_ns,
+                        e.ino,
                     )
                     for e in entries
                 ),

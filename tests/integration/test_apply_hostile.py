@@ -192,3 +192,53 @@ def test_a_hand_edited_file_entry_is_refused(site, capsys, edit):
     path.write_text(json.dumps(data))
     assert cli.main(["apply", "--state-dir", str(site.state)]) == 1
     assert "does not match its plan_id" in capsys.readouterr().err
+
+
+# --- a file changed after plan (item 1) ------------------------------------------------------------
+
+
+def rewrite_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """Change bytes without changing the size, then put the mtime back (``touch -r``)."""
+    st = path.stat()
+    data = path.read_bytes()
+    assert old in data and len(old) == len(new)
+    path.write_bytes(data.replace(old, new))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_file_rewritten_after_plan_with_its_mtime_restored_fails_its_session(site):
+    p = plan(site)
+    victim, other = p.sessions
+    f = Path(victim.files[0].source)
+    rewrite_in_place(f, b"PAT001", b"PAT009")
+    report = api.apply(state_dir=site.state, poll=0.05)
+    by_id = {r.action_id: r for r in report.sessions}
+    assert by_id[victim.action_id].outcome is Result.FAILED
+    assert "changed since the plan" in (by_id[victim.action_id].message or "")
+    assert "re-run xnatmigrate plan" in (by_id[victim.action_id].message or "")
+    assert by_id[other.action_id].outcome is Result.DONE
+    assert not visible(site, victim)
+    # The scan cache does not trust the old header either: a re-plan reads the file again, and the
+    # study's files now disagree on PatientID, so it is held back instead of planned on stale values.
+    again = plan(site)
+    (held,) = [h for h in again.held_back if h.study_uid == victim.study_uid]
+    assert "disagree on the values its labels use" in held.reason and "PAT009" in held.reason
+
+
+def test_a_hardlinked_file_whose_header_changed_is_caught_from_the_staged_bytes(site):
+    # With hard links the ctime is not compared (linking moves it): the header read back still is.
+    site.write_manifest(site.xnat.url)
+    site.manifest.write_text(
+        site.manifest.read_text().replace("defaults:\n", "defaults:\n  transfer: hardlink\n")
+    )
+    p = plan(site)
+    victim = p.sessions[0]
+    rewrite_in_place(Path(victim.files[0].source), b"PAT001", b"PAT009")
+    report = api.apply(state_dir=site.state, poll=0.05)
+    res = next(r for r in report.sessions if r.action_id == victim.action_id)
+    assert res.outcome is Result.FAILED and "has another header than the one planned" in (res.message or "")
+    assert not visible(site, victim)
+    staged = site.prearchive / ".xnatmigrate-staging" / victim.timestamp / "prj001" / victim.session
+    assert not staged.exists()  # never reused by a later run
+    assert [r for r in site.rows() if r[3] == victim.session] == []

@@ -26,6 +26,7 @@ from ..errors import (
     DatabaseError,
     DicomSendError,
     SessionConflict,
+    StalePlanError,
     XnatMigrateError,
     XnatRestError,
 )
@@ -34,6 +35,7 @@ from ..model import (
     CstoreSession,
     Outcome,
     Plan,
+    PlannedFile,
     PlannedSession,
     PrearchiveSession,
     Result,
@@ -42,7 +44,7 @@ from ..model import (
     unreachable,
 )
 from ..state import StateStore
-from . import db, files
+from . import db, files, recheck
 from .connections import Connections
 from .xnat import XnatClient
 
@@ -223,6 +225,7 @@ class _Runner:
                 file_owner=self.plan.xnat.file_owner,
                 progress=prog,
             )
+            self.recheck_headers([(f, str(staging / f.dest)) for f in s.files], s, staging)
             self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
             self.record(
                 res, Step.STAGE, Outcome.DONE, {"files": len(staged), "bytes": sum(f.size for f in staged)}
@@ -248,6 +251,19 @@ class _Runner:
             self.record(res, Step.INSERT, outcome, {"timestamp": s.timestamp, "project": s.project})
 
         self.build_and_archive(s, res, done, s.project, s.timestamp, s.session)
+
+    def recheck_headers(
+        self, pairs: list[tuple[PlannedFile, str]], s: PlannedSession, staging: Path | None = None
+    ) -> None:
+        """The headers about to reach XNAT are the ones planned; else that session fails, nothing sent or
+        published (and what was staged is removed: it must never be reused)."""
+        bad = recheck.changed(pairs, self.plan.scan_keywords)
+        if not bad:
+            return
+        if staging is not None:
+            files.discard_staged(staging)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise StalePlanError(f"{bad[0]}{more}: {s.label} changed since the plan; re-run `xnatmigrate plan`")
 
     def withdraw(
         self,
@@ -351,6 +367,7 @@ class _Runner:
             self.advance(s.file_count - len(todo))
             if todo:
                 files.check_sources_of(todo)
+                self.recheck_headers([(f, f.source) for f in todo], s)
 
                 def on_confirmed(batch: list[tuple[str, int]]) -> None:
                     self.store.record_sent(s.action_id, batch)

@@ -233,11 +233,16 @@ def _remove(path: str) -> None:
 
 
 def check_sources(session: PlannedSession) -> None:
-    """Every source still has its planned size and mtime; else StalePlanError naming the first culprit."""
-    check_sources_of(session.files)
+    """Every source is still the file planned; else StalePlanError naming the first culprit.
+
+    NOTE: with hard links the ctime is not compared: linking (by this run or a crashed one) changes
+    the source's own ctime. Its inode, size and mtime still are, and its header (apply re-reads it).
+    """
+    hardlinked = isinstance(session, PrearchiveSession) and session.transfer is Transfer.HARDLINK
+    check_sources_of(session.files, ctime=not hardlinked)
 
 
-def check_sources_of(files: Iterable[PlannedFile]) -> None:
+def check_sources_of(files: Iterable[PlannedFile], *, ctime: bool = True) -> None:
     """``check_sources`` for any list of planned files (C-STORE resumes send a subset)."""
     bad: list[str] = []
     for f in files:
@@ -251,8 +256,9 @@ def check_sources_of(files: Iterable[PlannedFile]) -> None:
                 f"cannot stat source {f.source} ({exc.strerror}) as user {_user()}: "
                 "grant read access to the source folders and rerun"
             ) from exc
-        if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
-            bad.append(_changed(f, st.st_size, st.st_mtime_ns))
+        why = _stale(f, st, ctime)
+        if why:
+            bad.append(why)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise StalePlanError(f"source {bad[0]} since planning{more}; re-run xnatmigrate plan")
@@ -264,11 +270,21 @@ def _changed(f: PlannedFile, size: int, mtime_ns: int) -> str:
     return f"{f.source} was modified (mtime {f.mtime_ns} → {mtime_ns} ns)"
 
 
-def _check_stat(f: PlannedFile, st: os.stat_result) -> None:
+def _stale(f: PlannedFile, st: os.stat_result, ctime: bool) -> str | None:
+    """Why ``st`` is not the file planned as ``f`` (size, mtime, inode, and ctime unless hard-linked)."""
     if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
-        raise StalePlanError(
-            f"source {_changed(f, st.st_size, st.st_mtime_ns)} since planning; re-run xnatmigrate plan"
-        )
+        return _changed(f, st.st_size, st.st_mtime_ns)
+    if f.ino != -1 and st.st_ino != f.ino:
+        return f"{f.source} was replaced by another file (inode {f.ino} → {st.st_ino})"
+    if ctime and f.ctime_ns != -1 and st.st_ctime_ns != f.ctime_ns:
+        return f"{f.source} changed since the plan (its ctime moved: rewritten in place, or its metadata changed)"
+    return None
+
+
+def _check_stat(f: PlannedFile, st: os.stat_result, ctime: bool = True) -> None:
+    why = _stale(f, st, ctime)
+    if why:
+        raise StalePlanError(f"source {why} since planning; re-run xnatmigrate plan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,14 +648,14 @@ def _reuse(f: PlannedFile, dst: str, transfer: Transfer, perms: _Perms, buf: byt
             src_st = os.fstat(src_fd)
         except OSError as exc:
             raise _SourceError(exc, f.source) from exc
-        _check_stat(f, src_st)
+        _check_stat(f, src_st, ctime=transfer is Transfer.COPY)  # our own link moved a hard link's ctime
         try:
             dst_st = os.lstat(dst)
         except OSError as exc:
             raise _DestError(exc, dst) from exc
         same_inode = (dst_st.st_dev, dst_st.st_ino) == (src_st.st_dev, src_st.st_ino)
         if transfer is Transfer.HARDLINK and same_inode:
-            digest, n = _read_hash(src_fd, f, buf)
+            digest, n = _read_hash(src_fd, f, buf, ctime=False)
             if n == f.size:
                 _apply_path(perms, dst)
                 return StagedFile(f.dest, f.source, f.size, digest)
@@ -673,10 +689,10 @@ def _hash_path(path: str, buf: bytearray) -> str:
         os.close(fd)
 
 
-def _read_hash(src_fd: int, f: PlannedFile, buf: bytearray) -> tuple[str, int]:
+def _read_hash(src_fd: int, f: PlannedFile, buf: bytearray, ctime: bool = True) -> tuple[str, int]:
     try:
         digest, n = _hash_fd(src_fd, buf, 0)
-        _check_stat(f, os.fstat(src_fd))
+        _check_stat(f, os.fstat(src_fd), ctime)
     except OSError as exc:
         raise _SourceError(exc, f.source) from exc
     return digest, n
@@ -781,7 +797,7 @@ def _link_one(f: PlannedFile, dst: str, perms: _Perms, buf: bytearray) -> Staged
             src_st = os.stat(f.source)
         except OSError as exc:
             raise _SourceError(exc, f.source) from exc
-        _check_stat(f, src_st)
+        _check_stat(f, src_st, ctime=False)  # a crashed run's link moved its ctime
         try:
             os.link(f.source, part)
             part_st = os.lstat(part)
@@ -796,7 +812,7 @@ def _link_one(f: PlannedFile, dst: str, perms: _Perms, buf: bytearray) -> Staged
         except OSError as exc:
             raise _SourceError(exc, f.source) from exc
         try:
-            digest, n = _read_hash(fd, f, buf)
+            digest, n = _read_hash(fd, f, buf, ctime=False)  # the link just moved its ctime
         finally:
             os.close(fd)
         if n != f.size:
@@ -925,6 +941,15 @@ def publish(staging: Path, final: Path) -> Outcome:
         ) from exc
     _prune_staging_parents(staging)
     return Outcome.DONE
+
+
+def discard_staged(staging: Path) -> None:
+    """Remove a staged session that must not be published (it is below the staging root, never
+    visible to XNAT)."""
+    staging = Path(staging)
+    _require_staging_path(staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    _prune_staging_parents(staging)
 
 
 def unpublish(final: Path, staging: Path) -> None:
