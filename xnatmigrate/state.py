@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 from .errors import LockedError, StateError
 from .model import (
@@ -43,6 +43,7 @@ from .model import (
     xnat_from_dict,
     xnat_to_dict,
 )
+from .statedb import connect, db_text, py_text, state_error
 
 STATE_FORMAT = 1
 STATE_FILE = "state.db"
@@ -77,134 +78,6 @@ CREATE TABLE IF NOT EXISTS session_targets (
     action_id TEXT PRIMARY KEY, target_json TEXT NOT NULL, build TEXT NOT NULL,
     archive INTEGER NOT NULL);
 """
-
-
-# SQLite primary result codes (sqlite3.h) that are the state directory's condition, not a bug.
-_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
-_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
-
-
-def _state_error(exc: sqlite3.Error, path: Path) -> StateError | None:
-    """The one line for an SQLite failure caused by the state directory (full, read-only, damaged,
-    busy); None for anything else (a constraint, a bug), which keeps its traceback."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    where = path.parent
-    if primary == _SQLITE_FULL:
-        return StateError(
-            f"the state directory {where} is full (writing {path.name} failed: {exc}); free space "
-            "there (or move the whole directory elsewhere and pass --state-dir), then rerun: every "
-            "step recorded before this one is kept"
-        )
-    if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_CANTOPEN):
-        return StateError(
-            f"cannot write the state file {path} ({exc}): the state directory {where} must be "
-            "writable by this user; fix its permissions or mount it read-write, then rerun"
-        )
-    if primary == _SQLITE_IOERR:
-        return StateError(
-            f"I/O error on the state file {path} ({exc}): check the disk holding {where}, then rerun"
-        )
-    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-        return StateError(
-            f"the state file {path} is unreadable ({exc}); it is the ledger of what was "
-            "migrated: restore it from backup, or move it aside to start over deliberately"
-        )
-    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
-        return StateError(
-            f"the state file {path} stayed locked by another process ({exc}); wait for it to "
-            "finish, then rerun"
-        )
-    return None
-
-
-class _Cursor(sqlite3.Cursor):
-    """Every statement and fetch turns a state-directory failure into its StateError."""
-
-    def _fail(self, exc: sqlite3.Error) -> BaseException:
-        path = getattr(self.connection, "state_path", None)
-        err = _state_error(exc, path) if isinstance(path, Path) else None
-        return err if err is not None else exc
-
-    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        try:
-            return super().execute(sql, parameters)
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from None
-
-    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> _Cursor:
-        try:
-            return super().executemany(sql, seq_of_parameters)
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from None
-
-    def fetchone(self) -> Any:
-        try:
-            return super().fetchone()
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from None
-
-    def fetchall(self) -> list[Any]:
-        try:
-            return super().fetchall()
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from None
-
-    def __next__(self) -> Any:
-        try:
-            return super().__next__()
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from None
-
-
-class _Connection(sqlite3.Connection):
-    """A connection whose statements run on ``_Cursor`` (``state_path`` names the file)."""
-
-    state_path: Path
-
-    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        return _Cursor(self).execute(sql, parameters)
-
-    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> _Cursor:
-        return _Cursor(self).executemany(sql, seq_of_parameters)
-
-
-def _connect(path: Path, shown: Path | None = None) -> _Connection:
-    """Open ``path``; failures name ``shown`` (the state file a temporary one is written for)."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, factory=_Connection)
-    conn.state_path = shown or path
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-@overload
-def _db_text(text: str) -> str | bytes: ...
-@overload
-def _db_text(text: None) -> None: ...
-def _db_text(text: str | None) -> str | bytes | None:
-    """A path (or a message holding one) as SQLite can store it: TEXT when it is UTF-8, as every
-    usual name is; else the file system's bytes (a BLOB), which ``_py_text`` turns back into the
-    same str. The mapping is one-to-one, so a path stays the scan cache's key."""
-    if text is None or text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: a name that is not UTF-8 (os.fsdecode)
-        return os.fsencode(text)
-    return text
-
-
-@overload
-def _py_text(value: str | bytes) -> str: ...
-@overload
-def _py_text(value: None) -> None: ...
-def _py_text(value: str | bytes | None) -> str | None:
-    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def now_iso() -> str:
@@ -288,7 +161,7 @@ class StateStore:
                     "of what was migrated: restore it from backup, or move it aside to start over "
                     "deliberately"
                 )
-            self.conn = _connect(self.path)
+            self.conn = connect(self.path)
             try:
                 self._check_format()
             except BaseException:
@@ -297,7 +170,7 @@ class StateStore:
         except StateError:
             raise
         except sqlite3.Error as exc:
-            raise _state_error(exc, self.path) or StateError(
+            raise state_error(exc, self.path) or StateError(
                 f"the state file {self.path} is unreadable ({exc}); it is the ledger of what was "
                 "migrated: restore it from backup, or move it aside to start over deliberately"
             ) from None
@@ -316,7 +189,7 @@ class StateStore:
         tmp = self.dir / f".{STATE_FILE}.new-{os.getpid()}"
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             leftover.unlink(missing_ok=True)
-        conn = _connect(tmp, shown=self.path)
+        conn = connect(tmp, shown=self.path)
         try:
             conn.execute("BEGIN IMMEDIATE")
             self._write_schema(conn)
@@ -492,7 +365,7 @@ class StateStore:
                 keywords,
                 ts,
                 loads(header) if header is not None else None,
-                _py_text(reject),
+                py_text(reject),
                 -1 if ctime is None else ctime,
                 -1 if ino is None else ino,
             )
@@ -506,13 +379,13 @@ class StateStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
-                        _db_text(e.path),
+                        db_text(e.path),
                         e.size,
                         e.mtime_ns,
                         json.dumps(sorted(e.keywords)),
                         e.transfer_syntax,
                         json_text(dict(e.header)) if e.header is not None else None,
-                        _db_text(e.reject),
+                        db_text(e.reject),
                         e.ctime_ns,
                         e.ino,
                     )
@@ -689,12 +562,12 @@ class StateStore:
         with self.tx():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO files (action_id, dest, source, size, sha256) VALUES (?,?,?,?,?)",
-                ((action_id, _db_text(d), _db_text(s), n, h) for d, s, n, h in rows),
+                ((action_id, db_text(d), db_text(s), n, h) for d, s, n, h in rows),
             )
 
     def files_for(self, action_id: str) -> dict[str, tuple[str, int, str]]:
         return {
-            _py_text(d): (_py_text(s), n, h)
+            py_text(d): (py_text(s), n, h)
             for d, s, n, h in self.conn.execute(
                 "SELECT dest, source, size, sha256 FROM files WHERE action_id=?", (action_id,)
             )
