@@ -340,7 +340,14 @@ def verify(
 
     sdir = state_dir_of(state_dir)
     with StateStore(sdir, create=False) as store:
-        return run(store, _fallback_if_needed(store, sdir), quick=quick, on_session=on_session)
+        # The saved plan, when there is one, says what should be there: sessions never attempted count.
+        try:
+            planned = load_plan(sdir / PLAN_FILE).sessions
+        except XnatMigrateError:
+            planned = ()
+        return run(
+            store, _fallback_if_needed(store, sdir), planned=planned, quick=quick, on_session=on_session
+        )
 
 
 def revert(

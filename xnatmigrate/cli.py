@@ -192,8 +192,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     counts = {k.value: sum(1 for s in report.sessions if s.outcome is k) for k in api.Result}
-    files = sum(s.files for s in report.sessions if s.outcome is api.Result.DONE)
-    size = sum(s.bytes for s in report.sessions if s.outcome is api.Result.DONE)
+    # What this run moved (a resumed session counts only the files it still had to copy or send).
+    files = sum(s.files for s in report.sessions)
+    size = sum(s.bytes for s in report.sessions)
     if args.json:
         _print_json(
             {
@@ -285,8 +286,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     else:
         bad = sum(1 for s in report.sessions if s.problems)
+        unapplied = sum(1 for p in report.problems if p.check is api.Check.NOT_APPLIED)
         print(
-            f"Verify: {len(report.sessions) - bad} of {len(report.sessions)} session(s) hold; {len(report.problems)} problem(s)."
+            f"Verify: {len(report.sessions) - bad} of {len(report.sessions)} session(s) hold; "
+            f"{len(report.problems)} problem(s)"
+            + (f", {unapplied} session(s) not applied." if unapplied else ".")
         )
     return EXIT_OK if report.ok else EXIT_ERROR
 

@@ -478,7 +478,9 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
             )
         )
     warnings = tuple(p.render() for p in doc.problems if p.severity == "warning")
-    return Manifest(path=file, digest=digest, version=1, xnat=xnat, sources=tuple(sources), warnings=warnings)
+    # Absolute: a plan is applied, verified and reverted from wherever its user stands.
+    path = str(Path(file).resolve())
+    return Manifest(path=path, digest=digest, version=1, xnat=xnat, sources=tuple(sources), warnings=warnings)
 
 
 def _abs(manifest_dir: Path, path: str | None) -> str | None:

@@ -106,6 +106,7 @@ class Check(StrEnum):
     SEND = "send"
     XNAT = "xnat"
     ERROR = "error"
+    NOT_APPLIED = "not-applied"  # a planned session that failed or was never attempted
 
 
 class Seen(StrEnum):

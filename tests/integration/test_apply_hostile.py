@@ -242,3 +242,57 @@ def test_a_hardlinked_file_whose_header_changed_is_caught_from_the_staged_bytes(
     staged = site.prearchive / ".xnatmigrate-staging" / victim.timestamp / "prj001" / victim.session
     assert not staged.exists()  # never reused by a later run
     assert [r for r in site.rows() if r[3] == victim.session] == []
+
+
+# --- saying clearly what happened ------------------------------------------------------------------
+
+
+def test_verify_judges_the_whole_plan_failed_and_never_attempted(site, capsys):
+    p = plan(site)
+    assert cli.main(["verify", "--state-dir", str(site.state), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert not doc["ok"] and len(doc["sessions"]) == 2
+    assert all(s["problems"][0]["check"] == "not-applied" for s in doc["sessions"])
+    assert all("never attempted" in s["problems"][0]["message"] for s in doc["sessions"])
+    foreign_row_of_the_same_study(site, p.sessions[0])
+    api.apply(state_dir=site.state, poll=0.05)
+    assert cli.main(["verify", "--state-dir", str(site.state)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {p.sessions[0].label}: not-applied: its apply failed" in out
+    assert "Verify: 1 of 2 session(s) hold; 1 problem(s), 1 session(s) not applied." in out
+
+
+def test_a_plan_made_with_a_relative_manifest_applies_from_anywhere(site, monkeypatch, tmp_path):
+    monkeypatch.chdir(site.manifest.parent)
+    api.plan(site.manifest.name, state_dir=site.state, now=NOW)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert not api.apply(state_dir=site.state, poll=0.05).failures
+
+
+def test_the_summary_counts_what_this_run_moved(site, capsys):
+    p = plan(site)
+    assert cli.main(["apply", "--state-dir", str(site.state), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["summary"]
+    assert first["files"] == sum(s.file_count for s in p.sessions) and first["bytes"] == sum(
+        s.bytes for s in p.sessions
+    )
+    assert cli.main(["apply", "--state-dir", str(site.state), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["summary"]
+    assert (again["files"], again["bytes"], again["done"], again["noop"]) == (0, 0, 0, 2)
+
+
+def test_a_session_interrupted_after_its_last_step_is_finished_not_noop(site):
+    plan(site)
+    env = {**os.environ, **site.env(), "XNATMIGRATE_TEST_CRASH": "after:build"}
+    run = subprocess.run(
+        [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(site.state)],
+        env=env,
+        capture_output=True,
+    )
+    assert run.returncode == -9
+    report = api.apply(state_dir=site.state, poll=0.05)
+    first = report.sessions[0]
+    assert first.outcome is Result.DONE and "interrupted earlier run" in (first.message or "")
+    assert report.sessions[1].outcome is Result.DONE and report.sessions[1].message is None

@@ -152,10 +152,12 @@ class _Runner:
         report = ApplyReport(self.plan.plan_id)
         started = time.monotonic()
         self.store.begin_plan(self.plan.plan_id)
-        applied = {s.action_id for s in self.store.sessions() if s.status is SessionState.APPLIED}
+        known = {s.action_id: s.status for s in self.store.sessions()}
+        applied = {a for a, st in known.items() if st is SessionState.APPLIED}
         try:
             for s in self.plan.sessions:
-                res = SessionResult(s.action_id, s.label, Result.NOOP, files=s.file_count, bytes=s.bytes)
+                # files/bytes count what this run copied, linked or sent, not what the plan holds.
+                res = SessionResult(s.action_id, s.label, Result.NOOP)
                 report.sessions.append(res)
                 if report.stopped:
                     res.outcome, res.message = Result.SKIPPED, "not attempted: the run stopped earlier"
@@ -168,7 +170,15 @@ class _Runner:
                     self.store.register_session(self.plan.plan_id, s, self.plan.xnat)
                     self.session(s, res)
                     self.store.set_session_status(s.action_id, SessionState.APPLIED)
-                    res.outcome = Result.DONE if any(o is Outcome.DONE for _, o in res.steps) else Result.NOOP
+                    if any(o is Outcome.DONE for _, o in res.steps):
+                        res.outcome = Result.DONE
+                    elif s.action_id in known:
+                        # An earlier run was interrupted after its last step took effect: this run
+                        # found everything done and finished the session; that is not "nothing to do".
+                        res.outcome = Result.DONE
+                        res.message = "finished: an interrupted earlier run had carried out its steps"
+                    else:
+                        res.outcome = Result.NOOP
                 except XnatMigrateError as exc:
                     res.outcome, res.message = Result.FAILED, str(exc)
                     self.store.set_session_status(s.action_id, SessionState.FAILED)
@@ -227,6 +237,7 @@ class _Runner:
             )
             self.recheck_headers([(f, str(staging / f.dest)) for f in s.files], s, staging)
             self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
+            res.files, res.bytes = len(staged), sum(f.size for f in staged)
             self.record(
                 res, Step.STAGE, Outcome.DONE, {"files": len(staged), "bytes": sum(f.size for f in staged)}
             )
@@ -369,8 +380,12 @@ class _Runner:
                 files.check_sources_of(todo)
                 self.recheck_headers([(f, f.source) for f in todo], s)
 
+                size_of = {f.sop_instance_uid: f.size for f in todo}
+
                 def on_confirmed(batch: list[tuple[str, int]]) -> None:
                     self.store.record_sent(s.action_id, batch)
+                    res.files += len(batch)
+                    res.bytes += sum(size_of.get(uid, 0) for uid, _ in batch)
 
                 before = self.done_files
 

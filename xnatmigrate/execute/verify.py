@@ -5,7 +5,7 @@ Read-only: nothing here writes to XNAT, its database or the prearchive.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import xnat_table
 from ..errors import XnatMigrateError
-from ..model import Check, Method, SessionState, Step, XnatTarget, unreachable
+from ..model import Check, Method, PlannedSession, SessionState, Step, XnatTarget, unreachable
 from ..state import AppliedSession, StateStore
 from . import db, files
 from .connections import Targets
@@ -175,17 +175,23 @@ def verify(
     store: StateStore,
     fallback: XnatTarget | None,
     *,
+    planned: Sequence[PlannedSession] = (),
     quick: bool = False,
     on_session: Callable[[SessionCheck], None] | None = None,
 ) -> VerifyReport:
-    """Check every applied session where it went (its recorded target; ``fallback`` for old ledgers).
+    """Check every applied session where it went (its recorded target; ``fallback`` for old ledgers),
+    and judge the whole plan: each ``planned`` session (and each one the ledger holds) that is not
+    applied is a problem, failed or never attempted.
 
     Opens each target's database/REST only if the target has them and a session needs them.
     """
     report = VerifyReport()
-    sessions = [s for s in store.sessions() if s.status is SessionState.APPLIED]
+    ledger = store.sessions()
+    by_id = {s.action_id: s for s in ledger}
     with Targets(fallback) as targets:
-        for s in sessions:
+        for s in ledger:
+            if s.status is not SessionState.APPLIED:
+                continue
             try:
                 target = targets.of(s)
                 conn = target.db_if_any() if s.method is Method.PREARCHIVE else None
@@ -196,7 +202,41 @@ def verify(
             report.sessions.append(res)
             if on_session:
                 on_session(res)
+    seen = set()
+    for action_id, label, method, why in _not_applied(ledger, planned, by_id):
+        if action_id in seen:
+            continue
+        seen.add(action_id)
+        res = SessionCheck(action_id, label, method)
+        res.problems.append(Finding(label, Check.NOT_APPLIED, why))
+        report.sessions.append(res)
+        if on_session:
+            on_session(res)
     return report
+
+
+def _not_applied(
+    ledger: Sequence[AppliedSession], planned: Sequence[PlannedSession], by_id: dict[str, AppliedSession]
+) -> list[tuple[str, str, Method, str]]:
+    out = []
+    for p in planned:
+        got = by_id.get(p.action_id)
+        if got is None:
+            out.append(
+                (p.action_id, p.label, p.method, "planned but never attempted: run `xnatmigrate apply`")
+            )
+        elif got.status in (SessionState.FAILED, SessionState.APPLYING):
+            out.append((p.action_id, p.label, p.method, _unfinished(got)))
+    for s in ledger:
+        if s.status in (SessionState.FAILED, SessionState.APPLYING):
+            out.append((s.action_id, s.label, s.method, _unfinished(s)))
+    return out
+
+
+def _unfinished(s: AppliedSession) -> str:
+    if s.status is SessionState.FAILED:
+        return "its apply failed: see `xnatmigrate status`, fix the cause and rerun apply"
+    return "its apply was interrupted: rerun `xnatmigrate apply` to finish it"
 
 
 def junit_xml(report: VerifyReport) -> str:
