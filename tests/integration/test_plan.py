@@ -91,12 +91,12 @@ def test_warm_plan_reads_no_file_contents(tmp_path, corpus, monkeypatch, capsys)
     m = manifest_for(tmp_path, corpus)
     first = api.plan(m, state_dir=tmp_path / "state", offline=True, now=NOW)
     assert first.cache_hits == 0
-    import xnatmigrate.scan as scan
+    from xnatmigrate.scan import sources  # where scan_sources looks read_header up
 
     def no_reading(*a, **k):  # any header read on a warm plan is a failure
         raise AssertionError("a warm plan read a file")
 
-    monkeypatch.setattr(scan, "read_header", no_reading)
+    monkeypatch.setattr(sources, "read_header", no_reading)
     second = api.plan(m, state_dir=tmp_path / "state", offline=True, now=NOW)
     assert second.cache_hits == second.files_seen > 0
     assert second.plan.plan_id == first.plan.plan_id

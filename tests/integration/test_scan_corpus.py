@@ -11,9 +11,8 @@ import pytest
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from xnatmigrate import scan
 from xnatmigrate.model import BASE_KEYWORDS, Manifest, SourceSpec, XnatTarget
-from xnatmigrate.scan import ScanResult, scan_sources
+from xnatmigrate.scan import ScanResult, scan_sources, sources
 from xnatmigrate.state import StateStore
 from xnatmigrate.testing.corpus import NUISANCE_KINDS, CorpusFile, CorpusSpec, build_corpus
 
@@ -112,8 +111,8 @@ def test_values_agree_with_dcmread(bundled: ScanResult) -> None:
 def test_parallel_and_cached_scans_agree(
     bundled: ScanResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scan, "_PARALLEL_MIN", 1)
-    monkeypatch.setattr(scan, "_CHUNK_MIN", 16)
+    monkeypatch.setattr(sources, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(sources, "_CHUNK_MIN", 16)
     parallel = scan_sources(manifest(TEST_FILES), KW, jobs=2)
     assert parallel == bundled
     with StateStore(tmp_path / "state") as store:

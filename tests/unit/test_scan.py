@@ -26,10 +26,18 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from xnatmigrate import scan
 from xnatmigrate.errors import PlanError
 from xnatmigrate.model import BASE_KEYWORDS, Manifest, SourceSpec, XnatTarget
-from xnatmigrate.scan import dedupe, glob_to_regex, read_header, scan_sources, walk_source
+from xnatmigrate.scan import (
+    dedupe,
+    glob_to_regex,
+    header,
+    parse,
+    read_header,
+    scan_sources,
+    sources,
+    walk_source,
+)
 from xnatmigrate.state import CachedHeader
 
 KW = frozenset(BASE_KEYWORDS)
@@ -400,7 +408,7 @@ def test_read_error_inside_the_parse_is_unreadable(tmp_path: Path, monkeypatch: 
         return real(fd, n, offset)
 
     monkeypatch.setattr(os, "pread", flaky)
-    monkeypatch.setattr(scan, "_head_size", [scan._HEAD_MIN])
+    monkeypatch.setattr(header, "_head_size", [header._HEAD_MIN])
     assert reason(tmp_path / "a.dcm") == "unreadable: Input/output error"
 
 
@@ -419,7 +427,7 @@ def test_pydicom_leaves_the_stream_at_the_pixel_data_tag(tmp_path: Path, ts: str
     with open(tmp_path / "a.dcm", "rb") as fp:
         pydicom.dcmread(fp, stop_before_pixels=True)
         assert fp.tell() == offset
-    parsed = scan._run_pydicom(io.BytesIO(data), True, scan._want(KW))
+    parsed = parse.run_pydicom(io.BytesIO(data), True, parse.want_for(KW))
     assert parsed.tracker.pixel
     assert parsed.stop == offset
 
@@ -490,16 +498,16 @@ def test_encapsulated_pixel_data(tmp_path: Path) -> None:
 
 
 def test_a_header_larger_than_the_first_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scan, "_head_size", [scan._HEAD_MIN])
+    monkeypatch.setattr(header, "_head_size", [header._HEAD_MIN])
     ds = image(1)
     ds.TextValue = "c" * 100_000  # UT (0040,A160): 100 kB before Pixel Data
     data = part10(tmp_path / "big.dcm", ds)
     entry = read_header(str(tmp_path / "big.dcm"), KW | {"TextValue"})
     assert entry.header is not None and entry.header["TextValue"] == "c" * 100_000
-    assert scan._head_size[0] > 100_000  # the next file is read in one go
+    assert header._head_size[0] > 100_000  # the next file is read in one go
     (tmp_path / "cut.dcm").write_bytes(data[:-10])
     assert reason(tmp_path / "cut.dcm") == "truncated: Pixel Data declares 64 bytes, file has 54 after it"
-    monkeypatch.setattr(scan, "_head_size", [scan._HEAD_MIN])
+    monkeypatch.setattr(header, "_head_size", [header._HEAD_MIN])
     (tmp_path / "cuthead.dcm").write_bytes(data[:50_000])
     assert reason(tmp_path / "cuthead.dcm") == "truncated: header ends early"
 
@@ -710,8 +718,8 @@ def test_deterministic_whatever_the_jobs(tmp_path: Path, monkeypatch: pytest.Mon
     (root / "dup.dcm").write_bytes(paths[3].read_bytes())
     (root / "cut.dcm").write_bytes(paths[4].read_bytes()[:-9])
     m = manifest(root)
-    monkeypatch.setattr(scan, "_PARALLEL_MIN", 1)
-    monkeypatch.setattr(scan, "_CHUNK_MIN", 3)  # several chunks over two worker processes
+    monkeypatch.setattr(sources, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(sources, "_CHUNK_MIN", 3)  # several chunks over two worker processes
     calls: list[tuple[int, int]] = []
     one = scan_sources(m, KW, jobs=1)
     two = scan_sources(m, KW, jobs=2, progress=lambda d, t: calls.append((d, t)))

@@ -1,0 +1,239 @@
+"""The scan of a manifest: walk every source, reuse the cache or read headers in parallel, dedupe.
+
+Invariants:
+- Every walked file ends up in exactly one of ``ScanResult.headers`` / ``ScanResult.rejects``.
+- Deterministic: the result depends on the files only, never on ``jobs``, chunking or cache state.
+- ``unreadable:`` rejects are never cached: the next run tries again.
+
+NOTE: the cache trusts (size, mtime_ns, ctime_ns, inode): a file rewritten in place keeps its size and
+(after ``touch -r``) its mtime, but its ctime changes, and a file replaced by rename has a new inode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+
+from ..model import CachedHeader, FileHeader, Manifest, Reject
+from .header import read_header
+from .parse import Want, want_for
+from .walk import walk_with_rejects
+
+ProgressFn = Callable[[int, int], None]
+
+# Below this many files to read, worker processes cost more than they save.
+_PARALLEL_MIN = 300
+_CHUNK_MIN, _CHUNK_MAX = 64, 256
+# How often the in-process loop reports progress (files).
+_PROGRESS_EVERY = 64
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What a scan found. ``headers`` sorted by (source index, path); ``rejects`` by path.
+
+    ``cache_updates`` are the entries read this run (not ``unreadable:`` ones), for the state's cache.
+    """
+
+    headers: tuple[tuple[int, FileHeader], ...]
+    rejects: tuple[Reject, ...]
+    cache_updates: tuple[CachedHeader, ...]
+    files_seen: int
+    cache_hits: int
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates
+# --------------------------------------------------------------------------------------------
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x = fa.read(1 << 20)
+            y = fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def dedupe(headers: Iterable[tuple[int, FileHeader]]) -> tuple[list[tuple[int, FileHeader]], list[Reject]]:
+    """Keep one file per SOPInstanceUID: the one with the smallest path; reject the others.
+
+    Each rejected copy says whether its bytes equal the kept file's (sizes compared first; contents are
+    read only for same-size pairs). Order of ``headers`` is kept for the survivors.
+    """
+    items = list(headers)
+    groups: dict[str, list[tuple[int, FileHeader]]] = defaultdict(list)
+    for item in items:
+        groups[item[1].sop_instance_uid].append(item)
+    dropped: set[tuple[int, str]] = set()
+    rejects: list[Reject] = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda ih: (ih[1].path, ih[0]))
+        kept = group[0][1]
+        for idx, h in group[1:]:
+            dropped.add((idx, h.path))
+            if h.size != kept.size:
+                how = "different content"
+            else:
+                try:
+                    how = "identical content" if _same_content(kept.path, h.path) else "different content"
+                except OSError as exc:
+                    how = f"content not compared ({exc.strerror or exc})"
+            rejects.append(Reject(h.path, f"duplicate: same SOPInstanceUID as {kept.path}, {how}"))
+    kept_items = [(i, h) for i, h in items if (i, h.path) not in dropped]
+    return kept_items, rejects
+
+
+# --------------------------------------------------------------------------------------------
+# The scan
+# --------------------------------------------------------------------------------------------
+
+
+def _read_chunk(paths: Sequence[str], keywords: frozenset[str]) -> list[CachedHeader]:
+    """Worker entry point: read a chunk of files."""
+    return [read_header(p, keywords) for p in paths]
+
+
+def _read_many(
+    paths: Sequence[str], want: Want, jobs: int | None, report: Callable[[int], None]
+) -> dict[str, CachedHeader]:
+    """Read ``paths`` in process or in a process pool; ``report(n)`` after every n files done."""
+    out: dict[str, CachedHeader] = {}
+    workers = jobs if jobs is not None else (os.cpu_count() or 1)
+    # Several chunks per worker balance uneven files; 64–256 paths keep IPC small next to the work.
+    size = max(_CHUNK_MIN, min(_CHUNK_MAX, -(-len(paths) // (max(workers, 1) * 4))))
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    pool: ProcessPoolExecutor | None = None
+    if workers > 1 and len(paths) >= _PARALLEL_MIN:
+        try:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(chunks)))
+        except (OSError, NotImplementedError):  # no POSIX semaphores here (some sandboxes): read in process
+            pool = None
+    if pool is None:
+        reported = 0
+        for i, p in enumerate(paths, 1):
+            out[p] = read_header(p, want.keywords)
+            if i % _PROGRESS_EVERY == 0 or i == len(paths):
+                report(i - reported)
+                reported = i
+        return out
+    with pool:
+        pending: set[Future[list[CachedHeader]]] = {
+            pool.submit(_read_chunk, c, want.keywords) for c in chunks
+        }
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                entries = fut.result()
+                for e in entries:
+                    out[e.path] = e
+                report(len(entries))
+    return out
+
+
+def scan_sources(
+    manifest: Manifest,
+    keywords: frozenset[str],
+    cache: Mapping[str, CachedHeader] | None = None,
+    jobs: int | None = None,
+    progress: ProgressFn | None = None,
+) -> ScanResult:
+    """Walk every source, read each file's header (or reuse the cache), reject what cannot migrate.
+
+    Args:
+        manifest: the sources to walk (include/exclude applied per source).
+        keywords: the DICOM keywords to read; BASE_KEYWORDS are always read as well.
+        cache: the state's scan cache; an entry is reused, without opening the file, when its size,
+            mtime_ns, ctime_ns and inode equal the file's (``os.stat``) and its keywords cover what is read.
+        jobs: worker processes (default: CPU count); 1, or fewer than ~300 files to read, reads in
+            this process.
+        progress: called as ``progress(done, total)`` once per chunk of files, and at the end.
+
+    NOTE: a file under two sources belongs to the first (lowest index); it is read and counted once.
+    NOTE: duplicates (same SOPInstanceUID) are resolved across the whole manifest (see ``dedupe``).
+    """
+    want = want_for(frozenset(keywords))
+    owner: dict[str, int] = {}
+    walk_rejects: list[Reject] = []
+    for src in manifest.sources:
+        files, errors = walk_with_rejects(src)
+        for p in files:
+            owner.setdefault(p, src.index)
+        walk_rejects.extend(errors)
+    paths = sorted(owner)
+    total = len(paths)
+
+    entries: dict[str, CachedHeader] = {}
+    todo: list[str] = []
+    if cache:
+        for p in paths:
+            e = cache.get(p)
+            if e is not None and want.keywords <= e.keywords:
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    todo.append(p)
+                    continue
+                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == (
+                    e.size,
+                    e.mtime_ns,
+                    e.ctime_ns,
+                    e.ino,
+                ):
+                    entries[p] = e
+                    continue
+            todo.append(p)
+    else:
+        todo = paths
+    hits = len(entries)
+
+    done = hits
+    if progress is not None:
+        progress(done, total)
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    fresh = _read_many(todo, want, jobs, report)
+    entries.update(fresh)
+
+    headers: list[tuple[int, FileHeader]] = []
+    rejects = list(walk_rejects)
+    for p in paths:
+        e = entries[p]
+        if e.reject is not None or e.header is None:
+            rejects.append(Reject(p, e.reject or "unreadable: no header recorded"))
+            continue
+        # The cache entry read exactly these keywords (the usual warm case): share its dict.
+        values = (
+            e.header
+            if e.keywords == want.keywords
+            else {k: v for k, v in e.header.items() if k in want.keywords}
+        )
+        headers.append(
+            (owner[p], FileHeader(p, e.size, e.mtime_ns, e.transfer_syntax or "", values, e.ctime_ns, e.ino))
+        )
+
+    kept, dup_rejects = dedupe(headers)
+    rejects.extend(dup_rejects)
+    kept.sort(key=lambda ih: (ih[0], ih[1].path))
+    rejects.sort(key=lambda r: (r.path, r.reason))
+    updates = tuple(fresh[p] for p in todo if not (fresh[p].reject or "").startswith("unreadable:"))
+    return ScanResult(
+        headers=tuple(kept),
+        rejects=tuple(rejects),
+        cache_updates=updates,
+        files_seen=total,
+        cache_hits=hits,
+    )
