@@ -91,5 +91,10 @@ class DicomSendError(XnatMigrateError):
     """A DICOM association or C-STORE failed."""
 
 
+class ReceiverError(DicomSendError):
+    """The receiver itself cannot be used (unreachable, rejects every association, or accepts
+    associations but makes no progress): every later session would fail alike, so the run stops."""
+
+
 class ApplyError(XnatMigrateError):
     """One or more sessions failed during apply; a rerun resumes."""

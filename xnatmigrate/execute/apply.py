@@ -25,6 +25,7 @@ from ..errors import (
     ApplyError,
     DatabaseError,
     DicomSendError,
+    ReceiverError,
     SessionConflict,
     StalePlanError,
     XnatMigrateError,
@@ -44,14 +45,14 @@ from ..model import (
     unreachable,
 )
 from ..state import StateStore
-from . import db, files, recheck
+from . import db, files, recheck, settings
 from .connections import Connections
 from .xnat import XnatClient
 
 Progress = Callable[[int, int], None]
 
 # Errors of shared resources: stop the run rather than fail every remaining session alike.
-_FATAL = (DatabaseError, XnatRestError)
+_FATAL = (DatabaseError, XnatRestError, ReceiverError)
 
 # Fault injection for the crash tests (tests/integration/test_apply_crash.py): SIGKILL this process
 # at a chosen point, as a power cut would. "after:STEP[:N]" once STEP is recorded (the N-th time),
@@ -402,6 +403,9 @@ class _Runner:
                     contexts=s.contexts,
                     jobs=self.opts.jobs or 1,
                     retries=self.opts.send_retries,
+                    acse_timeout=settings.positive(settings.DICOM_ACSE_TIMEOUT),
+                    dimse_timeout=settings.positive(settings.DICOM_DIMSE_TIMEOUT),
+                    max_stalls=int(settings.positive(settings.DICOM_MAX_STALLS)),
                     on_confirmed=on_confirmed,
                     progress=prog,
                 )

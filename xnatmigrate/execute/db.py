@@ -19,9 +19,10 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from .. import statements, xnat_table
-from ..errors import DatabaseError, SessionConflict
+from ..errors import DatabaseError, SessionConflict, XnatMigrateError
 from ..model import DatabaseTarget, ExistingRow, Outcome, PrearchiveSession
 from ..render import Statement
+from . import settings
 
 Connection: TypeAlias = psycopg2.extensions.connection
 Cursor: TypeAlias = psycopg2.extensions.cursor
@@ -53,31 +54,23 @@ def _where(dsn: str) -> str:
 # Waits on the database are bounded (a lock held by another transaction must not hang a run for
 # days) and interruptible: with psycopg2's select()-based wait callback, Ctrl-C cancels the running
 # statement on the server instead of being ignored until the statement returns.
-LOCK_TIMEOUT_ENV = "XNATMIGRATE_DB_LOCK_TIMEOUT"
-STATEMENT_TIMEOUT_ENV = "XNATMIGRATE_DB_STATEMENT_TIMEOUT"
-DEFAULT_LOCK_TIMEOUT = 30.0
-DEFAULT_STATEMENT_TIMEOUT = 600.0
+LOCK_TIMEOUT_ENV = settings.DB_LOCK_TIMEOUT[0]
+STATEMENT_TIMEOUT_ENV = settings.DB_STATEMENT_TIMEOUT[0]
 psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
 
 
-def _seconds(env: str, default: float) -> float:
-    raw = os.environ.get(env)
-    if raw is None or raw == "":
-        return default
+def _seconds(setting: tuple[str, float]) -> float:
     try:
-        value = float(raw)
-    except ValueError:
-        raise DatabaseError(f"{env}={raw!r} is not a number of seconds; set it to e.g. 30") from None
-    if value <= 0:
-        raise DatabaseError(f"{env}={raw!r} must be more than 0 seconds (0 would mean: wait forever)")
-    return value
+        return settings.positive(setting)
+    except XnatMigrateError as exc:
+        raise DatabaseError(str(exc)) from None
 
 
 @contextlib.contextmanager
 def connect(dsn: str, timeout: int = 10) -> Iterator[psycopg2.extensions.connection]:
     """A connection that is always closed, with bounded lock and statement waits; failures become DatabaseError."""
-    lock_ms = int(_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT) * 1000)
-    statement_ms = int(_seconds(STATEMENT_TIMEOUT_ENV, DEFAULT_STATEMENT_TIMEOUT) * 1000)
+    lock_ms = int(_seconds(settings.DB_LOCK_TIMEOUT) * 1000)
+    statement_ms = int(_seconds(settings.DB_STATEMENT_TIMEOUT) * 1000)
     try:
         conn = psycopg2.connect(
             dsn,
@@ -104,7 +97,7 @@ def execute(cur: Cursor, stmt: Statement) -> None:
         cur.execute(stmt.sql, dict(stmt.params))
     except psycopg2.errors.LockNotAvailable:
         raise DatabaseError(
-            f"{stmt.name} waited {_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT):g} s for a lock that another "
+            f"{stmt.name} waited {_seconds(settings.DB_LOCK_TIMEOUT):g} s for a lock that another "
             "transaction holds on xdat_search.prearchive; find it in pg_locks/pg_stat_activity and let it "
             f"finish (or raise {LOCK_TIMEOUT_ENV}), then rerun"
         ) from None
@@ -112,7 +105,7 @@ def execute(cur: Cursor, stmt: Statement) -> None:
         if "user request" in str(exc):
             raise KeyboardInterrupt from None  # Ctrl-C: the wait callback cancelled it on the server
         raise DatabaseError(
-            f"{stmt.name} ran longer than {_seconds(STATEMENT_TIMEOUT_ENV, DEFAULT_STATEMENT_TIMEOUT):g} s in "
+            f"{stmt.name} ran longer than {_seconds(settings.DB_STATEMENT_TIMEOUT):g} s in "
             f"XNAT's database and was cancelled; check the server's load (or raise {STATEMENT_TIMEOUT_ENV}), "
             "then rerun"
         ) from None

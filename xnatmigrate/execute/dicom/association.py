@@ -36,7 +36,7 @@ from pynetdicom.presentation import negotiate_as_requestor
 
 from ... import __version__
 from ...dicombytes import IMPLICIT_VR_LE
-from ...errors import DicomSendError
+from ...errors import DicomSendError, ReceiverError
 from ...model import ScpTarget
 from . import dimse, part10, pdu
 from .pdu import PduType
@@ -72,7 +72,7 @@ class Unreachable(Exception):
     """No association could be made (refused, unreachable, timed out, transient rejection)."""
 
 
-class Rejected(DicomSendError):
+class Rejected(ReceiverError):
     """The receiver permanently rejected the association: fix the configuration."""
 
 

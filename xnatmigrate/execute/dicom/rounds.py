@@ -10,6 +10,9 @@ Invariants:
 - Unreachable before any association was ever made raises ``DicomSendError`` (a configuration or
   network problem to report at once); afterwards it only fails the attempt (the receiver may be
   restarting). ``Rejected`` is always raised.
+- A receiver that takes nothing (no C-STORE response, or unreachable again) ``max_stalls`` rounds in
+  a row while files remain raises ``ReceiverError`` naming it: the run stops instead of waiting out
+  every file's retries (a hung receiver would otherwise cost retries × DIMSE timeout per file).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ...dicombytes import MAX_CONTEXTS
-from ...errors import DicomSendError
+from ...errors import DicomSendError, ReceiverError
 from ...model import PlannedFile, PresentationContext, ScpTarget
 from . import dimse
 from .association import Association, Lost, Pair, Rejected, Unreachable
@@ -38,6 +41,7 @@ class Options:
     backoff: float
     acse_timeout: float
     dimse_timeout: float
+    max_stalls: int = 3  # rounds in a row in which the receiver took nothing: then it is the receiver
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
     attempts: dict[int, int] = {}
     todo = list(task.files)
     failed_rounds = 0
+    stalls, last_stall = 0, ""
     while todo and not stop.is_set():
         if failed_rounds:
             stop.wait(min(opts.backoff * 2 ** (failed_rounds - 1), _MAX_BACKOFF))
@@ -125,6 +130,7 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
                 return connected
         retry: list[tuple[int, PlannedFile]] = []
         progress = False
+        stalled = False  # the receiver, not a file, failed this round (no answer, lost association)
 
         def give_up(
             item: tuple[int, PlannedFile], reason: str, retry: list[tuple[int, PlannedFile]] = retry
@@ -165,6 +171,8 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
                     except Lost as exc:
                         give_up(item, f"no C-STORE status (empty response): {exc}")
                         retry.extend(todo[pos + 1 :])
+                        stalled = True
+                        last_stall = f"accepted the association but gave no C-STORE response ({exc})"
                         break
                     if dimse.stored(status):
                         sink.confirmed(idx, status)
@@ -175,9 +183,19 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
             raise
         except Unreachable as exc:
             if not connected:
-                raise DicomSendError(str(exc)) from None
+                raise ReceiverError(f"{exc}; nothing was sent") from None
             for item in todo:
                 give_up(item, str(exc))
+            stalled = True
+            last_stall = f"could not be reached again ({exc})"
+        stalls = 0 if progress or not stalled else stalls + 1
+        # Files still to try and a receiver that took nothing N rounds running: it is the receiver.
+        if stalls >= opts.max_stalls and retry and not stop.is_set():
+            raise ReceiverError(
+                f"the receiver {scp.called_aet}@{scp.host}:{scp.port} made no progress in {stalls} attempts in a "
+                f"row: it {last_stall}; check XNAT's DICOM receiver (its logs, disk, load), then rerun apply: "
+                "confirmed files are kept"
+            )
         todo = retry
         # Something got through: retry soon; nothing did: back off further each round.
         failed_rounds = 1 if progress else failed_rounds + 1

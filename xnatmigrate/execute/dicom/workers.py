@@ -28,7 +28,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from typing import NamedTuple
 
-from ...errors import DicomSendError
+from ...errors import DicomSendError, ReceiverError
 from ...model import PlannedFile, PresentationContext, ScpTarget
 from .part10 import routing_tag
 from .rounds import Options, Stop, Task, context_groups, run_tasks, split
@@ -207,6 +207,7 @@ def send_files(
     backoff: float = 0.5,
     acse_timeout: float = 30,
     dimse_timeout: float = 60,
+    max_stalls: int = 3,
     on_confirmed: Callable[[list[tuple[str, int]]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SendOutcome:
@@ -227,6 +228,8 @@ def send_files(
         backoff: seconds before the first retry round; doubled for each consecutive failed round.
         acse_timeout: seconds for connecting, association negotiation and release.
         dimse_timeout: seconds to wait for each C-STORE response (and for the peer to take data).
+        max_stalls: rounds in a row in which the receiver answered nothing (no C-STORE response,
+            or unreachable again) before it is the receiver's fault: ``ReceiverError``.
         on_confirmed: called in this process with batches of (SOPInstanceUID, status).
         progress: called in this process with (files finished, files in this call).
 
@@ -234,9 +237,10 @@ def send_files(
         The confirmed files and the failures (path, reason with the status in hex and its meaning).
 
     Raises:
-        DicomSendError: the receiver cannot be reached when the call starts, or rejects an
-            association permanently (wrong AE title, ...): the message says what to fix. Once an
-            association was made, an unreachable receiver makes failures instead (retried first).
+        ReceiverError: the receiver cannot be reached when the call starts, rejects an association
+            permanently (wrong AE title, ...), or makes no progress ``max_stalls`` rounds in a row:
+            the message names it and says what to fix. Once an association was made, a receiver
+            unreachable for a round makes failed attempts first (it may be restarting).
         ValueError: bad arguments (unknown routing, missing or multi-line ``line``).
 
     NOTE: files whose presentation context the receiver rejects fail at once, without retries:
@@ -256,6 +260,7 @@ def send_files(
         backoff=max(0.0, backoff),
         acse_timeout=acse_timeout,
         dimse_timeout=dimse_timeout,
+        max_stalls=max(1, max_stalls),
     )
     groups = context_groups(files, contexts)
     workers = max(1, min(jobs, total // MIN_FILES_PER_WORKER))
@@ -383,7 +388,7 @@ def _run_processes(tasks: list[list[Task]], scp: ScpTarget, opts: Options, colle
     if bug is not None:
         raise RuntimeError(f"a C-STORE worker process failed: {bug}")
     if fatal is not None:
-        raise DicomSendError(fatal)
+        raise ReceiverError(fatal)  # workers report only the receiver's own failures as Fatal
 
 
 def _drain(
