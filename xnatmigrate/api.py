@@ -146,13 +146,22 @@ def plan(
                 facts, skipped=(*facts.skipped, "archived sessions with the same label (--offline)")
             )
         when = now or datetime.now()
-        result = build_plan(manifest, scanned.headers, scanned.rejects, store.view(), facts, when, keywords)
+        result = build_plan(
+            manifest, scanned.headers, scanned.rejects, store.view(), facts, when, keywords, scanned.warnings
+        )
         archived = archived_facts(manifest, result, offline)
         if archived is not None and archived[0] is not None:
             # Plan again with the archived labels known: studies that collide get held back.
             facts = replace(facts, archived=archived[0], skipped=facts.skipped + archived[1])
             result = build_plan(
-                manifest, scanned.headers, scanned.rejects, store.view(), facts, when, keywords
+                manifest,
+                scanned.headers,
+                scanned.rejects,
+                store.view(),
+                facts,
+                when,
+                keywords,
+                scanned.warnings,
             )
         elif archived is not None:
             result = with_plan_id(replace(result, skipped_checks=result.skipped_checks + archived[1]))

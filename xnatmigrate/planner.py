@@ -89,6 +89,7 @@ def build_plan(
     facts: XnatFacts,
     now: datetime,
     scan_keywords: Iterable[str] = (),
+    scan_warnings: Iterable[str] = (),
 ) -> Plan:
     """Plan the migration. PURE (see module docstring); raises PlanError when refused.
 
@@ -96,7 +97,7 @@ def build_plan(
     file's header again and compare it with the one planned (``PlannedFile.header_digest``).
     """
     rejects = list(scan_rejects)
-    warnings = list(manifest.warnings)
+    warnings = list(manifest.warnings) + list(scan_warnings)
     refusals = list(facts.refusals)
     held: list[HeldBack] = []
 

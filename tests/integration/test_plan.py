@@ -154,3 +154,21 @@ def test_existing_row_holds_the_study_back(tmp_path, corpus, pg_db_17, monkeypat
     again = api.plan(m, state_dir=tmp_path / "s2", now=NOW).plan
     assert victim.study_uid in {h.study_uid for h in again.held_back}
     assert len(again.sessions) == len(plan.sessions) - 1
+
+
+def test_overlapping_sources_say_which_source_won(tmp_path, corpus, capsys):
+    first = sorted(p for p in corpus.iterdir() if p.is_dir())[0]  # one patient's folder, also in the whole
+    extra = (
+        f"  - source: {first}\n"
+        "    project: prj002\n"
+        '    subject: "{{ PatientName }}"\n'
+        '    session: "{{ PatientID }}_{{ StudyDate }}_{{ Modality }}"\n'
+    )
+    m = manifest_for(tmp_path, corpus, extra, allow_partial_studies="true")
+    assert cli.main(["plan", str(m), "--state-dir", str(tmp_path / "s"), "--offline", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    n = sum(1 for p in first.rglob("*") if p.is_file())
+    (w,) = [w for w in doc["warnings"] if "are under both" in w]
+    assert w.startswith(f"{n} file(s) are under both sources[0] and sources[1]")
+    assert "migrated with sources[0], the first listed" in w
+    assert {s["project"] for s in doc["sessions"]} == {"prj001"}

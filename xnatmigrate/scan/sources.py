@@ -43,6 +43,7 @@ class ScanResult:
     cache_updates: tuple[CachedHeader, ...]
     files_seen: int
     cache_hits: int
+    warnings: tuple[str, ...] = ()  # e.g. files under two sources, and which source won
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,10 +164,13 @@ def scan_sources(
     want = want_for(frozenset(keywords))
     owner: dict[str, int] = {}
     walk_rejects: list[Reject] = []
+    overlaps: dict[tuple[int, int], list[str]] = {}
     for src in manifest.sources:
         files, errors = walk_with_rejects(src)
         for p in files:
-            owner.setdefault(p, src.index)
+            first = owner.setdefault(p, src.index)
+            if first != src.index:
+                overlaps.setdefault((first, src.index), []).append(p)
         walk_rejects.extend(errors)
     paths = sorted(owner)
     total = len(paths)
@@ -236,4 +240,10 @@ def scan_sources(
         cache_updates=updates,
         files_seen=total,
         cache_hits=hits,
+        warnings=tuple(
+            f"{len(ps)} file(s) are under both sources[{a}] and sources[{b}] (e.g. {min(ps)}): they are "
+            f"migrated with sources[{a}], the first listed; narrow one source with include/exclude if "
+            "that is not what you meant"
+            for (a, b), ps in sorted(overlaps.items())
+        ),
     )
