@@ -367,7 +367,7 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
         # One inode: chmod/chown of the prearchive's hard link is a chmod/chown of the source file.
         changes = [k for k in ("file_mode", "file_owner") if xnat.get(k)]
         if (
-            opts.get("transfer") == "hardlink"
+            _enum(Transfer, opts.get("transfer"), Transfer.COPY) is Transfer.HARDLINK
             and changes
             and opts.get("hardlink_changes_sources") is not True
         ):

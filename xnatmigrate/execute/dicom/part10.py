@@ -34,10 +34,12 @@ from ...dicombytes import (
     skip_element,
 )
 from ...errors import DicomSendError
+from ...vocabulary import Routing
 
 LOGGER = logging.getLogger(__name__)
 
-ROUTING_ELEMENTS = {"patient_comments": 0x00104000, "study_comments": 0x00324000}
+# (0010,4000) PatientComments and (0032,4000) StudyComments, the fields XNAT's identifier reads (§5).
+ROUTING_ELEMENTS = {Routing.PATIENT_COMMENTS: 0x00104000, Routing.STUDY_COMMENTS: 0x00324000}
 
 WHOLE_FILE_LIMIT = 64 * 1024 * 1024  # read smaller files at once; stream the rest of larger ones
 HEAD_LIMIT = 1024 * 1024  # how far into a large file the routing element may be looked for
@@ -67,10 +69,12 @@ class SourceChanged(Exception):
 
 def routing_tag(routing: str, line: str | None) -> int | None:
     """The element ``line`` goes into for ``routing`` (None: send as stored); ValueError if unusable."""
-    if routing == "none":
+    try:
+        kind = Routing(routing)
+    except ValueError:
+        raise ValueError(f"routing must be one of {[r.value for r in Routing]}, not {routing!r}") from None
+    if kind is Routing.NONE:
         return None
-    if routing not in ROUTING_ELEMENTS:
-        raise ValueError(f"routing must be one of {sorted(ROUTING_ELEMENTS)} or 'none', not {routing!r}")
     if not line:
         raise ValueError(f"routing {routing!r} needs a routing line")
     if "\n" in line or "\r" in line:
@@ -80,7 +84,7 @@ def routing_tag(routing: str, line: str | None) -> int | None:
         line.encode("ascii")
     except UnicodeEncodeError:
         raise ValueError("the routing line must be ASCII (it is written in any character set)") from None
-    return ROUTING_ELEMENTS[routing]
+    return ROUTING_ELEMENTS[kind]
 
 
 def read_meta(buf: Buffer) -> tuple[str, int]:
