@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from xnatmigrate.execute import files
+from xnatmigrate.execute.files import stage
 from xnatmigrate.model import PlannedFile, PlannedScan, PrearchiveSession
 from xnatmigrate.testing.sessions import prearchive_session
 
@@ -130,7 +131,7 @@ def test_disk_full_midway_then_resume_after_growing_the_disk(
     staging, final = files.staging_dir(str(tmpfs), s), files.final_dir(str(tmpfs), s)
     filler = tmpfs / ".filler"
     lock = threading.Lock()
-    copy_one = files._copy_one
+    copy_one = stage.copy_one  # looked up there by stage_session's workers
     started = []
 
     first_done = threading.Event()
@@ -157,7 +158,7 @@ def test_disk_full_midway_then_resume_after_growing_the_disk(
                     pass
         return copy_one(*args)
 
-    monkeypatch.setattr(files, "_copy_one", copy_after_another_writer_filled_the_disk)
+    monkeypatch.setattr(stage, "copy_one", copy_after_another_writer_filled_the_disk)
     with pytest.raises(files.DiskError) as ei:
         files.stage_session(s, staging, jobs=jobs)
     msg = str(ei.value)

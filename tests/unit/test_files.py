@@ -13,6 +13,7 @@ import pytest
 
 from xnatmigrate.errors import ApplyError, StalePlanError, XnatMigrateError
 from xnatmigrate.execute import files
+from xnatmigrate.execute.files import publishing, stage, transfer
 from xnatmigrate.model import PlannedFile, PlannedScan, PrearchiveSession
 from xnatmigrate.testing.sessions import prearchive_session
 
@@ -165,7 +166,7 @@ def test_publish_never_replaces_an_empty_final_folder(root: Path, sources: list[
     with pytest.raises(ApplyError):
         files.publish(staging, final)
     with pytest.raises(OSError) as ei:
-        files._rename_noreplace(staging, final)
+        publishing._rename_noreplace(staging, final)
     assert ei.value.errno == errno.EEXIST
 
 
@@ -195,13 +196,13 @@ def test_resume_deletes_parts_and_strays_and_rehashes_reused_files(
     (staging / "SCANS" / "99" / "DICOM" / "x.dcm").write_bytes(b"old plan")
 
     hashed: list[str] = []
-    real = files._hash_path
+    real = transfer._hash_path
 
     def spy(path: str, buf: bytearray) -> str:
         hashed.append(path)
         return real(path, buf)
 
-    monkeypatch.setattr(files, "_hash_path", spy)
+    monkeypatch.setattr(transfer, "_hash_path", spy)
     staged = files.stage_session(s, staging, jobs=2)
 
     assert all_files(staging) == sorted(f.dest for f in s.files)  # .part and strays gone
@@ -283,8 +284,8 @@ def test_chown_not_permitted_is_a_clear_error(
     def denied(*_a: object) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(files.os, "chown", denied)
-    monkeypatch.setattr(files.os, "fchown", denied)
+    monkeypatch.setattr(os, "chown", denied)
+    monkeypatch.setattr(os, "fchown", denied)
     s = make_session(sources)
     with pytest.raises(ApplyError, match="may not chown .*run apply as root"):
         files.stage_session(
@@ -348,7 +349,7 @@ def test_unreadable_source_is_a_clear_error(
             raise PermissionError(errno.EACCES, "Permission denied", victim)
         return real_open(path, flags, *a)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(files.os, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     s = make_session(sources)
     staging = files.staging_dir(str(root), s)
     with pytest.raises(ApplyError, match=r"cannot read source .*IMG0001: permission denied for user") as ei:
@@ -369,7 +370,7 @@ def test_write_error_mid_copy_removes_the_part(
             raise OSError(errno.EIO, "Input/output error")
         return real_write(fd, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(files.os, "write", failing_write)
+    monkeypatch.setattr(os, "write", failing_write)
     s = make_session(sources)
     staging = files.staging_dir(str(root), s)
     with pytest.raises(ApplyError, match="Input/output error on .*staged files are kept for resume"):
@@ -466,7 +467,7 @@ def test_writeback_error_at_the_final_syncfs_forgets_this_runs_files(
             ctypes.set_errno(errno.EIO)
             return -1
 
-    monkeypatch.setattr(files, "_libc", lambda: FailingLibc)
+    monkeypatch.setattr(stage, "libc", lambda: FailingLibc)  # where _syncfs_or_forget looks it up
     with pytest.raises(ApplyError, match="Input/output error"):
         files.stage_session(s, staging, jobs=2)
     # The page cache may hold bytes the disk never got: what this run wrote is not trusted later.

@@ -1,0 +1,232 @@
+"""One planned file into staging: copied, hard-linked, or a file left by an earlier run reused.
+
+Invariants:
+- A file gets its final name in staging only after it was verified: SHA-256 of the bytes read from the
+  source equals that of the bytes read back from the written file (copy), or it is the source's inode
+  (hardlink). A rerun still re-hashes every final-named file against its source before reusing it, so
+  correctness never rests on a checksum record or on per-file fsyncs (see ``stage.stage_session``).
+- The source is checked against the plan (``sources.check_stat``) before and after it is read.
+- ``*.part`` files are scratch: the worker that fails deletes its own.
+- Workers never word an OSError: they raise ``SourceError`` / ``DestError`` for the caller's thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from ...errors import ApplyError, StalePlanError
+from ...model import PlannedFile, Transfer
+from .digest import hash_fd
+from .disk import DestError, SourceError
+from .paths import PART_SUFFIX
+from .perms import Perms
+from .sources import check_stat
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file verified in staging: ``sha256`` is of the bytes read from ``source`` (equal to those written)."""
+
+    dest: str
+    source: str
+    size: int
+    sha256: str
+
+
+def reuse(f: PlannedFile, dst: str, transfer: Transfer, perms: Perms, buf: bytearray) -> StagedFile | None:
+    """A final-named file left by an earlier run, if it still matches its source; else delete it (None)."""
+    try:
+        src_fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(exc, f.source) from exc
+    try:
+        try:
+            src_st = os.fstat(src_fd)
+        except OSError as exc:
+            raise SourceError(exc, f.source) from exc
+        check_stat(f, src_st, ctime=transfer is Transfer.COPY)  # our own link moved a hard link's ctime
+        try:
+            dst_st = os.lstat(dst)
+        except OSError as exc:
+            raise DestError(exc, dst) from exc
+        same_inode = (dst_st.st_dev, dst_st.st_ino) == (src_st.st_dev, src_st.st_ino)
+        if transfer is Transfer.HARDLINK and same_inode:
+            digest, n = _read_hash(src_fd, f, buf, ctime=False)
+            if n == f.size:
+                _apply_path(perms, dst)
+                return StagedFile(f.dest, f.source, f.size, digest)
+        elif transfer is Transfer.COPY and not same_inode and dst_st.st_size == f.size:
+            # The checksum record may be lost with the crash: compare content, not names or sizes.
+            try:
+                have = _hash_path(dst, buf)
+            except OSError as exc:
+                raise DestError(exc, dst) from exc
+            digest, n = _read_hash(src_fd, f, buf)
+            if have == digest and n == f.size:
+                _apply_path(perms, dst)
+                return StagedFile(f.dest, f.source, f.size, digest)
+    finally:
+        os.close(src_fd)
+    try:
+        os.unlink(dst)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise DestError(exc, dst) from exc
+    return None
+
+
+def _hash_path(path: str, buf: bytearray) -> str:
+    """SHA-256 of a staged file (its own function so tests can see that reuse re-hashes)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd, buf)[0]
+    finally:
+        os.close(fd)
+
+
+def _read_hash(src_fd: int, f: PlannedFile, buf: bytearray, ctime: bool = True) -> tuple[str, int]:
+    try:
+        digest, n = hash_fd(src_fd, buf, 0)
+        check_stat(f, os.fstat(src_fd), ctime)
+    except OSError as exc:
+        raise SourceError(exc, f.source) from exc
+    return digest, n
+
+
+def _apply_path(perms: Perms, path: str) -> None:
+    try:
+        perms.apply_path(path, is_dir=False)
+    except OSError as exc:
+        raise DestError(exc, path) from exc
+
+
+def copy_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, fsync_each: bool) -> StagedFile:
+    """read → hash → write ``<dst>.part`` → start writeback (or fsync) → re-read and compare → chmod/chown
+    → rename to ``dst``."""
+    part = dst + PART_SUFFIX
+    mv = memoryview(buf)
+    try:
+        src_fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(exc, f.source) from exc
+    dst_fd = -1
+    done = False
+    try:
+        try:
+            check_stat(f, os.fstat(src_fd))
+            os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError as exc:
+            raise SourceError(exc, f.source) from exc
+        try:
+            # O_RDWR: the verification re-reads through the same descriptor.
+            dst_fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DestError(exc, part) from exc
+        h = hashlib.sha256()
+        total = 0
+        while True:
+            try:
+                n = os.readv(src_fd, [mv])
+            except OSError as exc:
+                raise SourceError(exc, f.source) from exc
+            if not n:
+                break
+            h.update(mv[:n])
+            total += n
+            written = 0
+            try:
+                while written < n:
+                    written += os.write(dst_fd, mv[written:n])
+            except OSError as exc:
+                raise DestError(exc, part) from exc
+        try:
+            after = os.fstat(src_fd)
+            # We are done with the source: don't let a TB-sized migration evict XNAT's working set.
+            os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise SourceError(exc, f.source) from exc
+        if total != f.size:
+            raise StalePlanError(
+                f"source {f.source} read {total} bytes, planned {f.size}, while copying; re-run xnatmigrate plan"
+            )
+        check_stat(f, after)
+        digest = h.hexdigest()
+        try:
+            if fsync_each:
+                os.fsync(dst_fd)
+            else:
+                # Starts writeback now without waiting (dirty pages stay cached for the re-read below), so
+                # the disk works while we copy on, and the final syncfs has little left to flush.
+                os.posix_fadvise(dst_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            back, back_n = hash_fd(dst_fd, buf, 0)
+            if back != digest or back_n != total:
+                raise ApplyError(
+                    f"verification failed for {part}: written bytes differ from {f.source}; "
+                    "check the disk and memory of this machine, then rerun"
+                )
+            perms.apply_fd(dst_fd)
+            os.close(dst_fd)
+            dst_fd = -1
+            os.rename(part, dst)
+        except OSError as exc:
+            raise DestError(exc, part) from exc
+        done = True
+        return StagedFile(f.dest, f.source, f.size, digest)
+    finally:
+        os.close(src_fd)
+        if dst_fd >= 0:
+            os.close(dst_fd)
+        if not done:
+            try:
+                os.unlink(part)
+            except OSError:
+                pass
+
+
+def link_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray) -> StagedFile:
+    """link the source as ``<dst>.part``; check it is the source's inode; hash once; rename to ``dst``."""
+    part = dst + PART_SUFFIX
+    done = False
+    try:
+        try:
+            src_st = os.stat(f.source)
+        except OSError as exc:
+            raise SourceError(exc, f.source) from exc
+        check_stat(f, src_st, ctime=False)  # a crashed run's link moved its ctime
+        try:
+            os.link(f.source, part)
+            part_st = os.lstat(part)
+        except OSError as exc:
+            raise DestError(exc, part) from exc
+        if (part_st.st_dev, part_st.st_ino, part_st.st_size) != (src_st.st_dev, src_st.st_ino, f.size):
+            raise ApplyError(
+                f"hard link {part} is not the source's inode ({f.source}); remove the staging folder and rerun"
+            )
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceError(exc, f.source) from exc
+        try:
+            digest, n = _read_hash(fd, f, buf, ctime=False)  # the link just moved its ctime
+        finally:
+            os.close(fd)
+        if n != f.size:
+            raise StalePlanError(
+                f"source {f.source} read {n} bytes, planned {f.size}; re-run xnatmigrate plan"
+            )
+        _apply_path(perms, part)
+        try:
+            os.rename(part, dst)
+        except OSError as exc:
+            raise DestError(exc, part) from exc
+        done = True
+        return StagedFile(f.dest, f.source, f.size, digest)
+    finally:
+        if not done:
+            try:
+                os.unlink(part)
+            except OSError:
+                pass
