@@ -45,6 +45,7 @@ def manifest_for(tmp_path: Path, source: Path, extra: str = "", **opts: str) -> 
               prearchive: {tmp_path / "prearchive"}
               prearchive_url_root: /data/xnat/prearchive
               database: {{dsn_env: XNATMIGRATE_TEST_PLAN_DSN}}
+              timezone: Europe/Berlin
             defaults:
               build: none
             """

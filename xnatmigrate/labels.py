@@ -82,8 +82,11 @@ def is_valid_label(text: str) -> bool:
 
 
 def sanitize(text: str) -> str:
-    """Labels.toLabelChars: characters outside ``[A-Za-z0-9_-]`` become ``_``."""
-    return _NOT_LABEL_CHAR.sub("_", text.strip())
+    """Labels.toLabelChars: characters outside ``[A-Za-z0-9_-]`` become ``_``.
+
+    NOTE: no trimming: toLabelChars does not trim (§9), so a space left in a value is a ``_``.
+    """
+    return _NOT_LABEL_CHAR.sub("_", text)
 
 
 def is_template(text: str) -> bool:
@@ -351,7 +354,8 @@ def file_name(values: Mapping[str, str], template: str = XNAT_FILE_NAME_TEMPLATE
         m = _HASH_VAR.match(var)
         if m:
             a, b = m.groups()
-            return xnat_hash(values.get(a) or "", values.get(b) or "")
+            # TemplatizedDicomFileNamer:93-96 hashes a missing operand as its placeholder text too (§9).
+            return xnat_hash(values.get(a) or f"no-value-for-{a}", values.get(b) or f"no-value-for-{b}")
         return values.get(var) or f"no-value-for-{var}"
 
     name = _TEMPLATE_VAR.sub(lambda m: value_of(m.group(1)), template)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import zoneinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,14 @@ from .model import (
 from .resources import schema_path
 
 _E = TypeVar("_E", bound=StrEnum)
+
+
+def _is_zone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _enum(kind: type[_E], value: object, default: _E) -> _E | None:
@@ -336,6 +345,13 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
             "the URL holds a password (user:password@); keep passwords out of manifests: remove it "
             "and use XNAT_USER/XNAT_PASSWORD, an alias token (XNAT_ALIAS/XNAT_SECRET) or ~/.netrc",
         )
+    tz = xnat.get("timezone")
+    if isinstance(tz, str) and not _is_zone(tz):
+        doc.problem(
+            ("xnat", "timezone"),
+            f"{tz!r} is not a time zone this machine knows (an IANA name such as Europe/Berlin, "
+            "as XNAT's JVM reports it in its Site Administration page)",
+        )
     fixed: dict[tuple[str | None, str], int] = {}
     for where_path in [("defaults",)]:
         for key in ("project", "subject", "session"):
@@ -448,6 +464,7 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
         scp=ScpTarget(**scp) if scp else None,
         file_owner=x.get("file_owner"),
         file_mode=int(mode, 8) if mode else None,
+        timezone=x.get("timezone"),
     )
     defaults = data.get("defaults") or {}
     sources = []

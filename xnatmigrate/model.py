@@ -93,6 +93,7 @@ class XnatTarget:
     scp: ScpTarget | None = None
     file_owner: str | None = None
     file_mode: int | None = None
+    timezone: str | None = None  # XNAT's JVM zone (IANA); None: this machine's, found at plan time
 
     @property
     def url_root(self) -> str | None:
@@ -322,6 +323,9 @@ class PrearchiveSession(_SessionBase):
     session_dir: str
     url: str
     row: Mapping[str, Any]
+    # lastmod is written as now() in XNAT's zone (SessionXMLRebuilder compares it with the JVM's
+    # clock, §9); "" writes LOCALTIMESTAMP, the database session's zone (hand-made sessions only).
+    lastmod_zone: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -515,6 +519,7 @@ def _xnat_from(d: Mapping[str, Any]) -> XnatTarget:
         scp=ScpTarget(**scp) if scp else None,
         file_owner=d.get("file_owner"),
         file_mode=d.get("file_mode"),
+        timezone=d.get("timezone"),
     )
 
 
@@ -553,6 +558,7 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
                 session_dir=d["session_dir"],
                 url=d["url"],
                 row=d["row"],
+                lastmod_zone=d.get("lastmod_zone", ""),
             )
         case Method.CSTORE:
             contexts = tuple(
@@ -627,5 +633,6 @@ class XnatFacts:
     prearchive_writable: bool | None = None
     free_bytes: int | None = None
     same_filesystem: Mapping[str, bool] | None = None  # source folder -> same fs as prearchive
+    local_timezone: str | None = None  # this machine's IANA zone, the default for XNAT's
     refusals: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()

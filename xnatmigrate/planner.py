@@ -401,6 +401,7 @@ def _make_sessions(
     manifest: Manifest, studies: list[_Study], state: StateReader, facts: XnatFacts, now: datetime
 ) -> list[PlannedSession]:
     taken = set(facts.taken_timestamps) | state.all_timestamps()
+    zone = manifest.xnat.timezone or facts.local_timezone or ""
     clock = now.replace(microsecond=(now.microsecond // 1000) * 1000)
     out: list[PlannedSession] = []
     for st in studies:
@@ -415,7 +416,7 @@ def _make_sessions(
                         clock += timedelta(milliseconds=1)
                     ts = xnat_table.timestamp_folder(clock)
                     taken.add(ts)
-                out.append(_prearchive_session(manifest, st, ts))
+                out.append(_prearchive_session(manifest, st, ts, zone))
             case _:
                 unreachable(method)
     return out
@@ -457,7 +458,7 @@ def _action_id(*parts: object) -> str:
     return hashlib.sha256("|".join("" if p is None else str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PrearchiveSession:
+def _prearchive_session(manifest: Manifest, st: _Study, ts: str, zone: str) -> PrearchiveSession:
     src = st.source
     root = manifest.xnat.prearchive or ""
     url_root = (manifest.xnat.url_root or root).rstrip("/")
@@ -509,6 +510,7 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str) -> PrearchiveSe
         row=row,
         scans=_scans(st),
         raw_labels=st.raw,
+        lastmod_zone=zone,
     )
 
 

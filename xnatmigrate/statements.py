@@ -33,6 +33,7 @@ def insert_session(session: PrearchiveSession) -> list[Statement]:
         timestamp_columns=xnat_table.TIMESTAMP_COLUMNS,
         bool_columns=_BOOL_COLUMNS,
         lock_key=lock_key(row["project"], row["timestamp"], row["foldername"]),
+        lastmod_zone=session.lastmod_zone,
     )
 
 
@@ -64,6 +65,17 @@ def fetch_row(project: str | None, timestamp: str, foldername: str) -> Statement
         project=project,
         timestamp=timestamp,
         foldername=foldername,
+    )
+
+
+def release_row(project: str | None, timestamp: str, foldername: str) -> Statement:
+    """prevent_auto_commit back to false on this tool's row once its REST build is READY."""
+    return render_statement(
+        "prearchive_release.sql.j2",
+        project=project,
+        timestamp=timestamp,
+        foldername=foldername,
+        source=xnat_table.ROW_SOURCE,
     )
 
 

@@ -18,7 +18,7 @@ INSERT INTO xdat_search.prearchive (project, timestamp, lastmod, uploaded, scan_
 SELECT
 CAST('prj001' AS varchar),
 CAST('20240229_235959999' AS varchar),
-LOCALTIMESTAMP,
+CAST(now() AT TIME ZONE 'Europe/Berlin' AS timestamp),
 CAST('2024-02-29 23:59:59.999' AS timestamp),
 CAST('2021-09-24 11:48:16' AS timestamp),
 CAST('11:48:16' AS varchar),
@@ -52,7 +52,7 @@ INSERT INTO xdat_search.prearchive (project, timestamp, lastmod, uploaded, scan_
 SELECT
 CAST('prj001' AS varchar),
 CAST('20240301_000000000' AS varchar),
-LOCALTIMESTAMP,
+CAST(now() AT TIME ZONE 'Europe/Berlin' AS timestamp),
 CAST('2024-03-01 00:00:00.000' AS timestamp),
 CAST('2016-02-09 13:26:47' AS timestamp),
 CAST('13:26:47' AS varchar),
@@ -86,7 +86,7 @@ INSERT INTO xdat_search.prearchive (project, timestamp, lastmod, uploaded, scan_
 SELECT
 CAST('prj001' AS varchar),
 CAST('20240301_000000001' AS varchar),
-LOCALTIMESTAMP,
+CAST(now() AT TIME ZONE 'Europe/Berlin' AS timestamp),
 CAST('2024-03-01 00:00:00.001' AS timestamp),
 CAST('2022-10-03 18:00:33' AS timestamp),
 CAST('18:00:33' AS varchar),

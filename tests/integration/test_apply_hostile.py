@@ -296,3 +296,11 @@ def test_a_session_interrupted_after_its_last_step_is_finished_not_noop(site):
     first = report.sessions[0]
     assert first.outcome is Result.DONE and "interrupted earlier run" in (first.message or "")
     assert report.sessions[1].outcome is Result.DONE and report.sessions[1].message is None
+
+
+def test_after_the_rest_build_the_row_is_handed_back_to_xnats_scheduler(site):
+    """A build copies prevent_auto_commit from the old row (§9): left true, later data of the study
+    would stay RECEIVING for ever. After READY the tool sets it back to false on its own rows."""
+    plan(site)
+    assert not api.apply(state_dir=site.state, poll=0.05).failures
+    assert [(r[6], r[10]) for r in site.rows()] == [("READY", "False"), ("READY", "False")]

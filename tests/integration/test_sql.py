@@ -112,7 +112,8 @@ def test_plan_sql_runs_twice_under_psql_with_hostile_values(pg_dsn, tmp_path):
     got = rows(pg_dsn.dsn)
     assert len(got) == 3
     assert sorted(r[5] for r in got) == [f"{hostile}{i}" for i in range(3)]
-    assert {r[4] for r in got} == {labels.sanitize(hostile)}
+    # The trailing space is DICOM padding, trimmed with the value; toLabelChars itself trims nothing.
+    assert {r[4] for r in got} == {labels.sanitize(hostile.strip())}
 
 
 def test_table_profile_detection(pg_dsn):
@@ -133,3 +134,33 @@ def test_dead_database_is_one_clear_line():
         pass
     msg = str(exc.value)
     assert "cannot connect to XNAT's database (none on 127.0.0.1:1)" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Los_Angeles"])
+def test_lastmod_is_written_in_xnats_zone_whatever_the_database_sessions(pg_dsn, monkeypatch, zone):
+    """SessionXMLRebuilder compares lastmod with the JVM's clock in the JVM's zone (§9)."""
+    from zoneinfo import ZoneInfo
+
+    from xnatmigrate.model import XnatTarget
+
+    m = manifest(src())
+    m = m.__class__(**{**m.__dict__, "xnat": XnatTarget(**{**m.xnat.__dict__, "timezone": zone})})
+    p = build_plan(m, [(0, header("/src/a"))], [], FakeState(), XnatFacts(), datetime(2024, 1, 31, 10))
+    assert p.sessions[0].lastmod_zone == zone
+    monkeypatch.setenv("PGTZ", "UTC")  # the database session's zone differs from XNAT's
+    with db.connect(pg_dsn.dsn) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SHOW TimeZone")
+            assert cur.fetchone()[0] == "UTC"
+        assert db.insert_row(conn, p.sessions[0]) == "done"
+    (row,) = rows(pg_dsn.dsn)
+    want = datetime.now(ZoneInfo(zone)).replace(tzinfo=None)
+    assert abs((row[-1] - want).total_seconds()) < 120  # XNAT's wall clock, not UTC's
+    utc = datetime.now(ZoneInfo("UTC")).replace(tzinfo=None)
+    assert abs((row[-1] - utc).total_seconds()) > 3600
+
+
+def test_no_zone_known_keeps_localtimestamp(pg_dsn):
+    p = plan_for({})
+    assert p.sessions[0].lastmod_zone == ""
+    assert "LOCALTIMESTAMP" in statements.insert_session(p.sessions[0])[1].sql

@@ -231,7 +231,7 @@ def test_a_status_outside_the_enum_breaks_listings(xnat: XnatStandIn, client: Xn
 def test_missing_rows_are_404(xnat: XnatStandIn, client: XnatClient) -> None:
     make_session(xnat, "prj001", "S1")  # files without a row stay invisible (§1 "no periodic rescan")
     assert client.prearchive_session("prj001", TS, "S1") is None
-    assert client.delete_prearchive_session("prj001", TS, "S1") is False
+    assert client.delete_prearchive_session("prj001", TS, "S1") is True  # no row afterwards: gone
     for call in (client.rebuild, client.archive):
         with pytest.raises(XnatRestError) as err:
             call("prj001", TS, "S1")
@@ -365,7 +365,8 @@ def test_archive_moves_the_session_and_deletes_the_row(xnat: XnatStandIn, client
     sdir = make_session(xnat, "prj001", "S1")
     insert_row(xnat.dsn, "prj001", "S1", xnat=xnat)
     built(xnat, "prj001", "S1")
-    uri = client.archive("prj001", TS, "S1")
+    uri, finished = client.archive("prj001", TS, "S1")
+    assert finished
     assert uri == "/data/archive/projects/prj001/subjects/prj001_001/experiments/S1"
     target = xnat.archive / "prj001" / "arc001" / "S1"
     assert not sdir.exists() and not (sdir.parent / "S1.xml").exists()
@@ -465,7 +466,7 @@ def test_both_table_profiles(pg_dsn: PgDb, tmp_path: Path) -> None:
         insert_row(standin.dsn, "prj001", "S1", xnat=standin)
         with XnatClient(standin.url, ADMIN) as c:
             built(standin, "prj001", "S1")
-            assert c.archive("prj001", TS, "S1").endswith("/experiments/S1")
+            assert c.archive("prj001", TS, "S1")[0].endswith("/experiments/S1")
     assert standin.errors == []
 
 

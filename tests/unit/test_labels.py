@@ -181,3 +181,20 @@ def test_java_dot_does_not_cross_a_carriage_return():
 
 def test_a_trailing_newline_is_not_a_valid_label():
     assert not labels.is_valid_label("prj001\n")
+
+
+def test_a_missing_hash_operand_is_hashed_as_xnat_writes_it():
+    """TemplatizedDicomFileNamer:93-96: the operand's placeholder text is hashed, not an empty string."""
+    values = {
+        "StudyInstanceUID": "1.2",
+        "SeriesNumber": "3",
+        "InstanceNumber": "4",
+        "SOPInstanceUID": "1.2.3.4",
+    }
+    name = labels.file_name(values)
+    assert name == f"1.2-3-4-{labels.xnat_hash('no-value-for-SOPClassUID', '1.2.3.4')}.dcm"
+    assert labels.xnat_hash("no-value-for-SOPClassUID", "1.2.3.4") != labels.xnat_hash("", "1.2.3.4")
+
+
+def test_sanitize_does_not_trim():
+    assert labels.sanitize(" PAT 01 ") == "_PAT_01_"

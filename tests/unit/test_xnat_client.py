@@ -16,7 +16,13 @@ from urllib.parse import parse_qs
 import pytest
 
 from xnatmigrate.errors import XnatRestError
-from xnatmigrate.execute.xnat import Credentials, XnatClient, credentials_from_env, prearchive_uri
+from xnatmigrate.execute.xnat import (
+    Credentials,
+    OutcomeUnknown,
+    XnatClient,
+    credentials_from_env,
+    prearchive_uri,
+)
 
 PASSWORD = "s3cret-Pa55"
 CREDS = Credentials("alice", PASSWORD, "XNAT_USER/XNAT_PASSWORD")
@@ -384,7 +390,7 @@ def test_archive_returns_the_uri_and_sends_the_form(server: tuple[Scripted, str]
     uri = client(url).archive(
         "P1", "20240131_101112123", "E", overwrite="append", dest="/archive/projects/P1"
     )
-    assert uri == "/data/archive/projects/P1/subjects/S/experiments/E"
+    assert uri == ("/data/archive/projects/P1/subjects/S/experiments/E", True)
     assert parse_qs(non_login(script)[0]["body"].decode()) == {
         "src": ["/prearchive/projects/P1/20240131_101112123/E"],
         "overwrite": ["append"],
@@ -449,7 +455,14 @@ def test_small_getters(server: tuple[Scripted, str]) -> None:
     c = client(url)
     assert c.prearchive_code("P1") == 4
     assert c.last_log("P1", "20240131_101112123", "S1") == "boom"
+    # XNAT answers a DELETE with 200 whether or not it removed the row (§9): the row is read again.
+    script.on("DELETE", "/data/prearchive/projects/P1/20240131_101112123/S9", (200, ""))
+    script.on(
+        "GET", "/data/prearchive/projects/P1/20240131_101112123/S9", (200, table({"status": "_DELETING"}))
+    )
     assert c.delete_prearchive_session("P1", "20240131_101112123", "S9") is False
+    script.on("GET", "/data/prearchive/projects/P1/20240131_101112123/S9", (200, table()))
+    assert c.delete_prearchive_session("P1", "20240131_101112123", "S9") is True
     script.on("GET", "/data/projects/P2/prearchive_code", (200, "<html>Login</html>"))
     with pytest.raises(XnatRestError, match="not a prearchive code"):
         c.prearchive_code("P2")
@@ -475,3 +488,45 @@ def test_base_path_prefix_is_kept(server: tuple[Scripted, str]) -> None:
         "/xnat/data/JSESSION",
         "/xnat/data/projects/P1/prearchive_code",
     ]
+
+
+def test_archive_303_means_xnat_archives_it_itself(server: tuple[Scripted, str]) -> None:
+    script, url = server
+    script.on("POST", "/data/services/archive", (303, ""))
+    uri, finished = client(url).archive("P1", "20240131_101112123", "E")
+    assert finished is False and uri == "/prearchive/projects/P1/20240131_101112123/E"
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_archive_is_never_sent_twice(server: tuple[Scripted, str], status: int) -> None:
+    """Not idempotent (§9): a 5xx is an answer, not a reason to POST again."""
+    script, url = server
+    script.on("POST", "/data/services/archive", (status, "boom"), (200, "/data/archive/x\r\n"))
+    with pytest.raises(XnatRestError):
+        client(url).archive("P1", "20240131_101112123", "E")
+    assert sum(1 for r in non_login(script) if r["path"].startswith("/data/services/archive")) == 1
+
+
+def test_archive_timeout_is_an_unknown_outcome_not_a_retry(server: tuple[Scripted, str]) -> None:
+    script, url = server
+    script.on("POST", "/data/services/archive", (200, "/data/archive/x\r\n", 1.5))
+    with pytest.raises(OutcomeUnknown, match="timed out"):
+        client(url).archive("P1", "20240131_101112123", "E", timeout=0.3)
+    assert sum(1 for r in non_login(script) if r["path"].startswith("/data/services/archive")) == 1
+
+
+def test_prearchive_file_counts_come_from_resources(server: tuple[Scripted, str]) -> None:
+    script, url = server
+    base = "/data/prearchive/projects/P1/20240131_101112123/S1"
+    script.on(
+        "GET",
+        base + "/resources",
+        (
+            200,
+            table(
+                {"category": "scans", "cat_id": "1", "label": "DICOM", "file_count": "3", "file_size": "9"},
+                {"category": "scans", "cat_id": "2", "label": "DICOM", "file_count": "2", "file_size": "9"},
+            ),
+        ),
+    )
+    assert client(url).prearchive_scan_files("P1", "20240131_101112123", "S1") == {"1": 3, "2": 2}

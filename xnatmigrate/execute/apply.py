@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -47,8 +48,9 @@ from ..model import (
 from ..state import StateStore
 from . import db, files, recheck, settings
 from .connections import Connections
-from .xnat import XnatClient
+from .xnat import ARCHIVE_TIMEOUT, OutcomeUnknown, XnatClient
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 # Errors of shared resources: stop the run rather than fail every remaining session alike.
@@ -318,7 +320,9 @@ class _Runner:
                 client = self.client()
                 row = client.prearchive_session(project, ts, folder)
                 if row is not None and row.get("status") == "READY":
-                    self.record(res, Step.BUILD, Outcome.NOOP, {"status": "READY"})
+                    # Built already (a crash after the build): release it all the same, idempotently.
+                    released = self.release(s)
+                    self.record(res, Step.BUILD, Outcome.NOOP, {"status": "READY", "released": released})
                     return
                 client.rebuild(project, ts, folder)
                 row = client.wait_for_status(
@@ -332,7 +336,8 @@ class _Runner:
                         f"XNAT's build of {s.prearchive_uri} ended {status}: {log.strip()[:300] or 'no log'}; "
                         "fix the cause in XNAT (prearchive page → Rebuild), then rerun apply"
                     )
-                self.record(res, Step.BUILD, Outcome.DONE, {"status": status})
+                released = self.release(s)
+                self.record(res, Step.BUILD, Outcome.DONE, {"status": status, "released": released})
             case Build.SCHEDULER:
                 self.record(
                     res, Step.BUILD, Outcome.NOOP, {"reason": "left to XNAT's SessionXMLRebuilder job"}
@@ -341,6 +346,12 @@ class _Runner:
                 self.record(res, Step.BUILD, Outcome.NOOP, {"reason": "build: none"})
             case _:
                 unreachable(s.build)
+
+    def release(self, s: PlannedSession) -> bool:
+        """The REST build is READY: prevent_auto_commit back to false on our row (prearchive route)."""
+        if isinstance(s, PrearchiveSession) and self.plan.xnat.database is not None:
+            return db.release_row(self.conn(), s) > 0
+        return False
 
     def archive(
         self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str
@@ -355,17 +366,63 @@ class _Runner:
         if client.prearchive_session(project, ts, folder) is None:
             # Check: a crash between XNAT archiving and our record leaves no row; the archived
             # experiment proves the step happened (the archive call itself is not idempotent).
-            if project and folder in client.experiment_labels(project):
+            if project and s.session in client.experiment_labels(project):
                 self.record(
-                    res, Step.ARCHIVE, Outcome.NOOP, {"reason": f"{project}/{folder} is already archived"}
+                    res, Step.ARCHIVE, Outcome.NOOP, {"reason": f"{project}/{s.session} is already archived"}
                 )
                 return
             raise ApplyError(
                 f"{s.prearchive_uri} is no longer in XNAT's prearchive and not archived in {project}; "
                 "see `xnatmigrate refresh`"
             )
-        uri = client.archive(project, ts, folder)
+        try:
+            uri, finished = client.archive(project, ts, folder)
+        except OutcomeUnknown as exc:
+            # Never POST again: XNAT may be archiving it right now. Learn the outcome instead.
+            log.warning("%s; polling XNAT for the outcome", exc)
+            uri, finished = "", False
+        except XnatRestError as exc:
+            if exc.status in (400, 403, 404, 409):
+                # XNAT refused this session (a label conflict, busy, no row): it fails, the run goes on.
+                raise ApplyError(f"{exc}; fix it in XNAT, then rerun apply") from None
+            raise
+        if not finished:
+            # A 303 (auto-archive, Archiver:131) or a lost answer: wait until the row is gone and the
+            # experiment is there, or the row says ERROR/CONFLICT.
+            uri = self.archive_outcome(client, s, project, ts, folder)
         self.record(res, Step.ARCHIVE, Outcome.DONE, {"uri": uri})
+
+    def archive_outcome(
+        self, client: XnatClient, s: PlannedSession, project: str | None, ts: str, folder: str
+    ) -> str:
+        """The archive's outcome, read from XNAT (its row and the project's experiments)."""
+        deadline = time.monotonic() + ARCHIVE_TIMEOUT
+        while True:
+            row = client.prearchive_session(project, ts, folder)
+            if row is None:
+                if project and s.session in client.experiment_labels(project):
+                    return f"/data/archive/projects/{project}/experiments/{s.session}"
+                raise ApplyError(
+                    f"{s.prearchive_uri} left XNAT's prearchive but is not archived in {project}; "
+                    "see `xnatmigrate refresh` and XNAT's logs"
+                )
+            status = row.get("status", "")
+            if status in ("ERROR", "CONFLICT"):
+                log_text = client.last_log(project, ts, folder)
+                raise ApplyError(
+                    f"XNAT's archive of {s.prearchive_uri} ended {status}: {log_text.strip()[:300] or 'no log'}; "
+                    "fix it in XNAT, then rerun apply"
+                )
+            if status == "READY":
+                raise ApplyError(
+                    f"XNAT did not start archiving {s.prearchive_uri} (row READY): rerun apply to ask again"
+                )
+            if time.monotonic() > deadline:
+                raise ApplyError(
+                    f"XNAT is still archiving {s.prearchive_uri} (status {status}) after {ARCHIVE_TIMEOUT:g} s; "
+                    "rerun apply later: the step is checked, not repeated"
+                )
+            time.sleep(self.opts.poll)
 
     def cstore(self, s: CstoreSession, res: SessionResult) -> None:
         from . import dicom

@@ -237,6 +237,13 @@ def check_insertable(conn: Connection, session: PrearchiveSession) -> bool:
     return False
 
 
+def release_row(conn: Connection, session: PrearchiveSession) -> int:
+    """After the tool's REST build: let XNAT's scheduler handle later data of the session (rows changed)."""
+    with conn, conn.cursor() as cur:
+        execute(cur, statements.release_row(session.project, session.timestamp, session.session))
+        return int(cur.rowcount)
+
+
 def delete_row(conn: Connection, project: str | None, timestamp: str, foldername: str) -> int:
     with conn, conn.cursor() as cur:
         execute(cur, statements.delete_row(project, timestamp, foldername))

@@ -7,6 +7,7 @@ nothing. A check that cannot run is listed in ``XnatFacts.skipped`` with the rea
 from __future__ import annotations
 
 import os
+import zoneinfo
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def gather_facts(manifest: Manifest, study_uids: Sequence[str], offline: bool) -
         except XnatMigrateError as exc:
             skipped.append(f"XNAT's database ({exc}): table profile, existing prearchive rows")
     return XnatFacts(
+        local_timezone=local_timezone(),
         table_profile=profile,
         existing_rows=rows,
         archived=None,
@@ -117,3 +119,31 @@ def archived_facts(
         except XnatMigrateError as exc:
             return None, (f"{what} ({exc})",)
     return None, (f"{what}: neither xnat.url nor xnat.database is set",)
+
+
+def local_timezone() -> str | None:
+    """This machine's IANA time zone name (TZ, /etc/timezone, /etc/localtime's target), or None.
+
+    NOTE: the default for XNAT's JVM zone when the manifest sets no ``xnat.timezone``: XNAT usually
+    runs on, or beside, the machine that holds its prearchive.
+    """
+    candidates: list[str] = []
+    if os.environ.get("TZ"):
+        candidates.append(os.environ["TZ"].lstrip(":"))
+    try:
+        candidates.append(Path("/etc/timezone").read_text().strip())
+    except OSError:
+        pass
+    try:
+        target = os.path.realpath("/etc/localtime")
+        if "zoneinfo/" in target:
+            candidates.append(target.split("zoneinfo/", 1)[1])
+    except OSError:
+        pass
+    for name in candidates:
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            continue
+        return name
+    return None

@@ -129,7 +129,8 @@ class _Reverter:
         # to find and delete (§7); a folder without a row would be invisible to the UI.
         client = self.client()
         if client is not None and row is not None:
-            client.delete_prearchive_session(s.project, s.timestamp, s.session)
+            if not client.delete_prearchive_session(s.project, s.timestamp, s.session):
+                return self.kept_by_xnat(item, client.prearchive_session(s.project, s.timestamp, s.session))
             self.record(item, Step.REVERT_FILES, Outcome.DONE, {"via": "REST DELETE"})
             self.record(item, Step.REVERT_ROW, Outcome.DONE, {"via": "REST DELETE"})
         else:
@@ -212,10 +213,22 @@ class _Reverter:
                 "the prearchive session XNAT's receiver made (REST DELETE)",
             )
             return item
-        gone = client.delete_prearchive_session(s.project, located["timestamp"], located["folder"])
-        self.record(item, Step.REVERT_FILES, Outcome.DONE if gone else Outcome.NOOP, {"via": "REST DELETE"})
+        if not client.delete_prearchive_session(s.project, located["timestamp"], located["folder"]):
+            return self.kept_by_xnat(
+                item, client.prearchive_session(s.project, located["timestamp"], located["folder"])
+            )
+        self.record(item, Step.REVERT_FILES, Outcome.DONE, {"via": "REST DELETE"})
         self.forget(s, item)
         return item
+
+    def kept_by_xnat(self, item: RevertItem, row: dict[str, str] | None) -> RevertItem:
+        """XNAT answered the DELETE with 200 but kept the session (a locked row, §9): it stays in the
+        ledger, so a later revert can remove it."""
+        status = row.get("status", "?") if row else "?"
+        return self.refuse(
+            item,
+            f"XNAT kept it after the DELETE (status {status}): wait for XNAT to release it, then rerun revert",
+        )
 
     def forget(self, s: AppliedSession, item: RevertItem) -> None:
         for step in self.store.steps_done(s.action_id) & APPLY_STEPS:

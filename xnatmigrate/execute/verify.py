@@ -22,8 +22,12 @@ from .xnat import XnatClient
 # Statuses a healthy session may show after apply: waiting, being built, built (§3). ERROR and
 # CONFLICT are problems; locked/queued ones mean XNAT is busy with it (not a failure of ours).
 HEALTHY = frozenset({"RECEIVING", "READY", "BUILDING", "QUEUED_BUILDING", "_BUILDING", "RECEIVING_INTERRUPT"})
-# Columns XNAT itself rewrites after our insert (status changes, builds): not compared.
-XNAT_OWNED = frozenset({"lastmod", "status", "scan_date", "scan_time", "subject", "autoarchive"})
+# Columns not compared with the plan: a build rewrites lastmod, scan_date, scan_time, subject,
+# uploaded and timezone from the session XML (PrearcTableBuilder:66-73, §9), status moves, and after
+# its REST build the tool itself sets prevent_auto_commit back to false (sql/prearchive_release.sql.j2).
+XNAT_OWNED = frozenset(
+    {"lastmod", "status", "scan_date", "scan_time", "subject", "uploaded", "timezone", "prevent_auto_commit"}
+)
 
 
 @dataclass

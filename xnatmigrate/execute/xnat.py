@@ -56,6 +56,14 @@ _MAX_TEXT = 200
 _NOT_RETRYABLE_5XX = frozenset({501, 505})
 
 
+# XNAT's sessionArchiveTimeoutInterval (600 s, QueueBasedImageCommit:140), plus a margin.
+ARCHIVE_TIMEOUT = 630.0
+
+
+class OutcomeUnknown(XnatRestError):
+    """A request that is not idempotent was sent, but its answer never came: XNAT may have acted."""
+
+
 # --- credentials ------------------------------------------------------------------------------------
 
 
@@ -174,6 +182,7 @@ class _Response:
     reason: str
     body: bytes
     content_type: str
+    location: str = ""
 
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
@@ -361,11 +370,20 @@ class XnatClient:
         overwrite: str = "none",
         dest: str | None = None,
         extra: Mapping[str, str] | None = None,
-    ) -> str:
-        """Archive one session (``POST /data/services/archive``, §4.5 Archiver); returns the archive URI.
+        timeout: float = ARCHIVE_TIMEOUT,
+    ) -> tuple[str, bool]:
+        """Archive one session (``POST /data/services/archive``, §4.5, §9 Archiver).
 
-        One ``src`` makes the call synchronous; the answer is text/uri-list
-        ``/data/archive/projects/P/subjects/S/experiments/E``.
+        Returns (URI, finished): the archive URI and True when XNAT answered 200 (done); the
+        ``Location`` (or the source) and False for a 303 (XNAT archives it as auto-archive: poll).
+
+        One ``src`` makes the call synchronous: XNAT answers 200 text/uri-list
+        ``/data/archive/projects/P/subjects/S/experiments/E`` when done, or 303 with ``Location``
+        when the session is auto-archive (Archiver:131). It can run for XNAT's
+        ``sessionArchiveTimeoutInterval`` (600 s, QueueBasedImageCommit:140), so it gets ``timeout``
+        of its own. NOTE: sent exactly once — a retry after XNAT archived finds the row gone — and a
+        timeout or lost connection raises ``OutcomeUnknown``: learn the outcome from the row and
+        the experiment, never by posting again.
         """
         path = "/data/services/archive"
         src = prearchive_uri(project, timestamp, folder)
@@ -375,28 +393,36 @@ class XnatClient:
         form.update(extra or {})
         ctx = _Ctx(
             project,
-            src,
+            f"archive {src}",
             {
                 400: "XNAT refused to archive; Unassigned sessions must be moved to a project first (§4.5)",
                 403: "the session is busy (another operation holds it) or the user lacks edit rights",
+                404: "XNAT has no prearchive row for it (already archived or deleted?)",
                 409: "an experiment with this label already exists (row is now CONFLICT): "
                 "use overwrite=append/delete or another label",
             },
         )
-        resp = self._call("POST", path, None, form=form, ctx=ctx)
+        resp = self._call("POST", path, None, form=form, ctx=ctx, allow=(303,), once=True, timeout=timeout)
+        if resp.status == 303:
+            return resp.location or src, False
         for line in resp.text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):  # text/uri-list comments start with '#'
-                return line
+                return line, True
         raise XnatRestError(
-            f"XNAT POST {path} (src={src}) answered 200 without an archive URI; check XNAT's logs"
+            f"XNAT POST {path} (src={src}) answered {resp.status} without an archive URI; check XNAT's logs"
         )
 
     def delete_prearchive_session(self, project: str | None, timestamp: str, folder: str) -> bool:
-        """Delete a session's files and row (§4.4 DELETE); False if it was already gone (404)."""
+        """Delete a session's files and row (§4.4 DELETE); True when its row is gone afterwards.
+
+        NOTE: XNAT answers 200 for a missing and for a locked row alike (§9), so the answer proves
+        nothing: the row is read again, and a locked session XNAT kept gives False.
+        """
         path = "/data" + prearchive_uri(project, timestamp, folder)
         ctx = _Ctx(project, hints={409: "the session is locked by a running operation: wait and rerun"})
-        return self._call("DELETE", path, None, ctx=ctx, allow=(404,)).status != 404
+        self._call("DELETE", path, None, ctx=ctx, allow=(404,))
+        return self.prearchive_session(project, timestamp, folder) is None
 
     def wait_for_session(
         self, project: str | None, study_uid: str, label: str, *, timeout: float = 600.0, poll: float = 1.0
@@ -407,8 +433,13 @@ class XnatClient:
         with this StudyInstanceUID and label is the one the C-STORE files went into.
         """
         deadline = time.monotonic() + timeout
+        shown = project or UNASSIGNED  # an admin's listing holds Unassigned rows too (§9): filter on it
         while True:
-            rows = [r for r in self.prearchive_sessions(project, tag=study_uid) if r.get("name") == label]
+            rows = [
+                r
+                for r in self.prearchive_sessions(project, tag=study_uid)
+                if r.get("name") == label and r.get("project") == shown
+            ]
             if rows:
                 return rows[0]
             remaining = deadline - time.monotonic()
@@ -420,13 +451,19 @@ class XnatClient:
             self._sleep(min(poll, remaining))
 
     def prearchive_scan_files(self, project: str | None, timestamp: str, folder: str) -> dict[str, int]:
-        """Scan ID → number of DICOM files of a prearchive session (``.../scans?format=json``, §4.4).
+        """Scan ID → number of files of a prearchive session's scan resources.
 
-        NOTE: UNCONFIRMED shape: the column ``file_count`` is what the stand-in serves.
+        ``/scans`` lists ID, xsiType and series_description only (PrearcScansListResource:34-40, §9);
+        the counts come from ``.../resources?format=json`` (category, cat_id, label, file_count, …).
         """
-        path = "/data" + prearchive_uri(project, timestamp, folder) + "/scans"
+        path = "/data" + prearchive_uri(project, timestamp, folder) + "/resources"
         resp = self._call("GET", path, {"format": "json"}, ctx=_Ctx(project))
-        return {r["ID"]: int(r.get("file_count") or 0) for r in self._table(resp, "GET", path)}
+        out: dict[str, int] = {}
+        for r in self._table(resp, "GET", path):
+            if r.get("category", "scans") in ("scans", "scan", ""):
+                key = r.get("cat_id") or r.get("label") or "?"
+                out[key] = out.get(key, 0) + int(r.get("file_count") or 0)
+        return out
 
     def experiment_labels(self, project: str) -> set[str]:
         """Labels of the project's archived experiments (``GET /data/projects/<P>/experiments``)."""
@@ -486,17 +523,25 @@ class XnatClient:
         form: Mapping[str, str] | None = None,
         ctx: _Ctx | None = None,
         allow: tuple[int, ...] = (),
+        once: bool = False,
+        timeout: float | None = None,
     ) -> _Response:
-        """One authenticated request; raises XnatRestError unless 2xx or in ``allow``."""
+        """One authenticated request; raises XnatRestError unless 2xx or in ``allow``.
+
+        ``once``: a call that is not idempotent (archive) is sent exactly once — never retried on a
+        5xx, a lost connection or a timeout, whose outcome is then unknown (``OutcomeUnknown``).
+        """
         ctx = ctx or _Ctx()
         full = path + ("?" + urlencode(query) if query else "")
         body = urlencode(form).encode("utf-8") if form is not None else None
         sid = self._ensure_session()
-        resp = self._send_retrying(method, full, body, sid, ctx)
+        send = self._send_once if once else self._send_retrying
+        resp = send(method, full, body, sid, ctx, timeout=timeout)
         if resp.status == 401:
-            # §4.1: the session may have expired or been invalidated; log in again, once.
+            # §4.1: the session may have expired or been invalidated; log in again, once. (A 401
+            # means XNAT did not run the request, so even a non-idempotent one may be sent again.)
             sid = self._relogin(sid)
-            resp = self._send_retrying(method, full, body, sid, ctx)
+            resp = send(method, full, body, sid, ctx, timeout=timeout)
         if 200 <= resp.status < 300 or resp.status in allow:
             return resp
         raise self._error(method, path, resp, ctx)
@@ -529,14 +574,45 @@ class XnatClient:
         log.debug("XNAT session opened at %s as %s", self.base_url, self.auth.user)
         return sid
 
+    def _send_once(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        cookie: str | None,
+        ctx: _Ctx,
+        basic: bool = False,
+        timeout: float | None = None,
+    ) -> _Response:
+        try:
+            return self._send(method, path, body, cookie=cookie, basic=basic, timeout=timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise XnatRestError(
+                f"cannot verify the TLS certificate of {self.base_url} ({exc.verify_message}); "
+                "fix xnat.url or the CA bundle"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            kind = "timed out" if isinstance(exc, TimeoutError) else "lost its connection"
+            raise OutcomeUnknown(
+                f"XNAT {method} {path.split('?')[0]}{' (' + ctx.what + ')' if ctx.what else ''} {kind} "
+                f"({type(exc).__name__}); it is not sent again: XNAT may have done it"
+            ) from None
+
     def _send_retrying(
-        self, method: str, path: str, body: bytes | None, cookie: str | None, ctx: _Ctx, basic: bool = False
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        cookie: str | None,
+        ctx: _Ctx,
+        basic: bool = False,
+        timeout: float | None = None,
     ) -> _Response:
         attempt = 0
         while True:
             failure: Exception | None = None
             try:
-                resp = self._send(method, path, body, cookie=cookie, basic=basic)
+                resp = self._send(method, path, body, cookie=cookie, basic=basic, timeout=timeout)
             except ssl.SSLCertVerificationError as exc:
                 raise XnatRestError(
                     f"cannot verify the TLS certificate of {self.base_url} ({exc.verify_message}); "
@@ -565,7 +641,14 @@ class XnatClient:
             attempt += 1
 
     def _send(
-        self, method: str, path: str, body: bytes | None, *, cookie: str | None, basic: bool = False
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        *,
+        cookie: str | None,
+        basic: bool = False,
+        timeout: float | None = None,
     ) -> _Response:
         headers = {"User-Agent": f"xnatmigrate/{__version__}", "Accept": "*/*"}
         if basic:
@@ -574,24 +657,34 @@ class XnatClient:
             headers["Cookie"] = f"JSESSIONID={cookie}"
         if body is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-        conn = self._connection()
-        conn.request(method, self._prefix + path, body=body, headers=headers)
-        raw = conn.getresponse()
-        data = raw.read()
-        return _Response(raw.status, raw.reason or "", data, raw.getheader("Content-Type", "") or "")
+        # A call with its own timeout (a long, synchronous archive) gets a connection of its own.
+        conn = self._connection() if timeout is None else self._new_connection(timeout)
+        try:
+            conn.request(method, self._prefix + path, body=body, headers=headers)
+            raw = conn.getresponse()
+            data = raw.read()
+        finally:
+            if timeout is not None:
+                conn.close()
+        return _Response(
+            raw.status,
+            raw.reason or "",
+            data,
+            raw.getheader("Content-Type", "") or "",
+            raw.getheader("Location", "") or "",
+        )
+
+    def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout, context=self._ssl or ssl.create_default_context()
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self._https:
-                conn = http.client.HTTPSConnection(
-                    self._host,
-                    self._port,
-                    timeout=self.timeout,
-                    context=self._ssl or ssl.create_default_context(),
-                )
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            conn = self._new_connection(self.timeout)
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
