@@ -31,6 +31,7 @@ from .model import (
     Plan,
     PrearchiveSession,
     SessionState,
+    SiteFacts,
     Step,
     XnatTarget,
     json_text,
@@ -127,7 +128,7 @@ def plan(
     now: datetime | None = None,
 ) -> PlanOutcome:
     """Scan, check and plan; write plan.json and plan.sql. Raises PlanError when refused."""
-    from .execute.facts import archived_facts, gather_facts
+    from .execute.facts import archived_facts, gather_facts, site_facts
     from .scan import scan_sources
 
     started = time.monotonic()
@@ -149,10 +150,19 @@ def plan(
         result = build_plan(
             manifest, scanned.headers, scanned.rejects, store.view(), facts, when, keywords, scanned.warnings
         )
+        # What depends on the projects the draft plan writes into: archived labels, site settings.
+        projects = sorted({s.project for s in result.sessions if s.project})
         archived = archived_facts(manifest, result, offline)
-        if archived is not None and archived[0] is not None:
-            # Plan again with the archived labels known: studies that collide get held back.
-            facts = replace(facts, archived=archived[0], skipped=facts.skipped + archived[1])
+        site, site_skipped = site_facts(manifest, projects, offline)
+        facts = replace(
+            facts,
+            archived=archived[0] if archived is not None else None,
+            site=site,
+            skipped=facts.skipped + (archived[1] if archived is not None else ()) + site_skipped,
+        )
+        learnt = (archived is not None and archived[0] is not None) or site != SiteFacts()
+        if learnt:
+            # Plan again with them known: studies that collide get held back, settings refuse or warn.
             result = build_plan(
                 manifest,
                 scanned.headers,
@@ -163,8 +173,9 @@ def plan(
                 keywords,
                 scanned.warnings,
             )
-        elif archived is not None:
-            result = with_plan_id(replace(result, skipped_checks=result.skipped_checks + archived[1]))
+        else:  # nothing learnt (offline, no XNAT): one pass is enough; say what was not checked
+            extra = tuple(x for x in facts.skipped if x not in result.skipped_checks)
+            result = with_plan_id(replace(result, skipped_checks=result.skipped_checks + extra))
         store.record_timestamps(
             (s.project, s.session, s.study_uid, s.timestamp)
             for s in result.sessions

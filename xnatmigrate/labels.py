@@ -343,6 +343,11 @@ def template_file_keywords(template: str = XNAT_FILE_NAME_TEMPLATE) -> frozenset
     return frozenset(names)
 
 
+def strip_template_vars(template: str) -> str:
+    """The template without its ``${Var}`` parts (what is left must be plain text)."""
+    return _TEMPLATE_VAR.sub("", template)
+
+
 def file_name(values: Mapping[str, str], template: str = XNAT_FILE_NAME_TEMPLATE) -> str:
     """The name XNAT's TemplatizedDicomFileNamer gives a file (§2).
 

@@ -81,6 +81,7 @@ _OPTION_KEYS = (
     "follow_links",
     "merge_subjects",
     "allow_partial_studies",
+    "anonymization",
 )
 
 
@@ -492,6 +493,7 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
                 follow_links=bool(opts.get("follow_links", False)),
                 merge_subjects=bool(opts.get("merge_subjects", False)),
                 allow_partial_studies=bool(opts.get("allow_partial_studies", False)),
+                anonymization=opts.get("anonymization"),
             )
         )
     warnings = tuple(p.render() for p in doc.problems if p.severity == "warning")

@@ -130,6 +130,7 @@ class SourceSpec:
     follow_links: bool = False
     merge_subjects: bool = False  # distinct raw values rendering to one subject label are one person
     allow_partial_studies: bool = False  # migrate a study even with an unreadable file in its folders
+    anonymization: str | None = None  # "none": files written by the tool knowingly skip XNAT's site script
 
     def __post_init__(self) -> None:
         # Callers may spell the vocabularies as strings; inside, they are always members.
@@ -343,6 +344,7 @@ class CstoreSession(_SessionBase):
     routing: Routing
     routing_line: str | None = None
     contexts: tuple[PresentationContext, ...] = ()
+    direct_archive: bool = False  # the receiver archives straight away: no prearchive row (XNAT-6812)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -566,7 +568,11 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
                 for c in d.get("contexts", ())
             )
             return CstoreSession(
-                **common, routing=Routing(d["routing"]), routing_line=d.get("routing_line"), contexts=contexts
+                **common,
+                routing=Routing(d["routing"]),
+                routing_line=d.get("routing_line"),
+                contexts=contexts,
+                direct_archive=bool(d.get("direct_archive", False)),
             )
         case _:
             unreachable(method)
@@ -619,6 +625,29 @@ class ExistingRow:
 
 
 @dataclass(frozen=True)
+class Receiver:
+    """One of XNAT's DICOM receivers as ``/xapi/dicomscp`` lists it (§5, §9)."""
+
+    ae_title: str
+    port: int
+    enabled: bool = True
+    direct_archive: bool = False
+    anonymization: bool = True
+    routing_expressions: bool = False
+    expressions: tuple[str, ...] = ()  # the project/subject/session routing expressions set
+
+
+@dataclass(frozen=True)
+class SiteFacts:
+    """The XNAT site settings that change what a migration does (issue 12 §2); None: not read."""
+
+    anonymization_enabled: bool | None = None
+    prearchive_codes: Mapping[str, int] = field(default_factory=dict)  # project -> 0 | 4 | 5
+    receivers: tuple[Receiver, ...] | None = None
+    file_name_template: str | None = None
+
+
+@dataclass(frozen=True)
 class XnatFacts:
     """Facts about the target XNAT, each None when its check could not run (listed in ``skipped``).
 
@@ -634,5 +663,6 @@ class XnatFacts:
     free_bytes: int | None = None
     same_filesystem: Mapping[str, bool] | None = None  # source folder -> same fs as prearchive
     local_timezone: str | None = None  # this machine's IANA zone, the default for XNAT's
+    site: SiteFacts = field(default_factory=SiteFacts)
     refusals: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()

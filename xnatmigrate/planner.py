@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from . import labels, xnat_table
+from . import labels, site_rules, xnat_table
 from .errors import PlanError
 from .model import (
     Build,
@@ -133,9 +133,15 @@ def build_plan(
             continue
         todo.append(st)
 
-    sessions = _make_sessions(manifest, todo, state, facts, now)
+    template, template_refusal = site_rules.file_name_template(facts.site, frozenset(scan_keywords))
+    sessions = _make_sessions(manifest, todo, state, facts, now, template)
     warnings += _routing_warnings(todo)
     refusals += _target_refusals(manifest, sessions, facts)
+    site_refusals, site_warnings = site_rules.findings(manifest, sessions, facts.site)
+    refusals += site_refusals
+    warnings += site_warnings
+    if template_refusal and any(isinstance(s, PrearchiveSession) for s in sessions):
+        refusals.append(template_refusal)
     if refusals:
         raise PlanError("plan refused: " + "; ".join(refusals))
 
@@ -398,7 +404,12 @@ def _conflict_with_xnat(st: _Study, facts: XnatFacts, state: StateReader) -> str
 
 
 def _make_sessions(
-    manifest: Manifest, studies: list[_Study], state: StateReader, facts: XnatFacts, now: datetime
+    manifest: Manifest,
+    studies: list[_Study],
+    state: StateReader,
+    facts: XnatFacts,
+    now: datetime,
+    template: str = labels.XNAT_FILE_NAME_TEMPLATE,
 ) -> list[PlannedSession]:
     taken = set(facts.taken_timestamps) | state.all_timestamps()
     zone = manifest.xnat.timezone or facts.local_timezone or ""
@@ -408,7 +419,7 @@ def _make_sessions(
         method = st.source.method
         match method:
             case Method.CSTORE:
-                out.append(_cstore_session(st))
+                out.append(_cstore_session(st, template, site_rules.direct_archive(manifest, facts.site)))
             case Method.PREARCHIVE:
                 ts = state.timestamp_for(st.project, st.session, st.study_uid)
                 if ts is None:
@@ -416,13 +427,13 @@ def _make_sessions(
                         clock += timedelta(milliseconds=1)
                     ts = xnat_table.timestamp_folder(clock)
                     taken.add(ts)
-                out.append(_prearchive_session(manifest, st, ts, zone))
+                out.append(_prearchive_session(manifest, st, ts, zone, template))
             case _:
                 unreachable(method)
     return out
 
 
-def _scans(st: _Study) -> tuple[PlannedScan, ...]:
+def _scans(st: _Study, template: str) -> tuple[PlannedScan, ...]:
     by_series: dict[str, list[FileHeader]] = defaultdict(list)
     for h in st.files:
         by_series[h.series_uid].append(h)
@@ -439,7 +450,7 @@ def _scans(st: _Study) -> tuple[PlannedScan, ...]:
                 sop_instance_uid=h.sop_instance_uid,
                 sop_class_uid=h.sop_class_uid,
                 transfer_syntax=h.transfer_syntax,
-                dest=f"SCANS/{scan_id}/DICOM/{labels.file_name(h.values)}",
+                dest=f"SCANS/{scan_id}/DICOM/{labels.file_name(h.values, template)}",
                 ctime_ns=h.ctime_ns,
                 ino=h.ino,
                 header_digest=header_digest(h.values),
@@ -458,7 +469,9 @@ def _action_id(*parts: object) -> str:
     return hashlib.sha256("|".join("" if p is None else str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def _prearchive_session(manifest: Manifest, st: _Study, ts: str, zone: str) -> PrearchiveSession:
+def _prearchive_session(
+    manifest: Manifest, st: _Study, ts: str, zone: str, template: str
+) -> PrearchiveSession:
     src = st.source
     root = manifest.xnat.prearchive or ""
     url_root = (manifest.xnat.url_root or root).rstrip("/")
@@ -508,13 +521,13 @@ def _prearchive_session(manifest: Manifest, st: _Study, ts: str, zone: str) -> P
         session_dir=f"{root.rstrip('/')}/{rel}",
         url=url,
         row=row,
-        scans=_scans(st),
+        scans=_scans(st, template),
         raw_labels=st.raw,
         lastmod_zone=zone,
     )
 
 
-def _cstore_session(st: _Study) -> CstoreSession:
+def _cstore_session(st: _Study, template: str, direct: bool) -> CstoreSession:
     src = st.source
     project, subject, session = st.project, st.subject, st.session
     line = None
@@ -537,10 +550,11 @@ def _cstore_session(st: _Study) -> CstoreSession:
         routing=src.routing,
         build_timeout=src.build_timeout,
         prearchive_uri=f"/prearchive/projects/{project or 'Unassigned'}",
-        scans=_scans(st),
+        scans=_scans(st, template),
         raw_labels=st.raw,
         routing_line=line,
         contexts=tuple(PresentationContext(sop, tuple(sorted(ts))) for sop, ts in sorted(contexts.items())),
+        direct_archive=direct,
     )
 
 

@@ -424,6 +424,20 @@ class _Runner:
                 )
             time.sleep(self.opts.poll)
 
+    def direct_archived(self, s: CstoreSession, res: SessionResult, done: set[Step]) -> None:
+        """The receiver archives by itself: no row to locate or build; wait for the experiment."""
+        if Step.ARCHIVE in done:
+            return
+        if not _wait_archived(self.client(), s, self.opts.poll):
+            raise ApplyError(
+                f"XNAT's direct-archive receiver has not archived {s.label} within {s.build_timeout:g} s; "
+                "check /xapi/direct-archive and XNAT's logs, then rerun apply (nothing is sent again)"
+            )
+        reason = {"reason": "archived directly by XNAT's receiver (directArchive)"}
+        for step in (Step.LOCATE, Step.BUILD, Step.ARCHIVE):
+            if step not in done:
+                self.record(res, step, Outcome.NOOP, reason)
+
     def cstore(self, s: CstoreSession, res: SessionResult) -> None:
         from . import dicom
 
@@ -483,6 +497,9 @@ class _Runner:
             )
         if not self.plan.xnat.url:
             return
+        if s.direct_archive:
+            self.direct_archived(s, res, done)
+            return
         # Find the session XNAT's receiver made (project, tag, label), then build/archive it.
         located = self.store.step_detail(s.action_id, Step.LOCATE)
         if located is None:
@@ -492,6 +509,19 @@ class _Runner:
             located = {"timestamp": row["timestamp"], "folder": row["folderName"]}
             self.record(res, Step.LOCATE, Outcome.DONE, located)
         self.build_and_archive(s, res, done, s.project, located["timestamp"], located["folder"])
+
+
+def _wait_archived(client: XnatClient, s: CstoreSession, poll: float) -> bool:
+    """A direct-archive receiver writes no prearchive row (GradualDicomImporter:101-107, §9): the
+    session is done when the project's archive lists it."""
+    if not s.project:
+        return False
+    deadline = time.monotonic() + s.build_timeout
+    while time.monotonic() < deadline:
+        if s.session in client.experiment_labels(s.project):
+            return True
+        time.sleep(poll)
+    return False
 
 
 def apply_plan(plan: Plan, store: StateStore, opts: Options | None = None) -> ApplyReport:

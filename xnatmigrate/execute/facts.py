@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import xnat_table
 from ..errors import XnatMigrateError
-from ..model import Manifest, Method, Plan, XnatFacts
+from ..model import Manifest, Method, Plan, Receiver, SiteFacts, XnatFacts
 from . import files
 
 
@@ -147,3 +148,62 @@ def local_timezone() -> str | None:
             continue
         return name
     return None
+
+
+def site_facts(
+    manifest: Manifest, projects: Sequence[str], offline: bool
+) -> tuple[SiteFacts, tuple[str, ...]]:
+    """The site settings plan acts on (§9): site anonymisation, the projects' prearchive codes, the
+    receivers, the file-name template. Each read that fails is listed as not checked, with why."""
+    what = "XNAT's site settings (anonymisation, prearchive codes, receivers, file-name template)"
+    if offline:
+        return SiteFacts(), (f"{what} (--offline)",)
+    if not manifest.xnat.url:
+        return SiteFacts(), (f"{what}: xnat.url is not set",)
+    from .xnat import XnatClient, credentials_from_env
+
+    skipped: list[str] = []
+    anonymization: bool | None = None
+    codes: dict[str, int] = {}
+    receivers: tuple[Receiver, ...] | None = None
+    template: str | None = None
+    try:
+        with XnatClient(manifest.xnat.url, credentials_from_env(manifest.xnat.url)) as client:
+            try:
+                anonymization = client.site_anonymization_enabled()
+            except XnatMigrateError as exc:
+                skipped.append(f"whether site anonymisation is on ({exc})")
+            for p in projects:
+                try:
+                    codes[p] = client.prearchive_code(p)
+                except XnatMigrateError as exc:
+                    skipped.append(f"project {p}'s prearchive code ({exc})")
+            if manifest.xnat.scp is not None:
+                try:
+                    receivers = tuple(_receiver(r) for r in client.receivers())
+                except XnatMigrateError as exc:
+                    skipped.append(f"XNAT's DICOM receivers ({exc})")
+            try:
+                template = client.site_config("dicomFileNameTemplate")
+            except XnatMigrateError as exc:
+                skipped.append(f"the site's dicomFileNameTemplate ({exc})")
+    except XnatMigrateError as exc:
+        return SiteFacts(), (f"{what} ({exc})",)
+    return SiteFacts(anonymization, codes, receivers, template), tuple(skipped)
+
+
+def _receiver(d: Mapping[str, Any]) -> Receiver:
+    expressions = tuple(
+        str(d[k])
+        for k in ("projectRoutingExpression", "subjectRoutingExpression", "sessionRoutingExpression")
+        if d.get(k)
+    )
+    return Receiver(
+        ae_title=str(d.get("aeTitle", "")),
+        port=int(d.get("port") or 0),
+        enabled=bool(d.get("enabled", True)),
+        direct_archive=bool(d.get("directArchive", False)),
+        anonymization=bool(d.get("anonymizationEnabled", True)),
+        routing_expressions=bool(d.get("routingExpressionsEnabled", False)),
+        expressions=expressions,
+    )

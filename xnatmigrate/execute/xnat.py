@@ -512,6 +512,41 @@ class XnatClient:
             )
         return int(match.group())
 
+    def site_anonymization_enabled(self) -> bool:
+        """Whether XNAT applies its site-wide anonymisation script to every file it receives
+        (``GET /xapi/anonymize/site/enabled``, AnonymizeApi:95, §9)."""
+        path = "/xapi/anonymize/site/enabled"
+        data = self._json(self._call("GET", path, None, ctx=_Ctx(what="site anonymisation")), "GET", path)
+        if isinstance(data, bool):
+            return data
+        if isinstance(data, str) and data.strip().lower() in ("true", "false"):
+            return data.strip().lower() == "true"
+        raise XnatRestError(f"XNAT GET {path} answered {data!r}, not true/false; check XNAT's version")
+
+    def receivers(self) -> list[dict[str, Any]]:
+        """XNAT's DICOM receivers (``GET /xapi/dicomscp``, DicomSCPApi, §5, §9): aeTitle, port,
+        enabled, directArchive, anonymizationEnabled, routingExpressionsEnabled, … each."""
+        path = "/xapi/dicomscp"
+        data = self._json(self._call("GET", path, None, ctx=_Ctx(what="DICOM receivers")), "GET", path)
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise XnatRestError(f"XNAT GET {path} did not answer a list of receivers; check XNAT's version")
+        return data
+
+    def site_config(self, key: str) -> str | None:
+        """One site preference (``GET /xapi/siteConfig/<key>``, SiteConfigApi); None when XNAT has none."""
+        path = f"/xapi/siteConfig/{_seg(key, 'preference')}"
+        resp = self._call("GET", path, None, ctx=_Ctx(what=f"site preference {key}"), allow=(404,))
+        if resp.status == 404:
+            return None
+        text = resp.text().strip()
+        if text.startswith('"'):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                return text
+            return value if isinstance(value, str) else text
+        return text
+
     # -- plumbing --
 
     def _call(
