@@ -38,13 +38,15 @@ def cstore_rows(
     corpus = site.corpus
     n = corpus.files
     out, where = receiver_dir(site)
+    # The per-file recipe's subset is made of hard links to the sources, which moves their ctime: make
+    # it before the plan, which binds every file to its ctime (a later link would make the plan stale).
+    sub = subset(corpus, site.root / "recipe-subset", min(recipe_files, n))
     snap = site.make_plan("cstore")
     state = site.root / "state-cstore"
     ref_cmd = (
         f"storescu +sd +r -aet {CALLING_AET} -aec {CALLED_AET} 127.0.0.1 {site.port} "
         f"{shlex.quote(str(corpus.path))}"
     )
-    sub = subset(corpus, site.root / "recipe-subset", min(recipe_files, n))
     nsub = sum(1 for _ in sub.iterdir())
     recipe_cmd = (
         f"find {shlex.quote(str(sub))} -name '*.dcm' -exec storescu --aetitle LOCAL --call {CALLED_AET} "
