@@ -46,6 +46,7 @@ class Site:
             + textwrap.dedent(
                 f"""\
                 defaults:
+                  anonymization: none   # synthetic data; the stand-in has XNAT's default: site script on
                   build: {self.build}
                   archive: {str(self.archive).lower()}
                   build_timeout: 30
