@@ -17,6 +17,7 @@ from tests.dicom_peers import DcmtkStoreSCP, PynetdicomStoreSCP, dcmdump, sha256
 from tests.xnat_receiver import XnatReceiverSCP
 from tests.xnat_standin import XnatStandIn
 from xnatmigrate import api, cli
+from xnatmigrate.execute.xnat import XnatClient, credentials_from_env
 from xnatmigrate.testing.corpus import CorpusSpec, build_corpus
 
 NOW = datetime(2024, 5, 6, 7, 8, 9)
@@ -172,3 +173,42 @@ def test_xnat_round_trip_build_archive_verify(tmp_path, corpus, pg_db_17, monkey
             assert sum(exp.scans.values()) == s.file_count
         assert cli.main(["verify", "--state-dir", str(tmp_path / "state")]) == 0
         assert f"{len(plan.sessions)} of {len(plan.sessions)} session(s) hold" in capsys.readouterr().out
+
+
+def test_verify_counts_a_located_session_from_xnats_resources(
+    tmp_path, corpus, pg_db_17, monkeypatch, capsys
+):
+    """Located, built, not archived: the instance count comes from /resources (/scans has none, §9)."""
+    source, _ = corpus
+    prearchive, archive = tmp_path / "prearchive", tmp_path / "archive"
+    prearchive.mkdir()
+    archive.mkdir()
+    monkeypatch.setenv("XNAT_USER", "admin")
+    monkeypatch.setenv("XNAT_PASSWORD", "admin")
+    with (
+        XnatStandIn(pg_db_17.dsn, prearchive, archive, projects={"prj001": 0}) as xnat,
+        XnatReceiverSCP(dsn=pg_db_17.dsn, prearchive=prearchive, projects={"prj001"}, xnat=xnat) as scp,
+    ):
+        xnat.build_delay = 0.0
+        manifest = tmp_path / "m.yaml"
+        write_manifest(manifest, source, scp.port, url=xnat.url, build="rest", archive=False)
+        plan = api.plan(manifest, state_dir=tmp_path / "state", now=NOW).plan
+        assert not api.apply(state_dir=tmp_path / "state", poll=0.05).failures
+        assert cli.main(["verify", "--state-dir", str(tmp_path / "state"), "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["ok"] and all(s["checks"] == 2 for s in doc["sessions"])
+        # One file gone from XNAT's copy, and the session rebuilt: verify says how many XNAT holds.
+        victim = plan.sessions[0]
+        sdir = next(p for p in prearchive.rglob(victim.session) if p.is_dir())
+        next(sdir.rglob("*.dcm")).unlink()
+        xml = sdir.parent / f"{sdir.name}.xml"
+        xml.unlink()
+        with XnatClient(xnat.url, credentials_from_env(xnat.url)) as c:
+            c.rebuild("prj001", sdir.parent.name, sdir.name)
+            c.wait_for_status("prj001", sdir.parent.name, sdir.name, timeout=10, poll=0.05)
+        assert cli.main(["verify", "--state-dir", str(tmp_path / "state")]) == 1
+        out = capsys.readouterr().out
+        assert (
+            f"XNAT holds {victim.file_count - 1} instance(s) of this session; {victim.file_count} were confirmed sent"
+            in out
+        )
