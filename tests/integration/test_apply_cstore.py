@@ -11,6 +11,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from tests.dicom_peers import DcmtkStoreSCP, PynetdicomStoreSCP, dcmdump, sha256_of
@@ -212,3 +213,33 @@ def test_verify_counts_a_located_session_from_xnats_resources(
             f"XNAT holds {victim.file_count - 1} instance(s) of this session; {victim.file_count} were confirmed sent"
             in out
         )
+
+
+def test_a_direct_archive_receiver_is_followed_to_the_archive(
+    tmp_path, corpus, pg_db_17, monkeypatch, capsys
+):
+    """No prearchive row ever appears (GradualDicomImporter:101-107): apply waits in the archive."""
+    source, _ = corpus
+    prearchive, archive = tmp_path / "prearchive", tmp_path / "archive"
+    prearchive.mkdir()
+    archive.mkdir()
+    monkeypatch.setenv("XNAT_USER", "admin")
+    monkeypatch.setenv("XNAT_PASSWORD", "admin")
+    with XnatStandIn(pg_db_17.dsn, prearchive, archive, projects={"prj001": 0}, receivers=[]) as xnat:
+        xnat.time_scale = 0.002  # XNAT's minutes as a fraction of a second
+        with XnatReceiverSCP(
+            dsn=pg_db_17.dsn, prearchive=prearchive, projects={"prj001"}, xnat=xnat, direct_archive=True
+        ) as scp:
+            manifest = tmp_path / "m.yaml"
+            write_manifest(manifest, source, scp.port, url=xnat.url, build="rest", archive=False)
+            plan = api.plan(manifest, state_dir=tmp_path / "state", now=NOW).plan
+            assert all(s.direct_archive for s in plan.sessions)
+            assert any("archives directly" in w for w in plan.warnings)
+            report = api.apply(state_dir=tmp_path / "state", poll=0.05)
+            assert not report.failures, [s.message for s in report.sessions]
+            assert sorted(xnat.experiments) == sorted(("prj001", s.session) for s in plan.sessions)
+            with psycopg2.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM xdat_search.prearchive")
+                assert cur.fetchone()[0] == 0
+            conn.close()
+            assert cli.main(["verify", "--state-dir", str(tmp_path / "state")]) == 0
