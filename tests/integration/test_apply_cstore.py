@@ -151,13 +151,19 @@ def test_dcmtk_storescp_receives_the_routing_line(tmp_path, corpus):
     assert s.routing_line in dumped
 
 
-def test_xnat_round_trip_build_archive_verify(tmp_path, corpus, pg_db_17, monkeypatch, capsys):
-    source, _ = corpus
+def xnat_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """XNAT's prearchive and archive folders, and the REST credentials of the stand-in's admin."""
     prearchive, archive = tmp_path / "prearchive", tmp_path / "archive"
     prearchive.mkdir()
     archive.mkdir()
     monkeypatch.setenv("XNAT_USER", "admin")
     monkeypatch.setenv("XNAT_PASSWORD", "admin")
+    return prearchive, archive
+
+
+def test_xnat_round_trip_build_archive_verify(tmp_path, corpus, pg_db_17, monkeypatch, capsys):
+    source, _ = corpus
+    prearchive, archive = xnat_folders(tmp_path, monkeypatch)
     with (
         XnatStandIn(pg_db_17.dsn, prearchive, archive, projects={"prj001": 0}) as xnat,
         XnatReceiverSCP(dsn=pg_db_17.dsn, prearchive=prearchive, projects={"prj001"}) as scp,
@@ -181,11 +187,7 @@ def test_verify_counts_a_located_session_from_xnats_resources(
 ):
     """Located, built, not archived: the instance count comes from /resources (/scans has none, §9)."""
     source, _ = corpus
-    prearchive, archive = tmp_path / "prearchive", tmp_path / "archive"
-    prearchive.mkdir()
-    archive.mkdir()
-    monkeypatch.setenv("XNAT_USER", "admin")
-    monkeypatch.setenv("XNAT_PASSWORD", "admin")
+    prearchive, archive = xnat_folders(tmp_path, monkeypatch)
     with (
         XnatStandIn(pg_db_17.dsn, prearchive, archive, projects={"prj001": 0}) as xnat,
         XnatReceiverSCP(dsn=pg_db_17.dsn, prearchive=prearchive, projects={"prj001"}, xnat=xnat) as scp,
@@ -220,11 +222,7 @@ def test_a_direct_archive_receiver_is_followed_to_the_archive(
 ):
     """No prearchive row ever appears (GradualDicomImporter:101-107): apply waits in the archive."""
     source, _ = corpus
-    prearchive, archive = tmp_path / "prearchive", tmp_path / "archive"
-    prearchive.mkdir()
-    archive.mkdir()
-    monkeypatch.setenv("XNAT_USER", "admin")
-    monkeypatch.setenv("XNAT_PASSWORD", "admin")
+    prearchive, archive = xnat_folders(tmp_path, monkeypatch)
     with XnatStandIn(pg_db_17.dsn, prearchive, archive, projects={"prj001": 0}, receivers=[]) as xnat:
         xnat.time_scale = 0.002  # XNAT's minutes as a fraction of a second
         with XnatReceiverSCP(

@@ -182,6 +182,12 @@ class XnatSession:
         log.debug("XNAT session opened at %s as %s", self.base_url, self.auth.user)
         return sid
 
+    def _tls_error(self, exc: ssl.SSLCertVerificationError) -> XnatRestError:
+        return XnatRestError(
+            f"cannot verify the TLS certificate of {self.base_url} ({exc.verify_message}); "
+            "fix xnat.url or the CA bundle"
+        )
+
     def _send_once(
         self,
         method: str,
@@ -195,10 +201,7 @@ class XnatSession:
         try:
             return self._send(method, path, body, cookie=cookie, basic=basic, timeout=timeout)
         except ssl.SSLCertVerificationError as exc:
-            raise XnatRestError(
-                f"cannot verify the TLS certificate of {self.base_url} ({exc.verify_message}); "
-                "fix xnat.url or the CA bundle"
-            ) from None
+            raise self._tls_error(exc) from None
         except (OSError, http.client.HTTPException) as exc:
             kind = "timed out" if isinstance(exc, TimeoutError) else "lost its connection"
             raise OutcomeUnknown(
