@@ -74,6 +74,10 @@ class DatabaseError(XnatMigrateError):
     """XNAT's PostgreSQL database refused or could not be reached."""
 
 
+class SettingError(XnatMigrateError):
+    """A setting of this run (an environment variable) has a value the tool cannot use."""
+
+
 class SessionConflict(XnatMigrateError):
     """Another session of the same study stands where one planned session would go: that session
     fails, the run goes on (a shared resource is fine; this study is not)."""

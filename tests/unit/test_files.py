@@ -437,7 +437,9 @@ def test_small_helpers(tmp_path: Path) -> None:
     assert files.sha256_file(p) == hashlib.sha256(b"abc").hexdigest()
     assert files.free_bytes(tmp_path / "does" / "not" / "exist") > 0
     assert files.same_filesystem(tmp_path, tmp_path / "x" / "y")
-    assert issubclass(files.DiskError, ApplyError) and files.DiskError.fatal
+    from xnatmigrate.execute.apply import _FATAL
+
+    assert issubclass(files.DiskError, ApplyError) and issubclass(files.DiskError, _FATAL)  # stops the run
     assert issubclass(files.DiskError, XnatMigrateError)
 
 

@@ -28,6 +28,7 @@ from ..errors import (
     DicomSendError,
     ReceiverError,
     SessionConflict,
+    SettingError,
     StalePlanError,
     XnatMigrateError,
     XnatRestError,
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 # Errors of shared resources: stop the run rather than fail every remaining session alike.
-_FATAL = (DatabaseError, XnatRestError, ReceiverError)
+_FATAL = (DatabaseError, XnatRestError, ReceiverError, files.DiskError, SettingError)
 
 # Fault injection for the crash tests (tests/integration/test_apply_crash.py): SIGKILL this process
 # at a chosen point, as a power cut would. "after:STEP[:N]" once STEP is recorded (the N-th time),
@@ -185,7 +186,7 @@ class _Runner:
                 except XnatMigrateError as exc:
                     res.outcome, res.message = Result.FAILED, str(exc)
                     self.store.set_session_status(s.action_id, SessionState.FAILED)
-                    if isinstance(exc, _FATAL) or getattr(exc, "fatal", False):
+                    if isinstance(exc, _FATAL):
                         report.stopped = str(exc)
                 finally:
                     if self.opts.on_session:

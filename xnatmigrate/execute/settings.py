@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import XnatMigrateError
+from ..errors import SettingError
 
 DB_LOCK_TIMEOUT = ("XNATMIGRATE_DB_LOCK_TIMEOUT", 30.0)
 DB_STATEMENT_TIMEOUT = ("XNATMIGRATE_DB_STATEMENT_TIMEOUT", 600.0)
@@ -26,7 +26,7 @@ def positive(setting: tuple[str, float]) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise XnatMigrateError(f"{env}={raw!r} is not a number; set it to e.g. {default:g}") from None
+        raise SettingError(f"{env}={raw!r} is not a number; set it to e.g. {default:g}") from None
     if value <= 0:
-        raise XnatMigrateError(f"{env}={raw!r} must be more than 0 (0 would mean: wait forever)")
+        raise SettingError(f"{env}={raw!r} must be more than 0 (0 would mean: wait forever)")
     return value

@@ -1,7 +1,7 @@
 """The prearchive's filesystem: free space, mounts, fsync, libc, and the one-line wording of its errors.
 
 Invariants:
-- A full, read-only or unwritable prearchive filesystem is a ``DiskError`` (``fatal``: the apply run
+- A full, read-only or unwritable prearchive filesystem is a ``DiskError`` (fatal: the apply run
   stops rather than fail every later session); every message is one line: what happened, what to do.
 - OSErrors of the staging workers travel as ``SourceError`` / ``DestError`` and are worded in the
   caller's thread (``source_error`` / ``dest_error``), where free space is read when it is needed.
@@ -23,12 +23,8 @@ from .paths import describe
 
 
 class DiskError(ApplyError):
-    """The prearchive's filesystem is full, read-only or not writable: every later session would fail too.
-
-    NOTE: ``fatal`` tells the apply loop to stop the run instead of failing session after session.
-    """
-
-    fatal = True
+    """The prearchive's filesystem is full, read-only or not writable: every later session would fail too
+    (the apply loop stops the run on it: ``execute.apply._FATAL``)."""
 
 
 def existing(path: str | os.PathLike[str]) -> Path:
