@@ -203,6 +203,8 @@ class XnatSession:
         except ssl.SSLCertVerificationError as exc:
             raise self._tls_error(exc) from None
         except (OSError, http.client.HTTPException) as exc:
+            if timeout is None:
+                self._drop_connection()  # the thread's keep-alive connection is broken: never reuse it
             kind = "timed out" if isinstance(exc, TimeoutError) else "lost its connection"
             raise OutcomeUnknown(
                 f"XNAT {method} {path.split('?')[0]}{' (' + ctx.what + ')' if ctx.what else ''} {kind} "
@@ -225,10 +227,7 @@ class XnatSession:
             try:
                 resp = self._send(method, path, body, cookie=cookie, basic=basic, timeout=timeout)
             except ssl.SSLCertVerificationError as exc:
-                raise XnatRestError(
-                    f"cannot verify the TLS certificate of {self.base_url} ({exc.verify_message}); "
-                    "fix xnat.url or the CA bundle"
-                ) from None
+                raise self._tls_error(exc) from None
             except (OSError, http.client.HTTPException) as exc:
                 self._drop_connection()
                 failure, resp = exc, None
