@@ -296,7 +296,8 @@ def status(state_dir: str | Path | None = None) -> list[SessionStatus]:
     with StateStore(sdir, create=False) as store:
         sessions = store.sessions()
         # Ledgers written before targets were recorded keep the archive option only in plan.json.
-        legacy = _archive_flags(sdir) if any(s.archive is None for s in sessions) else {}
+        saved = _saved_plan(sdir) if any(s.archive is None for s in sessions) else None
+        legacy = {p.action_id: p.archive for p in saved.sessions} if saved else {}
         for s in sessions:
             hist = store.history(s.action_id)
             done = store.steps_done(s.action_id)
@@ -324,12 +325,15 @@ def status(state_dir: str | Path | None = None) -> list[SessionStatus]:
     return out
 
 
-def _archive_flags(sdir: Path) -> dict[str, bool]:
+def _saved_plan(sdir: Path) -> Plan | None:
+    """The plan saved in the state directory, or None when there is none that loads.
+
+    NOTE: loading reads and hashes the whole plan: callers load it once and only when they need it.
+    """
     try:
-        p = load_plan(sdir / PLAN_FILE)
+        return load_plan(sdir / PLAN_FILE)
     except XnatMigrateError:
-        return {}
-    return {s.action_id: s.archive for s in p.sessions}
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,16 +341,12 @@ def _archive_flags(sdir: Path) -> dict[str, bool]:
 # --------------------------------------------------------------------------------------------
 
 
-def _fallback_target(sdir: Path) -> XnatTarget | None:
-    """The saved plan's target, for sessions of a ledger that does not record its own."""
-    try:
-        return load_plan(sdir / PLAN_FILE).xnat
-    except XnatMigrateError:
+def _fallback_if_needed(store: StateStore, sdir: Path, saved: Plan | None = None) -> XnatTarget | None:
+    """The saved plan's target, for sessions of a ledger that does not record its own (else None)."""
+    if not any(s.target is None for s in store.sessions()):
         return None
-
-
-def _fallback_if_needed(store: StateStore, sdir: Path) -> XnatTarget | None:
-    return _fallback_target(sdir) if any(s.target is None for s in store.sessions()) else None
+    plan_obj = saved or _saved_plan(sdir)
+    return plan_obj.xnat if plan_obj else None
 
 
 def verify(
@@ -361,12 +361,13 @@ def verify(
     sdir = state_dir_of(state_dir)
     with StateStore(sdir, create=False) as store:
         # The saved plan, when there is one, says what should be there: sessions never attempted count.
-        try:
-            planned = load_plan(sdir / PLAN_FILE).sessions
-        except XnatMigrateError:
-            planned = ()
+        saved = _saved_plan(sdir)
         return run(
-            store, _fallback_if_needed(store, sdir), planned=planned, quick=quick, on_session=on_session
+            store,
+            _fallback_if_needed(store, sdir, saved),
+            planned=saved.sessions if saved else (),
+            quick=quick,
+            on_session=on_session,
         )
 
 
