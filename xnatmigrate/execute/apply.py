@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 # Errors of shared resources: stop the run rather than fail every remaining session alike.
+# Row statuses while XNAT archives a session (§3 PrearcStatus): the outcome is awaited, never re-posted.
+_ARCHIVING = frozenset({"QUEUED_ARCHIVING", "ARCHIVING", "_ARCHIVING"})
+
 _FATAL = (DatabaseError, XnatRestError, ReceiverError, files.DiskError, SettingError)
 
 # Fault injection for the crash tests (tests/integration/test_apply_crash.py): SIGKILL this process
@@ -364,18 +367,13 @@ class _Runner:
             )
             return
         client = self.client()
-        if client.prearchive_session(project, ts, folder) is None:
-            # Check: a crash between XNAT archiving and our record leaves no row; the archived
-            # experiment proves the step happened (the archive call itself is not idempotent).
-            if project and s.session in client.experiment_labels(project):
-                self.record(
-                    res, Step.ARCHIVE, Outcome.NOOP, {"reason": f"{project}/{s.session} is already archived"}
-                )
-                return
-            raise ApplyError(
-                f"{s.prearchive_uri} is no longer in XNAT's prearchive and not archived in {project}; "
-                "see `xnatmigrate refresh`"
-            )
+        row = client.prearchive_session(project, ts, folder)
+        if row is None or row.get("status", "") in _ARCHIVING:
+            # Check: a crash after our POST leaves no row (archived) or one XNAT is still archiving;
+            # the archive call is not idempotent, so learn the outcome instead of posting again.
+            uri = self.archive_outcome(client, s, project, ts, folder)
+            self.record(res, Step.ARCHIVE, Outcome.NOOP, {"reason": f"archived by an earlier run: {uri}"})
+            return
         try:
             uri, finished = client.archive(project, ts, folder)
         except OutcomeUnknown as exc:
