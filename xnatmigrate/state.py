@@ -5,7 +5,9 @@ Invariants:
   fix, never a silent reset.
 - Every step is recorded right after it takes effect (check → act → record), in its own committed
   transaction (``synchronous=FULL``), so a crash loses at most the record of the step in flight,
-  which the next run's *check* rediscovers.
+  which the next run's *check* rediscovers. Inside ``group`` (apply's group commit) the records of
+  a group of sessions commit together: a crash loses that group's uncommitted records, each of which
+  the rerun's check rediscovers the same way; a caller commits before any act whose check needs them.
 - One writer per state directory: ``StateStore.lock()`` takes an exclusive ``flock`` and names the
   holder (host, pid, start time) to whoever is refused.
 - ``serial`` changes only when a different plan starts to apply or something is reverted; resuming
@@ -150,6 +152,7 @@ class StateStore:
                 f"no state in {self.dir}: run `xnatmigrate plan MANIFEST` first (or pass --state-dir)"
             )
         self._lock_fd: int | None = None
+        self._grouped = False
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
@@ -249,7 +252,19 @@ class StateStore:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One committed transaction (the unit of durability)."""
+        """One committed transaction (the unit of durability); inside ``group`` a savepoint of it."""
+        if self._grouped:
+            # Atomic on its own (a failed record leaves no half of itself), durable with the group.
+            self.conn.execute("SAVEPOINT record")
+            try:
+                yield self.conn
+                self.conn.execute("RELEASE record")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error, StateError):
+                    self.conn.execute("ROLLBACK TO record")
+                    self.conn.execute("RELEASE record")
+                raise
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -259,6 +274,40 @@ class StateStore:
             with contextlib.suppress(sqlite3.Error, StateError):
                 self.conn.execute("ROLLBACK")
             raise
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Group commit: every record made inside is committed together, once, when the block ends.
+
+        For records whose loss a rerun's *check* rediscovers (the effect is there; only its record is
+        missing): a crash inside the group loses those records, never an effect. Leaving by an
+        exception still commits what was recorded (those steps did take effect), unless the ledger
+        itself failed. ``commit()`` inside makes the records so far durable, before an act that needs them.
+        """
+        if self._grouped:
+            yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._grouped = True
+        try:
+            yield
+        except (sqlite3.Error, StateError):
+            self._grouped = False
+            with contextlib.suppress(sqlite3.Error, StateError):
+                self.conn.execute("ROLLBACK")
+            raise
+        except BaseException:
+            self._grouped = False
+            self.conn.execute("COMMIT")
+            raise
+        self._grouped = False
+        self.conn.execute("COMMIT")
+
+    def commit(self) -> None:
+        """Inside ``group``: make the records so far durable now; the group goes on. Else nothing to do."""
+        if self._grouped:
+            self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
 
     def close(self) -> None:
         self.unlock()

@@ -55,12 +55,25 @@ def plan_for(tmp_path: Path, corpus: Path, port: int):
     return api.plan(m, state_dir=tmp_path / "state", now=NOW, offline=True).plan
 
 
-def test_a_receiver_that_never_answers_the_association_stops_the_run(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize(
+    ("group", "outcomes"),
+    [
+        # One group, one send over shared associations: both sessions were in the attempt that failed.
+        (None, [Result.FAILED, Result.FAILED]),
+        # A group per session: the second is never attempted once the run stopped.
+        ("1", [Result.FAILED, Result.SKIPPED]),
+    ],
+)
+def test_a_receiver_that_never_answers_the_association_stops_the_run(
+    tmp_path, corpus, monkeypatch, group, outcomes
+):
     hole = BlackHole()
     try:
         p = plan_for(tmp_path, corpus, hole.port)
         assert len(p.sessions) == 2
         monkeypatch.setenv("XNATMIGRATE_DICOM_ACSE_TIMEOUT", "1")
+        if group:
+            monkeypatch.setenv("XNATMIGRATE_GROUP_SESSIONS", group)
         started = time.monotonic()
         report = api.apply(state_dir=tmp_path / "state", poll=0.05)
         took = time.monotonic() - started
@@ -68,7 +81,7 @@ def test_a_receiver_that_never_answers_the_association_stops_the_run(tmp_path, c
         hole.close()
     assert report.stopped and f"127.0.0.1:{hole.port}" in report.stopped and "\n" not in report.stopped
     assert "nothing was sent" in report.stopped
-    assert [r.outcome for r in report.sessions] == [Result.FAILED, Result.SKIPPED]  # not one wait per session
+    assert [r.outcome for r in report.sessions] == outcomes
     assert took < 15  # one ACSE timeout (1 s), not 30 s per session
 
 
@@ -86,7 +99,7 @@ def test_a_receiver_that_never_answers_a_c_store_stops_after_n_stalled_attempts(
     assert report.stopped and "made no progress in 2 attempts in a row" in report.stopped
     assert f"XNAT@127.0.0.1:{scp.port}" in report.stopped
     assert "gave no C-STORE response" in report.stopped
-    assert [r.outcome for r in report.sessions] == [Result.FAILED, Result.SKIPPED]
+    assert [r.outcome for r in report.sessions] == [Result.FAILED, Result.FAILED]  # one group, one send
     assert attempts == 2  # one C-STORE per stalled attempt, then the run stopped
     assert took < 15 and len(p.sessions) == 2
 
@@ -96,5 +109,8 @@ def test_bad_timeout_settings_are_one_line(tmp_path, corpus, monkeypatch):
         plan_for(tmp_path, corpus, scp.port)
         monkeypatch.setenv("XNATMIGRATE_DICOM_DIMSE_TIMEOUT", "0")
         report = api.apply(state_dir=tmp_path / "state", poll=0.05)
-    assert [r.outcome for r in report.sessions] == [Result.FAILED, Result.SKIPPED]  # a setting: the run stops
+    assert [r.outcome for r in report.sessions] == [
+        Result.FAILED,
+        Result.FAILED,
+    ]  # a setting: the group fails
     assert report.stopped and "XNATMIGRATE_DICOM_DIMSE_TIMEOUT='0' must be more than 0" in report.stopped

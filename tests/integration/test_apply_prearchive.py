@@ -124,9 +124,9 @@ def test_rest_failure_stops_with_one_line_and_rerun_resumes(site, capsys):
     assert cli.main(["apply", "--state-dir", str(site.state)]) == 1
     err = capsys.readouterr().err
     assert "503" in err and "rerun" in err.lower()
-    assert [r[6] for r in site.rows()] == [
-        "RECEIVING"
-    ]  # first session inserted, not built; second not attempted
+    # One group: both sessions staged, published and inserted together; the first build failed and
+    # the run stopped before the second's build (rows stay RECEIVING, prevent_auto_commit on).
+    assert [r[6] for r in site.rows()] == ["RECEIVING", "RECEIVING"]
     site.xnat.clear_faults()
     assert cli.main(["apply", "--state-dir", str(site.state)]) == 0
     assert [r[6] for r in site.rows()] == ["READY", "READY"]
@@ -161,15 +161,22 @@ def test_second_apply_is_refused_while_one_runs(site):
 # kill -9 anywhere: the end state equals an uninterrupted run's
 # --------------------------------------------------------------------------------------------
 
+# Both sessions are one group (group commit): the ":2" points and every point before "build" fall
+# inside it, where the ledger's records are not yet committed (a crash loses them, never an effect).
 CRASH_POINTS = [
     "files:1",
     "files:5",
     "before-record:stage",
     "after:stage",
+    "after:stage:2",
     "before-record:publish",
     "after:publish",
+    "before-record:publish:2",
+    "after:publish:2",
     "before-record:insert",
     "after:insert",
+    "before-record:insert:2",
+    "after:insert:2",
     "before-record:build",
     "after:build:1",
     "before-record:archive",

@@ -231,3 +231,45 @@ def test_scan_cache_round_trip(tmp_path):
         st.cache_put([entry, bad])
     with StateStore(tmp_path) as st:
         assert st.cache_all() == {"/x": entry, "/y": bad}
+
+
+# -- group commit -----------------------------------------------------------------------------
+
+
+def _other_view(path):
+    """What another process would read: a fresh connection sees committed records only."""
+    conn = sqlite3.connect(path / "state.db")
+    try:
+        return {r[0] for r in conn.execute("SELECT key FROM meta")}
+    finally:
+        conn.close()
+
+
+def test_records_inside_a_group_commit_together_when_it_ends(tmp_path):
+    store = StateStore(tmp_path)
+    with store.group():
+        store.begin_plan("p1")
+        assert "current_plan" not in _other_view(tmp_path)  # held back: one commit for the group
+        store.commit()
+        assert "current_plan" in _other_view(tmp_path)  # commit() makes them durable mid-group
+        store.bump_serial()
+    assert store.serial() == 2 and StateStore(tmp_path).serial() == 2
+
+
+def test_a_group_left_by_an_exception_keeps_its_records(tmp_path):
+    store = StateStore(tmp_path)
+    with pytest.raises(KeyboardInterrupt), store.group():
+        store.begin_plan("p1")
+        raise KeyboardInterrupt  # those steps did take effect: their records stay
+    assert StateStore(tmp_path).current_plan() == "p1"
+
+
+def test_a_failed_record_inside_a_group_leaves_no_half_of_itself(tmp_path):
+    store = StateStore(tmp_path)
+    with store.group():
+        store.begin_plan("p1")
+        with pytest.raises(sqlite3.Error), store.tx() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('half', '1')")
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+    keys = _other_view(tmp_path)
+    assert "current_plan" in keys and "half" not in keys

@@ -9,15 +9,21 @@ Invariants:
   build → archive. A row is never inserted before its folder is complete in the prearchive.
 - A failure in one session is reported and the others go on, except failures of a shared
   resource (database, XNAT, disk), which stop the run: every later session would fail the same way.
+- Group commit (issue 13): consecutive sessions of one route form a group (``grouping``) that shares
+  one staging pool and durability barrier, one fsync round for its renames, one database transaction
+  for its rows, one send over shared associations, and one ledger commit per phase. Every check is
+  still per session, so a kill -9 anywhere in a group equals an uninterrupted run; the ledger is
+  committed before the first publish (the files record) and before each archive POST (not idempotent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +53,7 @@ from ..model import (
     unreachable,
 )
 from ..state import StateStore
-from . import db, files, recheck, settings
+from . import db, files, grouping, recheck, settings
 from .connections import Connections
 from .xnat import ARCHIVE_TIMEOUT, OutcomeUnknown, XnatClient
 
@@ -161,114 +167,211 @@ class _Runner:
         self.store.begin_plan(self.plan.plan_id)
         known = {s.action_id: s.status for s in self.store.sessions()}
         applied = {a for a, st in known.items() if st is SessionState.APPLIED}
+        limits = grouping.Limits.from_settings()
         try:
-            for s in self.plan.sessions:
-                # files/bytes count what this run copied, linked or sent, not what the plan holds.
-                res = SessionResult(s.action_id, s.label, Result.NOOP)
-                report.sessions.append(res)
-                if report.stopped:
-                    res.outcome, res.message = Result.SKIPPED, "not attempted: the run stopped earlier"
-                    continue
-                if s.action_id in applied:
-                    res.message = "already applied"
-                    self.advance(s.file_count)
-                    continue
-                try:
-                    self.store.register_session(self.plan.plan_id, s, self.plan.xnat)
-                    self.session(s, res)
-                    self.store.set_session_status(s.action_id, SessionState.APPLIED)
-                    if any(o is Outcome.DONE for _, o in res.steps):
-                        res.outcome = Result.DONE
-                    elif s.action_id in known:
-                        # An earlier run was interrupted after its last step took effect: this run
-                        # found everything done and finished the session; that is not "nothing to do".
-                        res.outcome = Result.DONE
-                        res.message = "finished: an interrupted earlier run had carried out its steps"
+            for group in grouping.groups(self.plan.sessions, limits):
+                results: list[SessionResult] = []
+                items: list[_Item] = []
+                for s in group:
+                    # files/bytes count what this run copied, linked or sent, not what the plan holds.
+                    res = SessionResult(s.action_id, s.label, Result.NOOP)
+                    report.sessions.append(res)
+                    results.append(res)
+                    if report.stopped:
+                        res.outcome, res.message = Result.SKIPPED, "not attempted: the run stopped earlier"
+                    elif s.action_id in applied:
+                        res.message = "already applied"
+                        self.advance(s.file_count)
                     else:
-                        res.outcome = Result.NOOP
-                except XnatMigrateError as exc:
-                    res.outcome, res.message = Result.FAILED, str(exc)
-                    self.store.set_session_status(s.action_id, SessionState.FAILED)
-                    if isinstance(exc, _FATAL):
-                        report.stopped = str(exc)
+                        items.append(_Item(s, res, resumed=s.action_id in known))
+                try:
+                    if items:
+                        # Group commit: the ledger commits once per phase of the group, not per step.
+                        with self.store.group():
+                            self.run_group(items, report)
                 finally:
                     if self.opts.on_session:
-                        self.opts.on_session(res)
+                        for res in results:
+                            self.opts.on_session(res)
         finally:
             self.connections.close()
             report.seconds = time.monotonic() - started
         return report
 
-    def session(self, s: PlannedSession, res: SessionResult) -> None:
-        """Dispatch on the route: one method per planned-session type."""
-        match s:
+    def run_group(self, items: list[_Item], report: ApplyReport) -> None:
+        """Each phase for every session of the group, then each session's remaining steps in turn."""
+        for it in items:
+            with self.attempt(it, report):
+                self.store.register_session(self.plan.plan_id, it.s, self.plan.xnat)
+                it.done = self.store.steps_done(it.s.action_id)
+        match items[0].s:
             case PrearchiveSession():
-                self.prearchive(s, res)
+                self.prearchive_group(items, report)
             case CstoreSession():
-                self.cstore(s, res)
+                self.cstore_group(items, report)
             case _:
-                unreachable(s)
+                unreachable(items[0].s)
+        for it in items:
+            if not it.alive:
+                continue
+            if report.stopped:
+                it.alive = False
+                it.res.outcome = Result.SKIPPED
+                it.res.message = "not finished: the run stopped earlier; rerun apply to resume it"
+                continue
+            with self.attempt(it, report):
+                match it.s:
+                    case PrearchiveSession():
+                        s = it.s
+                        self.build_and_archive(s, it.res, it.done, s.project, s.timestamp, s.session)
+                    case CstoreSession():
+                        self.cstore_finish(it.s, it.res, it.done)
+                    case _:
+                        unreachable(it.s)
+                self.store.set_session_status(it.s.action_id, SessionState.APPLIED)
+                if any(o is Outcome.DONE for _, o in it.res.steps):
+                    it.res.outcome = Result.DONE
+                elif it.resumed:
+                    # An earlier run was interrupted after its last step took effect: this run
+                    # found everything done and finished the session; that is not "nothing to do".
+                    it.res.outcome = Result.DONE
+                    it.res.message = "finished: an interrupted earlier run had carried out its steps"
+                else:
+                    it.res.outcome = Result.NOOP
 
-    def prearchive(self, s: PrearchiveSession, res: SessionResult) -> None:
+    @contextlib.contextmanager
+    def attempt(self, it: _Item, report: ApplyReport) -> Iterator[None]:
+        """A failure inside fails this session only (or, for a shared resource, stops the run)."""
+        try:
+            yield
+        except XnatMigrateError as exc:
+            self.fail(it, exc, report)
+
+    def fail(self, it: _Item, exc: XnatMigrateError, report: ApplyReport) -> None:
+        it.alive = False
+        it.res.outcome, it.res.message = Result.FAILED, str(exc)
+        self.store.set_session_status(it.s.action_id, SessionState.FAILED)
+        if isinstance(exc, _FATAL) and not report.stopped:
+            report.stopped = str(exc)
+
+    # -- the prearchive route, a group at a time --------------------------------------------------
+
+    def prearchive_group(self, items: list[_Item], report: ApplyReport) -> None:
+        """Stage → (one barrier) → publish → (one fsync round) → insert (one transaction), per group.
+
+        Each phase checks before it acts, per session, exactly as for a group of one; only the
+        durability is shared. Records made before the first publish are committed before it: the
+        files record must exist for every published folder.
+        """
         root = self.plan.xnat.prearchive
         assert root, "planner guarantees a prearchive root for prearchive sessions"
-        done = self.store.steps_done(s.action_id)
-        staging = files.staging_dir(root, s)
-        final = files.final_dir(root, s)
+        to_stage: list[_Item] = []
+        for it in items:
+            if not it.alive:
+                continue
+            s = _prearchive(it)
+            with self.attempt(it, report):
+                it.staging, it.final = files.staging_dir(root, s), files.final_dir(root, s)
+                # 1. stage — check: already published (by this or a crashed run) or staged and recorded.
+                if Step.PUBLISH in it.done or (it.final.exists() and not it.staging.exists()):
+                    if Step.STAGE not in it.done:
+                        reason = {"reason": "session folder already published"}
+                        self.record(it.res, Step.STAGE, Outcome.NOOP, reason)
+                    self.advance(s.file_count)
+                elif Step.STAGE in it.done and it.staging.exists():
+                    self.advance(s.file_count)
+                else:
+                    files.check_sources(s)
+                    to_stage.append(it)
+        if to_stage:
+            self.stage_group(to_stage, report)
+        self.store.commit()
 
-        # 1. stage — check: already published (by this or a crashed run) or staged and recorded.
-        if Step.PUBLISH in done or (final.exists() and not staging.exists()):
-            if Step.STAGE not in done:
-                self.record(res, Step.STAGE, Outcome.NOOP, {"reason": "session folder already published"})
-            self.advance(s.file_count)
-        elif Step.STAGE in done and staging.exists():
-            self.advance(s.file_count)
-        else:
-            files.check_sources(s)
-            before = self.done_files
+        # 2. publish — one atomic rename each into XNAT's view, only once the row is known to be
+        # writable (reachable database, INSERT privilege, no other session of the study in the way);
+        # then one fsync round makes the group's renames durable.
+        pending: list[Path] = []
+        published: list[tuple[_Item, Outcome]] = []
+        for it in items:
+            if not it.alive or report.stopped:
+                continue
+            s = _prearchive(it)
+            if Step.PUBLISH in it.done:
+                it.visible = True
+                continue
+            with self.attempt(it, report):
+                if Step.INSERT not in it.done:
+                    db.check_insertable(self.conn(), s)
+                published.append((it, files.publish(it.staging, it.final, pending)))
+                it.visible = True
+        try:
+            files.fsync_dirs(pending)
+        except OSError as exc:
+            err = files.DiskError(
+                f"{exc.strerror or exc} making published folders durable ({exc.filename}): check that "
+                "disk, then rerun"
+            )
+            for it, _ in published:
+                with self.attempt(it, report):
+                    self.withdraw(_prearchive(it), it.res, it.staging, it.final, err)
+            return
+        for it, outcome in published:
+            self.record(it.res, Step.PUBLISH, outcome, {"path": str(it.final)})
 
-            def prog(d: int, _t: int) -> None:
-                self.done_files = before + d
-                self.crash.files(self.done_files)
-                if self.opts.progress:
-                    self.opts.progress(self.done_files, self.total_files)
+        # 3. insert — guarded INSERTs in one transaction; "noop" for a row already ours. A session
+        # whose row is not written goes back out of XNAT's view: no folder stands there without its row.
+        rows = [it for it in items if it.alive and it.visible and Step.INSERT not in it.done]
+        if not rows:
+            return
+        try:
+            outcomes = db.insert_rows(self.conn(), [_prearchive(it) for it in rows])
+        except DatabaseError as exc:
+            for it in rows:
+                with self.attempt(it, report):
+                    self.withdraw(_prearchive(it), it.res, it.staging, it.final, exc)
+            return
+        for it, got in zip(rows, outcomes, strict=True):
+            s = _prearchive(it)
+            with self.attempt(it, report):
+                if isinstance(got, SessionConflict):
+                    self.withdraw(s, it.res, it.staging, it.final, got)
+                else:
+                    self.record(it.res, Step.INSERT, got, {"timestamp": s.timestamp, "project": s.project})
 
-            staged = files.stage_session(
-                s,
-                staging,
-                transfer=s.transfer,
+    def stage_group(self, group: list[_Item], report: ApplyReport) -> None:
+        """Stage the group's sessions in one worker pool behind one durability barrier; record each."""
+        before = self.done_files
+
+        def prog(d: int, _t: int) -> None:
+            self.done_files = before + d
+            self.crash.files(self.done_files)
+            if self.opts.progress:
+                self.opts.progress(self.done_files, self.total_files)
+
+        try:
+            results = files.stage_batch(
+                [(_prearchive(it), it.staging, _prearchive(it).transfer) for it in group],
                 jobs=self.opts.jobs or files.DEFAULT_JOBS,
                 file_mode=self.plan.xnat.file_mode,
                 file_owner=self.plan.xnat.file_owner,
                 progress=prog,
             )
-            self.recheck_headers([(f, str(staging / f.dest)) for f in s.files], s, staging)
-            self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
-            res.files, res.bytes = len(staged), sum(f.size for f in staged)
-            self.record(
-                res, Step.STAGE, Outcome.DONE, {"files": len(staged), "bytes": sum(f.size for f in staged)}
-            )
-            self.done_files = before + s.file_count
-
-        # 2. publish — one atomic rename into XNAT's view, only once the row is known to be writable
-        # (reachable database, INSERT privilege, no other session of the study in the way).
-        if Step.PUBLISH not in done:
-            if Step.INSERT not in done:
-                db.check_insertable(self.conn(), s)
-            outcome = files.publish(staging, final)
-            self.record(res, Step.PUBLISH, outcome, {"path": str(final)})
-
-        # 3. insert — guarded INSERT; "noop" when the row is already ours. If it still fails, the
-        # folder goes back out of XNAT's view, so no folder ever stands there without its row.
-        if Step.INSERT not in done:
-            try:
-                outcome = db.insert_row(self.conn(), s)
-            except (DatabaseError, SessionConflict) as exc:
-                self.withdraw(s, res, staging, final, exc)
-                raise  # withdraw raises; this keeps mypy's flow analysis honest
-            self.record(res, Step.INSERT, outcome, {"timestamp": s.timestamp, "project": s.project})
-
-        self.build_and_archive(s, res, done, s.project, s.timestamp, s.session)
+        except XnatMigrateError as exc:
+            for it in group:
+                self.fail(it, exc, report)
+            return
+        finally:
+            self.done_files = before + sum(it.s.file_count for it in group)
+        for it, staged in zip(group, results, strict=True):
+            s = _prearchive(it)
+            with self.attempt(it, report):
+                if isinstance(staged, XnatMigrateError):
+                    raise staged
+                self.recheck_headers([(f, str(it.staging / f.dest)) for f in s.files], s, it.staging)
+                self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
+                size = sum(f.size for f in staged)
+                it.res.files, it.res.bytes = len(staged), size
+                self.record(it.res, Step.STAGE, Outcome.DONE, {"files": len(staged), "bytes": size})
 
     def recheck_headers(
         self, pairs: list[tuple[PlannedFile, str]], s: PlannedSession, staging: Path | None = None
@@ -289,7 +392,7 @@ class _Runner:
         res: SessionResult,
         staging: Path,
         final: Path,
-        exc: DatabaseError | SessionConflict,
+        exc: XnatMigrateError,
     ) -> None:
         """The row could not be written after publishing: move the folder back to staging and say where."""
         try:
@@ -374,6 +477,9 @@ class _Runner:
             uri = self.archive_outcome(client, s, project, ts, folder)
             self.record(res, Step.ARCHIVE, Outcome.NOOP, {"reason": f"archived by an earlier run: {uri}"})
             return
+        # The archive call is the one act that is not idempotent: every record made before it (the
+        # build, the row) must be durable first, or a crash here would leave a rerun redoing them.
+        self.store.commit()
         try:
             uri, finished = client.archive(project, ts, folder)
         except OutcomeUnknown as exc:
@@ -437,40 +543,62 @@ class _Runner:
             if step not in done:
                 self.record(res, step, Outcome.NOOP, reason)
 
-    def cstore(self, s: CstoreSession, res: SessionResult) -> None:
+    # -- the C-STORE route, a group at a time ----------------------------------------------------
+
+    def cstore_group(self, items: list[_Item], report: ApplyReport) -> None:
+        """The files of the group's sessions over shared associations (each file keeps its own
+        session's routing line), proposing the presentation contexts of the whole group at once."""
         from . import dicom
 
         scp = self.plan.xnat.scp
         assert scp is not None, "manifest validation requires xnat.scp for cstore"
-        done = self.store.steps_done(s.action_id)
-        if Step.SEND not in done:
-            confirmed = self.store.sent_for(s.action_id)
-            todo = [f for f in s.files if f.sop_instance_uid not in confirmed]
-            self.advance(s.file_count - len(todo))
-            if todo:
-                files.check_sources_of(todo)
-                self.recheck_headers([(f, f.source) for f in todo], s)
+        sending: list[tuple[_Item, list[PlannedFile]]] = []
+        for it in items:
+            if not it.alive or Step.SEND in it.done:
+                continue
+            s = _cstore(it)
+            with self.attempt(it, report):
+                confirmed = self.store.sent_for(s.action_id)
+                todo = [f for f in s.files if f.sop_instance_uid not in confirmed]
+                self.advance(s.file_count - len(todo))
+                if todo:
+                    files.check_sources_of(todo)
+                    self.recheck_headers([(f, f.source) for f in todo], s)
+                sending.append((it, todo))
+        todo_all = [(it, f) for it, todo in sending if it.alive for f in todo]
+        failed: dict[str, list[tuple[str, str]]] = {}
+        if todo_all:
+            # SOPInstanceUIDs and source paths are unique in a plan (scan.dedupe): each names one session.
+            owner = {f.sop_instance_uid: it for it, f in todo_all}
+            by_source = {f.source: it for it, f in todo_all}
+            size_of = {f.sop_instance_uid: f.size for _, f in todo_all}
 
-                size_of = {f.sop_instance_uid: f.size for f in todo}
+            def on_confirmed(batch: list[tuple[str, int]]) -> None:
+                per: dict[str, list[tuple[str, int]]] = {}
+                for uid, status in batch:
+                    per.setdefault(owner[uid].s.action_id, []).append((uid, status))
+                    owner[uid].res.files += 1
+                    owner[uid].res.bytes += size_of[uid]
+                for action_id, rows in per.items():
+                    self.store.record_sent(action_id, rows)
+                self.store.commit()  # a confirmation is what spares a resend: never held back
 
-                def on_confirmed(batch: list[tuple[str, int]]) -> None:
-                    self.store.record_sent(s.action_id, batch)
-                    res.files += len(batch)
-                    res.bytes += sum(size_of.get(uid, 0) for uid, _ in batch)
+            before = self.done_files
 
-                before = self.done_files
+            def prog(d: int, _t: int) -> None:
+                self.done_files = before + d
+                if self.opts.progress:
+                    self.opts.progress(self.done_files, self.total_files)
 
-                def prog(d: int, _t: int) -> None:
-                    self.done_files = before + d
-                    if self.opts.progress:
-                        self.opts.progress(self.done_files, self.total_files)
-
+            first = _cstore(todo_all[0][0])
+            try:
                 outcome = dicom.send_files(
-                    todo,
+                    [f for _, f in todo_all],
                     scp,
-                    routing=s.routing,
-                    line=s.routing_line,
-                    contexts=s.contexts,
+                    routing=first.routing,
+                    line=first.routing_line,
+                    lines=[_cstore(it).routing_line or "" for it, _ in todo_all],
+                    contexts=[c for it, _ in sending if it.alive for c in _cstore(it).contexts],
                     jobs=self.opts.jobs or 1,
                     retries=self.opts.send_retries,
                     acse_timeout=settings.positive(settings.DICOM_ACSE_TIMEOUT),
@@ -479,27 +607,42 @@ class _Runner:
                     on_confirmed=on_confirmed,
                     progress=prog,
                 )
-                if outcome.failures:
-                    path, reason = outcome.failures[0]
-                    self.record(res, Step.SEND, Outcome.FAILED, {"failures": len(outcome.failures)})
+            except XnatMigrateError as exc:
+                for it, _ in sending:
+                    if it.alive:
+                        self.fail(it, exc, report)
+                return
+            for path, reason in outcome.failures:
+                failed.setdefault(by_source[path].s.action_id, []).append((path, reason))
+        for it, todo in sending:
+            if not it.alive:
+                continue
+            s = _cstore(it)
+            with self.attempt(it, report):
+                bad = failed.get(s.action_id)
+                if bad:
+                    path, reason = bad[0]
+                    self.record(it.res, Step.SEND, Outcome.FAILED, {"failures": len(bad)})
                     raise DicomSendError(
-                        f"{len(outcome.failures)} file(s) of {s.label} were not stored (e.g. {path}: {reason}); "
+                        f"{len(bad)} file(s) of {s.label} were not stored (e.g. {path}: {reason}); "
                         "rerun apply to send them again"
                     )
-            sent = self.store.sent_for(s.action_id)
-            warnings = sum(1 for v in sent.values() if v != 0)
-            self.record(
-                res,
-                Step.SEND,
-                Outcome.DONE if todo else Outcome.NOOP,
-                {"confirmed": len(sent), "warnings": warnings},
-            )
+                sent = self.store.sent_for(s.action_id)
+                warnings = sum(1 for v in sent.values() if v != 0)
+                self.record(
+                    it.res,
+                    Step.SEND,
+                    Outcome.DONE if todo else Outcome.NOOP,
+                    {"confirmed": len(sent), "warnings": warnings},
+                )
+
+    def cstore_finish(self, s: CstoreSession, res: SessionResult, done: set[Step]) -> None:
+        """After the send: find the session XNAT's receiver made (project, tag, label), build, archive."""
         if not self.plan.xnat.url:
             return
         if s.direct_archive:
             self.direct_archived(s, res, done)
             return
-        # Find the session XNAT's receiver made (project, tag, label), then build/archive it.
         located = self.store.step_detail(s.action_id, Step.LOCATE)
         if located is None:
             row = self.client().wait_for_session(
@@ -508,6 +651,30 @@ class _Runner:
             located = {"timestamp": row["timestamp"], "folder": row["folderName"]}
             self.record(res, Step.LOCATE, Outcome.DONE, located)
         self.build_and_archive(s, res, done, s.project, located["timestamp"], located["folder"])
+
+
+@dataclass
+class _Item:
+    """One session of a group on its way through the phases."""
+
+    s: PlannedSession
+    res: SessionResult
+    resumed: bool = False  # an earlier run had started it
+    done: set[Step] = field(default_factory=set)
+    alive: bool = True  # False once it failed or was left for a rerun
+    visible: bool = False  # its folder is in XNAT's view (prearchive route)
+    staging: Path = Path()
+    final: Path = Path()
+
+
+def _prearchive(it: _Item) -> PrearchiveSession:
+    assert isinstance(it.s, PrearchiveSession), "a group holds sessions of one route"
+    return it.s
+
+
+def _cstore(it: _Item) -> CstoreSession:
+    assert isinstance(it.s, CstoreSession), "a group holds sessions of one route"
+    return it.s
 
 
 def _wait_archived(client: XnatClient, s: CstoreSession, poll: float) -> bool:

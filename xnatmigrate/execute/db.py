@@ -3,7 +3,8 @@
 Invariants:
 - Every statement comes from ``render`` (templates in ``sql/``) and runs with bind parameters.
 - Connection and query failures become one-line ``DatabaseError``s that say what to do.
-- Each session's row is written in its own transaction, under a transaction-scoped advisory lock.
+- Rows are written under a transaction-scoped advisory lock per session, one transaction per group
+  of sessions (``insert_rows``); a failed transaction inserts none of them.
 """
 
 from __future__ import annotations
@@ -182,28 +183,52 @@ def fetch_row(cur: Cursor, project: str | None, timestamp: str, foldername: str)
 def insert_row(conn: Connection, session: PrearchiveSession) -> Outcome:
     """Insert the session's row in one transaction: done, or noop when it is already there (ours).
 
-    Raises DatabaseError when XNAT holds another session of this study (the guard inserted
+    Raises SessionConflict when XNAT holds another session of this study (the guard inserted
     nothing and the row is not ours).
     """
-    stmts = statements.insert_session(session)
+    (outcome,) = insert_rows(conn, [session])
+    if isinstance(outcome, SessionConflict):
+        raise outcome
+    return outcome
+
+
+def insert_rows(conn: Connection, sessions: Sequence[PrearchiveSession]) -> list[Outcome | SessionConflict]:
+    """The rows of a group of sessions in one transaction (one commit, one WAL flush, for them all).
+
+    Per session, in the order given: done, noop (the row is already ours), or the SessionConflict
+    its guard found (nothing inserted for it; the others are unaffected). Each row keeps its own
+    guard and advisory lock; the locks are taken in key order, so two writers never deadlock.
+    Raises DatabaseError, with nothing inserted at all, when the transaction fails.
+    """
+    keyed = sorted(
+        range(len(sessions)),
+        key=lambda i: statements.lock_key(sessions[i].project, sessions[i].timestamp, sessions[i].session),
+    )
+    out: list[Outcome | SessionConflict | None] = [None] * len(sessions)
     try:
         with conn, conn.cursor() as cur:
-            inserted = 0
-            for stmt in stmts:
-                execute(cur, stmt)
-                if stmt.sql.lstrip().upper().startswith("INSERT") or "INSERT INTO" in stmt.sql:
-                    inserted = cur.rowcount
-            if inserted == 1:
-                return Outcome.DONE
-            mine = fetch_row(cur, session.project, session.timestamp, session.session)
+            for i in keyed:
+                out[i] = _insert_one(cur, sessions[i])
     except psycopg2.OperationalError as exc:
+        what = sessions[0].prearchive_uri + (f" and {len(sessions) - 1} more" if len(sessions) > 1 else "")
         raise DatabaseError(
-            f"the database connection failed while inserting {session.prearchive_uri}: "
+            f"the database connection failed while inserting {what}: "
             f"{str(exc).strip().splitlines()[0]}; rerun when it is back (the step resumes)"
         ) from None
-    if mine is not None:
+    return [o for o in out if o is not None]
+
+
+def _insert_one(cur: Cursor, session: PrearchiveSession) -> Outcome | SessionConflict:
+    inserted = 0
+    for stmt in statements.insert_session(session):
+        execute(cur, stmt)
+        if "INSERT INTO" in stmt.sql:
+            inserted = cur.rowcount
+    if inserted == 1:
+        return Outcome.DONE
+    if fetch_row(cur, session.project, session.timestamp, session.session) is not None:
         return Outcome.NOOP
-    raise SessionConflict(
+    return SessionConflict(
         f"XNAT's prearchive gained another session of study {session.study_uid} as "
         f"{session.project_label}/{session.session} since the plan; the row was not inserted: "
         "re-run `xnatmigrate plan` to see it"

@@ -30,3 +30,11 @@ def positive(setting: tuple[str, float]) -> float:
     if value <= 0:
         raise SettingError(f"{env}={raw!r} must be more than 0 (0 would mean: wait forever)")
     return value
+
+
+# Group commit (apply): consecutive sessions of one route share one durability barrier, one database
+# transaction and one ledger commit per phase, up to these limits (a larger session is a group alone).
+# Small: a crash or a failure costs a group's records, which the rerun's checks rediscover.
+GROUP_FILES = ("XNATMIGRATE_GROUP_FILES", 2000.0)
+GROUP_SESSIONS = ("XNATMIGRATE_GROUP_SESSIONS", 200.0)
+GROUP_MB = ("XNATMIGRATE_GROUP_MB", 1024.0)

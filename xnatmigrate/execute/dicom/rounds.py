@@ -42,6 +42,10 @@ class Options:
     acse_timeout: float
     dimse_timeout: float
     max_stalls: int = 3  # rounds in a row in which the receiver took nothing: then it is the receiver
+    lines: tuple[str, ...] = ()  # per file index, when the call spans sessions; else ``line`` for all
+
+    def line_of(self, index: int) -> str:
+        return self.lines[index] if self.lines else self.line
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
                         break
                     idx, f = item
                     try:
-                        payload = load_payload(f.source, f.transfer_syntax, opts.tag, opts.line)
+                        payload = load_payload(f.source, f.transfer_syntax, opts.tag, opts.line_of(idx))
                     except (OSError, DicomSendError) as exc:
                         sink.failed(idx, f"cannot read the file: {getattr(exc, 'strerror', None) or exc}")
                         continue

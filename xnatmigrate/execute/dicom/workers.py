@@ -202,6 +202,7 @@ def send_files(
     routing: str,
     line: str | None,
     contexts: Sequence[PresentationContext],
+    lines: Sequence[str] | None = None,
     jobs: int = 1,
     retries: int = 3,
     backoff: float = 0.5,
@@ -219,6 +220,8 @@ def send_files(
         routing: ``patient_comments``, ``study_comments`` (the element ``line`` is written to,
             replacing any value) or ``none`` (datasets are sent byte for byte as stored).
         line: the routing comment, e.g. from ``routing_line``; required unless routing is ``none``.
+        lines: one routing comment per file instead of ``line`` for all (a call that sends the files
+            of many sessions over shared associations; each session keeps its own routing).
         contexts: SOP classes and transfer syntaxes of the files; one presentation context is
             proposed per (SOP class, transfer syntax) pair, so no file is ever transcoded. More than
             128 pairs are split over several associations.
@@ -248,6 +251,11 @@ def send_files(
     there are fewer than ``MIN_FILES_PER_WORKER`` files each; one worker runs in this process.
     """
     tag = routing_tag(routing, line)
+    if lines is not None:
+        if len(lines) != len(files):
+            raise ValueError("lines must hold one routing comment per file")
+        for one in set(lines):
+            routing_tag(routing, one)  # each checked as ``line`` is
     if jobs < 1:
         raise ValueError("jobs must be >= 1")
     total = len(files)
@@ -261,6 +269,7 @@ def send_files(
         acse_timeout=acse_timeout,
         dimse_timeout=dimse_timeout,
         max_stalls=max(1, max_stalls),
+        lines=tuple(lines) if lines is not None and tag is not None else (),
     )
     groups = context_groups(files, contexts)
     workers = max(1, min(jobs, total // MIN_FILES_PER_WORKER))

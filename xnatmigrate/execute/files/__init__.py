@@ -35,9 +35,9 @@ from __future__ import annotations
 from .digest import recorded_differences, sha256_file
 from .disk import DiskError, free_bytes, same_filesystem
 from .paths import PART_SUFFIX, STAGING_DIRNAME, final_dir, staging_dir
-from .publishing import discard_staged, publish, unpublish
+from .publishing import discard_staged, fsync_dirs, publish, unpublish
 from .sources import check_sources, check_sources_of
-from .stage import DEFAULT_JOBS, stage_session
+from .stage import DEFAULT_JOBS, stage_batch, stage_session
 from .transfer import StagedFile
 
 __all__ = [
@@ -51,10 +51,12 @@ __all__ = [
     "discard_staged",
     "final_dir",
     "free_bytes",
+    "fsync_dirs",
     "publish",
     "recorded_differences",
     "same_filesystem",
     "sha256_file",
+    "stage_batch",
     "stage_session",
     "staging_dir",
     "unpublish",

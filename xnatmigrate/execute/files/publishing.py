@@ -4,7 +4,8 @@ Invariants:
 - A session appears in the visible tree only through one ``rename()`` of a complete, verified, durable
   folder on the same filesystem, and the rename never replaces an existing folder
   (``renameat2(RENAME_NOREPLACE)`` where the filesystem supports it): publishing never merges.
-- The renamed entry's folders are fsynced on both sides before ``publish`` / ``unpublish`` return.
+- The renamed entry's folders are fsynced on both sides before ``publish`` / ``unpublish`` return, or,
+  for a group (``pending``), by ``fsync_dirs`` before the group's publish records are made.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ from .disk import DiskError, current_user, disk_full, fsync_dir, libc, mount_poi
 from .paths import prune_staging_parents, require_staging_path
 
 
-def publish(staging: Path, final: Path) -> Outcome:
+def publish(staging: Path, final: Path, pending: list[Path] | None = None) -> Outcome:
     """Move a staged session into XNAT's view with one ``rename()``: done, or noop if it is there.
+
+    ``pending``: group commit — the folders to fsync are appended there instead of fsynced now, and
+    the caller fsyncs them all (``fsync_dirs``) once the group's renames are done: the first fsync
+    commits the journal holding every rename of the group, the others find nothing left to write.
 
     Folders created above ``final`` get the owner and mode of the staged session folder (so XNAT's user
     can write its session XML next to it and remove the timestamp folder after archiving).
@@ -46,10 +51,11 @@ def publish(staging: Path, final: Path) -> Outcome:
         like = os.stat(staging)
         created = _makedirs_like(final.parent, like)
         _rename_noreplace(staging, final)
-        fsync_dir(final.parent)
-        fsync_dir(staging.parent)
-        for d in created:
-            fsync_dir(d.parent)
+        changed = [final.parent, staging.parent, *(d.parent for d in created)]
+        if pending is None:
+            fsync_dirs(changed)
+        else:
+            pending.extend(changed)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise ApplyError(
@@ -74,6 +80,19 @@ def publish(staging: Path, final: Path) -> Outcome:
         ) from exc
     prune_staging_parents(staging)
     return Outcome.DONE
+
+
+def fsync_dirs(dirs: list[Path]) -> None:
+    """fsync each folder once (a folder named twice is fsynced once), in the order first named.
+
+    A staging folder pruned since (emptied by its session's rename) is skipped: the rename that emptied
+    it is in the same journal commit as the published side, which is fsynced.
+    """
+    for d in dict.fromkeys(dirs):
+        try:
+            fsync_dir(d)
+        except FileNotFoundError:
+            continue
 
 
 def discard_staged(staging: Path) -> None:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from ...errors import ApplyError
+from ...errors import ApplyError, StalePlanError, XnatMigrateError
 from ...model import PlannedFile, PrearchiveSession, Transfer
 from .digest import BUFFER_SIZE
 from .disk import (
@@ -44,6 +44,8 @@ from .transfer import StagedFile, copy_one, link_one, reuse
 DEFAULT_JOBS = 8
 
 Progress = Callable[[int, int], None]
+_Job = tuple["_Staging", PlannedFile]
+_Out = tuple["_Staging", StagedFile | None]
 
 
 def stage_session(
@@ -84,71 +86,166 @@ def stage_session(
         transfer = Transfer(transfer)  # a bare string from a caller outside the plan: checked here
     except ValueError:
         raise ApplyError(f"unknown transfer {transfer!r}; use copy or hardlink") from None
-    staging = Path(staging)
-    require_staging_path(staging)
-    planned = safe_dests(session.files)
+    (result,) = stage_batch(
+        [(session, Path(staging), transfer)],
+        jobs=jobs,
+        file_mode=file_mode,
+        file_owner=file_owner,
+        progress=progress,
+        fsync_each=fsync_each,
+    )
+    if isinstance(result, XnatMigrateError):
+        raise result
+    return result
+
+
+class _Staging:
+    """One session of a batch: where it goes, what it holds already, how it fails."""
+
+    def __init__(self, session: PrearchiveSession, staging: Path, transfer: Transfer, perms: Perms) -> None:
+        require_staging_path(staging)
+        self.session, self.staging, self.transfer, self.perms = session, staging, transfer, perms
+        self.planned = safe_dests(session.files)
+        parents = {str(PurePosixPath(d).parent) for d in self.planned} - {"."}
+        self.dirs = sorted(set(_with_ancestors(parents)), key=lambda d: (d.count("/"), d))  # shallow first
+        self.existing: set[str] = set()
+        self.results: dict[str, StagedFile] = {}
+        self.error: XnatMigrateError | None = None
+
+    def prepare(self) -> None:
+        """Clean leftovers and make the folders (mkdir is cheap; the files come in the shared pool)."""
+        try:
+            _prepare_root(self.staging)
+            self.existing = _clean_staging(self.staging, self.planned, set(self.dirs))
+            for d in ["", *self.dirs]:
+                path = os.path.join(self.staging, d) if d else str(self.staging)
+                os.makedirs(path, exist_ok=True)
+                self.perms.apply_path(path, is_dir=True)
+        except OSError as exc:
+            path = exc.filename or str(self.staging)
+            raise dest_error(exc, path, self.session, self.staging, self.planned.values()) from exc
+
+    def need(self) -> int:
+        if self.transfer is not Transfer.COPY:
+            return 0
+        return bytes_needed(self.staging, (f for d, f in self.planned.items() if d not in self.existing))
+
+    def left(self) -> list[PlannedFile]:
+        return [f for d, f in self.planned.items() if d not in self.results]
+
+    def folders(self) -> list[str]:
+        """Every folder whose entries this session changed, deepest first, then the staging ancestors."""
+        own = [os.path.join(self.staging, d) for d in reversed(self.dirs)]
+        return [*own, str(self.staging), *(str(p) for p in staging_ancestors(self.staging))]
+
+
+def stage_batch(
+    batch: Sequence[tuple[PrearchiveSession, Path, Transfer]],
+    *,
+    jobs: int = DEFAULT_JOBS,
+    file_mode: int | None = None,
+    file_owner: str | None = None,
+    progress: Progress | None = None,
+    fsync_each: bool = False,
+) -> list[list[StagedFile] | XnatMigrateError]:
+    """Stage several sessions as one group: one worker pool for all their files, one durability barrier.
+
+    Per session, in batch order: its StagedFiles in plan order, or the error that session met (a source
+    vanished or changed, an unreadable source). The barrier is one ``syncfs`` of the staging filesystem,
+    then the fsync of each session's folders (cheap once the journal has committed): on return every
+    session returned as staged is durable, as ``stage_session`` promises for one. Small sessions (X-ray
+    studies of 1–4 images) so share one barrier and keep every worker busy instead of each paying its own.
+
+    Raises (for the whole batch) DiskError when the filesystem is full, read-only or not writable — every
+    later session would fail alike — and the first other destination error, after making durable what
+    was finished (kept for the rerun).
+    """
     perms = Perms(file_mode, dir_mode(file_mode), resolve_owner(file_owner), file_owner)
-    what = describe(session)
+    items: list[_Staging] = []
+    for session, staging, transfer in batch:
+        item = _Staging(session, Path(staging), transfer, perms)
+        items.append(item)
+        item.prepare()
+
+    # Check early rather than fill XNAT's disk to the last byte (XNAT shares it) and fail halfway.
+    copying = [i for i in items if i.transfer is Transfer.COPY]
+    if copying:
+        need, have = sum(i.need() for i in copying), free_bytes(copying[0].staging)
+        if need > have:
+            more = f" and {len(items) - 1} more session(s)" if len(items) > 1 else ""
+            raise disk_full(copying[0].staging, describe(copying[0].session) + more, need - have)
+
+    order = [(i, f) for i in items for f in i.planned.values()]
+    written: list[str] = []  # list.append is atomic: workers share it
     buf = bytearray(BUFFER_SIZE)
 
-    parents = {str(PurePosixPath(d).parent) for d in planned} - {"."}
-    dirs = sorted(set(_with_ancestors(parents)), key=lambda d: (d.count("/"), d))  # shallow first
-    try:
-        _prepare_root(staging)
-        existing = _clean_staging(staging, planned, set(dirs))
-        for d in ["", *dirs]:
-            path = os.path.join(staging, d) if d else str(staging)
-            os.makedirs(path, exist_ok=True)
-            perms.apply_path(path, is_dir=True)
-    except OSError as exc:
-        raise dest_error(exc, exc.filename or str(staging), session, staging, planned.values()) from exc
+    def work(job: tuple[_Staging, PlannedFile], wbuf: bytearray) -> tuple[_Staging, StagedFile | None]:
+        item, f = job
+        if item.error is not None:
+            return item, None  # that session failed already: its other files are not worth the I/O
+        dst = os.path.join(item.staging, f.dest)
+        try:
+            if f.dest in item.existing:
+                reused = reuse(f, dst, item.transfer, perms, wbuf)
+                if reused is not None:
+                    return item, reused
+            if item.transfer is Transfer.COPY:
+                written.append(dst)
+                return item, copy_one(f, dst, perms, wbuf, fsync_each)
+            return item, link_one(f, dst, perms, wbuf)
+        except SourceError as exc:
+            # This session's source, not the shared destination: that session fails, the batch goes on.
+            item.error = item.error or source_error(exc.exc, exc.path)
+            return item, None
+        except StalePlanError as exc:
+            item.error = item.error or exc
+            return item, None
 
-    if transfer is Transfer.COPY:
-        # Check early rather than fill XNAT's disk to the last byte (XNAT shares it) and fail halfway.
-        need = bytes_needed(staging, (f for d, f in planned.items() if d not in existing))
-        have = free_bytes(staging)
-        if need > have:
-            raise disk_full(staging, what, need - have)
-
-    order = list(planned.values())
-    results: dict[str, StagedFile] = {}
-    written: list[str] = []  # list.append is atomic: workers share it
-
-    def work(f: PlannedFile, wbuf: bytearray) -> StagedFile:
-        dst = os.path.join(staging, f.dest)
-        if f.dest in existing:
-            reused = reuse(f, dst, transfer, perms, wbuf)
-            if reused is not None:
-                return reused
-        if transfer is Transfer.COPY:
-            written.append(dst)
-            return copy_one(f, dst, perms, wbuf, fsync_each)
-        return link_one(f, dst, perms, wbuf)
-
+    done = 0
+    failing: _Staging | None = None
     try:
         try:
-            for staged in _parallel(order, work, max(1, jobs), buf):
-                results[staged.dest] = staged
+            for item, staged in _parallel(order, work, max(1, jobs), buf):
+                if staged is not None:
+                    item.results[staged.dest] = staged
+                done += 1
                 if progress:
-                    progress(len(results), len(order))
+                    progress(done, len(order))
         finally:
             # Also after a failure: the files finished before it stay for the rerun, so make them durable.
             if written and not fsync_each:
-                _syncfs_or_forget(staging, written)
+                _syncfs_or_forget(items[0].staging, written)
         # Folder entries (renames, new folders) become durable here, once per folder.
-        for d in [*reversed(dirs), ""]:
-            fsync_dir(os.path.join(staging, d) if d else staging)
-        for parent in staging_ancestors(staging):
-            fsync_dir(parent)
-    except SourceError as exc:
-        raise source_error(exc.exc, exc.path) from exc.exc
+        synced: set[str] = set()
+        for item in items:
+            failing = item
+            for d in item.folders():
+                if d not in synced:
+                    synced.add(d)
+                    fsync_dir(d)
     except DestError as exc:
-        left = [f for f in order if f.dest not in results]
-        raise dest_error(exc.exc, exc.path, session, staging, left) from exc.exc
+        item = failing or _owner(items, exc.path)
+        raise dest_error(exc.exc, exc.path, item.session, item.staging, item.left()) from exc.exc
     except OSError as exc:
-        left = [f for f in order if f.dest not in results]
-        raise dest_error(exc, exc.filename or str(staging), session, staging, left) from exc
-    return [results[f.dest] for f in order]
+        item = failing or _owner(items, exc.filename or "")
+        raise dest_error(
+            exc, exc.filename or str(item.staging), item.session, item.staging, item.left()
+        ) from exc
+    out: list[list[StagedFile] | XnatMigrateError] = []
+    for item in items:
+        if item.error is not None:
+            out.append(item.error)
+        else:
+            out.append([item.results[f.dest] for f in item.session.files])
+    return out
+
+
+def _owner(items: Sequence[_Staging], path: str) -> _Staging:
+    """The session of the batch a failing path belongs to (the first when none matches)."""
+    for item in items:
+        if path.startswith(str(item.staging)):
+            return item
+    return items[0]
 
 
 def _syncfs_or_forget(staging: Path, written: list[str]) -> None:
@@ -230,11 +327,11 @@ def _remove(path: str) -> None:
 
 
 def _parallel(
-    items: Sequence[PlannedFile],
-    fn: Callable[[PlannedFile, bytearray], StagedFile],
+    items: Sequence[_Job],
+    fn: Callable[[_Job, bytearray], _Out],
     jobs: int,
     buf: bytearray,
-) -> Iterable[StagedFile]:
+) -> Iterable[_Out]:
     """Yield ``fn(item)`` results as workers finish them; on the first error stop handing out work, let
     the files in flight finish (or clean up), then raise that error in the caller's thread."""
     if jobs == 1 or len(items) <= 1:
@@ -244,7 +341,7 @@ def _parallel(
     lock = threading.Lock()
     stop = threading.Event()
     it = iter(items)
-    out: queue.SimpleQueue[tuple[StagedFile | None, BaseException | None]] = queue.SimpleQueue()
+    out: queue.SimpleQueue[tuple[_Out | None, BaseException | None]] = queue.SimpleQueue()
 
     def worker() -> None:
         wbuf = bytearray(BUFFER_SIZE)
