@@ -13,14 +13,12 @@ from xnatmigrate import api
 from xnatmigrate.errors import PlanError, StalePlanError, StateError
 from xnatmigrate.model import (
     APPLY_STEPS,
-    Build,
     CstoreSession,
     Method,
     Outcome,
     Plan,
     PlannedFile,
     PlannedScan,
-    Routing,
     SessionState,
     Step,
     XnatTarget,
@@ -28,6 +26,7 @@ from xnatmigrate.model import (
     with_plan_id,
 )
 from xnatmigrate.state import StateStore
+from xnatmigrate.testing.sessions import cstore_session as make_cstore_session
 from xnatmigrate.testing.sessions import prearchive_session
 
 TARGET = XnatTarget(prearchive="/data/prearchive", url="http://xnat.example.org")
@@ -40,20 +39,7 @@ def scans(prefix: str) -> tuple[PlannedScan, ...]:
 
 
 def cstore_session(action_id: str = "c1", archive: bool = False) -> CstoreSession:
-    return CstoreSession(
-        action_id=action_id,
-        source_index=0,
-        project="P2",
-        subject="SUBJ",
-        session="C1",
-        study_uid="1.2.9",
-        build=Build.REST,
-        archive=archive,
-        build_timeout=1.0,
-        prearchive_uri="/prearchive/projects/P2",
-        scans=scans("c"),
-        routing=Routing.PATIENT_COMMENTS,
-    )
+    return make_cstore_session(scans("c"), action_id=action_id, archive=archive)
 
 
 def plan_of(manifest: Path, serial: int = 0) -> Plan:

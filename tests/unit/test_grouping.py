@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from xnatmigrate.execute import grouping
-from xnatmigrate.model import Build, CstoreSession, PlannedFile, PlannedScan, Routing
-from xnatmigrate.testing.sessions import prearchive_session
+from xnatmigrate.model import Build, CstoreSession, PlannedFile, PlannedScan
+from xnatmigrate.testing.sessions import cstore_session, prearchive_session
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -24,20 +24,7 @@ def _pre(label: str = "S0"):
 
 
 def _cstore() -> CstoreSession:
-    return CstoreSession(
-        action_id="c1",
-        source_index=0,
-        project="P2",
-        subject="SUBJ",
-        session="C1",
-        study_uid="1.2.9",
-        build=Build.NONE,
-        archive=False,
-        build_timeout=1.0,
-        prearchive_uri="/prearchive/projects/P2",
-        scans=_scans(),
-        routing=Routing.PATIENT_COMMENTS,
-    )
+    return cstore_session(_scans(), build=Build.NONE)
 
 
 def _sizes(groups):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..model import Build, PlannedScan, PrearchiveSession, Transfer
+from ..model import Build, CstoreSession, PlannedScan, PrearchiveSession, Routing, Transfer
 
 
 def prearchive_session(
@@ -36,4 +36,31 @@ def prearchive_session(
         url=f"{root}/{rel}",
         row={},
         scans=tuple(scans),
+    )
+
+
+def cstore_session(
+    scans: Sequence[PlannedScan],
+    *,
+    action_id: str = "c1",
+    project: str = "P2",
+    label: str = "C1",
+    study_uid: str = "1.2.9",
+    build: Build = Build.REST,
+    archive: bool = False,
+) -> CstoreSession:
+    """A C-STORE session holding ``scans``, routed by PatientComments (no contexts: for executors only)."""
+    return CstoreSession(
+        action_id=action_id,
+        source_index=0,
+        project=project,
+        subject="SUBJ",
+        session=label,
+        study_uid=study_uid,
+        build=build,
+        archive=archive,
+        build_timeout=1.0,
+        prearchive_uri=f"/prearchive/projects/{project}",
+        scans=tuple(scans),
+        routing=Routing.PATIENT_COMMENTS,
     )
