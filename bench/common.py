@@ -136,6 +136,7 @@ class Row:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
+    shape: str = "standard"  # the corpus shape (bench/corpora.py SHAPES); rows of old runs lack it
 
     @property
     def ratio(self) -> float | None:
@@ -166,11 +167,25 @@ class Row:
             "notes": self.notes,
             "extra": self.extra,
             "skipped": self.skipped,
+            "shape": self.shape,
         }
 
 
-def skipped_row(key: str, size: int, title: str, target: str, reason: str) -> Row:
-    return Row(key, size, title, None, None, [], target, None, skipped=reason)
+def print_row(row: Row) -> None:
+    """One line of progress per row, as it is measured."""
+    if row.skipped:
+        print(f"  {row.key:<18} not run: {row.skipped}", flush=True)
+        return
+    ours = f"{row.ours.median:8.2f} s" if row.ours and row.ours.runs else "         "
+    ref = f"{row.ref.median:8.2f} s" if row.ref and row.ref.runs else "         "
+    ratio = f"ratio {row.ratio:.2f}" if row.ratio is not None else ""
+    print(
+        f"  {row.key:<18} ours {ours}  ref {ref}  {ratio}  met={row.met}  {'; '.join(row.notes)}", flush=True
+    )
+
+
+def skipped_row(key: str, size: int, title: str, target: str, reason: str, shape: str = "standard") -> Row:
+    return Row(key, size, title, None, None, [], target, None, skipped=reason, shape=shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""``docs/benchmarks.md`` (table, commands, versions, machine) and the throughput plot."""
+"""``docs/benchmarks.md`` (tables, commands, versions, machine) and the throughput plot."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .corpora import SHAPES
 
 ORDER = [
     ("plan-cold", 1),
@@ -54,7 +56,7 @@ def _met(row: dict[str, Any]) -> str:
 def _ratio(row: dict[str, Any]) -> str:
     if row["key"] == "cstore-recipe" and row["extra"].get("speedup"):
         return f"{row['extra']['speedup']:.0f}× faster"
-    if row["key"].startswith("rss-"):
+    if "rss-" in row["key"] and "growth" in row["extra"]:
         e = row["extra"]
         return f"×{e['growth']:.2f} ({e['small_mib']:.0f} → {e['large_mib']:.0f} MiB)"
     if row["key"] == "reapply":
@@ -64,6 +66,140 @@ def _ratio(row: dict[str, Any]) -> str:
 
 def sort_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (RANK.get(r["key"], 99), r["size"]))
+
+
+def shape_of(row: dict[str, Any]) -> str:
+    return str(row.get("shape", "standard"))
+
+
+# Issue 13: per shape, its rows in table order, and what the section says the shape is for.
+SHAPE_ORDER = {
+    "xray": ["xray-apply-copy", "xray-cstore"],
+    "huge": ["huge-apply-copy", "huge-cstore"],
+    "tiny": [
+        "tiny-plan-cold",
+        "tiny-plan-warm",
+        "tiny-apply-copy",
+        "tiny-rss-plan (cold)",
+        "tiny-rss-plan (warm)",
+        "tiny-rss-apply copy",
+        "tiny-replan-100k",
+    ],
+}
+SHAPE_TITLE = {
+    "xray": "xray: many studies of a few small images (20,000 images in 5,000 studies)",
+    "huge": "huge: one study of 10,000 images",
+    "tiny": "tiny: a big archive of tiny files (300,000 files, against 30,000)",
+}
+SHAPE_PURPOSE = {
+    "xray": (
+        "Per-session costs dominate: each study is one XNAT session of 4 files. Beside each ratio, the "
+        "cost per session, (xnatmigrate − reference) ÷ sessions, median of the per-round differences."
+    ),
+    "huge": "One session, so per-session costs vanish: what is left is the per-file and per-byte path.",
+    "tiny": (
+        "Bytes are negligible: per-file costs and memory that grows with the number of files. Peak RSS "
+        "of `plan` cold, `plan` warm and `apply` copy at the largest size against the smallest; the "
+        "warm re-plan of an unchanged tree at 100,000 files (this shape's row is the one judged for "
+        "issue 13; the standard shape's `plan-warm` at 100,000 images is the same target on larger files)."
+    ),
+}
+
+
+def _mib(row: dict[str, Any]) -> str:
+    return f"{row['ours']['maxrss_mib']:.0f}" if row.get("ours") else "–"
+
+
+def _per_session(row: dict[str, Any]) -> str:
+    ms = row["extra"].get("ms_per_session")
+    return "–" if ms is None else f"{ms:+.1f}"
+
+
+def _ours_s(row: dict[str, Any]) -> str:
+    if row["ours"]:
+        return _s(row["ours"]["median"])
+    return _s(row["extra"].get("seconds"))
+
+
+def _studies(n: int) -> str:
+    return f"{n:,} stud{'y' if n == 1 else 'ies'}"
+
+
+def _verdict(rows: Sequence[dict[str, Any]]) -> str:
+    judged = [r for r in rows if r["met"] is not None and not r.get("skipped")]
+    if not judged:
+        return "No target judged at these sizes (absolute targets are judged at the issue's sizes only)"
+    missed = [f"{r['key']} @ {r['size']:,}" for r in judged if not r["met"]]
+    text = f"{len(judged) - len(missed)} of {len(judged)} judged target(s) met"
+    return text + (f"; missed: {', '.join(missed)}" if missed else "")
+
+
+def _row_notes(w: Callable[[str], None], rows: Sequence[dict[str, Any]]) -> None:
+    for r in rows:
+        bits = list(r["notes"])
+        if r.get("skipped"):
+            bits.append(f"not run: {r['skipped']}")
+        if r["ours"] and len(r["ours"]["seconds"]) > 1:
+            bits.append("xnatmigrate runs: " + ", ".join(f"{x:.2f}" for x in r["ours"]["seconds"]))
+        if r["ref"] and len(r["ref"]["seconds"]) > 1:
+            bits.append("reference runs: " + ", ".join(f"{x:.2f}" for x in r["ref"]["seconds"]))
+        if bits:
+            w(f"- **{r['key']} @ {r['size']:,}**: " + "; ".join(bits) + ".")
+
+
+def shape_sections(rows: Sequence[dict[str, Any]], corpora: Sequence[dict[str, Any]]) -> list[str]:
+    """The archive shapes of issue 13: a section per shape measured, table, targets, met/missed."""
+    out: list[str] = []
+    w = out.append
+    shapes = [s for s in SHAPE_ORDER if any(shape_of(r) == s for r in rows)]
+    if not shapes:
+        return out
+    w("## Archive shapes (issue 13)\n")
+    w(
+        "Each shape is its own deterministic corpus (`bench/corpora.py`), measured in the same run as "
+        "its reference, alternating as above.\n"
+    )
+    for shape in shapes:
+        order = {k: i for i, k in enumerate(SHAPE_ORDER[shape])}
+        mine = sorted(
+            (r for r in rows if shape_of(r) == shape), key=lambda r: (order.get(r["key"], 99), r["size"])
+        )
+        w(f"### {SHAPE_TITLE[shape]}\n")
+        sizes = ", ".join(
+            f"{c['size']:,} images in {_studies(c['sessions'])}" if c.get("sessions") else f"{c['size']:,}"
+            for c in corpora
+            if c.get("shape") == shape
+        )
+        w(f"Corpus: {SHAPES[shape].text}; measured: {sizes or '–'}. {SHAPE_PURPOSE[shape]}\n")
+        w(f"**{_verdict(mine)}.**\n")
+        if shape == "tiny":
+            w(
+                "| comparison | files | xnatmigrate median s | reference median s | ratio | peak RSS MiB | target | met |"
+            )
+            w("|---|---:|---:|---:|---:|---:|---|---|")
+            for r in mine:
+                ref = r["ref"]["median"] if r["ref"] else None
+                w(
+                    f"| {r['title']} | {r['size']:,} | {_ours_s(r)} | {_s(ref)} | {_ratio(r)} | {_mib(r)} | "
+                    f"{r['target']} | {_met(r)} |"
+                )
+        else:
+            w(
+                "| comparison | images | sessions | xnatmigrate median s | reference median s | ratio | "
+                "ms per session | target | met |"
+            )
+            w("|---|---:|---:|---:|---:|---:|---:|---|---|")
+            for r in mine:
+                ref = r["ref"]["median"] if r["ref"] else None
+                sessions = r["extra"].get("sessions")
+                w(
+                    f"| {r['title']} | {r['size']:,} | {'–' if sessions is None else f'{sessions:,}'} | "
+                    f"{_ours_s(r)} | {_s(ref)} | {_ratio(r)} | {_per_session(r)} | {r['target']} | {_met(r)} |"
+                )
+        w("")
+        _row_notes(w, mine)
+        w("")
+    return out
 
 
 def markdown(
@@ -86,8 +222,10 @@ def markdown(
     )
     for meta in runs:
         sizes = ", ".join(f"{n:,}" for n in meta.get("sizes", []))
+        what = [f"standard {sizes} images"] if sizes else []
+        what += [f"{s} {', '.join(f'{n:,}' for n in ns)}" for s, ns in meta.get("shapes", {}).items()]
         w(
-            f"- Run: `{meta['argv']}` ({sizes} images) on {meta['date']}, {meta['wall_minutes']:.0f} min "
+            f"- Run: `{meta['argv']}` ({'; '.join(what)}) on {meta['date']}, {meta['wall_minutes']:.0f} min "
             f"wall time; {meta['rounds']}; xnatmigrate "
             f"{meta['versions'].get('xnatmigrate source', '(source state not recorded)')}."
         )
@@ -96,32 +234,30 @@ def markdown(
         "- Peak RSS: `wait4` rusage of the command (the largest single process of its tree, as "
         "`/usr/bin/time -v` reports).\n"
     )
+    shaped = [r for r in rows if shape_of(r) != "standard"]
+    rows = [r for r in rows if shape_of(r) == "standard"]
     w("## Results\n")
-    w("| # | comparison | images | xnatmigrate median s | reference median s | ratio | target | met |")
-    w("|---|---|---:|---:|---:|---:|---|---|")
-    for r in sort_rows(rows):
-        ours = r["ours"]["median"] if r["ours"] else None
-        ref = r["ref"]["median"] if r["ref"] else None
-        w(
-            f"| {NUMBER.get(r['key'], '')} | {r['title']} | {r['size']:,} | {_s(ours)} | {_s(ref)} | "
-            f"{_ratio(r)} | {r['target']} | {_met(r)} |"
-        )
-    w("")
-    w("Notes per row:\n")
-    for r in sort_rows(rows):
-        bits = list(r["notes"])
-        if r.get("skipped"):
-            bits.append(f"not run: {r['skipped']}")
-        if r["ours"] and len(r["ours"]["seconds"]) > 1:
-            bits.append("xnatmigrate runs: " + ", ".join(f"{x:.2f}" for x in r["ours"]["seconds"]))
-        if r["ref"] and len(r["ref"]["seconds"]) > 1:
-            bits.append("reference runs: " + ", ".join(f"{x:.2f}" for x in r["ref"]["seconds"]))
-        if bits:
-            w(f"- **{r['key']} @ {r['size']:,}**: " + "; ".join(bits) + ".")
-    w("")
+    if not rows:
+        w("The standard shape (issue 7) was not measured in this run (`--shapes`).\n")
+    else:
+        w("The standard shape (issue 7); the archive shapes of issue 13 follow in their own section.\n")
+        w("| # | comparison | images | xnatmigrate median s | reference median s | ratio | target | met |")
+        w("|---|---|---:|---:|---:|---:|---|---|")
+        for r in sort_rows(rows):
+            ours = r["ours"]["median"] if r["ours"] else None
+            ref = r["ref"]["median"] if r["ref"] else None
+            w(
+                f"| {NUMBER.get(r['key'], '')} | {r['title']} | {r['size']:,} | {_s(ours)} | {_s(ref)} | "
+                f"{_ratio(r)} | {r['target']} | {_met(r)} |"
+            )
+        w("")
+        w("Notes per row:\n")
+        _row_notes(w, sort_rows(rows))
+        w("")
     if plot:
         w(f"![throughput against corpus size]({plot})\n")
         w("Throughput (files/s, log scales) against corpus size, from the medians above.\n")
+    out.extend(shape_sections(shaped, corpora))
     if not_run:
         w("## Not run, and why\n")
         for line in not_run:
@@ -134,13 +270,14 @@ def markdown(
         "(`xnatmigrate.testing.pg`) holding XNAT's `xdat_search.prearchive` (profile 1.8.2).\n"
     )
     seen: set[tuple[str, str]] = set()
-    for r in sort_rows(rows):
+    for r in sort_rows(rows) + sorted(shaped, key=lambda r: (shape_of(r), r["key"], r["size"])):
         for side in ("ref", "ours"):
             s = r[side]
             if s and (s["label"], s["command"]) not in seen:
                 seen.add((s["label"], s["command"]))
                 cmd = s["command"].replace(runs[-1].get("bench_dir", "\0"), "$BENCH")
-                w(f"- {s['label']} ({r['size']:,}):\n  `{cmd}`")
+                where = f"{r['size']:,}" if shape_of(r) == "standard" else f"{shape_of(r)} {r['size']:,}"
+                w(f"- {s['label']} ({where}):\n  `{cmd}`")
     w("")
     w(
         "Untimed between runs: `rm -rf` of the destination, `TRUNCATE xdat_search.prearchive`, a copy of "
@@ -148,14 +285,21 @@ def markdown(
     )
     w("## Corpora\n")
     w(
-        "Deterministic (`xnatmigrate.testing.corpus`, seed 0): 200 images per patient, two studies each "
-        "(a follow-up), four series of 25 images; studies cycle MR 256², MR, MR, CT 512². "
-        "Explicit VR little endian, uncompressed.\n"
+        "Deterministic (`xnatmigrate.testing.corpus`; seeds: standard 0, xray 13, huge 14, tiny 15), explicit VR little endian, "
+        "uncompressed; the session of a study is `PatientID_StudyDate`. Shapes:\n"
     )
-    w("| images | files | MB | made |")
-    w("|---:|---:|---:|---|")
+    for name in dict.fromkeys(shape_of(c) for c in corpora):
+        if name in SHAPES:
+            w(f"- {name}: {SHAPES[name].text}.")
+    w("")
+    w("| shape | images | files | studies | MB | made |")
+    w("|---|---:|---:|---:|---:|---|")
     for c in corpora:
-        w(f"| {c['size']:,} | {c['files']:,} | {c['bytes'] / 1e6:,.0f} | {c['made']} |")
+        studies = f"{c['sessions']:,}" if c.get("sessions") else "–"
+        w(
+            f"| {shape_of(c)} | {c['size']:,} | {c['files']:,} | {studies} | {c['bytes'] / 1e6:,.0f} | "
+            f"{c['made']} |"
+        )
     w("")
     w("## Machine and versions\n")
     last = runs[-1]

@@ -175,3 +175,66 @@ def cstore_rows(
         row.notes.append(f"{statistics.median(speedups):.0f}× faster; the recipe sends {rate:.0f} files/s")
         rows.append(row)
     return rows
+
+
+def cstore_default_row(site: Site, rounds: int, warmup: int, *, key: str, target: str, limit: float) -> Row:
+    """``apply`` of a cstore plan with the default ``--jobs`` (none given) vs ``storescu +sd +r``.
+
+    The archive shapes' row (issue 13): what a user gets without tuning, against dcmtk's one
+    association, both into the same ``storescp --fork`` (restarted empty before every run, untimed),
+    each run checked to have delivered every file. ``TCP_NODELAY=1`` for dcmtk's side as in
+    ``cstore_rows``.
+    """
+    corpus = site.corpus
+    n = corpus.files
+    out, where = receiver_dir(site)
+    snap = site.make_plan("cstore")
+    state = site.root / "state-cstore"
+    ref_cmd = (
+        f"storescu +sd +r -aet {CALLING_AET} -aec {CALLED_AET} 127.0.0.1 {site.port} "
+        f"{shlex.quote(str(corpus.path))}"
+    )
+    ref = Series("storescu +sd +r (one association)", show(ref_cmd, DCMTK_ENV))
+    ours = Series("xnatmigrate apply, default --jobs (cstore)", show(site.apply_cmd(state), site.shown_env))
+    with StoreSCP(site.port, out, site.root / "storescp.log") as scp:
+
+        def checked(step: Callable[[], Run]) -> Step:
+            def go() -> Run:
+                result = step()
+                got = scp.received()
+                if got != n:
+                    raise BenchError(f"storescp received {got} of {n} files; see {scp.log}")
+                return result
+
+            return go
+
+        def ours_setup() -> None:
+            scp.restart()
+            site.restore(snap, state)
+
+        alternate(
+            [
+                (ref, checked(lambda: run(ref_cmd, env=DCMTK_ENV)), scp.restart),
+                (ours, checked(lambda: site.xnatmigrate(site.apply_cmd(state))), ours_setup),
+            ],
+            rounds,
+            warmup,
+        )
+    r = paired_ratios(ours, ref)
+    row = Row(
+        key,
+        n,
+        "apply cstore, default --jobs, vs storescu +sd +r",
+        ours,
+        ref,
+        r,
+        target,
+        statistics.median(r) <= limit,
+    )
+    row.extra["mb_per_s"] = corpus.mb / ours.median
+    row.extra["ref_mb_per_s"] = corpus.mb / ref.median
+    row.notes.append(
+        f"{corpus.mb / ours.median:.0f} MB/s vs {corpus.mb / ref.median:.0f} MB/s ({corpus.mb:.0f} MB); "
+        f"receiver on {where}"
+    )
+    return row

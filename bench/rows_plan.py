@@ -23,6 +23,8 @@ def plan_rows(
     warm_too: bool,
     dcmtk: bool,
     refs: bool = True,
+    prefix: str = "",
+    no_refs_note: str = "references not run at this size (measured at the smaller ones)",
 ) -> list[Row]:
     """Cold plan (state deleted) against the DB vs the references, and a warm re-plan, in one loop.
 
@@ -30,6 +32,7 @@ def plan_rows(
     plan starts from a copy of the cold plan's state, so its scan cache is exactly what a re-plan of an
     unchanged tree finds. ``refs=False`` (the largest corpus) times the plans only: their cold plan
     is needed for the warm one and for peak RSS, and the references were measured at smaller sizes.
+    ``prefix`` goes before every row key (``tiny-plan-warm``: the archive shapes of issue 13).
     """
     corpus = site.corpus
     n = corpus.files
@@ -73,22 +76,33 @@ def plan_rows(
 
     rows = []
     if not refs:
-        row = Row("plan-cold", n, "plan, cold, vs pydicom loop", cold, None, [], T_COLD, None)
-        row.notes.append("references not run at this size (measured at the smaller ones)")
+        row = Row(f"{prefix}plan-cold", n, "plan, cold, vs pydicom loop", cold, None, [], T_COLD, None)
+        row.notes.append(no_refs_note)
         rows.append(row)
     else:
         r = paired_ratios(cold, pyd)
-        rows.append(Row("plan-cold", n, "plan, cold, vs pydicom loop", cold, pyd, r, T_COLD, _le(r, 1.0)))
+        rows.append(
+            Row(f"{prefix}plan-cold", n, "plan, cold, vs pydicom loop", cold, pyd, r, T_COLD, _le(r, 1.0))
+        )
     if dcmtk and refs:
         r = paired_ratios(cold, dcm)
         rows.append(
-            Row("plan-cold-dcmtk", n, "plan, cold, vs dcmtk dcmdump", cold, dcm, r, T_DCMTK, _le(r, 2.0))
+            Row(
+                f"{prefix}plan-cold-dcmtk",
+                n,
+                "plan, cold, vs dcmtk dcmdump",
+                cold,
+                dcm,
+                r,
+                T_DCMTK,
+                _le(r, 2.0),
+            )
         )
     if offline_too:
         r = paired_ratios(offline, pyd)
         rows.append(
             Row(
-                "plan-cold-offline",
+                f"{prefix}plan-cold-offline",
                 n,
                 "plan --offline, cold, vs pydicom loop",
                 offline,
@@ -102,7 +116,7 @@ def plan_rows(
         r = paired_ratios(warm, cold)
         at100k = warm.median * 100_000 / n
         met = at100k <= 10.0 if n >= 100_000 else None
-        row = Row("plan-warm", n, "plan, warm, vs plan cold", warm, cold, r, T_WARM, met)
+        row = Row(f"{prefix}plan-warm", n, "plan, warm, vs plan cold", warm, cold, r, T_WARM, met)
         row.extra["seconds_per_100k"] = at100k
         if n < 100_000:
             row.notes.append(f"≈ {at100k:.1f} s per 100,000 files at this rate (extrapolated, not judged)")

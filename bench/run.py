@@ -1,6 +1,8 @@
-"""``make bench``: every comparison of issue 7, side by side, written to ``docs/benchmarks.md``.
+"""``make bench``: every comparison of issues 7 and 13, side by side, written to ``docs/benchmarks.md``.
 
-    python -m bench.run [--sizes 2000,10000,100000] [--rounds N] [--warmup N] [--only NAME,...]
+    python -m bench.run [--shapes standard,xray,huge,tiny] [--sizes 2000,10000,100000]
+                        [--shape-scale F] [--xray-studies N] [--huge-images N] [--tiny-sizes A,B,C]
+                        [--rounds N] [--warmup N] [--only NAME,...]
                         [--out docs/benchmarks.md] [--corpus-dir DIR] [--cstore-jobs 1,2,4] [--merge]
                         [--smoke] [--report-only]
 
@@ -10,9 +12,17 @@ cstore-recipe, rss. Corpora live in ``${XNATMIGRATE_BENCH_DIR:-~/.cache/xnatmigr
 at that scale (plan cold once, plan warm, a hard-link apply once, the no-op re-apply, peak RSS): a
 durable copy or a C-STORE of 20+ GB per run, several rounds, would take hours and double the disk.
 
-``--smoke`` runs every comparison once on a few hundred small images in a folder next to ``--out``
-(for the test suite: it proves the harness runs, never how fast). ``--merge`` keeps the results of
-sizes not run this time from the previous ``<out>.json``; ``--report-only`` rewrites the report from it.
+Shapes (``--shapes``, default all; ``bench/corpora.py`` describes each, ``bench/rows_shapes.py`` their
+rows): ``standard`` is the corpus of issue 7 at ``--sizes``; ``xray`` is 5,000 studies of 4 small
+radiographs (``--xray-studies``), ``huge`` one study of 10,000 images (``--huge-images``), ``tiny``
+30,000, 100,000 and 300,000 files of ≈ 3.7 KB (``--tiny-sizes``). ``--shape-scale 0.05`` scales the
+three defaults for a quick try (xray 250 studies, huge 500 images, tiny 1,500/5,000/15,000 files);
+the explicit options win over it. Above ``LARGE`` images a shape's rows run 1 round, no warm-up.
+
+``--smoke`` runs every comparison once on a few hundred small images in a folder next to ``--out``,
+and every shape on a few dozen (for the test suite: it proves the harness runs, never how fast).
+``--merge`` keeps the results of sizes and shapes not run this time from the previous ``<out>.json``;
+``--report-only`` rewrites the report from it.
 
 The plot needs matplotlib in the venv (``.venv/bin/pip install matplotlib``, deliberately not a
 dependency of the package); without it the report says so and has no plot. The analysis at the end of
@@ -31,8 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import corpora, report
-from .common import BenchError, Row, machine, skipped_row, versions
+from . import corpora, report, rows_shapes
+from .common import BenchError, Row, machine, print_row, skipped_row, versions
 from .rows_apply import T_REAPPLY, TARGETS, apply_row, reapply_row
 from .rows_cstore import T_BEST, T_ONE, T_RECIPE, cstore_rows
 from .rows_plan import T_COLD, T_WARM, plan_rows
@@ -48,6 +58,7 @@ NAMES = (
     "cstore-recipe",
     "rss",
 )
+SHAPES = ("standard", "xray", "huge", "tiny")
 LARGE = 20_000
 T_RSS = "100k ≤ 1.5 × 10k, < 500 MB"
 RSS_OF = (
@@ -58,18 +69,36 @@ RSS_OF = (
     ("cstore-best", "apply cstore"),
 )
 NOTES = Path(__file__).with_name("notes.md")
+#: --smoke: a few dozen files per shape (tiny: two sizes, for its RSS rows).
+SMOKE_SIZES = {"standard": [300], "xray": [40], "huge": [40], "tiny": [20, 60]}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--sizes", default="2000,10000,100000")
+    ap.add_argument(
+        "--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}"
+    )
+    ap.add_argument("--sizes", default="2000,10000,100000", help="the standard shape's sizes (images)")
+    ap.add_argument(
+        "--shape-scale",
+        type=float,
+        default=1.0,
+        help="scale the xray, huge and tiny default sizes (quick runs)",
+    )
+    ap.add_argument("--xray-studies", type=int, default=None, help="xray studies of 4 images (default 5000)")
+    ap.add_argument("--huge-images", type=int, default=None, help="images of the huge study (default 10000)")
+    ap.add_argument(
+        "--tiny-sizes", default=None, help="tiny shape's sizes in files (default 30000,100000,300000)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(NAMES)}")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--corpus-dir", default=None)
     ap.add_argument("--cstore-jobs", default="1,2,4")
-    ap.add_argument("--merge", action="store_true", help="keep other sizes' results from <out>.json")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep other sizes' and shapes' results from <out>.json"
+    )
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite <out> from <out>.json, measure nothing"
     )
@@ -78,7 +107,46 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(filter(None, args.only.split(","))) - set(NAMES)
     if unknown:
         ap.error(f"unknown --only name(s): {', '.join(sorted(unknown))}")
+    bad = set(filter(None, args.shapes.split(","))) - set(SHAPES)
+    if bad:
+        ap.error(f"unknown --shapes name(s): {', '.join(sorted(bad))}")
+    try:
+        args.shape_sizes = _shape_sizes(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     return args
+
+
+def _round_to(x: float, unit: int) -> int:
+    return max(unit, round(x / unit) * unit)
+
+
+def _shape_sizes(args: argparse.Namespace) -> dict[str, list[int]]:
+    """Sizes (images = files) per selected shape, in the order the shapes run."""
+    chosen = [s for s in SHAPES if s in set(filter(None, args.shapes.split(",")))]
+    if args.smoke:
+        return {s: SMOKE_SIZES[s] for s in chosen}
+    f = args.shape_scale
+    full = rows_shapes.FULL
+    per = rows_shapes.XRAY_IMAGES_PER_STUDY
+    if f <= 0:
+        raise ValueError("--shape-scale must be > 0")
+    xray = args.xray_studies * per if args.xray_studies is not None else _round_to(full["xray"][0] * f, per)
+    huge = args.huge_images if args.huge_images is not None else _round_to(full["huge"][0] * f, 4)
+    if args.tiny_sizes:
+        tiny = [int(t) for t in args.tiny_sizes.split(",") if t.strip()]
+    else:
+        tiny = sorted({_round_to(n * f, corpora.SHAPES["tiny"].unit) for n in full["tiny"]})
+    sizes = {
+        "standard": [int(s) for s in args.sizes.split(",") if s.strip()],
+        "xray": [xray],
+        "huge": [huge],
+        "tiny": sorted(set(tiny)),
+    }
+    for shape in chosen:
+        for n in sizes[shape]:
+            corpora.SHAPES[shape].spec(n)  # ValueError: not a multiple of the shape's unit
+    return {s: sizes[s] for s in chosen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     only = set(filter(None, args.only.split(",")))
     out.parent.mkdir(parents=True, exist_ok=True)
+    shape_sizes: dict[str, list[int]] = args.shape_sizes
+    sizes = shape_sizes.get("standard", [])
     if args.smoke:
-        sizes, rounds, warmup = [300], 1, 0
+        rounds, warmup = 1, 0
         root = Path(args.corpus_dir).resolve() if args.corpus_dir else out.parent / "bench-smoke"
         jobs = [1, 2]
     else:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         rounds, warmup = args.rounds, args.warmup
         root = corpora.bench_dir(args.corpus_dir)
         jobs = [int(j) for j in args.cstore_jobs.split(",")]
@@ -124,50 +193,77 @@ def main(argv: list[str] | None = None) -> int:
 
     with EmbeddedPostgres() as pg:
         port = free_port()
-        for size in sizes:
-            try:
-                corpus = corpora.ensure(root, size, smoke=args.smoke)
-            except corpora.NoSpace as exc:
-                not_run.append(f"every row at {size:,} images: {exc}")
-                continue
-            made = json.loads((root / f"corpus-{size}.json").read_text()).get("made", "")
-            corpus_list.append({"size": size, "files": corpus.files, "bytes": corpus.bytes, "made": made})
-            large = size > LARGE and not args.smoke
-            r1, w1 = (1, 0) if large else (rounds, warmup)
-            print(f"== {size:,} images ({corpus.mb:,.0f} MB) at {corpus.path}", flush=True)
-            site = Site(root / f"work-{size}", corpus, pg.dsn, port)
-            try:
-                got = _size_rows(
-                    site,
-                    size,
-                    r1,
-                    w1,
-                    rounds,
-                    warmup,
-                    jobs,
-                    want,
-                    dcmtk_missing,
-                    large,
-                    not_run,
-                    20 if args.smoke else 200,
+        for shape, shape_list in shape_sizes.items():
+            tag = "" if shape == "standard" else f"[{shape}] "
+            # Largest first, so that a smaller corpus of the shape is hard links into a larger one.
+            have: dict[int, corpora.Corpus] = {}
+            for size in sorted(shape_list, reverse=True):
+                try:
+                    have[size] = corpora.ensure(root, size, smoke=args.smoke, shape=shape)
+                except corpora.NoSpace as exc:
+                    not_run.append(f"{tag}every row at {size:,} images: {exc}")
+            for size in shape_list:
+                if size not in have:
+                    continue
+                corpus = have[size]
+                corpus_list.append(
+                    {
+                        "shape": shape,
+                        "size": size,
+                        "files": corpus.files,
+                        "bytes": corpus.bytes,
+                        "sessions": corpus.sessions,
+                        "made": corpora.made(root, size, shape),
+                    }
                 )
-            finally:
-                site.close(pg.dsn)
-            failed |= any(row.skipped and row.skipped.startswith("FAILED") for row in got)
-            rows.extend(got)
+                large = size > LARGE and not args.smoke
+                r1, w1 = (1, 0) if large else (rounds, warmup)
+                name = corpora.SHAPES[shape].name_of(size)
+                print(
+                    f"== {shape}: {size:,} images in {corpus.sessions:,} stud"
+                    f"{'y' if corpus.sessions == 1 else 'ies'} ({corpus.mb:,.0f} MB) "
+                    f"at {corpus.path}",
+                    flush=True,
+                )
+                site = Site(root / ("work-" + name.removeprefix("corpus-")), corpus, pg.dsn, port)
+                try:
+                    if shape == "standard":
+                        got = _size_rows(
+                            site,
+                            size,
+                            r1,
+                            w1,
+                            rounds,
+                            warmup,
+                            jobs,
+                            want,
+                            dcmtk_missing,
+                            large,
+                            not_run,
+                            20 if args.smoke else 200,
+                        )
+                    elif shape == "tiny":
+                        got = rows_shapes.tiny_rows(site, shape_list, r1, w1, want=want, not_run=not_run)
+                    else:
+                        got = rows_shapes.transfer_rows(
+                            site, shape, r1, w1, want=want, dcmtk_missing=dcmtk_missing, not_run=not_run
+                        )
+                finally:
+                    site.close(pg.dsn)
+                failed |= any(row.skipped and row.skipped.startswith("FAILED") for row in got)
+                rows.extend(got)
 
     data = [r.as_dict() for r in rows]
     raw = out.with_suffix(".json")
     meta["sizes"] = sizes
+    meta["shapes"] = {s: n for s, n in shape_sizes.items() if s != "standard"}
     meta["rss"] = want("rss")
     meta["wall_minutes"] = (time.monotonic() - started) / 60
     runs = [meta]
     if args.merge and raw.exists():
-        old = json.loads(raw.read_text())
-        data = [r for r in old["rows"] if r["size"] not in sizes] + data
-        corpus_list = [c for c in old["corpora"] if c["size"] not in sizes] + corpus_list
-        not_run = [n for n in old.get("not_run", []) if not any(f"{s:,}" in n for s in sizes)] + not_run
-        runs = [m for m in old.get("runs", []) if set(m.get("sizes", [])) - set(sizes)] + runs
+        data, corpus_list, not_run, runs = _merge(
+            json.loads(raw.read_text()), data, corpus_list, not_run, runs, shape_sizes
+        )
     doc = {"runs": runs, "rows": data, "corpora": corpus_list, "not_run": not_run}
     raw.write_text(json.dumps(doc, indent=1))
     write_report(out, doc, smoke=args.smoke)
@@ -175,15 +271,55 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def _merge(
+    old: dict[str, Any],
+    data: list[dict[str, Any]],
+    corpus_list: list[dict[str, Any]],
+    not_run: list[str],
+    runs: list[dict[str, Any]],
+    shape_sizes: dict[str, list[int]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """This run's results plus the previous ones of sizes (standard) and shapes not run this time."""
+    sizes = shape_sizes.get("standard", [])
+    others = {s for s in shape_sizes if s != "standard"}
+
+    def kept(item: dict[str, Any]) -> bool:
+        shape = item.get("shape", "standard")
+        return item["size"] not in sizes if shape == "standard" else shape not in others
+
+    def kept_line(line: str) -> bool:
+        if line.startswith("["):
+            return line[1:].split("]", 1)[0] not in others
+        return not any(f"{s:,}" in line for s in sizes)
+
+    def kept_run(m: dict[str, Any]) -> bool:
+        return bool(set(m.get("sizes", [])) - set(sizes) or set(m.get("shapes", {})) - others)
+
+    return (
+        [r for r in old["rows"] if kept(r)] + data,
+        [c for c in old["corpora"] if kept(c)] + corpus_list,
+        [n for n in old.get("not_run", []) if kept_line(n)] + not_run,
+        [m for m in old.get("runs", []) if kept_run(m)] + runs,
+    )
+
+
 def write_report(out: Path, doc: dict[str, Any], *, smoke: bool = False) -> None:
     """``out`` (Markdown) and its throughput PNG from the raw results ``doc``."""
-    rows = [r for r in doc["rows"] if not r["key"].startswith("rss-")]
-    not_run = [n for n in doc["not_run"] if not n.startswith("peak RSS of")]
+    derived = ("rss-", "tiny-rss-", "tiny-replan-")
+    rows = [r for r in doc["rows"] if not r["key"].startswith(derived)]
+    not_run = [n for n in doc["not_run"] if not n.startswith(("peak RSS of", "[tiny] peak RSS of"))]
     if doc["runs"][-1].get("rss", True):
-        rss, missing = rss_rows(rows)
-        rows += rss
-        not_run += missing
-    plot = report.plot_png(rows, out.with_name(out.stem + "-throughput.png"))
+        standard = [r for r in rows if r.get("shape", "standard") == "standard"]
+        rss, missing = rss_rows(standard) if standard else ([], [])
+        tiny = [r for r in rows if r.get("shape") == "tiny"]
+        trss, tmissing = rows_shapes.tiny_rss_rows(tiny) if tiny else ([], [])
+        rows += rss + trss
+        not_run += missing + tmissing
+    replan = rows_shapes.replan_row(rows)
+    if replan is not None:
+        rows.append(replan)
+    standard = [r for r in rows if r.get("shape", "standard") == "standard"]
+    plot = report.plot_png(standard, out.with_name(out.stem + "-throughput.png"))
     if plot is None:
         not_run.append(
             "the throughput plot: matplotlib is not installed (`.venv/bin/pip install matplotlib`)"
@@ -193,7 +329,13 @@ def write_report(out: Path, doc: dict[str, Any], *, smoke: bool = False) -> None
         report.markdown(
             rows,
             runs=doc["runs"],
-            corpora=sorted(doc["corpora"], key=lambda c: c["size"]),
+            corpora=sorted(
+                doc["corpora"],
+                key=lambda c: (
+                    SHAPES.index(c.get("shape", "standard")) if c.get("shape", "standard") in SHAPES else 9,
+                    c["size"],
+                ),
+            ),
             not_run=not_run,
             plot=plot,
             notes=notes,
@@ -336,16 +478,7 @@ def rss_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str
     return out, missing
 
 
-def _print(row: Row) -> None:
-    if row.skipped:
-        print(f"  {row.key:<18} not run: {row.skipped}", flush=True)
-        return
-    ours = f"{row.ours.median:8.2f} s" if row.ours and row.ours.runs else "         "
-    ref = f"{row.ref.median:8.2f} s" if row.ref and row.ref.runs else "         "
-    ratio = f"ratio {row.ratio:.2f}" if row.ratio is not None else ""
-    print(
-        f"  {row.key:<18} ours {ours}  ref {ref}  {ratio}  met={row.met}  {'; '.join(row.notes)}", flush=True
-    )
+_print = print_row
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ class Site:
         if self.cache.exists():
             shutil.copytree(self.cache, snap)
         self.xnatmigrate(self.plan_cmd(kind, snap))
+        if not self.cache.exists():  # the first plan of this site: later ones start warm from it
+            shutil.copytree(snap, self.cache)
         return snap
 
     def restore(self, snap: Path, state: Path) -> None:
@@ -232,7 +234,7 @@ class StoreSCP:
 def receiver_dir(site: Site) -> tuple[Path, str]:
     """Where storescp writes: tmpfs when the corpus fits twice, else the corpus's disk (same for both)."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * site.corpus.bytes + 1_000_000_000:
+    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * site.corpus.disk + 1_000_000_000:
         return shm / f"xnatmigrate-bench-rx-{os.getpid()}", "tmpfs (/dev/shm)"
     return site.root / "received", "the corpus's disk"
 

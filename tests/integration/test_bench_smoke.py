@@ -1,4 +1,5 @@
-"""The benchmark harness cannot rot: ``python -m bench.run --smoke`` runs every comparison once.
+"""The benchmark harness cannot rot: ``python -m bench.run --smoke`` runs every comparison once,
+and every archive shape of issue 13 (xray, huge, tiny) on a few dozen files.
 
 Asserts only that each comparison ran and produced numbers, never a timing (issue 7).
 """
@@ -18,6 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 DCMTK = all(shutil.which(t) for t in ("storescu", "storescp", "dcmdump"))
 TIMED = ["plan-cold", "plan-warm", "apply-copy", "apply-hardlink", "reapply"]
 DCMTK_ROWS = ["plan-cold-dcmtk", "cstore-best", "cstore-one", "cstore-recipe", "cstore-pynetdicom"]
+# Issue 13's shapes; tiny-plan-cold has no reference (it measures peak RSS).
+SHAPE_TIMED = ["xray-apply-copy", "huge-apply-copy", "tiny-plan-warm", "tiny-apply-copy"]
+SHAPE_DCMTK = ["xray-cstore", "huge-cstore"]
 
 
 @pytest.mark.slow
@@ -35,15 +39,24 @@ def test_bench_smoke_runs_every_comparison(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["key"]: r for r in data["rows"]}
-    for key in TIMED + (DCMTK_ROWS if DCMTK else []):
+    for key in TIMED + SHAPE_TIMED + (DCMTK_ROWS + SHAPE_DCMTK if DCMTK else []):
         row = rows[key]
         assert not row["skipped"], (key, row["skipped"])
         assert row["ours"]["seconds"] and all(s > 0 for s in row["ours"]["seconds"]), key
-        if key != "reapply":
+        if key not in ("reapply", "tiny-plan-cold"):
             assert row["ref"]["seconds"] and row["ratio"] is not None and row["ratio"] > 0, key
     assert rows["reapply"]["extra"]["rchar"] > 0
+    assert rows["tiny-plan-cold"]["ours"]["maxrss_mib"] > 0
+    assert sorted(r["size"] for r in data["rows"] if r["key"] == "tiny-apply-copy") == [20, 60]
+    assert "ms_per_session" in rows["xray-apply-copy"]["extra"]
     if not DCMTK:
         for key in DCMTK_ROWS[1:]:
             assert rows[key]["skipped"].startswith("dcmtk not installed"), key
+        for key in SHAPE_DCMTK:
+            assert rows[key]["skipped"].startswith("dcmtk not installed"), key
     text = out.read_text()
     assert "| 1 | plan, cold, vs pydicom loop |" in text and "## Commands" in text
+    for section in ("### xray", "### huge", "### tiny"):
+        assert section in text, section
+    assert "| peak RSS of plan (cold), 60 vs 20 tiny files |" in text
+    assert "| warm re-plan 100,000 files (tiny shape, unchanged tree) |" in text

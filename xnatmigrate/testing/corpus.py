@@ -1,6 +1,7 @@
 """Deterministic synthetic DICOM corpus for tests, the demo and benchmarks.
 
-``build_corpus(root, CorpusSpec(...))`` writes Part 10 MR/CT images laid out like a typical export,
+``build_corpus(root, CorpusSpec(...))`` writes Part 10 MR/CT images (or CR/DX radiographs) laid out like a
+typical export,
 
     root/<PatientID>/<StudyDate>_<n>/<SeriesNumber>_<SeriesDescription>/IMG<nnnn>.dcm
 
@@ -39,7 +40,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
 from pydicom.uid import (
     UID,
+    ComputedRadiographyImageStorage,
     CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     MRImageStorage,
 )
@@ -95,6 +98,10 @@ class _Modality:
     model: str
     study_descriptions: tuple[str, ...]
     series_descriptions: tuple[str, ...]
+    # A projection radiograph (CR/DX): no slice geometry (orientation, position, frame of reference,
+    # slice thickness/location); a ViewPosition and BodyPartExamined per series instead.
+    projection: bool = False
+    kvp: str = "120"
 
 
 _MODALITIES: dict[str, _Modality] = {
@@ -120,7 +127,39 @@ _MODALITIES: dict[str, _Modality] = {
         study_descriptions=("CT CHEST W/ CONTRAST", "CT HEAD W/O", "CT ABDOMEN/PELVIS"),
         series_descriptions=("AX 5.0 SOFT", "AX 1.25 LUNG", "COR 3.0", "SCOUT"),
     ),
+    # Radiographs are small here on purpose (256², ≈ 130 KB like MR; real ones are 2-3k²): the bench
+    # uses them for many small studies, where per-study costs, not bytes, dominate.
+    "CR": _Modality(
+        sop_class=ComputedRadiographyImageStorage,
+        default_rows=256,
+        fov_mm=430.0,
+        slice_mm=0.0,
+        bits_stored=12,
+        manufacturer="FUJIFILM Corporation",
+        model="FCR PROFECT CS",
+        study_descriptions=("XR CHEST PA AND LATERAL", "XR KNEE LEFT 3 VIEWS", "XR HAND RIGHT"),
+        series_descriptions=("PA", "LAT", "OBL", "AP"),
+        projection=True,
+        kvp="85",
+    ),
+    "DX": _Modality(
+        sop_class=DigitalXRayImageStorageForPresentation,
+        default_rows=256,
+        fov_mm=430.0,
+        slice_mm=0.0,
+        bits_stored=12,
+        manufacturer="Carestream Health",
+        model="DRX-Evolution",
+        study_descriptions=("XR CHEST 2 VIEWS", "XR ANKLE RIGHT", "XR PELVIS AP"),
+        series_descriptions=("AP", "LAT", "PA", "OBL"),
+        projection=True,
+        kvp="70",
+    ),
 }
+# Body part per study description of a radiograph (BodyPartExamined).
+_BODY_PART = {"CHEST": "CHEST", "KNEE": "KNEE", "HAND": "HAND", "ANKLE": "ANKLE", "PELVIS": "PELVIS"}
+# ViewPosition's defined terms for the series descriptions that are not one already.
+_VIEW = {"LAT": "LL", "OBL": "LLO"}
 
 # Keeps only the low 12 bits of each little-endian 16-bit sample when applied to the odd (high) bytes:
 # MR declares BitsStored 12, and CT values stay in a plausible HU range after RescaleIntercept -1024.
@@ -136,7 +175,7 @@ class CorpusSpec:
     series_per_study: int = 2
     images_per_series: int = 4
     modalities: tuple[str, ...] = ("MR", "CT")
-    rows: int | None = None  # None: MR 256x256, CT 512x512; Columns always equals Rows
+    rows: int | None = None  # None: MR/CR/DX 256x256, CT 512x512; Columns always equals Rows
     seed: int = 0
     nuisances: bool = False
 
@@ -235,7 +274,7 @@ def _write_images(root: Path, spec: CorpusSpec) -> list[CorpusFile]:
 
             study = Dataset()
             study.SpecificCharacterSet = "ISO_IR 100"
-            study.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            study.ImageType = ["ORIGINAL", "PRIMARY"] if mod.projection else ["ORIGINAL", "PRIMARY", "AXIAL"]
             study.SOPClassUID = mod.sop_class
             study.StudyDate = _da(study_date)
             study.StudyTime = study_time
@@ -250,7 +289,8 @@ def _write_images(root: Path, spec: CorpusSpec) -> list[CorpusFile]:
             study.PatientID = patient_id
             study.PatientBirthDate = _da(birth)
             study.PatientSex = sex
-            study.SliceThickness = _ds(mod.slice_mm)
+            if not mod.projection:
+                study.SliceThickness = _ds(mod.slice_mm)
             if mod_name == "MR":
                 study.ScanningSequence = "SE"
                 study.SequenceVariant = "NONE"
@@ -259,12 +299,20 @@ def _write_images(root: Path, spec: CorpusSpec) -> list[CorpusFile]:
                 study.EchoTime = "15"
                 study.MagneticFieldStrength = "3"
             else:
-                study.KVP = "120"
-            study.PatientPosition = "HFS"
+                study.KVP = mod.kvp
+            if mod.projection:
+                words = study.StudyDescription.split()
+                study.BodyPartExamined = next((_BODY_PART[w] for w in words if w in _BODY_PART), "")
+                study.PatientOrientation = ["A", "F"]
+                if mod_name == "DX":
+                    study.PresentationIntentType = "FOR PRESENTATION"
+            else:
+                study.PatientPosition = "HFS"
             study.StudyInstanceUID = study_uid
             study.StudyID = str(1000 + study_index)
-            study.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-            study.PositionReferenceIndicator = ""
+            if not mod.projection:
+                study.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+                study.PositionReferenceIndicator = ""
             study.SamplesPerPixel = 1
             study.PhotometricInterpretation = "MONOCHROME2"
             study.Rows = rows
@@ -296,7 +344,10 @@ def _write_images(root: Path, spec: CorpusSpec) -> list[CorpusFile]:
                 ds.SeriesDescription = description
                 ds.SeriesInstanceUID = series_uid
                 ds.SeriesNumber = series_number
-                ds.FrameOfReferenceUID = _uid(seed, "frame", p, s, se)
+                if mod.projection:
+                    ds.ViewPosition = _VIEW.get(description, description)
+                else:
+                    ds.FrameOfReferenceUID = _uid(seed, "frame", p, s, se)
                 for i in range(spec.images_per_series):
                     sop_uid = _uid(seed, "instance", p, s, se, i)
                     ds.file_meta = _file_meta(mod.sop_class, sop_uid, seed)
@@ -304,12 +355,13 @@ def _write_images(root: Path, spec: CorpusSpec) -> list[CorpusFile]:
                     ds.ContentDate = study.StudyDate
                     ds.ContentTime = study_time
                     ds.InstanceNumber = i + 1
-                    ds.ImagePositionPatient = [
-                        _ds(-0.5 * mod.fov_mm),
-                        _ds(-0.5 * mod.fov_mm),
-                        _ds(z0 + i * mod.slice_mm),
-                    ]
-                    ds.SliceLocation = _ds(z0 + i * mod.slice_mm)
+                    if not mod.projection:
+                        ds.ImagePositionPatient = [
+                            _ds(-0.5 * mod.fov_mm),
+                            _ds(-0.5 * mod.fov_mm),
+                            _ds(z0 + i * mod.slice_mm),
+                        ]
+                        ds.SliceLocation = _ds(z0 + i * mod.slice_mm)
                     ds.PixelData = pattern[i * shift : i * shift + nbytes]
                     ds["PixelData"].VR = "OW"
                     path = series_dir / f"IMG{i + 1:04d}.dcm"
@@ -427,9 +479,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--series-per-study", type=int, default=CorpusSpec.series_per_study)
     parser.add_argument("--images-per-series", type=int, default=CorpusSpec.images_per_series)
     parser.add_argument(
-        "--modalities", default=",".join(CorpusSpec.modalities), help="comma-separated, e.g. MR,CT"
+        "--modalities",
+        default=",".join(CorpusSpec.modalities),
+        help=f"comma-separated, e.g. MR,CT (any of {', '.join(_MODALITIES)})",
     )
-    parser.add_argument("--rows", type=int, default=None, help="square image size (default MR 256, CT 512)")
+    parser.add_argument(
+        "--rows", type=int, default=None, help="square image size (default MR/CR/DX 256, CT 512)"
+    )
     parser.add_argument("--seed", type=int, default=CorpusSpec.seed)
     parser.add_argument("--nuisances", action="store_true", help="also write non-image and broken files")
     args = parser.parse_args(argv)
