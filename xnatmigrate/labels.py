@@ -249,7 +249,7 @@ def render(template: str, values: Mapping[str, str]) -> str:
     if not is_template(template):
         return template
     names = _sorted_keywords(template)
-    key = (template, tuple(values.get(k) for k in names))
+    key = (template, tuple(map(values.get, names)))
     hit = _RENDERED.get(key)
     if hit is not None:
         return hit
@@ -326,6 +326,14 @@ def xnat_hash(*values: str) -> str:
     h = 1
     for v in values:
         h = (31 * h + java_string_hash(v)) & 0xFFFFFFFF
+    return _base36(h)
+
+
+# Memoised for file names: the per-series operand repeats, the per-file one costs a miss only.
+_java_hash = functools.lru_cache(maxsize=4096)(java_string_hash)
+
+
+def _base36(h: int) -> str:
     out = ""
     while True:
         h, r = divmod(h, 36)
@@ -354,19 +362,44 @@ def file_name(values: Mapping[str, str], template: str = XNAT_FILE_NAME_TEMPLATE
     A missing value becomes ``no-value-for-<Tag>``; ``.dcm`` is appended when the template has no
     extension; leading dots are stripped.
     """
+    return file_namer(template)(values)
 
-    def value_of(var: str) -> str:
-        m = _HASH_VAR.match(var)
-        if m:
-            a, b = m.groups()
-            # TemplatizedDicomFileNamer:93-96 hashes a missing operand as its placeholder text too (§9).
-            return xnat_hash(values.get(a) or f"no-value-for-{a}", values.get(b) or f"no-value-for-{b}")
-        return values.get(var) or f"no-value-for-{var}"
 
-    name = _TEMPLATE_VAR.sub(lambda m: value_of(m.group(1)), template)
-    if "." not in template.rsplit("}", 1)[-1]:
-        name += ".dcm"
-    return name.lstrip(".")
+@functools.lru_cache(maxsize=64)
+def file_namer(template: str = XNAT_FILE_NAME_TEMPLATE) -> Callable[[Mapping[str, str]], str]:
+    """``file_name`` with its template parsed once: a plan names 100,000s of files with one template.
+
+    The hash operands' Java hashes are memoised (``_java_hash``): in XNAT's default template one of
+    them (SOPClassUID) is the same for every file of a series.
+    """
+    # (literal text, variable, second hash operand): variable None ends with the literal alone;
+    # a second operand makes it ``Hash<variable>With<operand>``.
+    parts: list[tuple[str, str | None, str | None]] = []
+    pos = 0
+    for m in _TEMPLATE_VAR.finditer(template):
+        var = m.group(1)
+        h = _HASH_VAR.match(var)
+        parts.append((template[pos : m.start()], *(h.groups() if h else (var, None))))
+        pos = m.end()
+    parts.append((template[pos:], None, None))
+    suffix = "" if "." in template.rsplit("}", 1)[-1] else ".dcm"
+
+    def name(values: Mapping[str, str]) -> str:
+        out: list[str] = []
+        for text, var, other in parts:
+            out.append(text)
+            if var is None:
+                continue
+            value = values.get(var) or f"no-value-for-{var}"
+            if other is None:
+                out.append(value)
+            else:
+                # TemplatizedDicomFileNamer:93-96 hashes a missing operand as its placeholder text too (§9).
+                second = values.get(other) or f"no-value-for-{other}"
+                out.append(_base36((31 * (31 + _java_hash(value)) + _java_hash(second)) & 0xFFFFFFFF))
+        return ("".join(out) + suffix).lstrip(".")
+
+    return name
 
 
 def routing_line(project: str | None, subject: str | None, session: str) -> str:

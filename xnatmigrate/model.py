@@ -9,13 +9,15 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, BinaryIO, ClassVar, TypeAlias
 
 from .errors import PlanError
 from .targetfacts import ExistingRow as ExistingRow
@@ -183,6 +185,7 @@ class FileHeader:
     values: Mapping[str, str]
     ctime_ns: int = -1  # with ino: a file rewritten in place keeps size and mtime, never its ctime
     ino: int = -1
+    digest: str = ""  # header_digest(values), when the scan knew it ("": not known, compute it)
 
     def get(self, keyword: str) -> str | None:
         return self.values.get(keyword)
@@ -207,7 +210,8 @@ class FileHeader:
 @dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
 class CachedHeader:
     """A scan-cache entry: valid while (size, mtime_ns, ctime_ns, ino) match and ``keywords`` covers
-    the need (-1: not recorded, never valid)."""
+    the need (-1: not recorded, never valid). ``digest`` is ``header_digest(header)`` ("": not
+    recorded), so that a warm plan does not compute it again for every file."""
 
     path: str
     size: int
@@ -218,6 +222,39 @@ class CachedHeader:
     reject: str | None
     ctime_ns: int = -1
     ino: int = -1
+    digest: str = ""
+
+
+class ValuePool:
+    """One str object per distinct header key and value, for the 100,000s of headers of a scan.
+
+    Decoding a header (JSON from the scan cache, a pickle from a scan worker) makes new strings for
+    every key and value, but most of them (keywords, study and series values, the transfer syntax)
+    repeat from file to file: sharing them saves about two thirds of a header's memory.
+    """
+
+    __slots__ = ("_memo",)
+
+    def __init__(self) -> None:
+        # Every distinct string seen, the per-file ones too (cheaper than telling them apart): a
+        # pool lives only as long as one scan or one read of the cache.
+        self._memo: dict[str, str] = {}
+
+    def text(self, value: str) -> str:
+        return self._memo.setdefault(value, value)
+
+    def header(self, header: Mapping[str, str]) -> dict[str, str]:
+        """A copy of ``header`` whose keys and values are the pool's."""
+        share = self._memo.setdefault
+        keys, values = header.keys(), header.values()
+        # map/zip/dict: the whole copy runs in C.
+        return dict(zip(map(share, keys, keys), map(share, values, values), strict=True))
+
+    def values(self, header: Mapping[str, str]) -> dict[str, str]:
+        """A copy of ``header`` whose values are the pool's (its keys are already shared)."""
+        share = self._memo.setdefault
+        values = header.values()
+        return dict(zip(header.keys(), map(share, values, values), strict=True))
 
 
 @dataclass(frozen=True, slots=True)  # 100,000s of these in a large plan
@@ -419,8 +456,13 @@ _HASH_EXCLUDED = ("plan_id", "created")
 
 def header_digest(values: Mapping[str, str]) -> str:
     """A short digest of the header values a file was planned on (every keyword the scan read)."""
-    canonical = json.dumps(dict(values), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = _DIGEST_JSON.encode(values if type(values) is dict else dict(values))
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+# ``json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` without building an
+# encoder per call (one call per planned file).
+_DIGEST_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -430,8 +472,100 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 def compute_plan_id(plan: Plan) -> str:
-    """SHA-256 over the canonical JSON of the plan, without its id and creation time."""
-    return _content_hash(plan_to_dict(plan))
+    """SHA-256 over the canonical JSON of the plan, without its id and creation time.
+
+    Computed piece by piece (``_canonical_pieces``): the plan's JSON is never held whole.
+    """
+    h = hashlib.sha256()
+    for piece, hashed, _ in _canonical_pieces(plan):
+        if hashed:
+            h.update(piece)
+    return h.hexdigest()
+
+
+def write_plan_json(plan: Plan, fh: BinaryIO) -> str:
+    """Write ``plan`` to ``fh`` (binary, seekable) as its canonical JSON, and return its plan_id.
+
+    One pass, one conversion and one encoding per session: the id is the SHA-256 of the very bytes
+    written, ``plan_id`` and ``created`` left out (what ``plan_from_dict`` checks), and is written
+    over a placeholder once every piece has been hashed. The file is ``json.dumps(plan_to_dict(p),
+    sort_keys=True, separators=(",", ":"))`` of the plan with that id (``json_text`` spelling),
+    without a trailing newline. ``plan.plan_id`` is ignored.
+    """
+    h = hashlib.sha256()
+    slot = -1
+    for piece, hashed, is_id in _canonical_pieces(plan):
+        if is_id:
+            slot = fh.tell() + len(piece) - len(_ID_SLOT) - 1  # the placeholder, inside the quotes
+        elif hashed:
+            h.update(piece)
+        fh.write(piece)
+    plan_id = h.hexdigest()
+    end = fh.tell()
+    fh.seek(slot)
+    fh.write(plan_id.encode("ascii"))
+    fh.seek(end)
+    return plan_id
+
+
+_ID_SLOT = b"0" * 64
+# Big lists are encoded this many items at a time: bounded memory, few encoder calls.
+_BATCH = 512
+
+
+def _canonical_pieces(plan: Plan) -> Iterator[tuple[bytes, bool, bool]]:
+    """The canonical JSON of ``plan`` in pieces: (UTF-8 bytes, part of the content hash, the id).
+
+    Concatenated, the pieces are ``json_text(plan_to_dict(plan), sort_keys=True, separators=(",",
+    ":"))`` with ``plan_id`` as 64 zeros; the hashed ones alone are that of the plan without its
+    ``plan_id`` and ``created`` (``_content_hash``). Sessions are converted and encoded one at a
+    time, other big lists ``_BATCH`` items at a time.
+    """
+    names = sorted(_plan_field_names())
+    first_hashed = True
+    yield b"{", True, False
+    for i, name in enumerate(names):
+        hashed = name not in _HASH_EXCLUDED
+        if i:
+            # The comma before a key belongs to the hashed text only between two hashed keys.
+            yield b",", hashed and not first_hashed, False
+        if name == "plan_id":
+            yield b'"plan_id":"' + _ID_SLOT + b'"', False, True
+            continue
+        value = getattr(plan, name)
+        key = _encoded(json.dumps(name) + ":")
+        if isinstance(value, tuple) and value:
+            yield key + b"[", hashed, False
+            if name == "sessions":
+                for j, s in enumerate(value):
+                    yield (b"," if j else b"") + _encoded(_canonical(_plain(s))), hashed, False
+            else:
+                for j in range(0, len(value), _BATCH):
+                    text = _canonical([_plain(v) for v in value[j : j + _BATCH]])[1:-1]
+                    yield (b"," if j else b"") + _encoded(text), hashed, False
+            yield b"]", hashed, False
+        else:
+            yield key + _encoded(_canonical(_plain(value))), hashed, False
+        if hashed:
+            first_hashed = False
+    yield b"}", True, False
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _encoded(text: str) -> bytes:
+    """UTF-8 of JSON text, lone surrogates written as JSON escapes (see ``json_text``)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
+
+
+@functools.cache
+def _plan_field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Plan))
 
 
 def _content_hash(data: Mapping[str, Any]) -> str:
@@ -586,8 +720,12 @@ def _plain(obj: Any) -> Any:
     """Dataclasses → dicts, tuples → lists, recursively: exactly what json.loads gives back.
 
     NOTE: not ``dataclasses.asdict``, which deep-copies every leaf and dominated planning time on
-    large plans (4 s of a 10,000-file warm plan).
+    large plans (4 s of a 10,000-file warm plan). A scan's files, 100,000s in a large plan, take the
+    flat path (``_scan_plain``).
     """
+    fast = _FAST_PLAIN.get(type(obj))
+    if fast is not None:
+        return fast(obj)
     names = _FIELD_NAMES.get(type(obj))
     if names is not None:
         return {n: _plain(getattr(obj, n)) for n in names}
@@ -608,3 +746,23 @@ def _plain(obj: Any) -> Any:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+# Every field of a PlannedFile is a str or an int, which _plain leaves as they are: one C call
+# gathers them (``tests/unit/test_model.py`` holds this path equal to the generic one).
+_FILE_FIELDS = tuple(f.name for f in fields(PlannedFile))
+_file_values = operator.attrgetter(*_FILE_FIELDS)
+
+
+_SCAN_FIELDS = tuple(f.name for f in fields(PlannedScan))
+
+
+def _scan_plain(scan: PlannedScan) -> dict[str, Any]:
+    return {
+        n: [dict(zip(_FILE_FIELDS, _file_values(f), strict=True)) for f in scan.files]
+        if n == "files"
+        else _plain(getattr(scan, n))
+        for n in _SCAN_FIELDS
+    }
+
+
+_FAST_PLAIN: dict[type, Callable[[Any], Any]] = {PlannedScan: _scan_plain}

@@ -47,8 +47,12 @@ from .model import (
 )
 from .state import AppliedSession
 
-# Files grouped by (source index, StudyInstanceUID), each with its rendered (raw) label triple.
-_Groups = dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]]
+# A file's rendered (raw) label triple: project, subject, session.
+_Raw = tuple[str | None, str | None, str]
+# Files grouped by (source index, StudyInstanceUID), and the distinct label triples they render to
+# (one, unless the files disagree). NOTE: a list of files and a set of triples, not a pair per
+# file: 100,000s of files, a few thousand studies.
+_Groups = dict[tuple[int, str], tuple[list[FileHeader], set[_Raw]]]
 
 
 class StateReader(Protocol):
@@ -96,6 +100,23 @@ def build_plan(
     ``scan_keywords`` are the keywords the scan read; the plan keeps them so apply can read each
     file's header again and compare it with the one planned (``PlannedFile.header_digest``).
     """
+    return with_plan_id(
+        draft_plan(manifest, headers, scan_rejects, state, facts, now, scan_keywords, scan_warnings)
+    )
+
+
+def draft_plan(
+    manifest: Manifest,
+    headers: Sequence[tuple[int, FileHeader]],
+    scan_rejects: Sequence[Reject],
+    state: StateReader,
+    facts: XnatFacts,
+    now: datetime,
+    scan_keywords: Iterable[str] = (),
+    scan_warnings: Iterable[str] = (),
+) -> Plan:
+    """``build_plan`` without its ``plan_id`` (""): for a caller that computes the id while it
+    writes the plan (``model.write_plan_json``), which is one pass over the plan instead of two."""
     rejects = list(scan_rejects)
     warnings = list(manifest.warnings) + list(scan_warnings)
     refusals = list(facts.refusals)
@@ -104,6 +125,7 @@ def build_plan(
     groups = _group(manifest, headers, rejects)
     studies = _resolve_labels(manifest, groups, held)
     refusals += _fixed_label_refusals(manifest, groups, studies)
+    del groups  # each study holds its files now
     studies = _drop_incomplete(studies, scan_rejects, held)
     studies = _drop_collisions(studies, held)
     studies = _drop_merged_subjects(studies, held)
@@ -164,7 +186,7 @@ def build_plan(
         skipped_checks=tuple(dict.fromkeys(skipped)),
         scan_keywords=tuple(sorted(scan_keywords)),
     )
-    return with_plan_id(plan)
+    return plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,9 +196,7 @@ def build_plan(
 
 def _group(manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], rejects: list[Reject]) -> _Groups:
     """Filter by ``where``, render labels per file, group by (source, StudyInstanceUID)."""
-    groups: dict[tuple[int, str], list[tuple[FileHeader, tuple[str | None, str | None, str]]]] = defaultdict(
-        list
-    )
+    groups: _Groups = {}
     for idx, h in headers:
         src = manifest.sources[idx]
         why = _where_mismatch(src, h)
@@ -192,7 +212,11 @@ def _group(manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], reject
         except labels.MissingValue as exc:
             rejects.append(Reject(h.path, str(exc)))
             continue
-        groups[(idx, h.study_uid)].append((h, raw))
+        group = groups.get((idx, h.study_uid))
+        if group is None:
+            group = groups[(idx, h.study_uid)] = ([], set())
+        group[0].append(h)
+        group[1].add(raw)
     return groups
 
 
@@ -213,9 +237,9 @@ def _resolve_labels(
 ) -> list[_Study]:
     """One label triple per study, sanitised as XNAT does (Labels.toLabelChars, §6)."""
     studies = []
-    for (idx, uid), items in sorted(groups.items()):
-        files = tuple(sorted((h for h, _ in items), key=lambda h: h.path))
-        distinct = sorted({raw for _, raw in items}, key=str)
+    for (idx, uid), (members, raws) in sorted(groups.items()):
+        files = tuple(sorted(members, key=lambda h: h.path))
+        distinct = sorted(raws, key=str)
         if len(distinct) > 1:
             shown = ", ".join("/".join(p or "Unassigned" for p in d) for d in distinct[:3])
             held.append(
@@ -438,6 +462,7 @@ def _scans(st: _Study, template: str) -> tuple[PlannedScan, ...]:
     for h in st.files:
         by_series[h.series_uid].append(h)
     scans = []
+    name_of = labels.file_namer(template)
     for series_uid, files in by_series.items():
         first = files[0]
         number = first.get("SeriesNumber")
@@ -450,10 +475,10 @@ def _scans(st: _Study, template: str) -> tuple[PlannedScan, ...]:
                 sop_instance_uid=h.sop_instance_uid,
                 sop_class_uid=h.sop_class_uid,
                 transfer_syntax=h.transfer_syntax,
-                dest=f"SCANS/{scan_id}/DICOM/{labels.file_name(h.values, template)}",
+                dest=f"SCANS/{scan_id}/DICOM/{name_of(h.values)}",
                 ctime_ns=h.ctime_ns,
                 ino=h.ino,
-                header_digest=header_digest(h.values),
+                header_digest=h.digest or header_digest(h.values),
             )
             for h in sorted(files, key=lambda h: h.path)
         )

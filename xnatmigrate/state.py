@@ -39,6 +39,7 @@ from .model import (
     PrearchiveSession,
     SessionState,
     Step,
+    ValuePool,
     XnatTarget,
     json_text,
     unreachable,
@@ -50,6 +51,7 @@ from .statedb import connect, db_text, py_text, state_error
 STATE_FORMAT = 1
 STATE_FILE = "state.db"
 LOCK_FILE = "lock"
+_CACHE_BATCH = 2048  # scan-cache rows fetched per call
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -80,6 +82,25 @@ CREATE TABLE IF NOT EXISTS session_targets (
     action_id TEXT PRIMARY KEY, target_json TEXT NOT NULL, build TEXT NOT NULL,
     archive INTEGER NOT NULL);
 """
+
+
+def _decode_each(texts: list[str]) -> list[Any]:
+    """``[json.loads(t) for t in texts]``, in one call of the decoder when it can: faster, and the
+    equal keys of all those objects are then one str each.
+
+    One call decodes ``[t1,t2,…]``: when every text is one JSON value that is exactly the list of
+    them, and when it gives another number of values, some text was not one value, and decoding
+    each on its own raises for that text as it always did.
+    """
+    if not texts:
+        return []
+    try:
+        out: list[Any] = json.loads("[" + ",".join(texts) + "]")
+    except ValueError:
+        out = []
+    if len(out) == len(texts):
+        return out
+    return [json.loads(t) for t in texts]
 
 
 def now_iso() -> str:
@@ -249,6 +270,9 @@ class StateStore:
         for column in ("ctime_ns", "ino"):
             if column not in have:
                 conn.execute(f"ALTER TABLE scan_cache ADD COLUMN {column} INTEGER")
+        # The header's digest (model.header_digest); NULL: not recorded, computed when planning.
+        if "digest" not in have:
+            conn.execute("ALTER TABLE scan_cache ADD COLUMN digest TEXT")
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -393,39 +417,56 @@ class StateStore:
     # -- scan cache -----------------------------------------------------------------------------
 
     def cache_all(self) -> dict[str, CachedHeader]:
-        """The whole cache in one query (cheaper than IN-chunks when most paths are wanted)."""
-        out = {}
+        """The whole cache in one query (cheaper than IN-chunks when most paths are wanted).
+
+        Equal keys and values of the headers are one object (``ValuePool``; the JSON decoder shares
+        the keys of one batch): a large cache is mostly the same study and series values over and
+        over.
+        """
+        out: dict[str, CachedHeader] = {}
         # Every entry of one scan shares its keyword list: decode each distinct list once.
         keyword_sets: dict[str, frozenset[str]] = {}
         loads = json.loads
-        for path, size, mtime, kw, ts, header, reject, ctime, ino in self.conn.execute(
-            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino "
+        pool = ValuePool()
+        share, text = pool.values, pool.text
+        sizes: dict[int, int] = {}  # few distinct sizes (a series' images are alike): one int each
+        cur = self.conn.execute(
+            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest "
             "FROM scan_cache"
-        ):
-            keywords = keyword_sets.get(kw)
-            if keywords is None:
-                keywords = keyword_sets[kw] = frozenset(loads(kw))
-            if isinstance(path, bytes):  # a name that is not UTF-8 (_db_text)
-                path = os.fsdecode(path)
-            out[path] = CachedHeader(
-                path,
-                size,
-                mtime,
-                keywords,
-                ts,
-                loads(header) if header is not None else None,
-                py_text(reject),
-                -1 if ctime is None else ctime,
-                -1 if ino is None else ino,
-            )
-        return out
+        )
+        while True:
+            try:  # in batches: 100,000s of rows, one fetch call (and its error check) per batch
+                rows = cur.fetchmany(_CACHE_BATCH)
+            except sqlite3.Error as exc:
+                raise (state_error(exc, self.path) or exc) from None
+            if not rows:
+                return out
+            headers = iter(_decode_each([r[5] for r in rows if r[5] is not None]))
+            for path, size, mtime, kw, ts, header, reject, ctime, ino, digest in rows:
+                keywords = keyword_sets.get(kw)
+                if keywords is None:
+                    keywords = keyword_sets[kw] = frozenset(loads(kw))
+                if isinstance(path, bytes):  # a name that is not UTF-8 (_db_text)
+                    path = os.fsdecode(path)
+                out[path] = CachedHeader(
+                    path,
+                    sizes.setdefault(size, size),
+                    mtime,
+                    keywords,
+                    text(ts) if ts is not None else None,
+                    share(next(headers)) if header is not None else None,
+                    py_text(reject),
+                    -1 if ctime is None else mtime if ctime == mtime else ctime,  # often equal: one int
+                    -1 if ino is None else ino,
+                    digest or "",
+                )
 
     def cache_put(self, entries: Iterable[CachedHeader]) -> None:
         with self.tx():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO scan_cache "
-                "(path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
                         db_text(e.path),
@@ -437,6 +478,7 @@ class StateStore:
                         db_text(e.reject),
                         e.ctime_ns,
                         e.ino,
+                        e.digest or None,
                     )
                     for e in entries
                 ),

@@ -102,6 +102,23 @@ def test_warm_plan_reads_no_file_contents(tmp_path, corpus, monkeypatch, capsys)
     assert second.plan.plan_id == first.plan.plan_id
 
 
+def test_plan_json_is_the_canonical_json_of_the_plan_returned(tmp_path, corpus):
+    """Written in one pass with its id (issue 13): the file is the plan's canonical JSON, its id the
+    content hash load_plan checks, and the collector paused while planning is running again."""
+    import gc
+
+    from xnatmigrate.model import compute_plan_id, json_text, plan_to_dict
+
+    m = manifest_for(tmp_path, corpus)
+    for _ in range(2):  # cold, then warm
+        out = api.plan(m, state_dir=tmp_path / "state", offline=True, now=NOW)
+        text = out.plan_path.read_text(encoding="utf-8")
+        assert text == json_text(plan_to_dict(out.plan), sort_keys=True, separators=(",", ":")) + "\n"
+        assert out.plan.plan_id == compute_plan_id(out.plan)
+        assert api.load_plan(out.plan_path) == out.plan
+        assert gc.isenabled()
+
+
 def test_a_file_name_that_is_not_utf8_is_planned_like_any_other(tmp_path, corpus, capsys):
     first = sorted(corpus.rglob("IMG0002.dcm"))[0]  # planned under its own name (IMG0001 is a duplicate)
     bad = os.fsencode(first.parent) + b"/bad\xff\xfe name.dcm"  # Latin-1 bytes, not UTF-8

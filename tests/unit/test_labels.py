@@ -198,3 +198,54 @@ def test_a_missing_hash_operand_is_hashed_as_xnat_writes_it():
 
 def test_sanitize_does_not_trim():
     assert labels.sanitize(" PAT 01 ") == "_PAT_01_"
+
+
+def _reference_file_name(values, template=labels.XNAT_FILE_NAME_TEMPLATE):
+    """file_name as it was written before it was compiled per template (issue 13)."""
+
+    def value_of(var):
+        m = labels._HASH_VAR.match(var)
+        if m:
+            a, b = m.groups()
+            return labels.xnat_hash(
+                values.get(a) or f"no-value-for-{a}", values.get(b) or f"no-value-for-{b}"
+            )
+        return values.get(var) or f"no-value-for-{var}"
+
+    name = labels._TEMPLATE_VAR.sub(lambda m: value_of(m.group(1)), template)
+    if "." not in template.rsplit("}", 1)[-1]:
+        name += ".dcm"
+    return name.lstrip(".")
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        labels.XNAT_FILE_NAME_TEMPLATE,
+        "${X}",
+        ".${X}.dcm",
+        "a${X}b${HashXWithY}c",
+        "${HashYWithX}_${Y}.${X}",
+        "plain",
+        "${X}${X}.DCM",
+    ],
+)
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"X": ".hidden", "Y": "é"},
+        {
+            "StudyInstanceUID": "1.2.3",
+            "SeriesNumber": "5",
+            "InstanceNumber": "12",
+            "SOPClassUID": "1.2",
+            "SOPInstanceUID": "1.2.3.4",
+            "X": "x" * 300,
+            "Y": "",
+        },
+    ],
+)
+def test_the_compiled_file_namer_names_as_before(template, values):
+    assert labels.file_namer(template)(values) == _reference_file_name(values, template)
+    assert labels.file_name(values, template) == _reference_file_name(values, template)

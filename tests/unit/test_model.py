@@ -299,3 +299,62 @@ def test_another_plan_format_is_refused_in_one_line(fmt: Any) -> None:
     msg = str(err.value)
     assert f"plan format {fmt!r}" in msg and f"reads format {PLAN_FORMAT}" in msg
     assert "re-run `xnatmigrate plan`" in msg and "\n" not in msg
+
+
+# --- plan.json written in one pass (issue 13: a plan of 100,000s of files) ----------------------
+
+
+def big_plan() -> Plan:
+    """Every top-level list non-empty, more rejects than one batch, a path that is not UTF-8."""
+    odd = "/src/bad\udcff.dcm"  # os.fsdecode(b"/src/bad\xff.dcm")
+    plan = hand_made_plan()
+    pre = replace(prearchive(), scans=(scan("1", "/src/a/1", odd), scan("2", "/src/a/é")))
+    return replace(
+        plan,
+        sessions=(pre, cstore()),
+        rejected=tuple(Reject(f"/src/junk/{i:04d}", "not DICOM") for i in range(1200)) + (Reject(odd, "x"),),
+        scan_keywords=("PatientID", "StudyDate"),
+    )
+
+
+@pytest.mark.parametrize("make", [hand_made_plan, big_plan, lambda: replace(hand_made_plan(), sessions=())])
+def test_plan_json_is_written_in_one_pass_with_its_id(make: Any, tmp_path: Any) -> None:
+    from xnatmigrate.model import _content_hash, json_text, write_plan_json
+
+    plan = make()
+    path = tmp_path / "plan.json"
+    with path.open("wb") as fh:
+        plan_id = write_plan_json(replace(plan, plan_id="ignored"), fh)
+    text = path.read_bytes().decode("utf-8")  # valid UTF-8 whatever the paths
+    data = json.loads(text)
+    # The id is the content hash of what was written (what plan_from_dict checks), as before.
+    assert plan_id == data["plan_id"] == compute_plan_id(plan) == _content_hash(plan_to_dict(plan))
+    assert text == json_text(
+        plan_to_dict(replace(plan, plan_id=plan_id)), sort_keys=True, separators=(",", ":")
+    )
+    assert plan_from_dict(data) == replace(plan, plan_id=plan_id)
+
+
+def test_the_flat_path_for_files_equals_the_generic_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xnatmigrate import model
+
+    s = scan("1", "/src/a/1", "/src/a/2")
+    flat = model._plain(s)
+    # Its shortcut holds only while every field of a PlannedFile is a str or an int.
+    assert all(type(v) in (str, int) for f in flat["files"] for v in f.values())
+    monkeypatch.setattr(model, "_FAST_PLAIN", {})
+    generic = model._plain(s)
+    assert generic == flat and list(generic) == list(flat)
+    assert [list(f) for f in generic["files"]] == [list(f) for f in flat["files"]]
+
+
+def test_a_value_pool_shares_equal_strings_but_not_sop_instance_uids() -> None:
+    from xnatmigrate.model import ValuePool
+
+    pool = ValuePool()
+    a = pool.header(json.loads('{"StudyInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.4"}'))
+    b = pool.header(json.loads('{"StudyInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.5"}'))
+    assert a == {"StudyInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.4"}
+    (ka, va), (kb, vb) = next(iter(a.items())), next(iter(b.items()))
+    assert ka is kb and va is vb
+    assert pool.text("".join(["1.2", ".840"])) is pool.text("1.2.840")

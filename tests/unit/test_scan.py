@@ -740,3 +740,64 @@ def test_cached_header_round_trips_through_the_state(tmp_path: Path) -> None:
         cache: dict[str, CachedHeader] = store.cache_all()
     again = scan_sources(m, KW, cache=cache, jobs=1)
     assert again.cache_hits == 3 and again.headers == first.headers and again.rejects == first.rejects
+
+
+def test_every_header_comes_with_its_digest_cold_and_warm(tmp_path: Path) -> None:
+    """The planner takes ``FileHeader.digest`` instead of computing ``header_digest`` per file."""
+    from xnatmigrate.model import header_digest
+    from xnatmigrate.state import StateStore
+
+    corpus(tmp_path / "src", n=4)
+    m = manifest(tmp_path / "src")
+    first = scan_sources(m, KW, jobs=1)
+    assert all(h.digest == header_digest(h.values) for _, h in first.headers)
+    with StateStore(tmp_path / "state") as store:
+        store.cache_put(first.cache_updates)
+        cache = store.cache_all()
+    again = scan_sources(m, KW, cache=cache, jobs=1)
+    assert again.cache_hits == 5 and again.cache_updates == ()
+    assert [h.digest for _, h in again.headers] == [h.digest for _, h in first.headers]
+    # A scan that reads fewer keywords than cached filters the values: the cached digest is not
+    # theirs, so none is given (the planner computes it).
+    wide = {e.path: e for e in scan_sources(m, KW | {"ImageType"}, jobs=1).cache_updates}
+    narrow = scan_sources(m, KW, cache=wide, jobs=1)
+    assert narrow.cache_hits == 5 and all(h.digest == "" for _, h in narrow.headers)
+
+
+def test_a_cache_without_digests_learns_them_once(tmp_path: Path) -> None:
+    """Entries an older xnatmigrate cached have no digest: the next scan computes and returns them."""
+    from dataclasses import replace
+
+    from xnatmigrate.model import header_digest
+
+    corpus(tmp_path / "src", n=2)
+    m = manifest(tmp_path / "src")
+    old = {e.path: replace(e, digest="") for e in scan_sources(m, KW, jobs=1).cache_updates}
+    again = scan_sources(m, KW, cache=old, jobs=1)
+    assert again.cache_hits == 3
+    assert all(h.digest == header_digest(h.values) for _, h in again.headers)
+    learnt = {e.path: e for e in again.cache_updates}
+    assert sorted(learnt) == sorted(h.path for _, h in again.headers)  # the reject has no digest
+    assert all(e.digest == header_digest(e.header or {}) for e in learnt.values())
+    assert scan_sources(m, KW, cache={**old, **learnt}, jobs=1).cache_updates == ()
+
+
+def test_dedupe_keeps_the_order_of_first_appearance() -> None:
+    from xnatmigrate.model import FileHeader
+
+    def h(path: str, uid: str, size: int) -> tuple[int, FileHeader]:  # sizes differ: nothing is read
+        return (0, FileHeader(path, size, 1, "", {"SOPInstanceUID": uid}))
+
+    items = [
+        h("/b/1", "u1", 1),
+        h("/a/2", "u2", 2),
+        h("/x/3", "u3", 3),
+        h("/c/1", "u1", 4),
+        h("/a/1", "u2", 5),
+    ]
+    kept, rejects = dedupe(items)
+    assert [f.path for _, f in kept] == ["/b/1", "/x/3", "/a/1"]
+    assert [(r.path, r.reason.split(" as ")[1]) for r in rejects] == [
+        ("/c/1", "/b/1, different content"),
+        ("/a/2", "/a/1, different content"),
+    ]

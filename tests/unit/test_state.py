@@ -233,6 +233,21 @@ def test_scan_cache_round_trip(tmp_path):
         assert st.cache_all() == {"/x": entry, "/y": bad}
 
 
+def test_cached_headers_share_equal_strings(tmp_path):
+    entries = [
+        CachedHeader(f"/src/{i}", 1, 1, frozenset({"A", "U"}), "1.2.840", {"A": "same", "U": f"u{i}"}, None)
+        for i in range(3)
+    ]
+    with StateStore(tmp_path) as st:
+        st.cache_put(entries)
+        got = st.cache_all()
+    assert got == {e.path: e for e in entries}
+    a, b = got["/src/0"], got["/src/1"]
+    assert a.header is not None and b.header is not None
+    assert a.header["A"] is b.header["A"] and a.transfer_syntax is b.transfer_syntax
+    assert next(iter(a.header)) is next(iter(b.header))
+
+
 # -- group commit -----------------------------------------------------------------------------
 
 
@@ -273,3 +288,27 @@ def test_a_failed_record_inside_a_group_leaves_no_half_of_itself(tmp_path):
             conn.execute("INSERT INTO no_such_table VALUES (1)")
     keys = _other_view(tmp_path)
     assert "current_plan" in keys and "half" not in keys
+
+
+def test_the_header_digest_round_trips_and_an_older_cache_gets_its_column(tmp_path):
+    entry = CachedHeader("/src/1", 1, 1, frozenset({"A"}), "1.2", {"A": "x"}, None, 5, 6, "d" * 32)
+    with StateStore(tmp_path) as st:
+        st.conn.execute("ALTER TABLE scan_cache DROP COLUMN digest")  # as an older version wrote it
+    with StateStore(tmp_path) as st:  # the column is added again
+        st.cache_put([entry])
+        assert st.cache_all() == {"/src/1": entry}
+
+
+def test_the_headers_of_one_batch_are_decoded_in_one_call_or_each_on_its_own():
+    import json
+
+    from xnatmigrate.state import _decode_each
+
+    texts = ['{"A": "1"}', '{"A": "2", "B": "\\udcff"}', "{}"]
+    assert _decode_each(texts) == [json.loads(t) for t in texts]
+    assert _decode_each([]) == []
+    # Texts that are not one JSON value each: never joined into other values, the bad one raises.
+    with pytest.raises(ValueError):
+        _decode_each(['{"A": "1"}, {"B": "2"}', '{"C": "3"}'])
+    with pytest.raises(ValueError):
+        _decode_each(['{"A": "1"}', ""])

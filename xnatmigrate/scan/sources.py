@@ -12,12 +12,11 @@ NOTE: the cache trusts (size, mtime_ns, ctime_ns, inode): a file rewritten in pl
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..model import CachedHeader, FileHeader, Manifest, Reject
+from ..model import CachedHeader, FileHeader, Manifest, Reject, ValuePool, header_digest
 from .header import read_header
 from .parse import Want, want_for
 from .walk import walk_with_rejects
@@ -35,7 +34,8 @@ _PROGRESS_EVERY = 64
 class ScanResult:
     """What a scan found. ``headers`` sorted by (source index, path); ``rejects`` by path.
 
-    ``cache_updates`` are the entries read this run (not ``unreadable:`` ones), for the state's cache.
+    ``cache_updates`` are the entries read this run (not ``unreadable:`` ones), for the state's cache,
+    and the cached ones it had no digest for (written by an older xnatmigrate), now with it.
     """
 
     headers: tuple[tuple[int, FileHeader], ...]
@@ -69,13 +69,21 @@ def dedupe(headers: Iterable[tuple[int, FileHeader]]) -> tuple[list[tuple[int, F
     read only for same-size pairs). Order of ``headers`` is kept for the survivors.
     """
     items = list(headers)
-    groups: dict[str, list[tuple[int, FileHeader]]] = defaultdict(list)
+    # The first file of each SOPInstanceUID; a list only for those with copies (few, or none).
+    first: dict[str, tuple[int, FileHeader]] = {}
+    copies: dict[str, list[tuple[int, FileHeader]]] = {}
     for item in items:
-        groups[item[1].sop_instance_uid].append(item)
+        uid = item[1].sop_instance_uid
+        seen = first.setdefault(uid, item)
+        if seen is not item:
+            copies.setdefault(uid, [seen]).append(item)
+    if not copies:
+        return items, []
     dropped: set[tuple[int, str]] = set()
     rejects: list[Reject] = []
-    for group in groups.values():
-        if len(group) < 2:
+    for uid in first:  # in the order of their first file, as the rejects always were
+        group = copies.get(uid)
+        if group is None:
             continue
         group.sort(key=lambda ih: (ih[1].path, ih[0]))
         kept = group[0][1]
@@ -98,9 +106,23 @@ def dedupe(headers: Iterable[tuple[int, FileHeader]]) -> tuple[list[tuple[int, F
 # --------------------------------------------------------------------------------------------
 
 
+def _read(path: str, keywords: frozenset[str]) -> CachedHeader:
+    """``read_header`` with the header's digest (``model.header_digest``), kept in the cache."""
+    e = read_header(path, keywords)
+    return e if e.header is None else replace(e, digest=header_digest(e.header))
+
+
 def _read_chunk(paths: Sequence[str], keywords: frozenset[str]) -> list[CachedHeader]:
     """Worker entry point: read a chunk of files."""
-    return [read_header(p, keywords) for p in paths]
+    return [_read(p, keywords) for p in paths]
+
+
+def _shared(e: CachedHeader, pool: ValuePool) -> CachedHeader:
+    """``e`` with its header's keys and values shared with the other files' (``ValuePool``)."""
+    if e.header is None:
+        return e
+    ts = pool.text(e.transfer_syntax) if e.transfer_syntax is not None else None
+    return replace(e, header=pool.header(e.header), transfer_syntax=ts)
 
 
 def _read_many(
@@ -108,6 +130,7 @@ def _read_many(
 ) -> dict[str, CachedHeader]:
     """Read ``paths`` in process or in a process pool; ``report(n)`` after every n files done."""
     out: dict[str, CachedHeader] = {}
+    pool_of_values = ValuePool()
     workers = jobs if jobs is not None else (os.cpu_count() or 1)
     # Several chunks per worker balance uneven files; 64–256 paths keep IPC small next to the work.
     size = max(_CHUNK_MIN, min(_CHUNK_MAX, -(-len(paths) // (max(workers, 1) * 4))))
@@ -121,7 +144,7 @@ def _read_many(
     if pool is None:
         reported = 0
         for i, p in enumerate(paths, 1):
-            out[p] = read_header(p, want.keywords)
+            out[p] = _shared(_read(p, want.keywords), pool_of_values)
             if i % _PROGRESS_EVERY == 0 or i == len(paths):
                 report(i - reported)
                 reported = i
@@ -135,7 +158,7 @@ def _read_many(
             for fut in done:
                 entries = fut.result()
                 for e in entries:
-                    out[e.path] = e
+                    out[e.path] = _shared(e, pool_of_values)
                 report(len(entries))
     return out
 
@@ -213,20 +236,27 @@ def scan_sources(
     entries.update(fresh)
 
     headers: list[tuple[int, FileHeader]] = []
+    backfill: list[CachedHeader] = []
     rejects = list(walk_rejects)
     for p in paths:
         e = entries[p]
         if e.reject is not None or e.header is None:
             rejects.append(Reject(p, e.reject or "unreadable: no header recorded"))
             continue
-        # The cache entry read exactly these keywords (the usual warm case): share its dict.
-        values = (
-            e.header
-            if e.keywords == want.keywords
-            else {k: v for k, v in e.header.items() if k in want.keywords}
-        )
+        # The cache entry read exactly these keywords (the usual warm case): share its dict, and
+        # its digest is the digest of these values.
+        if e.keywords == want.keywords:
+            values, digest = e.header, e.digest
+            if not digest:  # cached without one: computed once, and the cache learns it
+                digest = header_digest(values)
+                backfill.append(replace(e, digest=digest))
+        else:
+            values, digest = {k: v for k, v in e.header.items() if k in want.keywords}, ""
         headers.append(
-            (owner[p], FileHeader(p, e.size, e.mtime_ns, e.transfer_syntax or "", values, e.ctime_ns, e.ino))
+            (
+                owner[p],
+                FileHeader(p, e.size, e.mtime_ns, e.transfer_syntax or "", values, e.ctime_ns, e.ino, digest),
+            )
         )
 
     kept, dup_rejects = dedupe(headers)
@@ -234,6 +264,7 @@ def scan_sources(
     kept.sort(key=lambda ih: (ih[0], ih[1].path))
     rejects.sort(key=lambda r: (r.path, r.reason))
     updates = tuple(fresh[p] for p in todo if not (fresh[p].reject or "").startswith("unreadable:"))
+    updates += tuple(backfill)
     return ScanResult(
         headers=tuple(kept),
         rejects=tuple(rejects),

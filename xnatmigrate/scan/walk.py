@@ -78,6 +78,10 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("(?s:" + "".join(out) + r")\Z")
 
 
+# Globs that match every relative path (``**`` any run of segments, ``**/*`` any file in any folder).
+_EVERYTHING = frozenset({"**", "**/*"})
+
+
 def _prune_regex(pattern: str) -> re.Pattern[str] | None:
     """For an exclude ``X/**``: the folders (relative paths) matching X, whose whole subtree is excluded."""
     if pattern.endswith("/**") and len(pattern) > 3:
@@ -105,6 +109,9 @@ def walk_with_rejects(src: SourceSpec) -> tuple[list[str], list[Reject]]:
     # Folders entered, by (device, inode): only needed when links are followed (loops).
     entered: set[tuple[int, int]] = set()
     stack: list[tuple[str, str]] = [(root, "")]
+
+    # The default include and no exclude (the usual source) takes every file: no regex per file.
+    everything = not excludes and any(p in _EVERYTHING for p in src.include)
 
     def wanted(rel: str) -> bool:
         return any(r.match(rel) for r in includes) and not any(r.match(rel) for r in excludes)
@@ -171,7 +178,7 @@ def walk_with_rejects(src: SourceSpec) -> tuple[list[str], list[Reject]]:
                         continue
                 except OSError:
                     pass  # cannot even stat it: keep it, reading it will say why
-                if wanted(rel):
+                if everything or wanted(rel):
                     files.append(entry.path)
         stack.extend(reversed(subdirs))
     files.sort()
