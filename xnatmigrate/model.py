@@ -186,6 +186,7 @@ class FileHeader:
     ctime_ns: int = -1  # with ino: a file rewritten in place keeps size and mtime, never its ctime
     ino: int = -1
     digest: str = ""  # header_digest(values), when the scan knew it ("": not known, compute it)
+    head_digest: str = ""  # head_digest() of the bytes before Pixel Data ("": not known)
 
     def get(self, keyword: str) -> str | None:
         return self.values.get(keyword)
@@ -223,6 +224,7 @@ class CachedHeader:
     ctime_ns: int = -1
     ino: int = -1
     digest: str = ""
+    head_digest: str = ""
 
 
 class ValuePool:
@@ -276,7 +278,9 @@ class PlannedFile:
 
     ``ctime_ns``/``ino`` bind it to the very file the scan read (-1: not bound, for hand-made
     sessions); ``header_digest`` is ``header_digest(values)`` of the header the plan relied on, checked
-    again from the bytes staged or about to be sent ("" : not checked).
+    again from the bytes staged or about to be sent ("" : not checked). ``head_digest`` is
+    ``head_digest(bytes)`` of the bytes before Pixel Data ("": not known): the same bytes again prove
+    the same header without parsing it (``execute.recheck``).
     """
 
     source: str
@@ -289,6 +293,7 @@ class PlannedFile:
     ctime_ns: int = -1
     ino: int = -1
     header_digest: str = ""
+    head_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -458,6 +463,15 @@ def header_digest(values: Mapping[str, str]) -> str:
     """A short digest of the header values a file was planned on (every keyword the scan read)."""
     canonical = _DIGEST_JSON.encode(values if type(values) is dict else dict(values))
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def head_digest(head: bytes) -> str:
+    """``<length>:<digest>`` of a file's bytes before Pixel Data (file meta and data set header).
+
+    Equal bytes parse to equal values, so a file whose first ``length`` bytes give this digest again
+    has the header planned; a different digest only means the values must be compared.
+    """
+    return f"{len(head)}:{hashlib.sha256(head).hexdigest()[:32]}"
 
 
 # ``json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` without building an

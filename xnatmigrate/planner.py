@@ -479,6 +479,7 @@ def _scans(st: _Study, template: str) -> tuple[PlannedScan, ...]:
                 ctime_ns=h.ctime_ns,
                 ino=h.ino,
                 header_digest=h.digest or header_digest(h.values),
+                head_digest=h.head_digest,
             )
             for h in sorted(files, key=lambda h: h.path)
         )

@@ -273,6 +273,9 @@ class StateStore:
         # The header's digest (model.header_digest); NULL: not recorded, computed when planning.
         if "digest" not in have:
             conn.execute("ALTER TABLE scan_cache ADD COLUMN digest TEXT")
+        # model.head_digest of the bytes before Pixel Data; NULL: not known (apply parses instead).
+        if "head_digest" not in have:
+            conn.execute("ALTER TABLE scan_cache ADD COLUMN head_digest TEXT")
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -431,7 +434,8 @@ class StateStore:
         share, text = pool.values, pool.text
         sizes: dict[int, int] = {}  # few distinct sizes (a series' images are alike): one int each
         cur = self.conn.execute(
-            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest "
+            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest, "
+            "head_digest "
             "FROM scan_cache"
         )
         while True:
@@ -442,7 +446,7 @@ class StateStore:
             if not rows:
                 return out
             headers = iter(_decode_each([r[5] for r in rows if r[5] is not None]))
-            for path, size, mtime, kw, ts, header, reject, ctime, ino, digest in rows:
+            for path, size, mtime, kw, ts, header, reject, ctime, ino, digest, head in rows:
                 keywords = keyword_sets.get(kw)
                 if keywords is None:
                     keywords = keyword_sets[kw] = frozenset(loads(kw))
@@ -459,14 +463,15 @@ class StateStore:
                     -1 if ctime is None else mtime if ctime == mtime else ctime,  # often equal: one int
                     -1 if ino is None else ino,
                     digest or "",
+                    head or "",
                 )
 
     def cache_put(self, entries: Iterable[CachedHeader]) -> None:
         with self.tx():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO scan_cache "
-                "(path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest, "
+                "head_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
                         db_text(e.path),
@@ -479,6 +484,7 @@ class StateStore:
                         e.ctime_ns,
                         e.ino,
                         e.digest or None,
+                        e.head_digest or None,
                     )
                     for e in entries
                 ),

@@ -13,7 +13,7 @@ import pytest
 
 from xnatmigrate.errors import ApplyError, StalePlanError, XnatMigrateError
 from xnatmigrate.execute import files
-from xnatmigrate.execute.files import publishing, stage, transfer
+from xnatmigrate.execute.files import disk, publishing, stage, transfer
 from xnatmigrate.model import PlannedFile, PlannedScan, PrearchiveSession
 from xnatmigrate.testing.sessions import prearchive_session
 
@@ -469,7 +469,7 @@ def test_writeback_error_at_the_final_syncfs_forgets_this_runs_files(
             ctypes.set_errno(errno.EIO)
             return -1
 
-    monkeypatch.setattr(stage, "libc", lambda: FailingLibc)  # where _syncfs_or_forget looks it up
+    monkeypatch.setattr(disk, "libc", lambda: FailingLibc)  # where disk.syncfs looks it up
     with pytest.raises(ApplyError, match="Input/output error"):
         files.stage_session(s, staging, jobs=2)
     # The page cache may hold bytes the disk never got: what this run wrote is not trusted later.
@@ -477,3 +477,42 @@ def test_writeback_error_at_the_final_syncfs_forgets_this_runs_files(
     monkeypatch.undo()
     files.stage_session(s, staging, jobs=2)
     assert all_files(staging) == sorted(f.dest for f in s.files)
+
+
+def test_staging_that_wrote_makes_folders_durable_with_its_one_syncfs(
+    root: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The syncfs commits the journal holding the new folders and renames: no fsync per folder then;
+    a run that wrote nothing (every file reused) has no syncfs, and fsyncs its folders instead."""
+    calls: list[tuple[str, str]] = []
+    real_syncfs, real_fsync_dir = stage.syncfs, stage.fsync_dir
+    monkeypatch.setattr(stage, "syncfs", lambda p: (calls.append(("syncfs", str(p))), real_syncfs(p))[1])
+    monkeypatch.setattr(stage, "fsync_dir", lambda p: (calls.append(("fsync", str(p))), real_fsync_dir(p))[1])
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    files.stage_session(s, staging, jobs=2)
+    assert [c for c, _ in calls] == ["syncfs"]
+    calls.clear()
+    files.stage_session(s, staging, jobs=2)  # a rerun: every file reused, nothing written
+    assert calls and {c for c, _ in calls} == {"fsync"} and str(staging) in {p for _, p in calls}
+
+
+def test_publishing_many_folders_is_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(publishing, "syncfs", lambda p: calls.append(f"syncfs {p}"))
+
+    def fsync_dir(p: Path) -> None:
+        if not p.exists():
+            raise FileNotFoundError(p)
+        calls.append(f"fsync {p}")
+
+    monkeypatch.setattr(publishing, "fsync_dir", fsync_dir)
+    dirs = [tmp_path / f"d{i}" for i in range(publishing.SYNCFS_OVER + 1)]
+    for d in dirs:
+        d.mkdir()
+    publishing.fsync_dirs([*dirs, dirs[0]])
+    assert calls == [f"syncfs {dirs[0]}"]
+    calls.clear()
+    few = dirs[: publishing.SYNCFS_OVER - 1]  # with "gone": SYNCFS_OVER folders
+    publishing.fsync_dirs([*few, few[0], tmp_path / "gone"])  # a pruned folder is skipped
+    assert calls == [f"fsync {d}" for d in few]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
 import io
 import os
 import random
@@ -20,6 +21,7 @@ from pydicom.fileset import FileSet
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -801,3 +803,35 @@ def test_dedupe_keeps_the_order_of_first_appearance() -> None:
         ("/c/1", "/b/1, different content"),
         ("/a/2", "/a/1, different content"),
     ]
+
+
+def test_head_digest_covers_exactly_the_bytes_before_pixel_data(tmp_path: Path) -> None:
+    data = part10(tmp_path / "a.dcm", image())
+    pixel_tag = data.index(b"\xe0\x7f\x10\x00OW")  # (7FE0,0010) explicit VR little endian
+    e = read_header(str(tmp_path / "a.dcm"), KW)
+    assert e.head_digest == f"{pixel_tag}:{hashlib.sha256(data[:pixel_tag]).hexdigest()[:32]}"
+    # An image without Pixel Data (an SR, say): every byte is header.
+    data = part10(tmp_path / "b.dcm", image(PixelData=None))
+    assert read_header(str(tmp_path / "b.dcm"), KW).head_digest == (
+        f"{len(data)}:{hashlib.sha256(data).hexdigest()[:32]}"
+    )
+
+
+def test_head_digest_is_not_claimed_for_a_deflated_data_set(tmp_path: Path) -> None:
+    part10(tmp_path / "d.dcm", image(), DeflatedExplicitVRLittleEndian)
+    e = read_header(str(tmp_path / "d.dcm"), KW)
+    assert e.header is not None and e.head_digest == ""
+
+
+def test_head_digest_survives_the_scan_cache(tmp_path: Path) -> None:
+    from xnatmigrate.state import StateStore
+
+    part10(tmp_path / "src" / "a.dcm", image())
+    m = manifest(tmp_path / "src")
+    with StateStore(tmp_path / "state") as store:
+        cold = scan_sources(m, KW, cache=store.cache_all(), jobs=1)
+        store.cache_put(cold.cache_updates)
+        warm = scan_sources(m, KW, cache=store.cache_all(), jobs=1)
+    assert warm.cache_hits == 1
+    [(_, h)] = warm.headers
+    assert h.head_digest and h.head_digest == cold.headers[0][1].head_digest

@@ -45,7 +45,7 @@ from ..dicombytes import (
     element_header,
     read_tag,
 )
-from ..model import CachedHeader
+from ..model import CachedHeader, head_digest
 from .parse import (
     DICOMDIR_OFFSET,
     PIXEL_TAGS,
@@ -191,8 +191,20 @@ def _judge(
         problem = _pixel_problem(fd, size, head, parsed)
         if problem:
             return _reject(path, want, st, problem, ts)
+    # The bytes the values came from, when the first read held them all (a deflated data set's
+    # positions are in the inflated stream): apply re-hashes them instead of parsing again.
+    whole = not parsed.deflated and parsed.stop <= len(head)
     return CachedHeader(
-        path, st.st_size, st.st_mtime_ns, want.keywords, ts, values, None, st.st_ctime_ns, st.st_ino
+        path,
+        st.st_size,
+        st.st_mtime_ns,
+        want.keywords,
+        ts,
+        values,
+        None,
+        st.st_ctime_ns,
+        st.st_ino,
+        head_digest=head_digest(head[: parsed.stop]) if whole else "",
     )
 
 

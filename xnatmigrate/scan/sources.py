@@ -255,7 +255,17 @@ def scan_sources(
         headers.append(
             (
                 owner[p],
-                FileHeader(p, e.size, e.mtime_ns, e.transfer_syntax or "", values, e.ctime_ns, e.ino, digest),
+                FileHeader(
+                    p,
+                    e.size,
+                    e.mtime_ns,
+                    e.transfer_syntax or "",
+                    values,
+                    e.ctime_ns,
+                    e.ino,
+                    digest,
+                    e.head_digest,
+                ),
             )
         )
 

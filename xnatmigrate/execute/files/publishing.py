@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ...errors import ApplyError
 from ...model import Outcome
-from .disk import DiskError, current_user, disk_full, fsync_dir, libc, mount_point
+from .disk import DiskError, current_user, disk_full, fsync_dir, libc, mount_point, syncfs
 from .paths import prune_staging_parents, require_staging_path
 
 
@@ -82,13 +82,27 @@ def publish(staging: Path, final: Path, pending: list[Path] | None = None) -> Ou
     return Outcome.DONE
 
 
-def fsync_dirs(dirs: list[Path]) -> None:
-    """fsync each folder once (a folder named twice is fsynced once), in the order first named.
+#: More distinct folders than this to make durable: one ``syncfs`` instead of a fsync each.
+SYNCFS_OVER = 8
 
-    A staging folder pruned since (emptied by its session's rename) is skipped: the rename that emptied
-    it is in the same journal commit as the published side, which is fsynced.
+
+def fsync_dirs(dirs: list[Path]) -> None:
+    """Make the entries of these folders durable: fsync each once (a folder named twice is fsynced
+    once), in the order first named, or, for more than ``SYNCFS_OVER`` folders (a group of X-ray
+    sessions: a timestamp folder each), one ``syncfs`` of their filesystem.
+
+    All the folders are on one filesystem (their sessions were renamed between them). A staging folder
+    pruned since (emptied by its session's rename) is skipped: the rename that emptied it is in the
+    same journal commit as the published side, which is fsynced.
     """
-    for d in dict.fromkeys(dirs):
+    unique = list(dict.fromkeys(dirs))
+    if len(unique) > SYNCFS_OVER:
+        for d in unique:
+            if os.path.isdir(d):
+                syncfs(d)
+                return
+        return
+    for d in unique:
         try:
             fsync_dir(d)
         except FileNotFoundError:

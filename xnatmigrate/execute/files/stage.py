@@ -1,8 +1,9 @@
 """Staging a session: every planned file verified and durable below its staging folder, resumable.
 
 Invariants:
-- ``stage_session`` returns only after everything below ``staging`` is durable (``syncfs`` or per-file
-  fsync, then one fsync per folder); ``publish`` is therefore never given data still in flight.
+- ``stage_session`` returns only after everything below ``staging`` is durable (one ``syncfs``, which
+  covers the folders too, or per-file fsync then one fsync per folder); ``publish`` is therefore never
+  given data still in flight.
 - ``*.part`` files are scratch: deleted on entry to ``stage_session``, and by the worker that fails.
 - Staging holds exactly what the plan lists: anything else found there is removed.
 - After a failed ``syncfs`` the files this run wrote are deleted, never trusted on a rerun.
@@ -10,7 +11,6 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import shutil
@@ -30,8 +30,8 @@ from .disk import (
     disk_full,
     free_bytes,
     fsync_dir,
-    libc,
     source_error,
+    syncfs,
 )
 from .paths import PART_SUFFIX, STAGING_DIRNAME, describe, require_staging_path, safe_dests, staging_ancestors
 from .perms import Perms, dir_mode, resolve_owner
@@ -151,8 +151,9 @@ def stage_batch(
     """Stage several sessions as one group: one worker pool for all their files, one durability barrier.
 
     Per session, in batch order: its StagedFiles in plan order, or the error that session met (a source
-    vanished or changed, an unreadable source). The barrier is one ``syncfs`` of the staging filesystem,
-    then the fsync of each session's folders (cheap once the journal has committed): on return every
+    vanished or changed, an unreadable source). The barrier is one ``syncfs`` of the staging filesystem
+    (its journal commit covers the new folders and renames; the folders are fsynced one by one only
+    when nothing was written, or with ``fsync_each``): on return every
     session returned as staged is durable, as ``stage_session`` promises for one. Small sessions (X-ray
     studies of 1–4 images) so share one barrier and keep every worker busy instead of each paying its own.
 
@@ -215,9 +216,10 @@ def stage_batch(
             # Also after a failure: the files finished before it stay for the rerun, so make them durable.
             if written and not fsync_each:
                 _syncfs_or_forget(items[0].staging, written)
-        # Folder entries (renames, new folders) become durable here, once per folder.
+        # Folder entries (renames, new folders) become durable here: with the syncfs above (which
+        # commits the journal holding them) already; else once per folder.
         synced: set[str] = set()
-        for item in items:
+        for item in items if not written or fsync_each else ():
             failing = item
             for d in item.folders():
                 if d not in synced:
@@ -254,22 +256,15 @@ def _syncfs_or_forget(staging: Path, written: list[str]) -> None:
     NOTE: after a failed writeback the page cache may still hold the right bytes, so a rerun's re-hash
     could pass over data that never reached the disk: the files written now must go, not be trusted.
     """
-    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fn = getattr(libc(), "syncfs", None)
-        if fn is None:  # pragma: no cover - glibc has had syncfs since 2.14
-            os.sync()
-            return
-        if fn(fd) != 0:
-            err = ctypes.get_errno()
-            for path in written:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            raise DestError(OSError(err, os.strerror(err), str(staging)), str(staging))
-    finally:
-        os.close(fd)
+        syncfs(staging)
+    except OSError as exc:
+        for path in written:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise DestError(exc, str(staging)) from exc
 
 
 def _with_ancestors(dirs: Iterable[str]) -> Iterable[str]:
