@@ -256,7 +256,8 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def check_fresh(plan_obj: Plan, store: StateStore) -> None:
-    """Refuse a stale plan: manifest changed, a source file changed, or the state moved on."""
+    """Refuse a stale plan: manifest or a lookup table changed, or the state moved on (the sources
+    are checked per session by apply)."""
     rerun = "re-run `xnatmigrate plan` and review the new plan"
     try:
         digest = _sha256(Path(plan_obj.manifest_path))
@@ -264,6 +265,15 @@ def check_fresh(plan_obj: Plan, store: StateStore) -> None:
         raise StalePlanError(f"the manifest {plan_obj.manifest_path} is gone; {rerun}") from None
     if digest != plan_obj.manifest_digest:
         raise StalePlanError(f"the manifest {plan_obj.manifest_path} changed since the plan; {rerun}")
+    for table in plan_obj.lookups:
+        try:
+            table_digest = _sha256(Path(table.file))
+        except OSError:
+            raise StalePlanError(f"the lookup table {table.name} ({table.file}) is gone; {rerun}") from None
+        if table_digest != table.sha256:
+            raise StalePlanError(
+                f"the lookup table {table.name} ({table.file}) changed since the plan; {rerun}"
+            )
     if store.serial() != plan_obj.state_serial and store.current_plan() != plan_obj.plan_id:
         raise StalePlanError(
             f"the state moved on since this plan (serial {plan_obj.state_serial} → {store.serial()}); {rerun}"

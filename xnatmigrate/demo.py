@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         install_prearchive_table(dsn, "1.8.2")
         print(f"database: {dsn}")
 
+        # A lookup table: hospital IDs to study subject IDs, as a site's spreadsheet would hold them.
+        # Every patient but the last is listed; the last one's studies are held back, naming the row missing.
+        subjects = work / "subjects.csv"
+        subjects.write_text(
+            "mrn,subject_id\n"
+            + "".join(f"PAT{p + 1:03d},SUBJ-{101 + p}\n" for p in range(max(args.patients - 1, 1)))
+        )
         manifest = work / "manifest.yaml"
         manifest.write_text(
             textwrap.dedent(
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                   prearchive: {prearchive}
                   database:
                     dsn_env: XNATMIGRATE_DEMO_DSN
+                lookups:
+                  subjects: {{file: subjects.csv, key: mrn}}
                 defaults:
                   method: prearchive
                   transfer: copy
@@ -101,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
                   - source: {source}
                     exclude: ["**/*.txt", "**/*.png"]
                     project: demo
-                    subject: "{{{{ PatientID }}}}"
-                    session: "{{{{ PatientID }}}}_{{{{ StudyDate }}}}_{{{{ Modality }}}}"
+                    subject: "{{{{ lookups.subjects[PatientID].subject_id }}}}"
+                    session: "{{{{ lookups.subjects[PatientID].subject_id }}}}_{{{{ StudyDate }}}}_{{{{ Modality }}}}"
                 """
             )
         )
         os.environ["XNATMIGRATE_DEMO_DSN"] = dsn
-        _say("3. The manifest")
+        _say("3. The manifest, and its lookup table subjects.csv")
         print(manifest.read_text())
+        print(subjects.read_text())
         steps = [
             ("4. Validate it (as CI would)", ["validate", str(manifest)]),
             (

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from .dicombytes import MAX_CONTEXTS  # shared with the sender, which splits contexts by it
-from .model import CstoreSession, Plan, PlannedSession, PrearchiveSession, unreachable
+from .model import CstoreSession, LookupMatch, Plan, PlannedSession, PrearchiveSession, unreachable
 
 MAX_REASONS = 5
 
@@ -62,6 +62,10 @@ def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
         "rejected": [{"path": r.path, "reason": r.reason} for r in plan.rejected],
         "warnings": list(plan.warnings),
         "skipped_checks": list(plan.skipped_checks),
+        "lookups": [
+            {"name": t.name, "file": t.file, "key": t.key, "sha256": t.sha256, "rows": t.rows}
+            for t in plan.lookups
+        ],
     }
 
 
@@ -83,6 +87,9 @@ def _session_json(s: PlannedSession) -> dict[str, Any]:
         "prearchive_uri": s.prearchive_uri,
         "session_dir": None,
         "raw_labels": dict(s.raw_labels),
+        "mapped_by": [
+            {"table": m.table, "keyword": m.keyword, "key": m.key, "line": m.line} for m in s.mapped_by
+        ],
         "routing_line": None,
         "contexts": 0,
         "associations_per_worker": 0,
@@ -133,6 +140,14 @@ def _label_line(s: PlannedSession) -> str:
     return ", ".join(parts)
 
 
+def mapped_by_text(plan: Plan, matches: tuple[LookupMatch, ...]) -> str:
+    """``subjects[PatientID=12345] (subjects.csv line 7), …``: the rows that gave a session its labels."""
+    files = {t.name: t.file.rsplit("/", 1)[-1] for t in plan.lookups}
+    return ", ".join(
+        f"{m.table}[{m.keyword}={m.key}] ({files.get(m.table, m.table)} line {m.line})" for m in matches
+    )
+
+
 def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = None) -> str:
     """The human summary: per project what is added, then unchanged, held back, rejected."""
     out: list[str] = []
@@ -157,6 +172,8 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
             )
             if s.raw_labels:
                 out.append(f"        labels: {_label_line(s)}")
+            if s.mapped_by:
+                out.append(f"        mapped by: {mapped_by_text(plan, s.mapped_by)}")
             out.extend(_route_lines(s))
         out.append("")
     if plan.unchanged:
@@ -173,6 +190,8 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
         for reason, n in reasons.most_common(MAX_REASONS):
             example = next(r for r in plan.rejected if r.reason.split(":")[0] == reason)
             out.append(f"    - {n} × {reason} (e.g. {example.path}: {example.reason})")
+    for t in plan.lookups:
+        out.append(f"  lookup table {t.name}: {t.file}, {t.rows} row(s), sha256 {t.sha256[:12]}…")
     for w in plan.warnings:
         out.append(f"  warning: {w}")
     for skipped in plan.skipped_checks:

@@ -9,6 +9,7 @@ import functools
 import operator
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -16,6 +17,7 @@ import jinja2.meta
 import jinja2.sandbox
 
 from .errors import XnatMigrateError
+from .model import LookupMatch, LookupTable
 
 # XftStringUtils.isValidId / Patterns.ALPHANUMERIC_AND_DASHES (xnat-reference.md §6).
 VALID_LABEL = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -71,6 +73,36 @@ class LabelTooLong(MissingValue):
             f"{values.get('StudyInstanceUID') or '?'}, longer than the {MAX_LABEL_BYTES} a folder "
             "name allows (255 bytes less the '.xml' XNAT appends): shorten the template",
         )
+
+
+class LookupMiss(XnatMigrateError):
+    """A template picks a column of a lookup table by a header value that is not one of its keys.
+
+    Not a MissingValue: the file is fine, the table lacks a row, so the planner holds the whole
+    study back (naming table, column and value) instead of rejecting the file.
+    """
+
+    def __init__(self, ref: LookupRef, table: LookupTable, value: str) -> None:
+        self.ref = ref
+        self.value = value
+        super().__init__(
+            f"{ref.keyword} {value!r} is not in lookup table {ref.table} ({table.file}, key column "
+            f"{table.key}), whose column {ref.column} the labels need: add a row for it, or admit only "
+            f"listed studies with where: {{{ref.keyword}: {{in_lookup: {ref.table}}}}}"
+        )
+
+
+# The name templates reach lookup tables by: ``{{ lookups.TABLE[Keyword].column }}``.
+LOOKUPS = "lookups"
+
+
+@dataclass(frozen=True, order=True)
+class LookupRef:
+    """One use of a lookup table in a template: ``lookups.<table>[<keyword>].<column>``."""
+
+    table: str
+    keyword: str
+    column: str
 
 
 class _TooBig(Exception):
@@ -214,15 +246,68 @@ def _check_bounded(ast: jinja2.nodes.Template) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def template_keywords(template: str) -> frozenset[str]:
-    """The variables a template reads. Raises TemplateError on a syntax error, or when the
-    template could loop or grow without bound (``_check_bounded``)."""
+def _parsed(template: str) -> tuple[frozenset[str], tuple[LookupRef, ...]]:
     try:
         ast = _env().parse(template)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}") from exc
     _check_bounded(ast)
-    return frozenset(jinja2.meta.find_undeclared_variables(ast))
+    refs = _lookup_refs(ast)
+    return frozenset(jinja2.meta.find_undeclared_variables(ast)) - {LOOKUPS}, refs
+
+
+def template_keywords(template: str) -> frozenset[str]:
+    """The DICOM keywords a template reads (the keys of its lookups included). Raises
+    TemplateError on a syntax error, when the template could loop or grow without bound
+    (``_check_bounded``), or uses ``lookups`` other than as ``lookups.TABLE[Keyword].column``."""
+    return _parsed(template)[0]
+
+
+def template_lookups(template: str) -> tuple[LookupRef, ...]:
+    """The lookup-table columns a template picks, sorted (TemplateError as ``template_keywords``)."""
+    return _parsed(template)[1] if is_template(template) else ()
+
+
+def _picked_name(node: jinja2.nodes.Node) -> str | None:
+    """``x.name`` or ``x["name"]``: the name; else None."""
+    if isinstance(node, jinja2.nodes.Getattr):
+        return node.attr
+    if isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const):
+        return node.arg.value if isinstance(node.arg.value, str) else None
+    return None
+
+
+def _lookup_refs(ast: jinja2.nodes.Template) -> tuple[LookupRef, ...]:
+    """Every ``lookups.TABLE[Keyword].column`` of a template; any other use of ``lookups`` (a whole
+    row, a computed key, the name reassigned) is a TemplateError."""
+    refs: set[LookupRef] = set()
+    used: set[int] = set()
+    for node in ast.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
+        column = _picked_name(node)
+        row = getattr(node, "node", None)
+        if column is None or not isinstance(row, jinja2.nodes.Getitem):
+            continue
+        if not isinstance(row.arg, jinja2.nodes.Name):
+            continue
+        table_node = row.node
+        table = _picked_name(table_node)
+        root = getattr(table_node, "node", None)
+        if table is None or not isinstance(root, jinja2.nodes.Name) or root.name != LOOKUPS:
+            continue
+        if column.startswith("_") and isinstance(node, jinja2.nodes.Getattr):
+            raise TemplateError(
+                f"lookups.{table}[{row.arg.name}].{column}: a column whose name starts with '_' is "
+                f'picked as lookups.{table}[{row.arg.name}]["{column}"]'
+            )
+        refs.add(LookupRef(table, row.arg.name, column))
+        used.add(id(root))
+    for name in ast.find_all(jinja2.nodes.Name):
+        if name.name == LOOKUPS and id(name) not in used:
+            raise TemplateError(
+                "a template reads a lookup table as {{ lookups.TABLE[Keyword].column }} (a DICOM "
+                'keyword as the key, one column picked by name or as ["column"]); write it that way'
+            )
+    return tuple(sorted(refs))
 
 
 def unknown_keywords(names: frozenset[str] | set[str]) -> list[str]:
@@ -237,26 +322,82 @@ def _compiled(template: str) -> jinja2.Template:
     return _env().from_string(template)
 
 
-def render(template: str, values: Mapping[str, str]) -> str:
-    """Render a label template over header values (raw, before sanitising).
+class _Picks:
+    """What a template sees of ``lookups``: names reached as attributes or items alike (a column
+    named ``items`` or ``keys`` is a column, not a dict method), and only the rows it picks."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = items
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items[name]
+
+
+def lookup_matches(
+    template: str, values: Mapping[str, str], lookups: Mapping[str, LookupTable]
+) -> tuple[LookupMatch, ...]:
+    """The rows of ``lookups`` the template picks for these header values, sorted.
+
+    Raises MissingValue when a key keyword has no value, LookupMiss when its value is not a key of
+    the table. NOTE: the manifest checked that every table and column named exists.
+    """
+    out = []
+    for ref in template_lookups(template):
+        value = values.get(ref.keyword)
+        if value is None:
+            raise MissingValue(ref.keyword)
+        table = lookups.get(ref.table)
+        if table is None:
+            raise TemplateError(f"the template uses lookup table {ref.table}, which the manifest lacks (bug)")
+        row = table.rows.get(value)
+        if row is None:
+            raise LookupMiss(ref, table, value)
+        out.append(LookupMatch(ref.table, ref.keyword, value, row.line))
+    return tuple(sorted(set(out)))
+
+
+def render(template: str, values: Mapping[str, str], lookups: Mapping[str, LookupTable] | None = None) -> str:
+    """Render a label template over header values (raw, before sanitising) and lookup tables.
 
     Raises MissingValue when a variable has no value in ``values``, LabelTooLong (a MissingValue)
-    when the label would be longer than MAX_LABEL_BYTES; the output is built piece by piece and
-    abandoned past _RENDER_CAP characters, and no value inside grows past it (_BoundedSandbox).
-    Results are memoised by the values the template reads (all files of a series share them), so
-    large plans render each distinct label once.
+    when the label would be longer than MAX_LABEL_BYTES, LookupMiss when a header value is not a
+    key of a table the template picks from; the output is built piece by piece and abandoned past
+    _RENDER_CAP characters, and no value inside grows past it (_BoundedSandbox). Results are
+    memoised by the values the template reads, picked cells included (all files of a series share
+    them), so large plans render each distinct label once.
     """
     if not is_template(template):
         return template
     names = _sorted_keywords(template)
-    key = (template, tuple(map(values.get, names)))
+    refs = template_lookups(template)
+    picked: dict[str, dict[str, dict[str, str]]] = {}
+    cells: tuple[str, ...] = ()
+    if refs:
+        tables = lookups or {}
+        for m in lookup_matches(template, values, tables):
+            picked.setdefault(m.table, {})[m.key] = dict(tables[m.table].rows[m.key].values)
+        cells = tuple(picked[r.table][values[r.keyword]].get(r.column, "") for r in refs)
+    key = (template, tuple(map(values.get, names)), cells)
     hit = _RENDERED.get(key)
     if hit is not None:
         return hit
+    context: dict[str, Any] = {k: values[k] for k in names if k in values}
+    if refs:
+        context[LOOKUPS] = _Picks(
+            {t: _Picks({k: _Picks(r) for k, r in rows.items()}) for t, rows in picked.items()}
+        )
     parts: list[str] = []
     size = 0
     try:
-        for part in _compiled(template).generate(**{k: values[k] for k in names if k in values}):
+        for part in _compiled(template).generate(**context):
             size += len(part)
             if size > _RENDER_CAP:
                 raise _TooBig
@@ -282,7 +423,7 @@ def render(template: str, values: Mapping[str, str]) -> str:
     return out
 
 
-_RENDERED: dict[tuple[str, tuple[str | None, ...]], str] = {}
+_RENDERED: dict[tuple[str, tuple[str | None, ...], tuple[str, ...]], str] = {}
 
 
 @functools.lru_cache(maxsize=4096)

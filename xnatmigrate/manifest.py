@@ -21,11 +21,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import labels
+from . import labels, lookups
 from .errors import ManifestError, Problem
 from .model import (
     Build,
     DatabaseTarget,
+    LookupTable,
     Manifest,
     Method,
     Routing,
@@ -280,6 +281,11 @@ def _schema_problems(data: Any, doc: _Doc) -> None:
             message = f"AE title {err.instance!r} is longer than 16 characters"
         elif err.validator == "const" and path == ("version",):
             message = f"version {err.instance!r} is not supported; this xnatmigrate reads version 1"
+        elif err.validator == "oneOf" and len(path) >= 2 and path[-2] == "where":
+            message = (
+                f"{err.instance!r} is not a where condition: give a value, a list of values, or "
+                "{in_lookup: TABLE} (the value must be a key of that lookup table)"
+            )
         elif err.validator == "pattern" and path and path[-1] == "file_mode":
             message = f'{err.instance!r} is not an octal mode; write it quoted, e.g. "0664"'
         doc.problem(path, message)
@@ -302,10 +308,57 @@ def _url_has_password(url: str) -> bool:
         return False
 
 
-def _check_label(doc: _Doc, path: PathT, value: str) -> None:
+class _Lookups:
+    """The manifest's lookup tables as read, and what its templates and filters use of them."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.tables: dict[str, LookupTable] = {}
+        self.declared: set[str] = set()  # every name under lookups:, read or not
+        self.shown: dict[str, str] = {}  # table → its file as messages name it
+        self.picked: dict[tuple[str, str], tuple[PathT, labels.LookupRef]] = {}  # first use of each column
+        self.used: set[str] = set()
+
+
+def _read_lookups(data: dict[str, Any], doc: _Doc, manifest_dir: Path, file: str) -> _Lookups:
+    out = _Lookups(file)
+    entries = data.get("lookups")
+    if not isinstance(entries, dict):
+        return out
+    for name, entry in entries.items():
+        out.declared.add(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            continue  # the schema reports it
+        key, delimiter = entry.get("key"), entry.get("delimiter")
+        if not isinstance(key, str) or not (delimiter is None or isinstance(delimiter, str)):
+            continue
+        written = entry["file"]
+        target = _resolve(manifest_dir, written)
+        expanded = os.path.expanduser(written)
+        shown = expanded if os.path.isabs(expanded) else os.path.join(os.path.dirname(file), expanded)
+        out.shown[name] = shown
+        try:
+            table, problems = lookups.read_table(
+                name, target, shown, key, delimiter, json_path(("lookups", name))
+            )
+        except OSError as exc:
+            doc.problem(
+                ("lookups", name, "file"),
+                f"cannot read lookup table {name} from {target}: {exc.strerror or exc}; fix the path "
+                "(relative paths are relative to the manifest)",
+            )
+            continue
+        doc.problems.extend(problems)
+        if table is not None:
+            out.tables[name] = table
+    return out
+
+
+def _check_label(doc: _Doc, path: PathT, value: str, tables: _Lookups) -> None:
     if labels.is_template(value):
         try:
             names = labels.template_keywords(value)
+            refs = labels.template_lookups(value)
         except labels.TemplateError as exc:
             doc.problem(path, str(exc))
             return
@@ -316,6 +369,12 @@ def _check_label(doc: _Doc, path: PathT, value: str) -> None:
                 f"template uses {', '.join(unknown)}, which is not a DICOM keyword "
                 "(spell it as pydicom's dictionary does, e.g. PatientID, StudyDate)",
             )
+        for ref in refs:
+            tables.used.add(ref.table)
+            if ref.table not in tables.declared:
+                doc.problem(path, _no_table(ref.table, tables))
+            else:
+                tables.picked.setdefault((ref.table, ref.column), (path, ref))
     elif not labels.is_valid_label(value):
         doc.problem(
             path,
@@ -330,7 +389,14 @@ def _check_label(doc: _Doc, path: PathT, value: str) -> None:
         )
 
 
-def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_sources: bool) -> None:
+def _no_table(name: str, tables: _Lookups) -> str:
+    known = ", ".join(sorted(tables.declared)) or "none"
+    return f"there is no lookup table {name!r} (lookups: defines {known}); define it under lookups: or fix the name"
+
+
+def _check_meaning(
+    data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_sources: bool, tables: _Lookups
+) -> None:
     xnat = data.get("xnat") or {}
     defaults = data.get("defaults") or {}
     db = xnat.get("database") or {}
@@ -357,8 +423,8 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
     for where_path in [("defaults",)]:
         for key in ("project", "subject", "session"):
             if isinstance(defaults.get(key), str):
-                _check_label(doc, where_path + (key,), defaults[key])
-        _check_where(doc, where_path + ("where",), defaults.get("where"))
+                _check_label(doc, where_path + (key,), defaults[key], tables)
+        _check_where(doc, where_path + ("where",), defaults.get("where"), tables)
     for i, src in enumerate(data.get("sources") or []):
         if not isinstance(src, dict):
             continue
@@ -366,8 +432,8 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
         opts = {**defaults, **src}
         for key in ("project", "subject", "session"):
             if isinstance(src.get(key), str):
-                _check_label(doc, base + (key,), src[key])
-        _check_where(doc, base + ("where",), src.get("where"))
+                _check_label(doc, base + (key,), src[key], tables)
+        _check_where(doc, base + ("where",), src.get("where"), tables)
         # The schema has already checked the spellings; unknown ones only reach here as None.
         method = _enum(Method, opts.get("method"), Method.PREARCHIVE)
         build = _enum(Build, opts.get("build"), Build.REST)
@@ -432,14 +498,35 @@ def _check_meaning(data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_so
                 doc.problem(base + ("source",), f"{folder} is not a folder; fix the path")
             elif not os.access(folder, os.R_OK | os.X_OK):
                 doc.problem(base + ("source",), f"{folder} is not readable by this user")
+    _check_lookup_use(doc, tables)
 
 
-def _check_where(doc: _Doc, path: PathT, where: Any) -> None:
+def _check_lookup_use(doc: _Doc, tables: _Lookups) -> None:
+    """The columns templates pick exist and hold valid labels; a table nothing uses is a warning."""
+    for (name, _column), (path, ref) in sorted(tables.picked.items()):
+        table = tables.tables.get(name)
+        if table is not None:
+            doc.problems.extend(lookups.check_columns(table, tables.shown[name], json_path(path), (ref,)))
+    for name in sorted(tables.declared - tables.used):
+        doc.problem(
+            ("lookups", name),
+            f"lookup table {name} is used by no template and no where: drop it, or use it as "
+            f"{{{{ lookups.{name}[Keyword].column }}}} or where: {{Keyword: {{in_lookup: {name}}}}}",
+            severity="warning",
+        )
+
+
+def _check_where(doc: _Doc, path: PathT, where: Any, tables: _Lookups) -> None:
     if not isinstance(where, dict):
         return
     unknown = labels.unknown_keywords(set(where))
     for key in unknown:
         doc.problem(path + (key,), f"{key!r} is not a DICOM keyword")
+    for key, value in where.items():
+        if isinstance(value, dict) and isinstance(value.get("in_lookup"), str):
+            tables.used.add(value["in_lookup"])
+            if value["in_lookup"] not in tables.declared:
+                doc.problem(path + (key, "in_lookup"), _no_table(value["in_lookup"], tables))
 
 
 def _resolve(manifest_dir: Path, source: str) -> Path:
@@ -452,7 +539,9 @@ def _resolve(manifest_dir: Path, source: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, file: str) -> Manifest:
+def _freeze(
+    data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, file: str, tables: _Lookups
+) -> Manifest:
     x = data["xnat"]
     db = x.get("database")
     scp = x.get("scp")
@@ -472,6 +561,8 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
     for i, src in enumerate(data["sources"]):
         opts = {k: v for k, v in {**defaults, **src}.items() if k in _OPTION_KEYS}
         where = opts.get("where") or {}
+        values = {k: v for k, v in where.items() if not isinstance(v, dict)}
+        in_lookup = {k: v["in_lookup"] for k, v in where.items() if isinstance(v, dict)}
         sources.append(
             SourceSpec(
                 index=i,
@@ -482,7 +573,8 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
                 session=opts.get("session", DEFAULT_SESSION),
                 include=tuple(opts.get("include") or ("**/*",)),
                 exclude=tuple(opts.get("exclude") or ()),
-                where=tuple(sorted((k, (v,) if isinstance(v, str) else tuple(v)) for k, v in where.items())),
+                where=tuple(sorted((k, (v,) if isinstance(v, str) else tuple(v)) for k, v in values.items())),
+                where_lookups=tuple(sorted(in_lookup.items())),
                 method=Method(opts.get("method", Method.PREARCHIVE)),
                 transfer=Transfer(opts.get("transfer", Transfer.COPY)),
                 build=Build(opts.get("build", Build.REST)),
@@ -499,7 +591,15 @@ def _freeze(data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, fi
     warnings = tuple(p.render() for p in doc.problems if p.severity == "warning")
     # Absolute: a plan is applied, verified and reverted from wherever its user stands.
     path = str(Path(file).resolve())
-    return Manifest(path=path, digest=digest, version=1, xnat=xnat, sources=tuple(sources), warnings=warnings)
+    return Manifest(
+        path=path,
+        digest=digest,
+        version=1,
+        xnat=xnat,
+        sources=tuple(sources),
+        warnings=warnings,
+        lookups=tuple(tables.tables[name] for name in sorted(tables.tables)),
+    )
 
 
 def _abs(manifest_dir: Path, path: str | None) -> str | None:
@@ -526,13 +626,15 @@ def check_manifest(path: str | Path, check_sources: bool = False) -> tuple[Manif
         return None, doc.problems
     _schema_problems(data, doc)
     manifest_dir = Path(path).resolve().parent
-    _check_meaning(data, doc, manifest_dir, check_sources)
+    tables = _read_lookups(data, doc, manifest_dir, file)
+    _check_meaning(data, doc, manifest_dir, check_sources, tables)
     errors = [p for p in doc.problems if p.severity == "error"]
-    problems = sorted(doc.problems, key=lambda p: (p.line or 0, p.path))
+    # The manifest's own problems first, then each lookup table's, each by line.
+    problems = sorted(doc.problems, key=lambda p: (p.file != file, p.file, p.line or 0, p.path))
     if errors:
         return None, problems
     digest = hashlib.sha256(raw).hexdigest()
-    return _freeze(data, doc, manifest_dir, digest, file), problems
+    return _freeze(data, doc, manifest_dir, digest, file, tables), problems
 
 
 def load_manifest(path: str | Path, check_sources: bool = False) -> Manifest:
@@ -550,5 +652,5 @@ def template_keywords_of(manifest: Manifest) -> frozenset[str]:
         for value in (src.project, src.subject, src.session):
             if value and labels.is_template(value):
                 names |= labels.template_keywords(value)
-        names |= set(src.where_map)
+        names |= src.where_keywords
     return frozenset(names)

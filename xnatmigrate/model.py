@@ -40,7 +40,8 @@ from .vocabulary import Step as Step
 from .vocabulary import Transfer as Transfer
 from .vocabulary import unreachable as unreachable
 
-PLAN_FORMAT = 2
+# 3: lookup tables (Plan.lookups, checked for staleness at apply; PlannedSession.mapped_by).
+PLAN_FORMAT = 3
 
 # The DICOM attributes every scan reads, whatever the manifest asks for: identity, XNAT naming
 # (xnat-reference.md §2), routing (§5) and the prearchive row (§1).
@@ -124,6 +125,8 @@ class SourceSpec:
     include: tuple[str, ...] = ("**/*",)
     exclude: tuple[str, ...] = ()
     where: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # ``where: {Keyword: {in_lookup: table}}``: (keyword, table); the value must be a key of the table.
+    where_lookups: tuple[tuple[str, str], ...] = ()
     method: Method = Method.PREARCHIVE
     transfer: Transfer = Transfer.COPY
     build: Build = Build.REST
@@ -152,6 +155,39 @@ class SourceSpec:
     def where_map(self) -> dict[str, tuple[str, ...]]:
         return dict(self.where)
 
+    @property
+    def where_keywords(self) -> frozenset[str]:
+        """Every keyword ``where`` reads: value lists and lookup-table membership."""
+        return frozenset(k for k, _ in self.where) | frozenset(k for k, _ in self.where_lookups)
+
+
+@dataclass(frozen=True)
+class LookupRow:
+    """One data row of a lookup table: its line in the file (where the row starts) and its cells."""
+
+    line: int
+    values: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """A table of ``lookups:``, read from its CSV/TSV file when the manifest was loaded.
+
+    ``file`` is absolute; ``sha256`` is that of the file's bytes (the plan keeps it, and apply
+    refuses the plan once the file differs); ``rows`` maps each key-column value to its row.
+    """
+
+    name: str
+    file: str
+    key: str
+    sha256: str
+    columns: tuple[str, ...]
+    rows: Mapping[str, LookupRow]
+
+    @property
+    def digest(self) -> LookupDigest:
+        return LookupDigest(self.name, self.file, self.key, self.sha256, len(self.rows))
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -163,6 +199,11 @@ class Manifest:
     xnat: XnatTarget
     sources: tuple[SourceSpec, ...]
     warnings: tuple[str, ...] = ()
+    lookups: tuple[LookupTable, ...] = ()
+
+    @property
+    def lookup_tables(self) -> dict[str, LookupTable]:
+        return {t.name: t for t in self.lookups}
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +354,27 @@ class PresentationContext:
     transfer_syntaxes: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class LookupDigest:
+    """A lookup table as a plan saw it: apply refuses the plan once the file's SHA-256 differs."""
+
+    name: str
+    file: str
+    key: str
+    sha256: str
+    rows: int
+
+
+@dataclass(frozen=True, order=True)
+class LookupMatch:
+    """The row of a lookup table that gave a session's labels a value: ``table[keyword=key]``."""
+
+    table: str
+    keyword: str
+    key: str
+    line: int
+
+
 @dataclass(frozen=True, kw_only=True)
 class _SessionBase:
     """What every planned session has, whatever its route: one study becoming one XNAT session."""
@@ -329,6 +391,7 @@ class _SessionBase:
     prearchive_uri: str
     scans: tuple[PlannedScan, ...]
     raw_labels: Mapping[str, str] = field(default_factory=dict)
+    mapped_by: tuple[LookupMatch, ...] = ()  # the lookup rows the label templates used
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "build", Build(self.build))
@@ -446,6 +509,8 @@ class Plan:
     format: int = PLAN_FORMAT
     # The keywords the scan read: apply re-reads these to compare against each file's header_digest.
     scan_keywords: tuple[str, ...] = ()
+    # The manifest's lookup tables as planned on: a table edited since makes the plan stale.
+    lookups: tuple[LookupDigest, ...] = ()
 
     @property
     def has_changes(self) -> bool:
@@ -647,6 +712,7 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             skipped_checks=tuple(data.get("skipped_checks", ())),
             format=data["format"],
             scan_keywords=tuple(data.get("scan_keywords", ())),
+            lookups=tuple(LookupDigest(**t) for t in data.get("lookups", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"the plan file is damaged ({exc!r}); re-run `xnatmigrate plan`") from exc
@@ -701,6 +767,7 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
         prearchive_uri=d["prearchive_uri"],
         scans=scans,
         raw_labels=d.get("raw_labels", {}),
+        mapped_by=tuple(LookupMatch(**m) for m in d.get("mapped_by", ())),
     )
     method = Method(d["method"])
     match method:

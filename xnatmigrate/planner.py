@@ -26,6 +26,8 @@ from .model import (
     CstoreSession,
     FileHeader,
     HeldBack,
+    LookupMatch,
+    LookupTable,
     Manifest,
     Method,
     Plan,
@@ -49,10 +51,12 @@ from .state import AppliedSession
 
 # A file's rendered (raw) label triple: project, subject, session.
 _Raw = tuple[str | None, str | None, str]
-# Files grouped by (source index, StudyInstanceUID), and the distinct label triples they render to
-# (one, unless the files disagree). NOTE: a list of files and a set of triples, not a pair per
-# file: 100,000s of files, a few thousand studies.
-_Groups = dict[tuple[int, str], tuple[list[FileHeader], set[_Raw]]]
+# Files grouped by (source index, StudyInstanceUID), the distinct label triples they render to
+# (one, unless the files disagree) and the lookup rows their labels used. NOTE: a list of files and
+# sets, not a pair per file: 100,000s of files, a few thousand studies.
+_Groups = dict[tuple[int, str], tuple[list[FileHeader], set[_Raw], set[LookupMatch]]]
+# Per study: the first lookup miss of its files (the study is held back, naming it).
+_Misses = dict[tuple[int, str], labels.LookupMiss]
 
 
 class StateReader(Protocol):
@@ -79,6 +83,7 @@ class _Study:
     subject: str | None
     session: str
     raw: dict[str, str]
+    mapped_by: tuple[LookupMatch, ...] = ()
 
     @property
     def key(self) -> tuple[str | None, str, str]:
@@ -122,8 +127,8 @@ def draft_plan(
     refusals = list(facts.refusals)
     held: list[HeldBack] = []
 
-    groups = _group(manifest, headers, rejects)
-    studies = _resolve_labels(manifest, groups, held)
+    groups, misses = _group(manifest, headers, rejects)
+    studies = _resolve_labels(manifest, groups, misses, held)
     refusals += _fixed_label_refusals(manifest, groups, studies)
     del groups  # each study holds its files now
     studies = _drop_incomplete(studies, scan_rejects, held)
@@ -185,6 +190,7 @@ def draft_plan(
         warnings=tuple(dict.fromkeys(warnings)),
         skipped_checks=tuple(dict.fromkeys(skipped)),
         scan_keywords=tuple(sorted(scan_keywords)),
+        lookups=tuple(t.digest for t in manifest.lookups),
     )
     return plan
 
@@ -194,51 +200,82 @@ def draft_plan(
 # --------------------------------------------------------------------------------------------
 
 
-def _group(manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], rejects: list[Reject]) -> _Groups:
+def _group(
+    manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], rejects: list[Reject]
+) -> tuple[_Groups, _Misses]:
     """Filter by ``where``, render labels per file, group by (source, StudyInstanceUID)."""
     groups: _Groups = {}
+    misses: _Misses = {}
+    tables = manifest.lookup_tables
+    # Per source: the label templates that pick from lookup tables (their rows are recorded).
+    mapping = {
+        src.index: tuple(
+            t for t in (src.project, src.subject, src.session) if t and labels.template_lookups(t)
+        )
+        for src in manifest.sources
+    }
     for idx, h in headers:
         src = manifest.sources[idx]
-        why = _where_mismatch(src, h)
+        why = _where_mismatch(src, h, tables)
         if why:
             rejects.append(Reject(h.path, f"filtered out by where: {why}"))
             continue
+        matches: tuple[LookupMatch, ...] = ()
         try:
             raw = (
-                labels.render(src.project, h.values) if src.project is not None else None,
-                labels.render(src.subject, h.values) if src.subject is not None else None,
-                labels.render(src.session, h.values),
+                labels.render(src.project, h.values, tables) if src.project is not None else None,
+                labels.render(src.subject, h.values, tables) if src.subject is not None else None,
+                labels.render(src.session, h.values, tables),
             )
+            for template in mapping[idx]:
+                matches += labels.lookup_matches(template, h.values, tables)
+        except labels.LookupMiss as exc:
+            misses.setdefault((idx, h.study_uid), exc)
+            raw = None
         except labels.MissingValue as exc:
             rejects.append(Reject(h.path, str(exc)))
             continue
         group = groups.get((idx, h.study_uid))
         if group is None:
-            group = groups[(idx, h.study_uid)] = ([], set())
+            group = groups[(idx, h.study_uid)] = ([], set(), set())
         group[0].append(h)
-        group[1].add(raw)
-    return groups
+        if raw is not None:
+            group[1].add(raw)
+            group[2].update(matches)
+    return groups, misses
 
 
-def _where_mismatch(src: SourceSpec, h: FileHeader) -> str | None:
+def _where_mismatch(src: SourceSpec, h: FileHeader, tables: dict[str, LookupTable]) -> str | None:
     for keyword, allowed in src.where:
         value = h.get(keyword)
         if value is None:
             return f"{keyword} is missing (allowed: {', '.join(allowed)})"
         if value not in allowed:
             return f"{keyword}={value} not in {', '.join(allowed)}"
+    for keyword, name in src.where_lookups:
+        table = tables[name]
+        value = h.get(keyword)
+        if value is None:
+            return f"{keyword} is missing (allowed: the keys of lookup table {name}, {table.file})"
+        if value not in table.rows:
+            return f"{keyword}={value} not in lookup table {name} ({table.file}, key column {table.key})"
     return None
 
 
 def _resolve_labels(
     manifest: Manifest,
     groups: _Groups,
+    misses: _Misses,
     held: list[HeldBack],
 ) -> list[_Study]:
     """One label triple per study, sanitised as XNAT does (Labels.toLabelChars, §6)."""
     studies = []
-    for (idx, uid), (members, raws) in sorted(groups.items()):
+    for (idx, uid), (members, raws, matches) in sorted(groups.items()):
         files = tuple(sorted(members, key=lambda h: h.path))
+        miss = misses.get((idx, uid))
+        if miss is not None:
+            held.append(HeldBack(None, None, uid, str(miss), tuple(h.path for h in files)))
+            continue
         distinct = sorted(raws, key=str)
         if len(distinct) > 1:
             shown = ", ".join("/".join(p or "Unassigned" for p in d) for d in distinct[:3])
@@ -276,7 +313,18 @@ def _resolve_labels(
                 )
             )
             continue
-        studies.append(_Study(manifest.sources[idx], uid, files, project, subject or None, session, raw))
+        studies.append(
+            _Study(
+                manifest.sources[idx],
+                uid,
+                files,
+                project,
+                subject or None,
+                session,
+                raw,
+                tuple(sorted(matches)),
+            )
+        )
     return studies
 
 
@@ -549,6 +597,7 @@ def _prearchive_session(
         row=row,
         scans=_scans(st, template),
         raw_labels=st.raw,
+        mapped_by=st.mapped_by,
         lastmod_zone=zone,
     )
 
@@ -578,6 +627,7 @@ def _cstore_session(st: _Study, template: str, direct: bool) -> CstoreSession:
         prearchive_uri=f"/prearchive/projects/{project or 'Unassigned'}",
         scans=_scans(st, template),
         raw_labels=st.raw,
+        mapped_by=st.mapped_by,
         routing_line=line,
         contexts=tuple(PresentationContext(sop, tuple(sorted(ts))) for sop, ts in sorted(contexts.items())),
         direct_archive=direct,

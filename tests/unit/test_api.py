@@ -13,6 +13,7 @@ from xnatmigrate import api
 from xnatmigrate.errors import PlanError, StalePlanError, StateError
 from xnatmigrate.model import (
     APPLY_STEPS,
+    PLAN_FORMAT,
     CstoreSession,
     Method,
     Outcome,
@@ -213,7 +214,7 @@ def test_load_plan_of_a_folder(tmp_path: Path) -> None:
 
 def test_load_plan_of_json_missing_its_content(tmp_path: Path) -> None:
     # Format and id are right (the id is the hash of this content), but the plan itself is missing.
-    body = {"format": 2}
+    body = {"format": PLAN_FORMAT}
     plan_id = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({**body, "plan_id": plan_id}), encoding="utf-8")
