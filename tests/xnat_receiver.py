@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,11 +57,16 @@ if TYPE_CHECKING:
     from tests.xnat_standin import XnatStandIn
 
 __all__ = [
+    "FiledSession",
+    "IncomingSession",
     "UnsupportedScript",
     "XnatReceiverSCP",
     "apply_site_script",
+    "either_get_or_create_session",
     "file_name",
     "parse_site_script",
+    "requests_autoarchive",
+    "scan_date",
     "scan_folder",
 ]
 
@@ -236,6 +242,34 @@ def _expression_value(ds: Dataset, rule: str) -> str | None:
     return out
 
 
+def requests_autoarchive(ds: Dataset) -> bool | None:
+    """ClassicDicomObjectIdentifier.requestsAutoarchive: ``AA:`` in the comment fields (departure 18)."""
+    for keyword in COMMENT_FIELDS:
+        text = str(ds.get(keyword, "") or "")
+        m = _AA.fullmatch(text) if text else None
+        if m and m.group(1):
+            if _TRUE.fullmatch(m.group(1)):
+                return True
+            if _FALSE.fullmatch(m.group(1)):
+                return False
+            return None
+    return None
+
+
+def scan_date(ds: Dataset) -> datetime | None:
+    """GDI:300-311: StudyDate with the hours, minutes and seconds of StudyTime."""
+    date = _dicom_string(ds, "StudyDate")
+    try:
+        when = datetime.strptime(date[:8], "%Y%m%d")
+    except ValueError:
+        return None
+    tod = _dicom_string(ds, "StudyTime")
+    try:
+        return when.replace(hour=int(tod[0:2]), minute=int(tod[2:4]), second=int(tod[4:6]))
+    except (ValueError, IndexError):
+        return when
+
+
 class XnatReceiverSCP(XnatRoutingSCP):
     """A routing SCP that files what it receives as XNAT's receiver does.
 
@@ -344,17 +378,7 @@ class XnatReceiverSCP(XnatRoutingSCP):
             return 0xA700
 
     def _requests_autoarchive(self, ds: Dataset) -> bool | None:
-        """ClassicDicomObjectIdentifier.requestsAutoarchive: ``AA:`` in the comment fields (departure 18)."""
-        for keyword in COMMENT_FIELDS:
-            text = str(ds.get(keyword, "") or "")
-            m = _AA.fullmatch(text) if text else None
-            if m and m.group(1):
-                if _TRUE.fullmatch(m.group(1)):
-                    return True
-                if _FALSE.fullmatch(m.group(1)):
-                    return False
-                return None
-        return None
+        return requests_autoarchive(ds)
 
     # --- filing --------------------------------------------------------------------------------------
 
@@ -428,17 +452,7 @@ class XnatReceiverSCP(XnatRoutingSCP):
 
     @staticmethod
     def _scan_date(ds: Dataset) -> datetime | None:
-        """GDI:300-311: StudyDate with the hours, minutes and seconds of StudyTime."""
-        date = _dicom_string(ds, "StudyDate")
-        try:
-            when = datetime.strptime(date[:8], "%Y%m%d")
-        except ValueError:
-            return None
-        tod = _dicom_string(ds, "StudyTime")
-        try:
-            return when.replace(hour=int(tod[0:2]), minute=int(tod[2:4]), second=int(tod[4:6]))
-        except (ValueError, IndexError):
-            return when
+        return scan_date(ds)
 
     def _prearchive_row(
         self,
@@ -450,49 +464,113 @@ class XnatReceiverSCP(XnatRoutingSCP):
         scan_date: datetime | None,
         prevent_anon: bool,
     ) -> tuple[Path, bool | None, str | None]:
-        """PrearcDatabase.eitherGetOrCreateSession:1981-2130 and GDI.updateSessionLastMod:472-489.
-
-        Returns the session folder (the row's ``url``), its ``prevent_anon`` and its subject.
-        """
+        """GDI.eitherGetOrCreateSession:490-520 for a C-STORE: returns the session folder (the row's ``url``),
+        its ``prevent_anon`` and its subject."""
         project = route.project
-        conn = psycopg2.connect(self.dsn)
+        code: str | None = None
+        if project is not None:  # GDI.shouldAutoArchive:687-702
+            aa = requests_autoarchive(ds)
+            if aa is not None:
+                code = "AutoArchive" if aa else "Manual"
+            else:
+                code = PREARCHIVE_CODES[self._project_code(project)]
+        incoming = IncomingSession(
+            project=project,
+            timestamp=timestamp,
+            folder=route.session,
+            name=route.session,
+            subject=route.subject,
+            tag=study,
+            scan_date=scan_date,
+            url=prearchive_root / route.session,  # GDI:317
+            prevent_anon=prevent_anon,  # GDI:319
+        )
+        filed = either_get_or_create_session(self.dsn, incoming, code, self._seconds(15.0))
+        return filed.url, filed.prevent_anon, filed.subject
+
+
+@dataclass
+class IncomingSession:
+    """The SessionData GDI fills before looking the session up (GDI:294-323)."""
+
+    project: str | None
+    timestamp: str
+    folder: str
+    name: str
+    subject: str | None
+    tag: str
+    scan_date: datetime | None
+    url: Path
+    prevent_anon: bool
+    prevent_auto_commit: bool = False  # GDI:320 (no parameter on C-STORE)
+    source: str | None = None  # GDI:318 (URIManager.SOURCE is not set by CStoreService)
+    visit: str | None = None
+    protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class FiledSession:
+    """The row a file joined or created: where its files go (``url``) and what GDI reads back from it."""
+
+    project: str | None
+    timestamp: str
+    folder: str
+    url: Path
+    prevent_anon: bool | None
+    subject: str | None
+    is_new: bool
+
+    @property
+    def uri(self) -> str:
+        """SessionData.getExternalUrl → PrearcUtils.buildURI:556-558."""
+        return f"/prearchive/projects/{self.project or 'Unassigned'}/{self.timestamp}/{self.folder}"
+
+
+# PrearcDatabase.eitherGetOrCreateSession is ``static synchronized`` (:1981): one at a time per XNAT.
+_GET_OR_CREATE = threading.Lock()
+
+
+def either_get_or_create_session(
+    dsn: str, incoming: IncomingSession, autoarchive: str | None, refresh_seconds: float
+) -> FiledSession:
+    """PrearcDatabase.eitherGetOrCreateSession:1981-2130 and GDI.updateSessionLastMod:472-489.
+
+    ``autoarchive`` is GDI.shouldAutoArchive's code, stored in a new row (:2004); ``refresh_seconds`` the
+    15 s after which a file refreshes an existing row's ``lastmod`` (:474). Raises ``_Refused`` when the row
+    found has a status outside the enum.
+    """
+    project = incoming.project
+    with _GET_OR_CREATE:
+        conn = psycopg2.connect(dsn)
         try:
             with conn, conn.cursor() as cur:
                 cur.execute(
                     "SELECT * FROM xdat_search.prearchive "
                     "WHERE project IS NOT DISTINCT FROM %s AND tag = %s AND name = %s",
-                    (project, study, route.session),
+                    (project, incoming.tag, incoming.name),
                 )
                 found = cur.fetchone()
                 now = datetime.now()  # the JVM's clock (Calendar.getInstance())
                 if found is None:
-                    code: str | None = None
-                    if project is not None:  # GDI.shouldAutoArchive:687-702
-                        aa = self._requests_autoarchive(ds)
-                        if aa is not None:
-                            code = "AutoArchive" if aa else "Manual"
-                        else:
-                            code = PREARCHIVE_CODES[self._project_code(project)]
-                    url = prearchive_root / route.session  # GDI:317
                     values = {
                         "project": project,
-                        "timestamp": timestamp,
+                        "timestamp": incoming.timestamp,
                         "lastmod": now,  # GDI:315
                         "uploaded": None,
-                        "scan_date": scan_date,
+                        "scan_date": incoming.scan_date,
                         "scan_time": None,
-                        "subject": route.subject,
-                        "folderName": route.session,
-                        "name": route.session,
-                        "tag": study,
+                        "subject": incoming.subject,
+                        "folderName": incoming.folder,
+                        "name": incoming.name,
+                        "tag": incoming.tag,
                         "status": "RECEIVING",  # GDI:314
-                        "url": str(url),
-                        "autoarchive": code,  # eitherGetOrCreateSession:2004
-                        "prevent_anon": prevent_anon,  # GDI:319
-                        "prevent_auto_commit": False,  # GDI:320 (no parameter on C-STORE)
-                        "SOURCE": None,  # GDI:318 (URIManager.SOURCE is not set by CStoreService)
-                        "VISIT": None,
-                        "PROTOCOL": None,
+                        "url": str(incoming.url),
+                        "autoarchive": autoarchive,  # eitherGetOrCreateSession:2004
+                        "prevent_anon": incoming.prevent_anon,  # GDI:319
+                        "prevent_auto_commit": incoming.prevent_auto_commit,  # GDI:320
+                        "SOURCE": incoming.source,  # GDI:318
+                        "VISIT": incoming.visit,  # GDI:298
+                        "PROTOCOL": incoming.protocol,  # GDI:299
                         "TIMEZONE": None,
                     }
                     cols = ", ".join(c.lower() for c in COLUMNS)
@@ -500,7 +578,15 @@ class XnatReceiverSCP(XnatRoutingSCP):
                         f"INSERT INTO xdat_search.prearchive ({cols}) VALUES ({', '.join(['%s'] * len(COLUMNS))})",
                         [values[c] for c in COLUMNS],
                     )
-                    return url, prevent_anon, route.subject
+                    return FiledSession(
+                        project,
+                        incoming.timestamp,
+                        incoming.folder,
+                        incoming.url,
+                        incoming.prevent_anon,
+                        incoming.subject,
+                        True,
+                    )
                 row = dict(zip(COLUMNS, found))
                 if row["status"] not in STATUSES:
                     raise _Refused(f"No enum constant PrearcStatus.{row['status']}")  # fillSession → valueOf
@@ -519,9 +605,17 @@ class XnatReceiverSCP(XnatRoutingSCP):
                     )
                 last = row["lastmod"]
                 # GDI.updateSessionLastMod:472-489 (a NULL lastmod: DateUtils.addSeconds throws; logged)
-                if last is not None and (now - last).total_seconds() > self._seconds(15.0):
+                if last is not None and (now - last).total_seconds() > refresh_seconds:
                     cur.execute(f"UPDATE xdat_search.prearchive SET lastmod = %s WHERE {key}", (now, *params))
-                return Path(row["url"]), row["prevent_anon"], row["subject"]
+                return FiledSession(
+                    row["project"],
+                    row["timestamp"],
+                    row["folderName"],
+                    Path(row["url"]),
+                    row["prevent_anon"],
+                    row["subject"],
+                    False,
+                )
         finally:
             conn.close()
 
