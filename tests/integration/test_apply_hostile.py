@@ -70,7 +70,7 @@ def test_insert_that_fails_after_publishing_takes_the_folder_back_out_of_view(si
     victim = p.sessions[0]
     foreign_row_of_the_same_study(site, victim)
     # The race the preflight cannot close: the other row appears between the check and the INSERT.
-    monkeypatch.setattr(db, "check_insertable", lambda conn, s: False)
+    monkeypatch.setattr(db, "check_insertable_many", lambda conn, ss: [False] * len(ss))
     report = api.apply(state_dir=site.state, poll=0.05)
     res = next(r for r in report.sessions if r.action_id == victim.action_id)
     assert res.outcome is Result.FAILED

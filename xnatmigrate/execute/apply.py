@@ -292,16 +292,28 @@ class _Runner:
         # then one fsync round makes the group's renames durable.
         pending: list[Path] = []
         published: list[tuple[_Item, Outcome]] = []
+        # The rows of the whole group are checked in one read-only transaction.
+        unchecked = [
+            it for it in items if it.alive and Step.PUBLISH not in it.done and Step.INSERT not in it.done
+        ]
+        checked: dict[int, bool | XnatMigrateError] = {}
+        if unchecked and not report.stopped:
+            answers: list[bool | XnatMigrateError]
+            try:
+                answers = db.check_insertable_many(self.conn(), [_prearchive(it) for it in unchecked])
+            except XnatMigrateError as exc:  # no connection: every session fails with it, as one by one
+                answers = [exc] * len(unchecked)
+            checked = {id(it): a for it, a in zip(unchecked, answers, strict=True)}
         for it in items:
             if not it.alive or report.stopped:
                 continue
-            s = _prearchive(it)
             if Step.PUBLISH in it.done:
                 it.visible = True
                 continue
             with self.attempt(it, report):
-                if Step.INSERT not in it.done:
-                    db.check_insertable(self.conn(), s)
+                answer = checked.get(id(it))
+                if isinstance(answer, XnatMigrateError):
+                    raise answer
                 published.append((it, files.publish(it.staging, it.final, pending)))
                 it.visible = True
         try:

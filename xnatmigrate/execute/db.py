@@ -240,21 +240,53 @@ def check_insertable(conn: Connection, session: PrearchiveSession) -> bool:
 
     Checked before the folder enters XNAT's view, so a refusal leaves nothing visible to XNAT.
     """
-    with conn, conn.cursor() as cur:
-        execute(cur, statements.preflight_insert(session))
-        found = cur.fetchone()
-    assert found is not None
-    can_insert, mine, conflict = found
+    (got,) = check_insertable_many(conn, [session])
+    if isinstance(got, XnatMigrateError):
+        raise got
+    return got
+
+
+def check_insertable_many(
+    conn: Connection, sessions: Sequence[PrearchiveSession]
+) -> list[bool | XnatMigrateError]:
+    """``check_insertable`` for a group in one read-only transaction (one round of BEGIN/COMMIT).
+
+    Per session, in order: True (the row is ours), False (it can be inserted), or the error that
+    ``check_insertable`` would raise for it. A failure of the transaction itself (a dead connection,
+    a timeout) is every session's answer: none of them was checked.
+    """
+    out: list[bool | XnatMigrateError] = []
+    try:
+        with conn, conn.cursor() as cur:
+            for session in sessions:
+                execute(cur, statements.preflight_insert(session))
+                found = cur.fetchone()
+                assert found is not None
+                out.append(_insertable(session, *found))
+    except DatabaseError as exc:
+        return [exc] * len(sessions)
+    except psycopg2.OperationalError as exc:  # the COMMIT itself
+        err = DatabaseError(
+            f"the database connection failed while checking rows: {str(exc).strip().splitlines()[0]}; "
+            "rerun when it is back (the step resumes)"
+        )
+        return [err] * len(sessions)
+    return out
+
+
+def _insertable(
+    session: PrearchiveSession, can_insert: bool, mine: bool, conflict: str | None
+) -> bool | XnatMigrateError:
     if mine:
         return True
     if not can_insert:
-        raise DatabaseError(
+        return DatabaseError(
             f"the database user may not INSERT into xdat_search.prearchive, so {session.prearchive_uri} "
             "cannot get its row; GRANT INSERT ON xdat_search.prearchive to it (or use XNAT's user), then "
             "rerun (the session is staged, not published)"
         )
     if conflict:
-        raise SessionConflict(
+        return SessionConflict(
             f"XNAT's prearchive gained another session of study {session.study_uid} as "
             f"{session.project_label}/{conflict} since the plan, so the row of {session.prearchive_uri} would "
             "not be written; the session is staged, not published: re-run `xnatmigrate plan` to see it"
