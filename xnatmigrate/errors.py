@@ -102,3 +102,16 @@ class ReceiverError(DicomSendError):
 
 class ApplyError(XnatMigrateError):
     """One or more sessions failed during apply; a rerun resumes."""
+
+
+class DicomEditError(XnatMigrateError):
+    """A DicomEdit script cannot be parsed, uses what xnatmigrate does not implement, or failed on a file.
+
+    The message starts ``source:line:`` and names the construct; ``source`` and ``line`` are kept.
+    """
+
+    def __init__(self, source: str, line: int | None, message: str) -> None:
+        self.source = source
+        self.line = line
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {message}")
