@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from . import labels, statements
+from . import anonymize, dicomedit, labels, statements
 from .errors import PlanError, Problem, StalePlanError, XnatMigrateError
 from .manifest import check_manifest, load_manifest, template_keywords_of
 from .model import (
@@ -121,7 +121,14 @@ class PlanOutcome:
 
 
 def scan_keywords(manifest: Manifest) -> frozenset[str]:
-    return frozenset(BASE_KEYWORDS) | template_keywords_of(manifest) | labels.template_file_keywords()
+    """What the scan reads: identity and naming, the templates' keywords, and the attributes the
+    manifest's DicomEdit script files name (so the plan can show what they change)."""
+    scripted: frozenset[str] = frozenset()
+    for sc in manifest.scripts:
+        scripted |= anonymize.read_keywords(anonymize.chain_of([sc.name], {sc.name: sc}))
+    return (
+        frozenset(BASE_KEYWORDS) | template_keywords_of(manifest) | labels.template_file_keywords() | scripted
+    )
 
 
 def plan(
@@ -184,8 +191,21 @@ def _plan(
                 facts, skipped=(*facts.skipped, "archived sessions with the same label (--offline)")
             )
         when = now or datetime.now()
+        secret = os.environ.get(dicomedit.SECRET_ENV)
+        # XNAT's site script is read with the site settings, after the draft: the draft goes without
+        # de-identification then, and the plan is always made again.
+        needs_site = any(anonymize.SITE_SCRIPT_NAME in src.scripts for src in manifest.sources)
         result = draft_plan(
-            manifest, scanned.headers, scanned.rejects, store.view(), facts, when, keywords, scanned.warnings
+            manifest,
+            scanned.headers,
+            scanned.rejects,
+            store.view(),
+            facts,
+            when,
+            keywords,
+            scanned.warnings,
+            secret,
+            anonymise=not needs_site,
         )
         # What depends on the projects the draft plan writes into: archived labels, site settings.
         projects = sorted({s.project for s in result.sessions if s.project})
@@ -197,7 +217,7 @@ def _plan(
             site=site,
             skipped=facts.skipped + (archived[1] if archived is not None else ()) + site_skipped,
         )
-        learnt = (archived is not None and archived[0] is not None) or site != SiteFacts()
+        learnt = (archived is not None and archived[0] is not None) or site != SiteFacts() or needs_site
         if learnt:
             # Plan again with them known: studies that collide get held back, settings refuse or warn.
             del result  # the draft: never two plans of every file at once
@@ -210,6 +230,7 @@ def _plan(
                 when,
                 keywords,
                 scanned.warnings,
+                secret,
             )
         else:  # nothing learnt (offline, no XNAT): one pass is enough; say what was not checked
             extra = tuple(x for x in facts.skipped if x not in result.skipped_checks)
@@ -274,6 +295,15 @@ def check_fresh(plan_obj: Plan, store: StateStore) -> None:
             raise StalePlanError(
                 f"the lookup table {table.name} ({table.file}) changed since the plan; {rerun}"
             )
+    for script in plan_obj.scripts:
+        if script.name == anonymize.SITE_SCRIPT_NAME:
+            continue  # pinned in the plan: apply uses the text reviewed
+        try:
+            script_digest = _sha256(Path(script.name))
+        except OSError:
+            raise StalePlanError(f"the anonymisation script {script.name} is gone; {rerun}") from None
+        if script_digest != script.sha256:
+            raise StalePlanError(f"the anonymisation script {script.name} changed since the plan; {rerun}")
     if store.serial() != plan_obj.state_serial and store.current_plan() != plan_obj.plan_id:
         raise StalePlanError(
             f"the state moved on since this plan (serial {plan_obj.state_serial} → {store.serial()}); {rerun}"

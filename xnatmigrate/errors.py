@@ -115,3 +115,7 @@ class DicomEditError(XnatMigrateError):
         self.line = line
         where = f"{source}:{line}" if line else source
         super().__init__(f"{where}: {message}")
+
+
+class AnonymizationError(XnatMigrateError):
+    """A de-identification script failed on a file, or would change what the plan named it by."""

@@ -9,6 +9,11 @@ from .dicombytes import MAX_CONTEXTS  # shared with the sender, which splits con
 from .model import CstoreSession, LookupMatch, Plan, PlannedSession, PrearchiveSession, unreachable
 
 MAX_REASONS = 5
+MAX_EDITS = 12  # per session, what its anonymisation does to its first file
+
+
+def _script_name(name: str) -> str:
+    return "XNAT's site script" if name == "site" else name.rsplit("/", 1)[-1]
 
 
 def human_bytes(n: float) -> str:
@@ -66,6 +71,7 @@ def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
             {"name": t.name, "file": t.file, "key": t.key, "sha256": t.sha256, "rows": t.rows}
             for t in plan.lookups
         ],
+        "scripts": [{"name": sc.name, "sha256": sc.sha256} for sc in plan.scripts],
     }
 
 
@@ -96,7 +102,12 @@ def _session_json(s: PlannedSession) -> dict[str, Any]:
     }
     match s:
         case PrearchiveSession():
-            out.update(timestamp=s.timestamp, session_dir=s.session_dir)
+            out.update(
+                timestamp=s.timestamp,
+                session_dir=s.session_dir,
+                anonymize=list(s.anonymize),
+                anonymized=[{"name": e.name, "action": e.action, "value": e.value} for e in s.anonymized],
+            )
         case CstoreSession():
             out.update(
                 routing_line=s.routing_line, contexts=len(s.contexts), associations_per_worker=associations(s)
@@ -110,7 +121,18 @@ def _route_lines(s: PlannedSession) -> list[str]:
     archive = "yes" if s.archive else "no"
     match s:
         case PrearchiveSession():
-            return [f"        build: {s.build}, archive: {archive}"]
+            lines = [f"        build: {s.build}, archive: {archive}"]
+            if s.anonymize:
+                lines.append(f"        anonymised by: {' + '.join(_script_name(n) for n in s.anonymize)}")
+                for e in s.anonymized[:MAX_EDITS]:
+                    lines.append(
+                        f"          - {e.name}"
+                        if e.action == "delete"
+                        else f"          {e.name} := {e.value!r}"
+                    )
+                if len(s.anonymized) > MAX_EDITS:
+                    lines.append(f"          … and {len(s.anonymized) - MAX_EDITS} more change(s)")
+            return lines
         case CstoreSession():
             routing = s.routing_line or f"none (XNAT's own rules → {s.project_label}/{s.session})"
             return [
@@ -192,6 +214,10 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
             out.append(f"    - {n} × {reason} (e.g. {example.path}: {example.reason})")
     for t in plan.lookups:
         out.append(f"  lookup table {t.name}: {t.file}, {t.rows} row(s), sha256 {t.sha256[:12]}…")
+    for sc in plan.scripts:
+        out.append(
+            f"  anonymisation script {_script_name(sc.name)}: sha256 {sc.sha256[:12]}… (pinned in the plan)"
+        )
     for w in plan.warnings:
         out.append(f"  warning: {w}")
     for skipped in plan.skipped_checks:

@@ -21,14 +21,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from . import labels, lookups
-from .errors import ManifestError, Problem
+from . import dicomedit, labels, lookups
+from .errors import DicomEditError, ManifestError, Problem
 from .model import (
     Build,
     DatabaseTarget,
     LookupTable,
     Manifest,
     Method,
+    PlannedScript,
     Routing,
     ScpTarget,
     SourceSpec,
@@ -395,7 +396,13 @@ def _no_table(name: str, tables: _Lookups) -> str:
 
 
 def _check_meaning(
-    data: dict[str, Any], doc: _Doc, manifest_dir: Path, check_sources: bool, tables: _Lookups
+    data: dict[str, Any],
+    doc: _Doc,
+    manifest_dir: Path,
+    check_sources: bool,
+    tables: _Lookups,
+    file: str,
+    scripts: dict[str, PlannedScript],
 ) -> None:
     xnat = data.get("xnat") or {}
     defaults = data.get("defaults") or {}
@@ -462,6 +469,9 @@ def _check_meaning(
                 "too (a hard link is the same file): use transfer: copy, drop "
                 f"xnat.{'/'.join(changes)}, or set hardlink_changes_sources: true to accept it",
             )
+        _check_anonymization(
+            doc, base if "anonymization" in src else ("defaults",), opts, method, manifest_dir, file, scripts
+        )
         project = opts.get("project")
         if project is None:
             if opts.get("archive"):
@@ -499,6 +509,90 @@ def _check_meaning(
             elif not os.access(folder, os.R_OK | os.X_OK):
                 doc.problem(base + ("source",), f"{folder} is not readable by this user")
     _check_lookup_use(doc, tables)
+
+
+# What ``anonymization:`` may name besides a script file.
+SITE_SCRIPT = "site"
+NO_SCRIPT = "none"
+
+
+def anonymization_refs(value: Any) -> tuple[str, ...]:
+    """The entries of an ``anonymization:`` value, in order (a string is a list of one)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
+def _check_anonymization(
+    doc: _Doc,
+    base: PathT,
+    opts: dict[str, Any],
+    method: Method | None,
+    manifest_dir: Path,
+    file: str,
+    scripts: dict[str, PlannedScript],
+) -> None:
+    """``anonymization:``: none alone, or site and script files (read and parsed here, so a construct
+    the interpreter lacks is refused at validate with the script's line)."""
+    refs = anonymization_refs(opts.get("anonymization"))
+    path = base + ("anonymization",)
+    if not refs or refs == (NO_SCRIPT,):
+        return
+    if NO_SCRIPT in refs:
+        doc.problem(
+            path, "anonymization: none cannot be combined with scripts; give none alone, or the scripts"
+        )
+        return
+    if method is Method.CSTORE:
+        doc.problem(
+            path,
+            "method cstore: XNAT applies its own site script to every file it receives "
+            "(GradualDicomImporter:390); editing files before sending them is not implemented: drop "
+            "anonymization here, or use method: prearchive",
+        )
+        return
+    if _enum(Transfer, opts.get("transfer"), Transfer.COPY) is Transfer.HARDLINK:
+        doc.problem(
+            path,
+            "anonymization with transfer: hardlink would edit the source files (a hard link is the same "
+            "file): use transfer: copy",
+        )
+        return
+    for ref in refs:
+        if ref == SITE_SCRIPT:
+            continue
+        if ref == "project":
+            doc.problem(
+                path,
+                "anonymization: project — XNAT applies the project's script itself when the session is "
+                "archived (MergePrearcToArchiveSession:206-219); applying it here as well would apply it "
+                "twice: leave it to XNAT",
+            )
+            continue
+        target = _resolve(manifest_dir, ref)
+        key = str(target)
+        if key in scripts:
+            continue
+        expanded = os.path.expanduser(ref)
+        shown = expanded if os.path.isabs(expanded) else os.path.join(os.path.dirname(file), expanded)
+        try:
+            text = target.read_bytes().decode("utf-8")  # no newline translation: hashed as on disk
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            doc.problem(
+                path,
+                f"cannot read the DicomEdit script {target}: {why}; fix the path (relative paths are "
+                "relative to the manifest)",
+            )
+            continue
+        try:
+            dicomedit.parse(text, shown)
+        except DicomEditError as exc:
+            doc.problems.append(Problem(shown, exc.line, json_path(path), str(exc).split(": ", 1)[-1]))
+            continue
+        scripts[key] = PlannedScript(key, hashlib.sha256(text.encode("utf-8")).hexdigest(), text)
 
 
 def _check_lookup_use(doc: _Doc, tables: _Lookups) -> None:
@@ -540,7 +634,13 @@ def _resolve(manifest_dir: Path, source: str) -> Path:
 
 
 def _freeze(
-    data: dict[str, Any], doc: _Doc, manifest_dir: Path, digest: str, file: str, tables: _Lookups
+    data: dict[str, Any],
+    doc: _Doc,
+    manifest_dir: Path,
+    digest: str,
+    file: str,
+    tables: _Lookups,
+    scripts: dict[str, PlannedScript],
 ) -> Manifest:
     x = data["xnat"]
     db = x.get("database")
@@ -563,6 +663,7 @@ def _freeze(
         where = opts.get("where") or {}
         values = {k: v for k, v in where.items() if not isinstance(v, dict)}
         in_lookup = {k: v["in_lookup"] for k, v in where.items() if isinstance(v, dict)}
+        refs = anonymization_refs(opts.get("anonymization"))
         sources.append(
             SourceSpec(
                 index=i,
@@ -585,7 +686,12 @@ def _freeze(
                 follow_links=bool(opts.get("follow_links", False)),
                 merge_subjects=bool(opts.get("merge_subjects", False)),
                 allow_partial_studies=bool(opts.get("allow_partial_studies", False)),
-                anonymization=opts.get("anonymization"),
+                anonymization=NO_SCRIPT if refs == (NO_SCRIPT,) else None,
+                scripts=tuple(
+                    SITE_SCRIPT if r == SITE_SCRIPT else str(_resolve(manifest_dir, r))
+                    for r in refs
+                    if r != NO_SCRIPT
+                ),
             )
         )
     warnings = tuple(p.render() for p in doc.problems if p.severity == "warning")
@@ -599,6 +705,7 @@ def _freeze(
         sources=tuple(sources),
         warnings=warnings,
         lookups=tuple(tables.tables[name] for name in sorted(tables.tables)),
+        scripts=tuple(scripts[k] for k in sorted(scripts)),
     )
 
 
@@ -627,14 +734,15 @@ def check_manifest(path: str | Path, check_sources: bool = False) -> tuple[Manif
     _schema_problems(data, doc)
     manifest_dir = Path(path).resolve().parent
     tables = _read_lookups(data, doc, manifest_dir, file)
-    _check_meaning(data, doc, manifest_dir, check_sources, tables)
+    scripts: dict[str, PlannedScript] = {}
+    _check_meaning(data, doc, manifest_dir, check_sources, tables, file, scripts)
     errors = [p for p in doc.problems if p.severity == "error"]
     # The manifest's own problems first, then each lookup table's, each by line.
     problems = sorted(doc.problems, key=lambda p: (p.file != file, p.file, p.line or 0, p.path))
     if errors:
         return None, problems
     digest = hashlib.sha256(raw).hexdigest()
-    return _freeze(data, doc, manifest_dir, digest, file, tables), problems
+    return _freeze(data, doc, manifest_dir, digest, file, tables, scripts), problems
 
 
 def load_manifest(path: str | Path, check_sources: bool = False) -> Manifest:

@@ -140,6 +140,9 @@ class SourceSpec:
     merge_subjects: bool = False  # distinct raw values rendering to one subject label are one person
     allow_partial_studies: bool = False  # migrate a study even with an unreadable file in its folders
     anonymization: str | None = None  # "none": files written by the tool knowingly skip XNAT's site script
+    # The DicomEdit scripts the tool applies to every file it writes, in order: "site" (XNAT's site
+    # script, read at plan) or a script file's absolute path (``Manifest.scripts``).
+    scripts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Callers may spell the vocabularies as strings; inside, they are always members.
@@ -190,6 +193,26 @@ class LookupTable:
 
 
 @dataclass(frozen=True)
+class PlannedScript:
+    """A DicomEdit 6 script as the plan applies it: ``name`` is ``site`` (XNAT's site script, read
+    over REST at plan) or the script file's absolute path; ``text`` is pinned, ``sha256`` is of it."""
+
+    name: str
+    sha256: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ScriptEdit:
+    """What a session's scripts do to its first file, for review: the attribute, ``set`` or
+    ``delete``, the new value (None for delete)."""
+
+    name: str
+    action: str
+    value: str | None
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated manifest. ``digest`` is the SHA-256 of the file's bytes."""
 
@@ -200,6 +223,7 @@ class Manifest:
     sources: tuple[SourceSpec, ...]
     warnings: tuple[str, ...] = ()
     lookups: tuple[LookupTable, ...] = ()
+    scripts: tuple[PlannedScript, ...] = ()  # the script files the sources name, read and checked
 
     @property
     def lookup_tables(self) -> dict[str, LookupTable]:
@@ -436,6 +460,10 @@ class PrearchiveSession(_SessionBase):
     # lastmod is written as now() in XNAT's zone (SessionXMLRebuilder compares it with the JVM's
     # clock, §9); "" writes LOCALTIMESTAMP, the database session's zone (hand-made sessions only).
     lastmod_zone: str = ""
+    # The DicomEdit scripts (``Plan.scripts`` names) applied to every file as it is staged, in order,
+    # and what they do to the first file (for review).
+    anonymize: tuple[str, ...] = ()
+    anonymized: tuple[ScriptEdit, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -511,6 +539,8 @@ class Plan:
     scan_keywords: tuple[str, ...] = ()
     # The manifest's lookup tables as planned on: a table edited since makes the plan stale.
     lookups: tuple[LookupDigest, ...] = ()
+    # The DicomEdit scripts sessions name in ``anonymize``, pinned with their text.
+    scripts: tuple[PlannedScript, ...] = ()
 
     @property
     def has_changes(self) -> bool:
@@ -713,6 +743,7 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             format=data["format"],
             scan_keywords=tuple(data.get("scan_keywords", ())),
             lookups=tuple(LookupDigest(**t) for t in data.get("lookups", ())),
+            scripts=tuple(PlannedScript(**t) for t in data.get("scripts", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"the plan file is damaged ({exc!r}); re-run `xnatmigrate plan`") from exc
@@ -780,6 +811,8 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
                 url=d["url"],
                 row=d["row"],
                 lastmod_zone=d.get("lastmod_zone", ""),
+                anonymize=tuple(d.get("anonymize", ())),
+                anonymized=tuple(ScriptEdit(**e) for e in d.get("anonymized", ())),
             )
         case Method.CSTORE:
             contexts = tuple(

@@ -15,12 +15,12 @@ import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from . import labels, site_rules, xnat_table
-from .errors import PlanError
+from . import anonymize, dicomedit, labels, site_rules, xnat_table
+from .errors import DicomEditError, PlanError
 from .model import (
     Build,
     CstoreSession,
@@ -33,6 +33,7 @@ from .model import (
     Plan,
     PlannedFile,
     PlannedScan,
+    PlannedScript,
     PlannedSession,
     PrearchiveSession,
     PresentationContext,
@@ -99,6 +100,7 @@ def build_plan(
     now: datetime,
     scan_keywords: Iterable[str] = (),
     scan_warnings: Iterable[str] = (),
+    secret: str | None = None,
 ) -> Plan:
     """Plan the migration. PURE (see module docstring); raises PlanError when refused.
 
@@ -106,7 +108,7 @@ def build_plan(
     file's header again and compare it with the one planned (``PlannedFile.header_digest``).
     """
     return with_plan_id(
-        draft_plan(manifest, headers, scan_rejects, state, facts, now, scan_keywords, scan_warnings)
+        draft_plan(manifest, headers, scan_rejects, state, facts, now, scan_keywords, scan_warnings, secret)
     )
 
 
@@ -119,9 +121,15 @@ def draft_plan(
     now: datetime,
     scan_keywords: Iterable[str] = (),
     scan_warnings: Iterable[str] = (),
+    secret: str | None = None,
+    *,
+    anonymise: bool = True,
 ) -> Plan:
     """``build_plan`` without its ``plan_id`` (""): for a caller that computes the id while it
-    writes the plan (``model.write_plan_json``), which is one pass over the plan instead of two."""
+    writes the plan (``model.write_plan_json``), which is one pass over the plan instead of two.
+    ``secret`` is the anonymisation secret (``XNATMIGRATE_ANON_SECRET``) the preview of keyed DicomEdit
+    functions needs; the planner reads no environment. ``anonymise=False`` leaves sessions without
+    their scripts (a draft made before XNAT's site script is known)."""
     rejects = list(scan_rejects)
     warnings = list(manifest.warnings) + list(scan_warnings)
     refusals = list(facts.refusals)
@@ -162,6 +170,9 @@ def draft_plan(
 
     template, template_refusal = site_rules.file_name_template(facts.site, frozenset(scan_keywords))
     sessions = _make_sessions(manifest, todo, state, facts, now, template)
+    scripts: tuple[PlannedScript, ...] = ()
+    if anonymise:
+        sessions, scripts = _anonymize(manifest, facts, sessions, todo, secret, refusals, held)
     warnings += _routing_warnings(todo)
     refusals += _target_refusals(manifest, sessions, facts)
     site_refusals, site_warnings = site_rules.findings(manifest, sessions, facts.site)
@@ -191,8 +202,74 @@ def draft_plan(
         skipped_checks=tuple(dict.fromkeys(skipped)),
         scan_keywords=tuple(sorted(scan_keywords)),
         lookups=tuple(t.digest for t in manifest.lookups),
+        scripts=scripts,
     )
     return plan
+
+
+def _anonymize(
+    manifest: Manifest,
+    facts: XnatFacts,
+    sessions: list[PlannedSession],
+    studies: list[_Study],
+    secret: str | None,
+    refusals: list[str],
+    held: list[HeldBack],
+) -> tuple[list[PlannedSession], tuple[PlannedScript, ...]]:
+    """Each prearchive session of a source with ``anonymization:`` scripts names them and shows what
+    they do to its first file; a script XNAT's site would need but did not give, one that does not
+    parse, or one that changes what files are named by refuses the plan; one that fails on a study's
+    first file holds that study back (XNAT would fail its files)."""
+    wanted = {src.index: src.scripts for src in manifest.sources if src.scripts}
+    if not wanted:
+        return sessions, ()
+    known = {sc.name: sc for sc in manifest.scripts}
+    site_text = facts.site.site_script if facts.site is not None else None
+    if any(anonymize.SITE_SCRIPT_NAME in names for names in wanted.values()):
+        if site_text is None:
+            refusals.append(
+                "anonymization: site needs XNAT's site anonymisation script (GET /xapi/anonymize/site), which "
+                "plan could not read (offline, no xnat.url, or not allowed): plan online, or save the script "
+                "to a file and name that file instead"
+            )
+            return sessions, ()
+        known[anonymize.SITE_SCRIPT_NAME] = PlannedScript(
+            anonymize.SITE_SCRIPT_NAME, hashlib.sha256(site_text.encode("utf-8")).hexdigest(), site_text
+        )
+    chains: dict[int, dicomedit.ScriptChain] = {}
+    for idx, names in sorted(wanted.items()):
+        try:
+            chains[idx] = anonymize.chain_of(names, known)
+        except DicomEditError as exc:
+            refusals.append(f"sources[{idx}].anonymization: {exc}")
+    if len(chains) != len(wanted):
+        return sessions, ()
+    out: list[PlannedSession] = []
+    renaming: dict[int, list[str]] = {}
+    for s, st in zip(sessions, studies, strict=True):
+        chain = chains.get(s.source_index)
+        if chain is None or not isinstance(s, PrearchiveSession):
+            out.append(s)
+            continue
+        try:
+            edits, renamed = anonymize.preview(
+                chain, st.files[0].values, anonymize.variables(s.project, s.subject, s.session), secret
+            )
+        except DicomEditError as exc:
+            held.append(_held(st, f"the anonymisation script fails on {st.files[0].path}: {exc}"))
+            continue
+        if renamed:
+            renaming.setdefault(s.source_index, renamed)
+        out.append(replace(s, anonymize=wanted[s.source_index], anonymized=edits))
+    for idx, renamed in sorted(renaming.items()):
+        refusals.append(
+            f"sources[{idx}].anonymization changes {', '.join(renamed)}, which the prearchive route names files, "
+            "scan folders and the row by (xnat-reference.md §2); renaming by anonymised values is not "
+            "implemented: keep these attributes in the script, or use method: cstore and let XNAT's site "
+            "script anonymise on receipt"
+        )
+    used = sorted({n for s in out if isinstance(s, PrearchiveSession) for n in s.anonymize})
+    return out, tuple(known[n] for n in used)
 
 
 # --------------------------------------------------------------------------------------------

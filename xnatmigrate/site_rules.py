@@ -54,13 +54,21 @@ def findings(
     pre = [s for s in sessions if isinstance(s, PrearchiveSession)]
     cstore = [s for s in sessions if isinstance(s, CstoreSession)]
     if site.anonymization_enabled:
-        raw = sorted({s.source_index for s in pre if manifest.sources[s.source_index].anonymization is None})
+        raw = sorted(
+            {
+                s.source_index
+                for s in pre
+                if manifest.sources[s.source_index].anonymization is None
+                and not manifest.sources[s.source_index].scripts
+            }
+        )
         for i in raw:
             refusals.append(
                 f"XNAT's site anonymisation is on (GET /xapi/anonymize/site/enabled), and sources[{i}] "
                 "copies files straight into the prearchive, which skips it (XNAT applies it to files it "
                 "receives, GradualDicomImporter:390): raw headers would land in XNAT; set anonymization: "
-                "none on that source if the data is already de-identified, or use method: cstore"
+                "site to apply XNAT's site script as the files are staged, anonymization: none if the data "
+                "is already de-identified, or use method: cstore"
             )
         if cstore:
             warnings.append(

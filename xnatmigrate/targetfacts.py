@@ -42,6 +42,8 @@ class SiteFacts:
     prearchive_codes: Mapping[str, int] = field(default_factory=dict)  # project -> 0 | 4 | 5
     receivers: tuple[Receiver, ...] | None = None
     file_name_template: str | None = None
+    # The site anonymisation script's text (GET /xapi/anonymize/site), read when a source names it.
+    site_script: str | None = None
 
 
 @dataclass(frozen=True)

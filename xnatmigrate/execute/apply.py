@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import anonymize, dicomedit
 from ..errors import (
     ApplyError,
     DatabaseError,
@@ -350,6 +351,29 @@ class _Runner:
                 else:
                     self.record(it.res, Step.INSERT, got, {"timestamp": s.timestamp, "project": s.project})
 
+    def editors(self, sessions: list[PrearchiveSession]) -> dict[str, files.Editor]:
+        """The de-identification of each session with ``anonymize`` scripts (anonymize.edit_bytes with
+        its labels and the secret from the environment), by action_id."""
+        scripts = {sc.name: sc for sc in self.plan.scripts}
+        secret = os.environ.get(dicomedit.SECRET_ENV)
+        out: dict[str, files.Editor] = {}
+        for s in sessions:
+            if not s.anonymize:
+                continue
+            chain = anonymize.chain_of(s.anonymize, scripts)
+            labels = anonymize.variables(s.project, s.subject, s.session)
+
+            def edit(
+                f: PlannedFile,
+                data: bytes,
+                chain: dicomedit.ScriptChain = chain,
+                labels: dict[str, str] = labels,
+            ) -> bytes:
+                return anonymize.edit_bytes(chain, data, labels, secret, f.source)
+
+            out[s.action_id] = edit
+        return out
+
     def stage_group(self, group: list[_Item], report: ApplyReport) -> None:
         """Stage the group's sessions in one worker pool behind one durability barrier; record each."""
         before = self.done_files
@@ -367,6 +391,7 @@ class _Runner:
                 file_mode=self.plan.xnat.file_mode,
                 file_owner=self.plan.xnat.file_owner,
                 progress=prog,
+                editors=self.editors([_prearchive(it) for it in group]),
             )
         except XnatMigrateError as exc:
             for it in group:
@@ -379,7 +404,13 @@ class _Runner:
             with self.attempt(it, report):
                 if isinstance(staged, XnatMigrateError):
                     raise staged
-                self.recheck_headers([(f, str(it.staging / f.dest)) for f in s.files], s, it.staging)
+                # An edited file no longer holds the header planned: its source's bytes are checked
+                # (bound to the plan by stat before and after they were read), as for C-STORE.
+                self.recheck_headers(
+                    [(f, f.source if s.anonymize else str(it.staging / f.dest)) for f in s.files],
+                    s,
+                    it.staging,
+                )
                 self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
                 size = sum(f.size for f in staged)
                 it.res.files, it.res.bytes = len(staged), size

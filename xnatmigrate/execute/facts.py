@@ -167,6 +167,7 @@ def site_facts(
     codes: dict[str, int] = {}
     receivers: tuple[Receiver, ...] | None = None
     template: str | None = None
+    script: str | None = None
     try:
         with XnatClient(manifest.xnat.url, credentials_from_env(manifest.xnat.url)) as client:
             try:
@@ -187,9 +188,14 @@ def site_facts(
                 template = client.site_config("dicomFileNameTemplate")
             except XnatMigrateError as exc:
                 skipped.append(f"the site's dicomFileNameTemplate ({exc})")
+            if any("site" in src.scripts for src in manifest.sources):
+                try:
+                    script = client.site_anonymization_script()
+                except XnatMigrateError as exc:
+                    skipped.append(f"the site anonymisation script ({exc})")
     except XnatMigrateError as exc:
         return SiteFacts(), (f"{what} ({exc})",)
-    return SiteFacts(anonymization, codes, receivers, template), tuple(skipped)
+    return SiteFacts(anonymization, codes, receivers, template, script), tuple(skipped)
 
 
 def _receiver(d: Mapping[str, Any]) -> Receiver:

@@ -338,6 +338,13 @@ class XnatClient(XnatSession):
             return data.strip().lower() == "true"
         raise XnatRestError(f"XNAT GET {path} answered {data!r}, not true/false; check XNAT's version")
 
+    def site_anonymization_script(self) -> str:
+        """The site-wide anonymisation script, DicomEdit text (``GET /xapi/anonymize/site``,
+        AnonymizeApi:72-80, text/plain, §9)."""
+        path = "/xapi/anonymize/site"
+        resp = self._call("GET", path, None, ctx=_Ctx(what="site anonymisation script"))
+        return resp.text()
+
     def receivers(self) -> list[dict[str, Any]]:
         """XNAT's DICOM receivers (``GET /xapi/dicomscp``, DicomSCPApi, §5, §9): aeTitle, port,
         enabled, directArchive, anonymizationEnabled, routingExpressionsEnabled, … each."""

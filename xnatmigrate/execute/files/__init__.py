@@ -38,7 +38,7 @@ from .paths import PART_SUFFIX, STAGING_DIRNAME, final_dir, staging_dir
 from .publishing import discard_staged, fsync_dirs, publish, unpublish
 from .sources import check_sources, check_sources_of
 from .stage import DEFAULT_JOBS, stage_batch, stage_session
-from .transfer import StagedFile
+from .transfer import Editor, StagedFile
 
 __all__ = [
     "DEFAULT_JOBS",
@@ -56,6 +56,7 @@ __all__ = [
     "recorded_differences",
     "same_filesystem",
     "sha256_file",
+    "Editor",
     "stage_batch",
     "stage_session",
     "staging_dir",

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from ...errors import ApplyError, StalePlanError, XnatMigrateError
+from ...errors import AnonymizationError, ApplyError, StalePlanError, XnatMigrateError
 from ...model import PlannedFile, PrearchiveSession, Transfer
 from .digest import BUFFER_SIZE
 from .disk import (
@@ -35,7 +35,7 @@ from .disk import (
 )
 from .paths import PART_SUFFIX, STAGING_DIRNAME, describe, require_staging_path, safe_dests, staging_ancestors
 from .perms import Perms, dir_mode, resolve_owner
-from .transfer import StagedFile, copy_one, link_one, reuse
+from .transfer import Editor, StagedFile, copy_one, edit_one, link_one, reuse, reuse_edited
 
 #: Worker threads per session. bench/copy_compare.py on 2 vCPUs / virtio ext4, 2,000 files, 425 MB, cold
 #: cache: the paired ratio to ``cp -r + sync`` was 1.40 / 1.26 / 1.14 for 2 / 4 / 8 jobs on a loaded
@@ -147,6 +147,7 @@ def stage_batch(
     file_owner: str | None = None,
     progress: Progress | None = None,
     fsync_each: bool = False,
+    editors: Mapping[str, Editor] | None = None,
 ) -> list[list[StagedFile] | XnatMigrateError]:
     """Stage several sessions as one group: one worker pool for all their files, one durability barrier.
 
@@ -156,6 +157,9 @@ def stage_batch(
     when nothing was written, or with ``fsync_each``): on return every
     session returned as staged is durable, as ``stage_session`` promises for one. Small sessions (X-ray
     studies of 1–4 images) so share one barrier and keep every worker busy instead of each paying its own.
+
+    ``editors`` maps a session's action_id to its de-identification: its files are read, edited and
+    written (``transfer.edit_one``) instead of copied; an edit that fails fails that session only.
 
     Raises (for the whole batch) DiskError when the filesystem is full, read-only or not writable — every
     later session would fail alike — and the first other destination error, after making durable what
@@ -185,7 +189,15 @@ def stage_batch(
         if item.error is not None:
             return item, None  # that session failed already: its other files are not worth the I/O
         dst = os.path.join(item.staging, f.dest)
+        edit = editors.get(item.session.action_id) if editors else None
         try:
+            if edit is not None:
+                if f.dest in item.existing:
+                    reused = reuse_edited(f, dst, perms, wbuf, edit)
+                    if reused is not None:
+                        return item, reused
+                written.append(dst)
+                return item, edit_one(f, dst, perms, wbuf, edit, fsync_each)
             if f.dest in item.existing:
                 reused = reuse(f, dst, item.transfer, perms, wbuf)
                 if reused is not None:
@@ -198,7 +210,7 @@ def stage_batch(
             # This session's source, not the shared destination: that session fails, the batch goes on.
             item.error = item.error or source_error(exc.exc, exc.path)
             return item, None
-        except StalePlanError as exc:
+        except (StalePlanError, AnonymizationError) as exc:
             item.error = item.error or exc
             return item, None
 

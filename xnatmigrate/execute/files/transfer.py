@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import ApplyError, StalePlanError
@@ -230,3 +231,105 @@ def link_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray) -> StagedFi
                 os.unlink(part)
             except OSError:
                 pass
+
+
+# The de-identification of one file (anonymize.edit_bytes bound to the session's scripts and labels).
+Editor = Callable[[PlannedFile, bytes], bytes]
+
+
+def _read_source(f: PlannedFile) -> bytes:
+    """The source's bytes, bound to the plan before and after the read (StalePlanError otherwise)."""
+    try:
+        fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(exc, f.source) from exc
+    try:
+        try:
+            check_stat(f, os.fstat(fd))
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            after = os.fstat(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise SourceError(exc, f.source) from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) != f.size:
+        raise StalePlanError(
+            f"source {f.source} read {len(data)} bytes, planned {f.size}; re-run xnatmigrate plan"
+        )
+    check_stat(f, after)
+    return data
+
+
+def edit_one(
+    f: PlannedFile, dst: str, perms: Perms, buf: bytearray, edit: Editor, fsync_each: bool
+) -> StagedFile:
+    """read the source → edit (the session's DicomEdit scripts) → write ``<dst>.part`` → re-read and
+    compare → chmod/chown → rename to ``dst``. ``sha256``/``size`` are those of the edited bytes."""
+    out = edit(f, _read_source(f))
+    digest = hashlib.sha256(out).hexdigest()
+    part = dst + PART_SUFFIX
+    done = False
+    try:
+        try:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DestError(exc, part) from exc
+        try:
+            view = memoryview(out)
+            written = 0
+            while written < len(out):
+                written += os.write(fd, view[written:])
+            if fsync_each:
+                os.fsync(fd)
+            else:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            back, back_n = hash_fd(fd, buf, 0)
+            if back != digest or back_n != len(out):
+                raise ApplyError(
+                    f"verification failed for {part}: written bytes differ from the anonymised {f.source}; "
+                    "check the disk and memory of this machine, then rerun"
+                )
+            perms.apply_fd(fd)
+        except OSError as exc:
+            raise DestError(exc, part) from exc
+        finally:
+            os.close(fd)
+        try:
+            os.rename(part, dst)
+        except OSError as exc:
+            raise DestError(exc, part) from exc
+        done = True
+        return StagedFile(f.dest, f.source, len(out), digest)
+    finally:
+        if not done:
+            try:
+                os.unlink(part)
+            except OSError:
+                pass
+
+
+def reuse_edited(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, edit: Editor) -> StagedFile | None:
+    """An edited file left by an earlier run, if it equals the source edited again (the scripts are
+    deterministic); else delete it (None)."""
+    out = edit(f, _read_source(f))
+    digest = hashlib.sha256(out).hexdigest()
+    try:
+        have = _hash_path(dst, buf)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DestError(exc, dst) from exc
+    if have == digest:
+        _apply_path(perms, dst)
+        return StagedFile(f.dest, f.source, len(out), digest)
+    try:
+        os.unlink(dst)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise DestError(exc, dst) from exc
+    return None

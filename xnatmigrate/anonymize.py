@@ -1,0 +1,185 @@
+"""De-identification of the files the prearchive route writes: the plan's DicomEdit scripts, applied as XNAT
+applies its site script to a file it receives (GradualDicomImporter:390), before the file is stored.
+
+Shared by the planner (what the scripts do to a study's first file, from its scanned header values) and
+by apply (the bytes staged are the edited ones). Invariants:
+
+- The same source bytes, scripts, labels and secret give the same output bytes (dicomedit is
+  deterministic), so a rerun re-derives a staged file and compares it instead of trusting a record.
+- The attributes the prearchive route names files, scan folders and the row by (``NAMING``: xnat-
+  reference.md §2, and the row's ``tag``) must come out unchanged: the plan's paths were computed from the
+  values scanned. A script that changes one is refused at plan (from the first file) and, should a
+  file still see it changed, fails its session at apply; nothing is named by values the plan did not show.
+- Pixel Data and every attribute the scripts leave alone are written back as read (pydicom keeps the
+  original encoding: ``enforce_file_format=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Iterator, Mapping, Sequence
+
+import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+
+from . import dicomedit
+from .errors import AnonymizationError, DicomEditError
+from .model import PlannedScript, ScriptEdit
+
+# What the prearchive route derives paths and the row from (§2 file names and scan folders; the row's
+# tag is the StudyInstanceUID): a script may not change them (see the module docstring).
+NAMING = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+_NAMING_TAGS: dict[int, str] = {t: k for k in NAMING if (t := tag_for_keyword(k)) is not None}
+
+SITE_SCRIPT_NAME = "site"
+
+
+def shown_name(name: str) -> str:
+    """How messages name a script: XNAT's site script, or the file's name."""
+    return "XNAT's site anonymisation script" if name == SITE_SCRIPT_NAME else name
+
+
+def chain_of(names: Sequence[str], scripts: Mapping[str, PlannedScript]) -> dicomedit.ScriptChain:
+    """The scripts ``names`` in order, parsed (DicomEditError naming the script and line)."""
+    return dicomedit.combine(*(_parsed(scripts[n]) for n in names))
+
+
+_PARSED: dict[str, dicomedit.Script] = {}
+
+
+def _parsed(script: PlannedScript) -> dicomedit.Script:
+    hit = _PARSED.get(script.sha256)
+    if hit is None:
+        hit = _PARSED[script.sha256] = dicomedit.parse(script.text, shown_name(script.name))
+    return hit
+
+
+def variables(project: str | None, subject: str | None, session: str) -> dict[str, str]:
+    """What XNAT hands its scripts (BaseMizerService.createContext): project ("Unassigned" for none),
+    subject and session labels."""
+    out = {"project": project or "Unassigned", "session": session}
+    if subject:
+        out["subject"] = subject
+    return out
+
+
+def read_keywords(script: dicomedit.Script | dicomedit.ScriptChain) -> frozenset[str]:
+    """The keywords of the plain top-level attributes a script names: the scan reads them, so the
+    plan's preview sees their values."""
+    scripts = script.scripts if isinstance(script, dicomedit.ScriptChain) else (script,)
+    out: set[str] = set()
+    for s in scripts:
+        for path in _paths(s.statements):
+            if len(path.steps) != 1 or not path.singular:
+                continue
+            step = path.steps[0]
+            if step.creator is not None:
+                continue
+            keyword = keyword_for_tag(int(step.group + step.element, 16))
+            if keyword:
+                out.add(keyword)
+    return frozenset(out)
+
+
+def _paths(node: object) -> Iterator[dicomedit.nodes.TagPath]:
+    if isinstance(node, dicomedit.nodes.TagPath):
+        yield node
+    elif isinstance(node, tuple | list):
+        for item in node:
+            yield from _paths(item)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            yield from _paths(getattr(node, f.name))
+
+
+def dataset_of(values: Mapping[str, str]) -> Dataset:
+    """A data set holding the scanned header values (strings, as the scan keeps them) with their VRs."""
+    ds = Dataset()
+    for keyword, value in values.items():
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            continue
+        try:
+            vr = dictionary_VR(tag)
+            if vr in ("US", "SS", "UL", "SL", "UV", "SV"):
+                parsed: object = [int(v) for v in value.split("\\")] if value else None
+            elif vr in ("FL", "FD"):
+                parsed = [float(v) for v in value.split("\\")] if value else None
+            elif vr == "SQ":
+                continue
+            else:
+                parsed = value.split("\\") if "\\" in value else value
+            ds.add_new(tag, vr.split(" or ")[0], parsed)
+        except (KeyError, ValueError, TypeError):
+            continue  # a value the dictionary cannot hold as read: the preview goes without it
+    return ds
+
+
+def preview(
+    chain: dicomedit.ScriptChain, values: Mapping[str, str], labels: Mapping[str, str], secret: str | None
+) -> tuple[tuple[ScriptEdit, ...], list[str]]:
+    """What the scripts do to a file with these header values: the edits, and the NAMING keywords changed.
+
+    Raises DicomEditError when a script fails on them (as XNAT would fail the file).
+    """
+    ds = dataset_of(values)
+    changes = chain.apply(ds, labels, secret=secret)
+    edits = tuple(ScriptEdit(c.name, c.action, c.value) for c in changes)
+    renamed = sorted(
+        {_NAMING_TAGS[c.tag] for c in changes if c.tag in _NAMING_TAGS and _changed(values, ds, c.tag)}
+    )
+    return edits, renamed
+
+
+def _changed(values: Mapping[str, str], ds: Dataset, tag: int) -> bool:
+    before = values.get(_NAMING_TAGS[tag])
+    elem = ds.get(tag)
+    after = None if elem is None or elem.value is None else str(elem.value)
+    return before != after
+
+
+def edit_bytes(
+    chain: dicomedit.ScriptChain, data: bytes, labels: Mapping[str, str], secret: str | None, what: str
+) -> bytes:
+    """The file ``data`` with the scripts applied, encoded as it was read (Pixel Data untouched).
+
+    Raises AnonymizationError when a NAMING attribute changed or a script fails on the file, naming
+    ``what`` (the source file).
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # pydicom raises many types on bad input
+        raise AnonymizationError(
+            f"cannot read {what} to anonymise it: {exc}; re-run `xnatmigrate plan`"
+        ) from None
+    before = {tag: _text(ds, tag) for tag in _NAMING_TAGS}
+    try:
+        chain.apply(ds, labels, secret=secret)
+    except DicomEditError as exc:
+        raise AnonymizationError(f"{exc} (on {what})") from None
+    renamed = sorted(_NAMING_TAGS[t] for t in _NAMING_TAGS if _text(ds, t) != before[t])
+    if renamed:
+        raise AnonymizationError(
+            f"the anonymisation script changes {', '.join(renamed)} of {what}, which the plan named the "
+            "file and the row by; nothing of the session was published: fix the script, then re-run plan"
+        )
+    out = io.BytesIO()
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(out, enforce_file_format=False)
+    else:  # pydicom 2.4
+        ds.save_as(out, write_like_original=True)
+    return out.getvalue()
+
+
+def _text(ds: Dataset, tag: int) -> str | None:
+    elem = ds.get(tag)
+    return None if elem is None or elem.value is None else str(elem.value)
