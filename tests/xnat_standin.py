@@ -20,7 +20,8 @@ Invariants:
 Departures from XNAT (the one place they are listed; each with its reason):
 1. Not implemented (501): multi-src archive (Archiver.finishNonSingleSessionUpload, asynchronous), archive by
    ``project``/``PREARC_TIMESTAMP``/``PREARC_SESSION_FOLDER``, ``dest`` in another project, PET/MR separation,
-   ``/services/prearchive/move|delete``, ``/services/import``, ``action=commit|reset|move|set``. The tool uses none.
+   ``/services/prearchive/move|delete``, ``/services/import`` other than ``import-handler=inbox``,
+   ``action=commit|reset|move|set``. The tool uses none.
 2. Archive onto an existing experiment: ``overwrite=none`` fails with the conflict "Session already exists, retry
    with overwrite enabled" (row CONFLICT, answer 500 as below), ``append`` merges, ``delete`` replaces. XNAT's REST
    archive passes allowSessionMerge=true (Archiver:124), so it merges even with ``none`` unless label, subject,
@@ -68,6 +69,11 @@ Departures from XNAT (the one place they are listed; each with its reason):
     are not emulated; AA only from the comment fields; Unassigned folder de-duplication (``_1``…``_3``,
     PrearcDatabase.eitherGetOrCreateSession:2012-2028), the calling-AE whitelist and custom processing are
     not emulated; files are stored in explicit VR little endian whatever the transfer syntax.
+20. The inbox importer (tests/xnat_inbox.py, which lists what it reads and where it departs): files copied
+    byte for byte, no archives in the inbox, no ``identifier``/``namer`` parameters, ``commitPrearcSession``
+    taken to be ``action=commit``. Editing rights: ``editable`` (user → projects) narrows what a user may
+    edit for ``?restrict=edit`` and the inbox importer only; everything else still treats every user as a
+    site administrator (departure 11).
 19. Archived experiments (``/data/archive/projects/…/experiments/…``, ``…/scans``, ``…/resources``, DELETE with
     ``removeFiles``) answer a fixed subset of XNAT's fields, read from the stand-in's own record, not from
     XNAT's source.
@@ -196,6 +202,7 @@ SITE_CONFIG_DEFAULTS: dict[str, str] = {
     "sessionArchiveTimeoutInterval": "600",  # :1677, seconds
     "enableDicomReceiver": "true",
     "receivedFileUser": "admin",
+    "inboxPath": "/data/xnat/inbox",  # inboxPath's default (§4.6)
     "preventCrossModalityMerge": "true",
 }
 _NS = "http://nrg.wustl.edu/xnat"
@@ -461,6 +468,8 @@ class XnatStandIn:
         site_config: dict[str, str] | None = None,
         receivers: list[dict[str, Any]] | None = None,
         scheduler: bool = True,
+        inbox: Path | None = None,
+        editable: dict[str, set[str]] | None = None,
     ) -> None:
         self.dsn = dsn
         self.prearchive = Path(prearchive)
@@ -472,6 +481,12 @@ class XnatStandIn:
                 raise ValueError(f"prearchive code {code} is not 0, 4 or 5 (§4.3)")
         self.version = version
         self.site_config: dict[str, str] = {**SITE_CONFIG_DEFAULTS, **(site_config or {})}
+        if inbox is not None:
+            self.site_config["inboxPath"] = str(inbox)  # SiteConfigPreferences.getInboxPath
+        self.editable = editable  # user → projects they may edit; None: every project (departure 20)
+        from tests.xnat_inbox import InboxImporter  # it imports the receiver, which imports this module
+
+        self.inbox = InboxImporter(self)
         self.scheduler = scheduler
         self.calls: list[Call] = []
         self.errors: list[str] = []  # unexpected exceptions inside the stand-in (tests assert it is empty)
@@ -599,6 +614,40 @@ class XnatStandIn:
             entry["id"] = max((r["id"] for r in self.receivers), default=0) + 1
             self.receivers.append(entry)
             return entry
+
+    def can_edit(self, user: str, project: str) -> bool:
+        """Permissions.canEditProject for an existing project (departures 11, 20)."""
+        if project not in self.projects:
+            return False
+        return self.editable is None or project in self.editable.get(user, set())
+
+    def experiment_exists(self, project: str, label: str) -> bool:
+        """SessionImporter.getExperimentByIdOrLabel: an archived experiment of the project by ID or label."""
+        with self._lock:
+            return any(e.project == project and label in (e.label, e.id) for e in self.experiments.values())
+
+    def spawn(self, target: Callable[..., None], *args: Any, name: str = "xnat-standin-job") -> None:
+        self._spawn(target, *args, name=name)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def commit_session(self, key: Key, params: dict[str, Any]) -> bool:
+        """``action=commit`` (PrearcSessionResource, §4.4): a synchronous build, then the archive when
+        ``isAutoArchive``; False when the build failed (the row is ERROR)."""
+        with self._lock:
+            if not self._set_status_guarded(key, "BUILDING"):
+                return False
+        if not self._build_locked(key):
+            return False
+        with self._lock:
+            self._reset_status(key)
+            auto = self._is_auto_archive(key, params)
+        if auto:
+            self._auto_archive_job(key)
+        return True
 
     def minutes(self, value: float) -> float:
         """XNAT minutes as seconds of this stand-in's clock (departure 6)."""
@@ -807,7 +856,7 @@ class XnatStandIn:
         if s[:2] == ["archive", "projects"] and n >= 7 and s[3] == "subjects" and s[5] == "experiments":
             return self._archive_get(method, s[2:], params)
         if s[:1] == ["projects"]:
-            return self._projects(method, s[1:], params)
+            return self._projects(method, s[1:], params, user)
         if s[:2] == ["prearchive", "projects"] and n == 3:
             # XNATApplication:291 PREARC_PROJECT_URI → PrearcSessionListResource
             self._only(method, "GET")
@@ -837,9 +886,29 @@ class XnatStandIn:
         if s == ["services", "archive"]:
             self._only(method, "POST")
             return self._archive(params)
-        if s[:2] == ["services", "prearchive"] or s[:2] == ["services", "import"]:
-            raise _Reply(501, "stand-in: not implemented (move/delete/import services)")  # departure 1
+        if s == ["services", "import"]:
+            self._only(method, "POST")
+            return self._import(params, user)
+        if s[:2] == ["services", "prearchive"]:
+            raise _Reply(501, "stand-in: not implemented (move/delete services)")  # departure 1
         raise _Reply(404, "Not Found")
+
+    def _import(self, params: dict[str, list[str]], user: str) -> _Reply:
+        """Importer.handlePost → the handler ``import-handler`` names (§4.6); only ``inbox`` here."""
+        from tests.xnat_inbox import InboxRefused
+
+        handler = (params.get("import-handler") or [""])[-1]
+        if handler != "inbox":
+            raise _Reply(
+                501, f"stand-in: import-handler={handler or '(default)'} is not implemented"
+            )  # dep. 1
+        flat = {k: v[-1] for k, v in params.items()}
+        try:
+            request = self.inbox.submit(flat, user)
+        except InboxRefused as exc:
+            raise _Reply(exc.status, str(exc)) from None
+        # DicomInboxImporter.call: the URL path of siteUrl + /xapi/dicom/<id>, as text (callPartialUriWrap false)
+        return _Reply(200, f"/xapi/dicom/{request.id}\r\n", "text/uri-list")
 
     @staticmethod
     def _only(method: str, *allowed: str) -> None:
@@ -889,10 +958,12 @@ class XnatStandIn:
             self._sessions[sid] = user
         return _Reply(200, sid, headers={"Set-Cookie": f"JSESSIONID={sid}; Path=/; HttpOnly"})
 
-    def _projects(self, method: str, s: list[str], params: dict[str, list[str]]) -> _Reply:
+    def _projects(self, method: str, s: list[str], params: dict[str, list[str]], user: str = "") -> _Reply:
         if not s:
             self._only(method, "GET")
             self._format(params, "json")
+            # §4.3: ?restrict=edit narrows the listing to the projects the user may edit (departure 20).
+            edit_only = (params.get("restrict") or [""])[-1] == "edit"
             rows = [
                 {
                     "ID": p,
@@ -904,6 +975,7 @@ class XnatStandIn:
                     "URI": f"/data/projects/{p}",
                 }
                 for p in sorted(self.projects)
+                if not edit_only or self.can_edit(user, p)
             ]
             return _table(rows)
         project = s[0]
@@ -1002,6 +1074,17 @@ class XnatStandIn:
             if not found:
                 raise _Reply(404, f"Couldn't find DICOM SCP receiver definition with ID {segs[1]}")
             return _Reply(200, json.dumps(found[0]), "application/json")
+        if segs[:1] == ["dicom"] and len(segs) in (2, 3):
+            self._only(method, "GET")  # DicomTransactionApi
+            if segs[1:] in (["list", "active"], ["list", "all"]):
+                found = self.inbox.listing(active=segs[2] == "active")
+                return _Reply(200, json.dumps([r.to_json() for r in found]), "application/json")
+            if len(segs) == 2 and segs[1].isdigit():
+                request = self.inbox.get(int(segs[1]), "")
+                if request is None:
+                    raise _Reply(404, "")
+                return _Reply(200, json.dumps(request.to_json()), "application/json")
+            raise _Reply(400, "Bad Request")  # @PathVariable long id
         if segs[:1] == ["direct-archive"] and len(segs) == 4:
             return self._direct_archive_api(method, segs[1], segs[2], segs[3])
         if segs[:1] == ["direct-archive"]:

@@ -371,6 +371,8 @@ def steps_for(method: Method, archive: bool = False) -> tuple[Step, ...]:
             base: tuple[Step, ...] = (Step.STAGE, Step.PUBLISH, Step.INSERT, Step.BUILD)
         case Method.CSTORE:
             base = (Step.SEND, Step.LOCATE, Step.BUILD)
+        case Method.INBOX:
+            base = (Step.STAGE, Step.IMPORT, Step.LOCATE, Step.BUILD)
         case _:
             unreachable(method)
     return base + ((Step.ARCHIVE,) if archive else ())

@@ -6,7 +6,15 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from .dicombytes import MAX_CONTEXTS  # shared with the sender, which splits contexts by it
-from .model import CstoreSession, LookupMatch, Plan, PlannedSession, PrearchiveSession, unreachable
+from .model import (
+    CstoreSession,
+    InboxSession,
+    LookupMatch,
+    Plan,
+    PlannedSession,
+    PrearchiveSession,
+    unreachable,
+)
 
 MAX_REASONS = 5
 MAX_EDITS = 12  # per session, what its anonymisation does to its first file
@@ -49,7 +57,7 @@ def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
         "sql_file": sql_path,
         "table_profile": plan.table_profile,
         "summary": summary_counts(plan),
-        "sessions": [_session_json(s) for s in plan.sessions],
+        "sessions": [_session_json(s, plan.plan_id) for s in plan.sessions],
         "unchanged": [
             {"project": u.project, "session": u.session, "study_uid": u.study_uid, "reason": u.reason}
             for u in plan.unchanged
@@ -75,7 +83,7 @@ def plan_json(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
     }
 
 
-def _session_json(s: PlannedSession) -> dict[str, Any]:
+def _session_json(s: PlannedSession, plan_id: str = "") -> dict[str, Any]:
     """One session of ``plan --json``: the same keys for every route (None where a route has none)."""
     out: dict[str, Any] = {
         "action_id": s.action_id,
@@ -112,6 +120,8 @@ def _session_json(s: PlannedSession) -> dict[str, Any]:
             out.update(
                 routing_line=s.routing_line, contexts=len(s.contexts), associations_per_worker=associations(s)
             )
+        case InboxSession():
+            out.update(session_dir=s.inbox_dir(plan_id), inbox_path=s.inbox_path(plan_id))
         case _:
             unreachable(s)
     return out
@@ -140,16 +150,25 @@ def _route_lines(s: PlannedSession) -> list[str]:
                 f"        {len(s.contexts)} presentation context(s) in {associations(s)} association(s) "
                 f"per --jobs worker; build: {s.build}, archive: {archive}",
             ]
+        case InboxSession():
+            return [
+                f"        {s.transfer} into XNAT's inbox, then XNAT's inbox importer (import-handler=inbox): "
+                "XNAT's anonymisation, naming and merge rules apply",
+                f"        archive: {archive} (the importer builds it; it archives by itself when the project "
+                "auto-archives)",
+            ]
         case _:
             unreachable(s)
 
 
-def _where(s: PlannedSession) -> str:
+def _where(s: PlannedSession, plan_id: str = "") -> str:
     match s:
         case PrearchiveSession():
             return s.session_dir
         case CstoreSession():
             return f"C-STORE → {s.prearchive_uri}"
+        case InboxSession():
+            return f"inbox {s.inbox_dir(plan_id) if plan_id else s.inbox_parent + '/'} → {s.prearchive_uri}"
         case _:
             unreachable(s)
 
@@ -190,7 +209,7 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
         )
         for s in sessions:
             out.append(
-                f"    + {s.session:<24} {s.file_count:>6} files  {human_bytes(s.bytes):>9}  {_where(s)}"
+                f"    + {s.session:<24} {s.file_count:>6} files  {human_bytes(s.bytes):>9}  {_where(s, plan.plan_id)}"
             )
             if s.raw_labels:
                 out.append(f"        labels: {_label_line(s)}")

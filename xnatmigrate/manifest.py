@@ -450,6 +450,17 @@ def _check_meaning(
             for need in ("prearchive", "database"):
                 if need not in xnat:
                     doc.problem(base, f"method prearchive needs xnat.{need}")
+        if method is Method.INBOX:
+            for need, why in (("inbox", "to stage into"), ("url", "to ask XNAT's inbox importer over REST")):
+                if need not in xnat:
+                    doc.problem(base, f"method inbox needs xnat.{need} ({why})")
+            if opts.get("project") is None:
+                doc.problem(
+                    base,
+                    "method inbox needs a project: XNAT's inbox importer takes only a path below "
+                    "<inbox>/<project>/ and a PROJECT_ID the user can edit (DicomInboxImporter), never "
+                    "the Unassigned area",
+                )
         if build is Build.REST and "url" not in xnat:
             doc.problem(base, "build: rest needs xnat.url (or set build: scheduler or none)")
         if opts.get("archive") and "url" not in xnat:
@@ -502,6 +513,12 @@ def _check_meaning(
                 )
             else:
                 fixed[label_key] = i
+        if check_sources and method is Method.INBOX and isinstance(xnat.get("inbox"), str):
+            inbox = _resolve(manifest_dir, xnat["inbox"])
+            if not inbox.is_dir():
+                doc.problem(("xnat", "inbox"), f"{inbox} is not a folder; fix xnat.inbox (XNAT's inboxPath)")
+            elif not os.access(inbox, os.R_OK | os.W_OK | os.X_OK):
+                doc.problem(("xnat", "inbox"), f"{inbox} is not readable and writable by this user")
         if check_sources and isinstance(src.get("source"), str):
             folder = _resolve(manifest_dir, src["source"])
             if not folder.is_dir():
@@ -545,11 +562,11 @@ def _check_anonymization(
             path, "anonymization: none cannot be combined with scripts; give none alone, or the scripts"
         )
         return
-    if method is Method.CSTORE:
+    if method in (Method.CSTORE, Method.INBOX):
         doc.problem(
             path,
-            "method cstore: XNAT applies its own site script to every file it receives "
-            "(GradualDicomImporter:390); editing files before sending them is not implemented: drop "
+            f"method {method}: XNAT applies its own site script to every file it receives "
+            "(GradualDicomImporter:390); editing files before XNAT reads them is not implemented: drop "
             "anonymization here, or use method: prearchive",
         )
         return
@@ -655,6 +672,8 @@ def _freeze(
         file_owner=x.get("file_owner"),
         file_mode=int(mode, 8) if mode else None,
         timezone=x.get("timezone"),
+        inbox=_abs(manifest_dir, x.get("inbox")),
+        inbox_url_root=x["inbox_url_root"].rstrip("/") or "/" if x.get("inbox_url_root") else None,
     )
     defaults = data.get("defaults") or {}
     sources = []

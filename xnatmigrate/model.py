@@ -101,11 +101,18 @@ class XnatTarget:
     file_owner: str | None = None
     file_mode: int | None = None
     timezone: str | None = None  # XNAT's JVM zone (IANA); None: this machine's, found at plan time
+    inbox: str | None = None  # XNAT's inboxPath as mounted here (method: inbox)
+    inbox_url_root: str | None = None  # the same root as XNAT sees it (the import's ``path``)
 
     @property
     def url_root(self) -> str | None:
         """The prearchive root as XNAT sees it (the ``url`` column); defaults to ``prearchive``."""
         return self.prearchive_url_root or self.prearchive
+
+    @property
+    def inbox_root_for_xnat(self) -> str | None:
+        """The inbox root as XNAT sees it (site preference ``inboxPath``); defaults to ``inbox``."""
+        return self.inbox_url_root or self.inbox
 
 
 @dataclass(frozen=True)
@@ -488,11 +495,52 @@ class CstoreSession(_SessionBase):
         object.__setattr__(self, "routing", Routing(self.routing))
 
 
+#: Prefix of the folders the inbox route stages into ``<inbox>/<project>/`` (one per session and plan).
+INBOX_FOLDER_PREFIX = "xnatmigrate-"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InboxSession(_SessionBase):
+    """Files staged into XNAT's inbox, then imported by XNAT's own inbox importer (§4.6).
+
+    XNAT's ``DicomInboxImportRequestListener`` feeds each staged file to GradualDicomImporter (copied into
+    the prearchive, named and anonymised as a received file, merged by (project, tag, label)), then commits
+    the session (build, and archive when the project auto-archives). ``inbox_parent`` is
+    ``<inbox>/<project>`` as mounted here, ``inbox_url_parent`` the same folder as XNAT sees it; the session's
+    own folder below them is ``xnatmigrate-<plan_id[:12]>-<session>`` (``folder_name``).
+
+    NOTE: the folder name holds the plan id, which is a hash of the plan and so cannot be part of it: it is
+    derived at apply time from the plan being applied, and recorded in the ledger with the session's
+    first attempt (a later plan of the same session reuses the recorded folder).
+    """
+
+    method: ClassVar[Method] = Method.INBOX
+    transfer: Transfer
+    inbox_parent: str
+    inbox_url_parent: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "transfer", Transfer(self.transfer))
+
+    def folder_name(self, plan_id: str) -> str:
+        return f"{INBOX_FOLDER_PREFIX}{plan_id[:12]}-{self.session}"
+
+    def inbox_dir(self, plan_id: str) -> str:
+        """The staging folder as mounted here."""
+        return f"{self.inbox_parent.rstrip('/')}/{self.folder_name(plan_id)}"
+
+    def inbox_path(self, plan_id: str) -> str:
+        """The staging folder as XNAT sees it: the import's ``path`` parameter."""
+        return f"{self.inbox_url_parent.rstrip('/')}/{self.folder_name(plan_id)}"
+
+
 # The closed union of routes: dispatch on it with ``match`` and ``unreachable`` as the last case.
-PlannedSession: TypeAlias = PrearchiveSession | CstoreSession
-SESSION_TYPES: Mapping[Method, type[PrearchiveSession] | type[CstoreSession]] = {
+PlannedSession: TypeAlias = PrearchiveSession | CstoreSession | InboxSession
+SESSION_TYPES: Mapping[Method, type[PrearchiveSession] | type[CstoreSession] | type[InboxSession]] = {
     Method.PREARCHIVE: PrearchiveSession,
     Method.CSTORE: CstoreSession,
+    Method.INBOX: InboxSession,
 }
 
 
@@ -771,6 +819,8 @@ def _xnat_from(d: Mapping[str, Any]) -> XnatTarget:
         file_owner=d.get("file_owner"),
         file_mode=d.get("file_mode"),
         timezone=d.get("timezone"),
+        inbox=d.get("inbox"),
+        inbox_url_root=d.get("inbox_url_root"),
     )
 
 
@@ -825,6 +875,13 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
                 routing_line=d.get("routing_line"),
                 contexts=contexts,
                 direct_archive=bool(d.get("direct_archive", False)),
+            )
+        case Method.INBOX:
+            return InboxSession(
+                **common,
+                transfer=Transfer(d["transfer"]),
+                inbox_parent=d["inbox_parent"],
+                inbox_url_parent=d["inbox_url_parent"],
             )
         case _:
             unreachable(method)

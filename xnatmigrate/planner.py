@@ -26,6 +26,7 @@ from .model import (
     CstoreSession,
     FileHeader,
     HeldBack,
+    InboxSession,
     LookupMatch,
     LookupTable,
     Manifest,
@@ -162,7 +163,10 @@ def draft_plan(
                     )
                 )
             continue
-        reason = _conflict_with_xnat(st, facts, state)
+        # An inbox session an earlier apply started (XNAT may hold its row, or have archived it, already):
+        # what XNAT holds is that apply's own work, which the next apply resumes from the ledger.
+        ours = prior is not None and prior.method is Method.INBOX and st.source.method is Method.INBOX
+        reason = None if ours else _conflict_with_xnat(st, facts, state)
         if reason:
             held.append(_held(st, reason))
             continue
@@ -540,6 +544,12 @@ def _conflict_with_xnat(st: _Study, facts: XnatFacts, state: StateReader) -> str
                 "(PrearcDatabase.eitherGetOrCreateSession): archive or delete that session first"
             )
     if st.project is not None and facts.archived is not None and (st.project, st.session) in facts.archived:
+        if st.source.method is Method.INBOX:
+            return (
+                f"project {st.project} already has an archived session labelled {st.session}: XNAT's inbox "
+                "importer would answer 409 'Experiment with that label already exists in that project' "
+                "(DicomInboxImporter); choose another session label or delete the archived one"
+            )
         return (
             f"project {st.project} already has an archived session labelled {st.session}; "
             "choose another session label or delete the archived one"
@@ -577,6 +587,8 @@ def _make_sessions(
                     ts = xnat_table.timestamp_folder(clock)
                     taken.add(ts)
                 out.append(_prearchive_session(manifest, st, ts, zone, template))
+            case Method.INBOX:
+                out.append(_inbox_session(manifest, st, template))
             case _:
                 unreachable(method)
     return out
@@ -711,6 +723,33 @@ def _cstore_session(st: _Study, template: str, direct: bool) -> CstoreSession:
     )
 
 
+def _inbox_session(manifest: Manifest, st: _Study, template: str) -> InboxSession:
+    """Staged below ``<inbox>/<project>/`` (DicomInboxImporter: a first-level subfolder named after a
+    project the user can edit), imported into that project under the planned labels."""
+    src = st.source
+    project = st.project or ""  # manifest validation requires a project; _inbox_refusals says so too
+    root = (manifest.xnat.inbox or "").rstrip("/")
+    url_root = (manifest.xnat.inbox_root_for_xnat or root).rstrip("/")
+    return InboxSession(
+        action_id=_action_id(Method.INBOX, st.project, st.session, st.study_uid),
+        source_index=src.index,
+        project=st.project,
+        subject=st.subject,
+        session=st.session,
+        study_uid=st.study_uid,
+        build=src.build,
+        archive=src.archive,
+        build_timeout=src.build_timeout,
+        prearchive_uri=f"/prearchive/projects/{st.project or 'Unassigned'}",
+        scans=_scans(st, template),
+        raw_labels=st.raw,
+        mapped_by=st.mapped_by,
+        transfer=src.transfer,
+        inbox_parent=f"{root}/{project}",
+        inbox_url_parent=f"{url_root}/{project}",
+    )
+
+
 def _routing_warnings(studies: list[_Study]) -> list[str]:
     """``routing: study_comments`` loses to assignments already in PatientComments, which XNAT's
     identifier reads first (§5 rows 3-4): say so per study, as the route would silently differ."""
@@ -755,8 +794,61 @@ def _scan_date(study_date: str | None, study_time: str | None) -> tuple[str | No
 # --------------------------------------------------------------------------------------------
 
 
-def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
+# The folder name below <inbox>/<project>/ is "xnatmigrate-" + 12 hex digits + "-" + the label: 255 bytes at most.
+_INBOX_LABEL_MAX = 255 - len("xnatmigrate-") - 12 - 1
+
+
+def _inbox_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
+    """What XNAT's inbox importer would refuse (DicomInboxImporter.call), refused before anything is staged."""
+    inbox = [s for s in sessions if isinstance(s, InboxSession)]
+    if not inbox:
+        return []
     out: list[str] = []
+    root = manifest.xnat.inbox
+    seen_root = (manifest.xnat.inbox_root_for_xnat or "").rstrip("/")
+    if facts.inbox_writable is False:
+        out.append(f"the inbox {root} is missing or not readable and writable by this user; fix xnat.inbox")
+    if not seen_root.startswith("/"):
+        out.append(f"xnat.inbox_url_root {seen_root!r} is not absolute: XNAT's inboxPath is an absolute path")
+    editable = facts.site.editable_projects
+    for s in inbox:
+        if s.project is None:
+            out.append(
+                f"{s.label}: XNAT's inbox importer needs a project (a path below <inbox>/<project>/ and "
+                "an editable PROJECT_ID), it never files into Unassigned; give the source a project"
+            )
+            continue
+        # XNAT normalises the path and requires it to start with inboxPath, its first component naming a
+        # project the user can edit (DicomInboxImporter.call: Paths.normalize, startsWith, the subdirectory).
+        seen = os.path.normpath(s.inbox_url_parent + "/" + s.folder_name("0" * 12))
+        rel = seen[len(seen_root) :].lstrip("/") if seen.startswith(seen_root + "/") else None
+        if rel is None or rel.split("/")[0] != s.project or len(rel.split("/")) != 2:
+            out.append(
+                f"{s.label}: its staging folder {seen} is not below {seen_root}/{s.project}/ as XNAT's inbox "
+                "importer requires (it would answer 400); fix xnat.inbox_url_root"
+            )
+        if len(s.session.encode()) > _INBOX_LABEL_MAX:
+            out.append(
+                f"{s.label}: the session label is too long for an inbox folder name (max {_INBOX_LABEL_MAX})"
+            )
+        if editable is not None and s.project not in editable:
+            out.append(
+                f"the XNAT user cannot edit project {s.project} (GET /data/projects?restrict=edit): XNAT's inbox "
+                "importer refuses its inbox folder and PROJECT_ID (400 'You do not have permission to edit the "
+                "specified destination project'); ask a project owner for edit rights"
+            )
+        if s.transfer is Transfer.HARDLINK and facts.inbox_same_filesystem is not None:
+            src = manifest.sources[s.source_index].source
+            if facts.inbox_same_filesystem.get(src) is False:
+                out.append(
+                    f"transfer: hardlink needs {src} on the inbox's filesystem ({root}); use transfer: copy "
+                    "for that source"
+                )
+    return list(dict.fromkeys(out))
+
+
+def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
+    out: list[str] = _inbox_refusals(manifest, sessions, facts)
     pre = [s for s in sessions if isinstance(s, PrearchiveSession)]
     if not pre:
         return out

@@ -14,6 +14,7 @@ from . import labels
 from .model import (
     Build,
     CstoreSession,
+    InboxSession,
     Manifest,
     PlannedSession,
     PrearchiveSession,
@@ -70,6 +71,12 @@ def findings(
                 "site to apply XNAT's site script as the files are staged, anonymization: none if the data "
                 "is already de-identified, or use method: cstore"
             )
+        if any(isinstance(s, InboxSession) for s in sessions):
+            warnings.append(
+                "XNAT applies its site anonymisation script to every file its inbox importer takes "
+                "(DicomInboxImportRequestListener → GradualDicomImporter:390): the inbox sessions arrive "
+                "anonymised by XNAT"
+            )
         if cstore:
             warnings.append(
                 "XNAT applies its site anonymisation script to every file its receiver takes "
@@ -87,6 +94,13 @@ def findings(
                 "code in the row (GradualDicomImporter:506) and its scheduled build archives "
                 f"{s.session}, while the manifest says archive: false; set archive: true, or the "
                 "project's prearchive code to 0"
+            )
+        elif isinstance(s, InboxSession):
+            refusals.append(
+                f"project {s.project} auto-archives (prearchive code {code}): XNAT's inbox importer commits "
+                "each session it imports (DicomInboxImportRequestListener: PrearcUtils.commitPrearcSession), "
+                f"which archives {s.session} when the project auto-archives, while the manifest says "
+                "archive: false; set archive: true, or the project's prearchive code to 0"
             )
         elif s.build is Build.SCHEDULER:
             refusals.append(

@@ -33,6 +33,7 @@ from .model import (
     Build,
     CachedHeader,
     CstoreSession,
+    InboxSession,
     Method,
     Outcome,
     PlannedSession,
@@ -528,6 +529,10 @@ class StateStore:
                 timestamp, session_dir, url, row = s.timestamp, s.session_dir, s.url, s.row
             case CstoreSession():
                 timestamp, session_dir, url, row = "", None, None, None
+            case InboxSession():
+                # The staging folder (named after the plan id: recorded once, reused by later plans) and
+                # the same folder as XNAT sees it, the import's ``path``.
+                timestamp, session_dir, url, row = "", s.inbox_dir(plan_id), s.inbox_path(plan_id), None
             case _:
                 unreachable(s)
         with self.tx():
@@ -563,6 +568,13 @@ class StateStore:
                 "VALUES (?,?,?,?)",
                 (s.action_id, json.dumps(xnat_to_dict(target), sort_keys=True), s.build, int(s.archive)),
             )
+
+    def session_paths(self, action_id: str) -> tuple[str | None, str | None]:
+        """(session_dir, url) as recorded with the session's first attempt; (None, None) if unknown."""
+        row = self.conn.execute(
+            "SELECT session_dir, url FROM sessions WHERE action_id=?", (action_id,)
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def set_session_status(self, action_id: str, status: SessionState) -> None:
         with self.tx():

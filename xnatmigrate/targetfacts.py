@@ -44,6 +44,8 @@ class SiteFacts:
     file_name_template: str | None = None
     # The site anonymisation script's text (GET /xapi/anonymize/site), read when a source names it.
     site_script: str | None = None
+    # Projects the REST user may edit (GET /data/projects?restrict=edit, §4.3); None: not read.
+    editable_projects: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class XnatFacts:
     free_bytes: int | None = None
     same_filesystem: Mapping[str, bool] | None = None  # source folder -> same fs as prearchive
     local_timezone: str | None = None  # this machine's IANA zone, the default for XNAT's
+    inbox_writable: bool | None = None  # xnat.inbox is a folder this user can read and write
+    inbox_same_filesystem: Mapping[str, bool] | None = None  # source folder -> same fs as the inbox
     site: SiteFacts = field(default_factory=SiteFacts)
     refusals: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()

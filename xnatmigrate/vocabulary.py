@@ -16,10 +16,11 @@ class Method(StrEnum):
 
     PREARCHIVE = "prearchive"
     CSTORE = "cstore"
+    INBOX = "inbox"  # XNAT's own inbox importer (import-handler=inbox, DicomInboxImporter)
 
 
 class Transfer(StrEnum):
-    """How prearchive files are staged."""
+    """How files are staged (into the prearchive's staging area, or into XNAT's inbox)."""
 
     COPY = "copy"
     HARDLINK = "hardlink"
@@ -50,6 +51,7 @@ class Step(StrEnum):
     BUILD = "build"
     ARCHIVE = "archive"
     SEND = "send"
+    IMPORT = "import"  # the inbox import request POSTed; its /xapi/dicom/{id} recorded before polling
     LOCATE = "locate"
     REVERT_FILES = "revert-files"
     REVERT_ROW = "revert-row"
@@ -57,7 +59,7 @@ class Step(StrEnum):
 
 
 APPLY_STEPS: frozenset[Step] = frozenset(
-    {Step.STAGE, Step.PUBLISH, Step.INSERT, Step.BUILD, Step.ARCHIVE, Step.SEND, Step.LOCATE}
+    {Step.STAGE, Step.PUBLISH, Step.INSERT, Step.BUILD, Step.ARCHIVE, Step.SEND, Step.IMPORT, Step.LOCATE}
 )
 
 

@@ -43,6 +43,7 @@ from ..errors import (
 from ..model import (
     Build,
     CstoreSession,
+    InboxSession,
     Outcome,
     Plan,
     PlannedFile,
@@ -210,6 +211,8 @@ class _Runner:
                 self.prearchive_group(items, report)
             case CstoreSession():
                 self.cstore_group(items, report)
+            case InboxSession():
+                self.inbox_group(items, report)
             case _:
                 unreachable(items[0].s)
         for it in items:
@@ -227,6 +230,8 @@ class _Runner:
                         self.build_and_archive(s, it.res, it.done, s.project, s.timestamp, s.session)
                     case CstoreSession():
                         self.cstore_finish(it.s, it.res, it.done)
+                    case InboxSession():
+                        self.inbox_finish(it.s, it.res, it.done)
                     case _:
                         unreachable(it.s)
                 self.store.set_session_status(it.s.action_id, SessionState.APPLIED)
@@ -386,12 +391,12 @@ class _Runner:
 
         try:
             results = files.stage_batch(
-                [(_prearchive(it), it.staging, _prearchive(it).transfer) for it in group],
+                [(_staged(it), it.staging, _staged(it).transfer) for it in group],
                 jobs=self.opts.jobs or files.DEFAULT_JOBS,
                 file_mode=self.plan.xnat.file_mode,
                 file_owner=self.plan.xnat.file_owner,
                 progress=prog,
-                editors=self.editors([_prearchive(it) for it in group]),
+                editors=self.editors([it.s for it in group if isinstance(it.s, PrearchiveSession)]),
             )
         except XnatMigrateError as exc:
             for it in group:
@@ -400,21 +405,30 @@ class _Runner:
         finally:
             self.done_files = before + sum(it.s.file_count for it in group)
         for it, staged in zip(group, results, strict=True):
-            s = _prearchive(it)
+            s = _staged(it)
             with self.attempt(it, report):
                 if isinstance(staged, XnatMigrateError):
                     raise staged
+                edited = isinstance(s, PrearchiveSession) and bool(s.anonymize)
                 # An edited file no longer holds the header planned: its source's bytes are checked
                 # (bound to the plan by stat before and after they were read), as for C-STORE.
                 self.recheck_headers(
-                    [(f, f.source if s.anonymize else str(it.staging / f.dest)) for f in s.files],
+                    [(f, f.source if edited else str(it.staging / f.dest)) for f in s.files],
                     s,
                     it.staging,
                 )
                 self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
                 size = sum(f.size for f in staged)
                 it.res.files, it.res.bytes = len(staged), size
-                self.record(it.res, Step.STAGE, Outcome.DONE, {"files": len(staged), "bytes": size})
+                detail: dict[str, Any] = {"files": len(staged), "bytes": size}
+                if isinstance(s, InboxSession):
+                    detail["path"] = str(it.staging)
+                outcome = Outcome.DONE
+                if Step.STAGE in it.done:
+                    # An inbox folder staged by an earlier run, re-checked file by file (nothing re-copied
+                    # that verified): the ledger says so instead of claiming new work.
+                    outcome, detail["reason"] = Outcome.NOOP, "staged by an earlier run, re-checked"
+                self.record(it.res, Step.STAGE, outcome, detail)
 
     def recheck_headers(
         self, pairs: list[tuple[PlannedFile, str]], s: PlannedSession, staging: Path | None = None
@@ -586,6 +600,158 @@ class _Runner:
             if step not in done:
                 self.record(res, step, Outcome.NOOP, reason)
 
+    # -- the inbox route, a group at a time ------------------------------------------------------
+
+    def inbox_group(self, items: list[_Item], report: ApplyReport) -> None:
+        """Stage each session into ``<inbox>/<project>/xnatmigrate-<plan>-<session>/`` (one pool, one
+        barrier), then ask XNAT's inbox importer for each (§4.6), recording the request id at once.
+
+        Check before acting: a session whose request is recorded is never staged or posted again; one
+        staged by a crashed run whose request XNAT knows (the POST's answer was lost with the crash) adopts
+        that request (``/xapi/dicom/list/all``, by path) instead of posting a second one.
+        """
+        inbox = self.plan.xnat.inbox
+        assert inbox, "manifest validation requires xnat.inbox for method inbox"
+        if not Path(inbox).is_dir():
+            err = files.DiskError(
+                f"XNAT's inbox {inbox} is not a folder (xnat.inbox): mount it or fix the manifest, then rerun"
+            )
+            for it in items:
+                if it.alive:
+                    self.fail(it, err, report)
+            return
+        resumed = [it for it in items if it.alive and it.resumed and Step.IMPORT not in it.done]
+        known: dict[str, dict[str, Any]] = {}
+        if resumed:
+            with contextlib.suppress(XnatMigrateError):  # a failed look-up only means: post again
+                for r in self.client().inbox_requests():
+                    path = os.path.normpath(str(r.get("sessionPath") or "/"))
+                    if str(r.get("status")) != "Failed" and int(r.get("id") or 0) > int(
+                        known.get(path, {}).get("id") or 0
+                    ):
+                        known[path] = r
+        to_stage: list[_Item] = []
+        for it in items:
+            if not it.alive:
+                continue
+            s = _inbox(it)
+            with self.attempt(it, report):
+                recorded_dir, recorded_url = self.store.session_paths(s.action_id)
+                it.staging = Path(recorded_dir or s.inbox_dir(self.plan.plan_id))
+                it.xnat_path = recorded_url or s.inbox_path(self.plan.plan_id)
+                if Step.IMPORT in it.done:
+                    self.advance(s.file_count)  # XNAT has the files (and may have removed the folder)
+                    continue
+                found = known.get(os.path.normpath(it.xnat_path))
+                if found is not None:
+                    if Step.STAGE not in it.done:
+                        self.record(it.res, Step.STAGE, Outcome.NOOP, {"reason": "imported already"})
+                    detail = {
+                        "id": str(found["id"]),
+                        "path": it.xnat_path,
+                        "reason": "requested by an earlier run",
+                    }
+                    self.record(it.res, Step.IMPORT, Outcome.NOOP, detail)
+                    it.done |= {Step.STAGE, Step.IMPORT}
+                    self.advance(s.file_count)
+                    continue
+                files.check_sources(s)
+                to_stage.append(it)
+        if to_stage:
+            self.stage_group(to_stage, report)
+        # Every stage record is durable before the first request: a rerun must never stage again what
+        # XNAT may already be importing (and removing: cleanupAfterImport).
+        self.store.commit()
+        for it in items:
+            if not it.alive or report.stopped or Step.IMPORT in it.done:
+                continue
+            s = _inbox(it)
+            with self.attempt(it, report):
+                assert s.project is not None, "planner refuses Unassigned inbox sessions"
+                try:
+                    request_id = self.client().inbox_import(s.project, s.subject, s.session, it.xnat_path)
+                except OutcomeUnknown as exc:
+                    raise ApplyError(
+                        f"{exc}; rerun apply: it finds the request XNAT queued (/xapi/dicom/list/all) "
+                        "instead of asking again"
+                    ) from None
+                except XnatRestError as exc:
+                    if exc.status in (400, 403, 404, 409):
+                        # XNAT refused this session (path, rights, an existing label): it fails, the run goes on.
+                        raise ApplyError(f"{exc}; fix it in XNAT or the manifest, then rerun apply") from None
+                    raise
+                self.record(it.res, Step.IMPORT, Outcome.DONE, {"id": request_id, "path": it.xnat_path})
+                self.store.commit()  # the request id is what spares a second request: never held back
+                it.done.add(Step.IMPORT)
+
+    def inbox_finish(self, s: InboxSession, res: SessionResult, done: set[Step]) -> None:
+        """Wait for XNAT's import request to end, find the session it made, then build/archive it."""
+        located = self.store.step_detail(s.action_id, Step.LOCATE)
+        if located is None:
+            request = self.store.step_detail(s.action_id, Step.IMPORT) or {}
+            request_id = str(request.get("id", ""))
+            final = self.wait_for_import(s, res, request_id)
+            located = self.locate_imported(s, request_id, final)
+            self.record(res, Step.LOCATE, Outcome.DONE, located)
+        if located.get("archived"):
+            # The project auto-archives: XNAT's commit archived it (DicomInboxImportRequestListener).
+            reason = {"reason": "built and archived by XNAT's inbox importer (the project auto-archives)"}
+            for step in (Step.BUILD, *((Step.ARCHIVE,) if s.archive else ())):
+                if step not in done:
+                    self.record(res, step, Outcome.NOOP, reason)
+            return
+        self.build_and_archive(s, res, done, s.project, located["timestamp"], located["folder"])
+
+    def wait_for_import(self, s: InboxSession, res: SessionResult, request_id: str) -> dict[str, Any]:
+        """Poll ``GET /xapi/dicom/{id}`` until Completed or Failed (bounded by ``build_timeout``)."""
+        client = self.client()
+        deadline = time.monotonic() + s.build_timeout
+        last = "unknown"
+        while True:
+            request = client.inbox_request(request_id)
+            if request is None:
+                raise ApplyError(
+                    f"XNAT does not know the inbox import request {request_id} of {s.label} (GET /xapi/dicom/"
+                    f"{request_id} answered 404); see XNAT's logs, then `xnatmigrate revert` it and re-plan"
+                )
+            last = str(request.get("status", ""))
+            if last == "Completed":
+                return request
+            if last == "Failed":
+                why = " ".join(str(request.get("resolution") or "no reason given").split())[:300]
+                self.record(res, Step.IMPORT, Outcome.FAILED, {"id": request_id, "resolution": why})
+                raise ApplyError(
+                    f"XNAT's inbox import of {s.label} (request {request_id}) failed: {why}; fix the cause, "
+                    "then rerun apply (it stages and asks again)"
+                )
+            if time.monotonic() > deadline:
+                raise ApplyError(
+                    f"XNAT's inbox import of {s.label} (request {request_id}) is still {last} after "
+                    f"{s.build_timeout:g} s; rerun apply later: the request is polled, never posted again"
+                )
+            time.sleep(self.opts.poll)
+
+    def locate_imported(self, s: InboxSession, request_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The prearchive session the import made (project, tag, label: how GradualDicomImporter groups
+        files, §3), or the archived experiment when the project auto-archived it."""
+        client = self.client()
+        shown = s.project or "Unassigned"
+        rows = [
+            r
+            for r in client.prearchive_sessions(s.project, tag=s.study_uid)
+            if r.get("name") == s.session and r.get("project") == shown
+        ]
+        if rows:
+            return {"timestamp": rows[0]["timestamp"], "folder": rows[0]["folderName"], "request": request_id}
+        if s.project and s.session in client.experiment_labels(s.project):
+            return {"archived": True, "request": request_id}
+        resolution = " ".join(str(request.get("resolution") or "").split())[:300]
+        raise ApplyError(
+            f"XNAT's inbox import of {s.label} (request {request_id}) completed ({resolution or 'no detail'}) "
+            f"but XNAT holds no session {s.session} of study {s.study_uid} in {shown}: the importer may have "
+            "routed the files elsewhere; see XNAT's prearchive and logs"
+        )
+
     # -- the C-STORE route, a group at a time ----------------------------------------------------
 
     def cstore_group(self, items: list[_Item], report: ApplyReport) -> None:
@@ -708,10 +874,21 @@ class _Item:
     visible: bool = False  # its folder is in XNAT's view (prearchive route)
     staging: Path = Path()
     final: Path = Path()
+    xnat_path: str = ""  # the inbox folder as XNAT sees it (inbox route)
 
 
 def _prearchive(it: _Item) -> PrearchiveSession:
     assert isinstance(it.s, PrearchiveSession), "a group holds sessions of one route"
+    return it.s
+
+
+def _inbox(it: _Item) -> InboxSession:
+    assert isinstance(it.s, InboxSession), "a group holds sessions of one route"
+    return it.s
+
+
+def _staged(it: _Item) -> PrearchiveSession | InboxSession:
+    assert isinstance(it.s, (PrearchiveSession, InboxSession)), "only these routes stage files"
     return it.s
 
 

@@ -33,6 +33,13 @@ def gather_facts(manifest: Manifest, study_uids: Sequence[str], offline: bool) -
             free = files.free_bytes(rootp)
             same_fs = {s.source: files.same_filesystem(s.source, rootp) for s in pre_sources}
             taken |= _timestamp_dirs(rootp)
+    inbox_writable = inbox_same_fs = None
+    inbox_sources = [s for s in manifest.sources if s.method is Method.INBOX]
+    if inbox_sources and manifest.xnat.inbox:
+        inbox = Path(manifest.xnat.inbox)
+        inbox_writable = inbox.is_dir() and os.access(inbox, os.R_OK | os.W_OK | os.X_OK)
+        if inbox_writable:
+            inbox_same_fs = {s.source: files.same_filesystem(s.source, inbox) for s in inbox_sources}
     profile = None
     rows = None
     if offline:
@@ -60,6 +67,8 @@ def gather_facts(manifest: Manifest, study_uids: Sequence[str], offline: bool) -
         prearchive_writable=writable,
         free_bytes=free,
         same_filesystem=same_fs,
+        inbox_writable=inbox_writable,
+        inbox_same_filesystem=inbox_same_fs,
         refusals=tuple(refusals),
         skipped=tuple(skipped),
     )
@@ -168,6 +177,7 @@ def site_facts(
     receivers: tuple[Receiver, ...] | None = None
     template: str | None = None
     script: str | None = None
+    editable: frozenset[str] | None = None
     try:
         with XnatClient(manifest.xnat.url, credentials_from_env(manifest.xnat.url)) as client:
             try:
@@ -193,9 +203,17 @@ def site_facts(
                     script = client.site_anonymization_script()
                 except XnatMigrateError as exc:
                     skipped.append(f"the site anonymisation script ({exc})")
+            if any(s.method is Method.INBOX for s in manifest.sources):
+                try:
+                    editable = frozenset(client.editable_projects())
+                except XnatMigrateError as exc:
+                    skipped.append(f"the projects the XNAT user can edit ({exc})")
     except XnatMigrateError as exc:
         return SiteFacts(), (f"{what} ({exc})",)
-    return SiteFacts(anonymization, codes, receivers, template, script), tuple(skipped)
+    return (
+        SiteFacts(anonymization, codes, receivers, template, site_script=script, editable_projects=editable),
+        tuple(skipped),
+    )
 
 
 def _receiver(d: Mapping[str, Any]) -> Receiver:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
-from ..model import CstoreSession, PlannedSession, PrearchiveSession, unreachable
+from ..model import CstoreSession, InboxSession, PlannedSession, PrearchiveSession, unreachable
 from . import settings
 
 
@@ -38,6 +38,8 @@ def _kind(s: PlannedSession) -> Hashable:
             return "prearchive"
         case CstoreSession():
             return ("cstore", s.routing)
+        case InboxSession():
+            return "inbox"
         case _:
             unreachable(s)
 

@@ -93,12 +93,15 @@ def _observe_one(
     store: StateStore, s: AppliedSession, conn: db.Connection | None, client: XnatClient | None, now: datetime
 ) -> Observation:
     ts, folder = s.timestamp, s.session
-    if s.method is Method.CSTORE:
+    if s.method in (Method.CSTORE, Method.INBOX):
         located = store.step_detail(s.action_id, Step.LOCATE)
         if not located:
+            what = "sent" if s.method is Method.CSTORE else "inbox import requested"
             return Observation(
-                s.action_id, s.label, Seen.UNKNOWN, None, "sent; not yet located in XNAT's prearchive"
+                s.action_id, s.label, Seen.UNKNOWN, None, f"{what}; not yet located in XNAT's prearchive"
             )
+        if located.get("archived"):
+            return _vanished(store, s, conn, client)
         ts, folder = located["timestamp"], located["folder"]
     row: dict[str, Any] | None = None
     if conn is not None:

@@ -99,6 +99,8 @@ class _Reverter:
                 return self.cstore_session(s, item)
             case Method.PREARCHIVE:
                 return self.prearchive_session(s, item)
+            case Method.INBOX:
+                return self.inbox_session(s, item)
             case _:
                 unreachable(s.method)
 
@@ -218,6 +220,36 @@ class _Reverter:
                 item, client.prearchive_session(s.project, located["timestamp"], located["folder"])
             )
         self.record(item, Step.REVERT_FILES, Outcome.DONE, {"via": "REST DELETE"})
+        self.forget(s, item)
+        return item
+
+    def inbox_session(self, s: AppliedSession, item: RevertItem) -> RevertItem:
+        """The staged inbox folder (if XNAT has not removed it), and the prearchive session XNAT's
+        importer made (REST DELETE, as for C-STORE). A request still running is left alone."""
+        staged = Path(s.session_dir or "")
+        done = self.store.steps_done(s.action_id)
+        located = self.store.step_detail(s.action_id, Step.LOCATE)
+        if Step.IMPORT in done and not located:
+            return self.refuse(
+                item,
+                "XNAT's inbox importer was asked to import it and the outcome is not known yet: rerun "
+                "apply (it polls the request), then revert",
+            )
+        if located:
+            if not staged.name.startswith("xnatmigrate-") or not staged.exists():
+                return self.cstore_session(s, item)
+            result = self.cstore_session(s, item)
+            if result.outcome is RevertOutcome.REMOVED or (
+                self.yes and result.outcome is RevertOutcome.NOTHING
+            ):
+                files.discard_staged(staged)
+            return result
+        if not self.yes:
+            item.outcome, item.reason = RevertOutcome.WOULD_REMOVE, f"its staged inbox folder {staged}"
+            return item
+        if staged.name.startswith("xnatmigrate-") and staged.exists():
+            files.discard_staged(staged)
+        self.record(item, Step.REVERT_FILES, Outcome.DONE, {"path": str(staged)})
         self.forget(s, item)
         return item
 

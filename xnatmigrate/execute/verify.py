@@ -79,6 +79,8 @@ class _Verifier:
                     self.row(s, res)
             case Method.CSTORE:
                 self.cstore(s, res, done)
+            case Method.INBOX:
+                self.inbox(s, res, done)
             case _:
                 unreachable(s.method)
         return res
@@ -149,6 +151,32 @@ class _Verifier:
             )
         res.skipped.append("checksums of archived files (XNAT owns them after archiving)")
 
+    def inbox(self, s: AppliedSession, res: SessionCheck, done: set[Step]) -> None:
+        """Imported by XNAT's inbox importer: XNAT holds as many files as were staged for it (counted
+        from the prearchive session's ``/resources``, or the archived experiment's scans)."""
+        if self.client is None:
+            res.skipped.append("files held by XNAT (xnat.url not set)")
+            return
+        located = self.store.step_detail(s.action_id, Step.LOCATE)
+        if not located:
+            self.problem(
+                res, Check.XNAT, "XNAT's inbox import was not located in XNAT (see `xnatmigrate status`)"
+            )
+            return
+        counts = _inbox_counts(self.client, s, done, located)
+        res.checks += 1
+        if counts is None:
+            self.problem(res, Check.ARCHIVE, f"archived experiment {s.project}/{s.session} not found in XNAT")
+            return
+        total = sum(counts.values())
+        if total != s.files:
+            self.problem(
+                res,
+                Check.XNAT,
+                f"XNAT holds {total} file(s) of this session; {s.files} were staged into its inbox",
+            )
+        res.skipped.append("checksums (XNAT copied, renamed and may have anonymised the files)")
+
     def cstore(self, s: AppliedSession, res: SessionCheck, done: set[Step]) -> None:
         sent = self.store.sent_for(s.action_id)
         res.checks += 1
@@ -173,6 +201,14 @@ class _Verifier:
                 Check.XNAT,
                 f"XNAT holds {total} instance(s) of this session; {len(sent)} were confirmed sent",
             )
+
+
+def _inbox_counts(
+    client: XnatClient, s: AppliedSession, done: set[Step], located: dict[str, Any]
+) -> dict[str, int] | None:
+    if Step.ARCHIVE in done or located.get("archived"):
+        return client.experiment_scan_files(s.project or "", s.subject or "", s.session)
+    return client.prearchive_scan_files(s.project, located["timestamp"], located["folder"])
 
 
 def verify(

@@ -354,6 +354,72 @@ class XnatClient(XnatSession):
             raise XnatRestError(f"XNAT GET {path} did not answer a list of receivers; check XNAT's version")
         return data
 
+    def editable_projects(self) -> set[str]:
+        """IDs of the projects this user may edit (``GET /data/projects?restrict=edit``, §4.3)."""
+        path = "/data/projects"
+        resp = self._call("GET", path, {"format": "json", "restrict": "edit"}, ctx=_Ctx(what="projects"))
+        return {r["ID"] for r in self._table(resp, "GET", path) if r.get("ID")}
+
+    def inbox_import(
+        self, project: str, subject: str | None, label: str, path: str, *, cleanup: bool = True
+    ) -> str:
+        """Ask XNAT's inbox importer to import the folder ``path`` (as XNAT sees it) into ``project``.
+
+        ``POST /data/services/import?import-handler=inbox&PROJECT_ID=&SUBJECT_ID=&EXPT_LABEL=&path=
+        &cleanupAfterImport=`` (Importer → DicomInboxImporter, §4.6) queues a request and answers its URI
+        ``/xapi/dicom/<id>``; returns the id. NOTE: sent exactly once: a lost answer is
+        ``OutcomeUnknown`` (the request may be queued): find it with ``inbox_requests``, never post again.
+        """
+        query = {
+            "import-handler": "inbox",
+            "PROJECT_ID": project,
+            "EXPT_LABEL": label,
+            "path": path,
+            "cleanupAfterImport": "true" if cleanup else "false",
+            "format": "plain",
+        }
+        if subject:
+            query["SUBJECT_ID"] = subject
+        ctx = _Ctx(
+            project,
+            f"inbox import of {path}",
+            {
+                400: "XNAT refused the path or the project (it must lie below its inboxPath, in a folder "
+                "named after a project the user can edit)",
+                409: "an experiment with this label already exists in the project",
+            },
+        )
+        resp = self._call("POST", "/data/services/import", query, ctx=ctx, once=True)
+        for line in resp.text().splitlines():
+            match = re.search(r"/xapi/dicom/(\d+)\s*$", line.strip())
+            if match:
+                return match.group(1)
+        raise XnatRestError(
+            f"XNAT POST /data/services/import (inbox, {path}) answered {_summary(resp.text())!r}, not "
+            "/xapi/dicom/<id>; check XNAT's version (the inbox importer needs 1.7.6+)"
+        )
+
+    def inbox_request(self, request_id: str) -> dict[str, Any] | None:
+        """An inbox import request (``GET /xapi/dicom/{id}``, DicomTransactionApi): status Queued |
+        Trawling | Importing | Accepted | Processed | Failed | Completed, ``resolution``, ``sessionPath``;
+        None when XNAT does not know it (404)."""
+        path = f"/xapi/dicom/{_seg(request_id, 'request id')}"
+        resp = self._call("GET", path, None, ctx=_Ctx(what="inbox import request"), allow=(404,))
+        if resp.status == 404:
+            return None
+        data = self._json(resp, "GET", path)
+        if not isinstance(data, dict):
+            raise XnatRestError(f"XNAT GET {path} did not answer an import request; check XNAT's version")
+        return data
+
+    def inbox_requests(self) -> list[dict[str, Any]]:
+        """Every inbox import request of this user (``GET /xapi/dicom/list/all``, DicomTransactionApi)."""
+        path = "/xapi/dicom/list/all"
+        data = self._json(self._call("GET", path, None, ctx=_Ctx(what="inbox import requests")), "GET", path)
+        if not isinstance(data, list):
+            raise XnatRestError(f"XNAT GET {path} did not answer a list; check XNAT's version")
+        return [d for d in data if isinstance(d, dict)]
+
     def site_config(self, key: str) -> str | None:
         """One site preference (``GET /xapi/siteConfig/<key>``, SiteConfigApi); None when XNAT has none."""
         path = f"/xapi/siteConfig/{_seg(key, 'preference')}"

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ...errors import ApplyError, StalePlanError, XnatMigrateError
-from ...model import PlannedFile, PrearchiveSession
+from ...model import InboxSession, PlannedFile, PrearchiveSession
 from .paths import describe
 
 
@@ -134,7 +134,11 @@ def disk_full(staging: Path, what: str, missing: int) -> DiskError:
 
 
 def dest_error(
-    exc: OSError, path: str, session: PrearchiveSession, staging: Path, left: Iterable[PlannedFile]
+    exc: OSError,
+    path: str,
+    session: PrearchiveSession | InboxSession,
+    staging: Path,
+    left: Iterable[PlannedFile],
 ) -> XnatMigrateError:
     what = describe(session)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

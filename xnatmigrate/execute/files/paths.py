@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from ...errors import ApplyError
-from ...model import PlannedFile, PrearchiveSession
+from ...model import INBOX_FOLDER_PREFIX, InboxSession, PlannedFile, PrearchiveSession
 
 #: Top-level folder in the prearchive root; its '.' makes XNAT's trawler ignore it (§2).
 STAGING_DIRNAME = ".xnatmigrate-staging"
@@ -50,6 +50,9 @@ def final_dir(prearchive_root: str, session: PrearchiveSession) -> Path:
 
 def require_staging_path(path: Path) -> None:
     # Everything here deletes what the plan does not list; never let that loose on XNAT's visible tree.
+    # An inbox session's folder (<inbox>/<project>/xnatmigrate-<plan>-<session>) is wholly this tool's.
+    if path.name.startswith(INBOX_FOLDER_PREFIX) and len(path.parts) > 2:
+        return
     if STAGING_DIRNAME not in path.parts[:-1]:
         raise ApplyError(
             f"refusing to stage into {path}: it is not below a {STAGING_DIRNAME} folder; "
@@ -76,12 +79,16 @@ def safe_dests(files: Sequence[PlannedFile]) -> dict[str, PlannedFile]:
     return out
 
 
-def describe(session: PrearchiveSession) -> str:
+def describe(session: PrearchiveSession | InboxSession) -> str:
+    if isinstance(session, InboxSession):
+        return f"{session.label} (inbox)"
     return f"{session.project_label}/{session.timestamp}/{session.session}"
 
 
 def staging_ancestors(staging: Path) -> list[Path]:
     """Parents of ``staging`` up to and including the prearchive root (those ``makedirs`` may create)."""
+    if staging.name.startswith(INBOX_FOLDER_PREFIX):
+        return [staging.parent, staging.parent.parent]  # <inbox>/<project>, <inbox>
     out = []
     for parent in staging.parents:
         out.append(parent)
@@ -93,6 +100,8 @@ def staging_ancestors(staging: Path) -> list[Path]:
 
 def prune_staging_parents(staging: Path) -> None:
     # Empty <timestamp>/<project> folders are left by publish; the staging root itself stays.
+    if staging.name.startswith(INBOX_FOLDER_PREFIX):
+        return  # <inbox>/<project> is XNAT's (the admin's) folder: never removed
     for parent in staging.parents:
         if parent.name == STAGING_DIRNAME:
             return

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 
 from ...errors import ApplyError, StalePlanError
-from ...model import PlannedFile, PlannedSession, PrearchiveSession, Transfer
+from ...model import InboxSession, PlannedFile, PlannedSession, PrearchiveSession, Transfer
 from .disk import current_user
 
 
@@ -22,7 +22,9 @@ def check_sources(session: PlannedSession) -> None:
     NOTE: with hard links the ctime is not compared: linking (by this run or a crashed one) changes
     the source's own ctime. Its inode, size and mtime still are, and its header (apply re-reads it).
     """
-    hardlinked = isinstance(session, PrearchiveSession) and session.transfer is Transfer.HARDLINK
+    hardlinked = (
+        isinstance(session, (PrearchiveSession, InboxSession)) and session.transfer is Transfer.HARDLINK
+    )
     check_sources_of(session.files, ctime=not hardlinked)
 
 

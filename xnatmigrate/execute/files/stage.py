@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from ...errors import AnonymizationError, ApplyError, StalePlanError, XnatMigrateError
-from ...model import PlannedFile, PrearchiveSession, Transfer
+from ...model import InboxSession, PlannedFile, PrearchiveSession, Transfer
 from .digest import BUFFER_SIZE
 from .disk import (
     DestError,
@@ -102,7 +102,9 @@ def stage_session(
 class _Staging:
     """One session of a batch: where it goes, what it holds already, how it fails."""
 
-    def __init__(self, session: PrearchiveSession, staging: Path, transfer: Transfer, perms: Perms) -> None:
+    def __init__(
+        self, session: PrearchiveSession | InboxSession, staging: Path, transfer: Transfer, perms: Perms
+    ) -> None:
         require_staging_path(staging)
         self.session, self.staging, self.transfer, self.perms = session, staging, transfer, perms
         self.planned = safe_dests(session.files)
@@ -140,7 +142,7 @@ class _Staging:
 
 
 def stage_batch(
-    batch: Sequence[tuple[PrearchiveSession, Path, Transfer]],
+    batch: Sequence[tuple[PrearchiveSession | InboxSession, Path, Transfer]],
     *,
     jobs: int = DEFAULT_JOBS,
     file_mode: int | None = None,
