@@ -90,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
             "mrn,subject_id\n"
             + "".join(f"PAT{p + 1:03d},SUBJ-{101 + p}\n" for p in range(max(args.patients - 1, 1)))
         )
+        # De-identification as the files are staged: a DicomEdit 6 script of the kind XNAT sites use
+        # (XNAT's default site script, plus removing the birth date and the institution).
+        anon = work / "anon" / "site.das"
+        anon.parent.mkdir()
+        anon.write_text(
+            'version "6.1"\n'
+            "// XNAT's default site script, and two deletions\n"
+            'project != "Unassigned" ? (0008,1030) := project\n'
+            "(0010,0010) := subject\n"
+            "(0010,0020) := session\n"
+            "-(0010,0030)\n"
+            "-(0008,0080)\n"
+        )
         manifest = work / "manifest.yaml"
         manifest.write_text(
             textwrap.dedent(
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                   method: prearchive
                   transfer: copy
                   build: scheduler        # XNAT's own SessionXMLRebuilder builds after ~5 minutes
+                  anonymization: anon/site.das   # applied to every file as it is staged
                 sources:
                   - source: {source}
                     exclude: ["**/*.txt", "**/*.png"]
@@ -116,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         os.environ["XNATMIGRATE_DEMO_DSN"] = dsn
-        _say("3. The manifest, and its lookup table subjects.csv")
+        _say("3. The manifest, its lookup table subjects.csv and its anonymisation script anon/site.das")
         print(manifest.read_text())
         print(subjects.read_text())
+        print(anon.read_text())
         steps = [
             ("4. Validate it (as CI would)", ["validate", str(manifest)]),
             (
@@ -137,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
                 return rc
         _say("9. The prearchive as XNAT sees it")
         _tree(prearchive)
+        import pydicom
+
+        first = min(p for p in prearchive.rglob("*.dcm") if ".xnatmigrate-staging" not in p.parts)
+        ds = pydicom.dcmread(first, stop_before_pixels=True)
+        print(
+            f"\n{first.name}: PatientName={ds.get('PatientName')}, PatientID={ds.get('PatientID')}, "
+            f"StudyDescription={ds.get('StudyDescription')}, PatientBirthDate "
+            f"{'present' if 'PatientBirthDate' in ds else 'removed'}, InstitutionName "
+            f"{'present' if 'InstitutionName' in ds else 'removed'} (the source keeps them)"
+        )
         print(f"\nplan.sql: {state / 'plan.sql'} (first lines)")
         print("\n".join((state / "plan.sql").read_text().splitlines()[:12]))
         import psycopg2
