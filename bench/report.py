@@ -15,6 +15,7 @@ ORDER = [
     ("plan-warm", 2),
     ("apply-copy", 3),
     ("apply-hardlink", 4),
+    ("apply-anon", 4),
     ("cstore-best", 5),
     ("cstore-one", 6),
     ("cstore-recipe", 7),

@@ -12,8 +12,10 @@ from pathlib import Path
 from .common import Row, Series, alternate, free_bytes, paired_ratios, rmtree, run, show, skipped_row
 from .site import REPO, Site
 
-TARGETS = {"copy": "≤ 1.1", "hardlink": "≤ 3 (report)"}
-LIMITS = {"copy": 1.1, "hardlink": 3.0}
+TARGETS = {"copy": "≤ 1.1", "hardlink": "≤ 3 (report)", "anon": "≤ 1.5"}
+LIMITS = {"copy": 1.1, "hardlink": 3.0, "anon": 1.5}
+# What each kind's reference is: the copy the user would otherwise make.
+_REF_FLAG = {"copy": "-r", "hardlink": "-al", "anon": "-r"}
 T_REAPPLY = "100,000 files ≤ 5 s, no file contents read"
 
 
@@ -37,8 +39,9 @@ def apply_row(
     key = key or f"apply-{kind}"
     if target is None:
         target, limit = TARGETS[kind], LIMITS[kind]
-    title = f"apply, transfer: {kind}, vs {'cp -r' if kind == 'copy' else 'cp -al'} + sync"
-    if kind == "copy" and free_bytes(site.root) < corpus.disk + 2_000_000_000:
+    what = "copy with anonymization (DicomEdit script)" if kind == "anon" else kind
+    title = f"apply, transfer: {what}, vs cp {_REF_FLAG[kind]} + sync"
+    if kind in ("copy", "anon") and free_bytes(site.root) < corpus.disk + 2_000_000_000:
         return skipped_row(
             key,
             corpus.files,
@@ -49,7 +52,7 @@ def apply_row(
     snap = site.make_plan(kind)
     state = site.root / f"state-{kind}"
     dst = site.root / "cp-dst"
-    flag = "-r" if kind == "copy" else "-al"
+    flag = _REF_FLAG[kind]
     # `sync`: plain cp only fills the page cache; the product's copy is durable when apply returns.
     ref_cmd = f"cp {flag} {shlex.quote(str(corpus.path))} {shlex.quote(str(dst))} && sync"
     ours = Series(f"xnatmigrate apply ({kind})", show(site.apply_cmd(state), site.shown_env))

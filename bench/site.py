@@ -33,6 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 DCMTK_ENV = {"TCP_NODELAY": "1"}
 
 
+# XNAT's default site anonymisation script (as tests/xnat_standin.py has it), and two deletions.
+ANON_SCRIPT = (
+    'version "6.1"\n'
+    'project != "Unassigned" ? (0008,1030) := project\n'
+    "(0010,0010) := subject\n"
+    "(0010,0020) := session\n"
+    "-(0010,0030)\n"
+    "-(0008,0080)\n"
+)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +66,7 @@ class Site:
         install_prearchive_table(self.dsn, "1.8.2")
         self.env = {DSN_ENV: self.dsn}
         self.shown_env = {DSN_ENV: "<embedded-pg>"}  # the socket path changes every run
-        self.manifests = {kind: self._manifest(kind) for kind in ("copy", "hardlink", "cstore")}
+        self.manifests = {kind: self._manifest(kind) for kind in ("copy", "hardlink", "cstore", "anon")}
 
     def _manifest(self, kind: str) -> Path:
         labels = textwrap.dedent(
@@ -82,6 +93,10 @@ class Site:
                   build: none
                 """
         else:
+            # anon: a copy through XNAT's default site script plus two deletions (issue 15's row).
+            script = self.root / "site.das"
+            script.write_text(ANON_SCRIPT)
+            extra = f"  anonymization: {script}\n" if kind == "anon" else ""
             head = f"""\
                 version: 1
                 xnat:
@@ -89,9 +104,10 @@ class Site:
                   database: {{dsn_env: {DSN_ENV}}}
                 defaults:
                   method: prearchive
-                  transfer: {kind}
+                  transfer: {"copy" if kind == "anon" else kind}
                   build: none
                 """
+            head = textwrap.dedent(head) + extra
         path = self.root / f"manifest-{kind}.yaml"
         path.write_text(textwrap.dedent(head) + labels)
         return path
