@@ -152,3 +152,16 @@ def test_site_anonymisation_on_and_raw_copy_is_refused_naming_the_fix(site):
     site.manifest.write_text(site.manifest.read_text().replace("  anonymization: site\n", ""))
     with pytest.raises(PlanError, match="anonymization: site to apply XNAT's site script"):
         api.plan(site.manifest, state_dir=site.state, now=NOW)
+
+
+def test_verify_fails_when_a_migrated_file_holds_the_raw_header_again(site):
+    """The ledger records the SHA-256 of the anonymised bytes: a raw file put back is found."""
+    use(site, "site")
+    p = api.plan(site.manifest, state_dir=site.state, now=NOW).plan
+    assert not api.apply(state_dir=site.state, poll=0.05).failures
+    assert api.verify(state_dir=site.state).ok
+    f = p.sessions[0].files[0]
+    shutil.copyfile(f.source, staged_files(site)[f.dest.rsplit("/", 1)[-1]])
+    report = api.verify(state_dir=site.state)
+    assert not report.ok
+    assert any(f.dest.rsplit("/", 1)[-1] in (pr.path or "") for pr in report.problems)
