@@ -70,13 +70,18 @@ def reuse(f: PlannedFile, dst: str, transfer: Transfer, perms: Perms, buf: bytea
                 return StagedFile(f.dest, f.source, f.size, digest)
     finally:
         os.close(src_fd)
+    _discard(dst)
+    return None
+
+
+def _discard(dst: str) -> None:
+    """Delete a staged file that does not match its source (gone already: fine)."""
     try:
         os.unlink(dst)
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise DestError(exc, dst) from exc
-    return None
 
 
 def _hash_path(path: str, buf: bytearray) -> str:
@@ -326,10 +331,5 @@ def reuse_edited(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, edit: E
     if have == digest:
         _apply_path(perms, dst)
         return StagedFile(f.dest, f.source, len(out), digest)
-    try:
-        os.unlink(dst)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise DestError(exc, dst) from exc
+    _discard(dst)
     return None
