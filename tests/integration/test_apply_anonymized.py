@@ -165,3 +165,38 @@ def test_verify_fails_when_a_migrated_file_holds_the_raw_header_again(site):
     report = api.verify(state_dir=site.state)
     assert not report.ok
     assert any(f.dest.rsplit("/", 1)[-1] in (pr.path or "") for pr in report.problems)
+
+
+def test_kill_9_after_staging_then_rerun_re_derives_staged_files(site):
+    """A crash leaves edited files staged but unrecorded; the rerun edits each source again and compares,
+    so a staged file that differs (here: the raw source put in its place) is replaced, not trusted."""
+    import os
+    import subprocess
+    import sys
+
+    use(site, "site")
+    api.plan(site.manifest, state_dir=site.state, now=NOW)
+    env = {**os.environ, **site.env(), "XNATMIGRATE_TEST_CRASH": "before-record:stage"}
+    run = subprocess.run(
+        [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(site.state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    staging = site.prearchive / ".xnatmigrate-staging"
+    staged = sorted(p for p in staging.rglob("*.dcm"))
+    assert staged, "the crash point is after the files were staged"
+    victim = staged[0]
+    source = next(
+        f.source
+        for s in api.load_plan(site.state / "plan.json").sessions
+        for f in s.files
+        if f.dest.endswith(victim.name)
+    )
+    shutil.copyfile(source, victim)  # raw bytes under the final name
+    assert not api.apply(state_dir=site.state, poll=0.05).failures
+    final = staged_files(site)[victim.name]
+    assert pydicom.dcmread(final).PatientName != pydicom.dcmread(source).PatientName
+    assert api.verify(state_dir=site.state).ok
