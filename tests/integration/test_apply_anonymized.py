@@ -200,3 +200,12 @@ def test_kill_9_after_staging_then_rerun_re_derives_staged_files(site):
     final = staged_files(site)[victim.name]
     assert pydicom.dcmread(final).PatientName != pydicom.dcmread(source).PatientName
     assert api.verify(state_dir=site.state).ok
+
+
+def test_apply_refuses_once_xnats_site_script_changed_since_the_plan(site):
+    use(site, "site")
+    api.plan(site.manifest, state_dir=site.state, now=NOW)
+    site.xnat.anonymize_site_script = DEFAULT_ANON_SCRIPT + "-(0010,0040)\n"
+    with pytest.raises(StalePlanError, match="site anonymisation script .* changed since the plan"):
+        api.apply(state_dir=site.state, poll=0.05)
+    assert staged_files(site) == {} and not (site.prearchive / ".xnatmigrate-staging").exists()

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -171,6 +172,7 @@ class _Runner:
         applied = {a for a, st in known.items() if st is SessionState.APPLIED}
         limits = grouping.Limits.from_settings()
         try:
+            self.check_site_script(applied)
             for group in grouping.groups(self.plan.sessions, limits):
                 results: list[SessionResult] = []
                 items: list[_Item] = []
@@ -355,6 +357,23 @@ class _Runner:
                     self.withdraw(s, it.res, it.staging, it.final, got)
                 else:
                     self.record(it.res, Step.INSERT, got, {"timestamp": s.timestamp, "project": s.project})
+
+    def check_site_script(self, applied: set[str]) -> None:
+        """The plan pinned XNAT's site script: refuse to apply it once XNAT's differs (the files would
+        not be what XNAT's receiver makes of them now). Asked only while a session still needs it."""
+        pinned = next((sc for sc in self.plan.scripts if sc.name == anonymize.SITE_SCRIPT_NAME), None)
+        if pinned is None or not any(
+            isinstance(s, PrearchiveSession) and anonymize.SITE_SCRIPT_NAME in s.anonymize
+            for s in self.plan.sessions
+            if s.action_id not in applied
+        ):
+            return
+        text = self.client().site_anonymization_script()
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != pinned.sha256:
+            raise StalePlanError(
+                "XNAT's site anonymisation script (GET /xapi/anonymize/site) changed since the plan; "
+                "re-run `xnatmigrate plan` and review what the new script does"
+            )
 
     def editors(self, sessions: list[PrearchiveSession]) -> dict[str, files.Editor]:
         """The de-identification of each session with ``anonymize`` scripts (anonymize.edit_bytes with
