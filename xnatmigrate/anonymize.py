@@ -141,10 +141,7 @@ def preview(
 
 
 def _changed(values: Mapping[str, str], ds: Dataset, tag: int) -> bool:
-    before = values.get(_NAMING_TAGS[tag])
-    elem = ds.get(tag)
-    after = None if elem is None or elem.value is None else str(elem.value)
-    return before != after
+    return values.get(_NAMING_TAGS[tag]) != _text(ds, tag)
 
 
 def edit_bytes(
