@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,27 @@ def render_statement(template: str, **context: Any) -> Statement:
     if len(stmts) != 1:
         raise XnatMigrateError(f"SQL template {template} renders {len(stmts)} statements, not 1 (bug)")
     return stmts[0]
+
+
+def batched(parts: Sequence[Sequence[Statement]]) -> Statement:
+    """Several renders' statements sent as one text, in order: one round trip for them all.
+
+    Each part's values are renamed apart (``name__k``), so the text printed for review
+    (``to_sql_text``) is the parts' own texts, each as printed alone, joined by a blank line. The
+    driver returns the result (and row count) of the last statement only: for statements whose results
+    nobody reads (advisory locks, guarded INSERTs whose effect is read back afterwards).
+    """
+    sqls: list[str] = []
+    params: dict[str, Any] = {}
+    for k, part in enumerate(parts):
+        texts = []
+        for st in part:
+            texts.append(_PLACEHOLDER.sub(f"%(\\1__{k})s", st.sql))
+            params.update({f"{name}__{k}": v for name, v in st.params.items()})
+        sqls.append("\n".join(texts))
+    if not sqls:
+        raise XnatMigrateError("no statements to send (bug)")
+    return Statement(parts[-1][-1].name, "\n\n".join(sqls), params)
 
 
 def literal(value: Any) -> str:

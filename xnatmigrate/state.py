@@ -163,6 +163,9 @@ class StateView:
         return self._store.sessions()
 
 
+_INSERT_STEP = "INSERT INTO steps (action_id, step, outcome, detail, at) VALUES (?, ?, ?, ?, ?)"
+
+
 class StateStore:
     """The SQLite ledger in ``<state_dir>/state.db``."""
 
@@ -175,6 +178,7 @@ class StateStore:
             )
         self._lock_fd: int | None = None
         self._grouped = False
+        self._steps: list[tuple[str, str, str, str | None, str]] = []  # records of a group, not yet written
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
@@ -279,8 +283,12 @@ class StateStore:
             conn.execute("ALTER TABLE scan_cache ADD COLUMN head_digest TEXT")
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One committed transaction (the unit of durability); inside ``group`` a savepoint of it."""
+    def tx(self, *, single: bool = False) -> Iterator[sqlite3.Connection]:
+        """One committed transaction (the unit of durability); inside ``group`` a savepoint of it, or,
+        for a record that is one statement (``single``: atomic on its own), just that statement."""
+        if self._grouped and single:
+            yield self.conn
+            return
         if self._grouped:
             # Atomic on its own (a failed record leaves no half of itself), durable with the group.
             self.conn.execute("SAVEPOINT record")
@@ -319,13 +327,16 @@ class StateStore:
         self._grouped = True
         try:
             yield
+            self._write_steps()
         except (sqlite3.Error, StateError):
             self._grouped = False
+            self._steps = []
             with contextlib.suppress(sqlite3.Error, StateError):
                 self.conn.execute("ROLLBACK")
             raise
         except BaseException:
             self._grouped = False
+            self._write_steps()
             self.conn.execute("COMMIT")
             raise
         self._grouped = False
@@ -334,6 +345,7 @@ class StateStore:
     def commit(self) -> None:
         """Inside ``group``: make the records so far durable now; the group goes on. Else nothing to do."""
         if self._grouped:
+            self._write_steps()
             self.conn.execute("COMMIT")
             self.conn.execute("BEGIN IMMEDIATE")
 
@@ -577,7 +589,7 @@ class StateStore:
         return (row[0], row[1]) if row else (None, None)
 
     def set_session_status(self, action_id: str, status: SessionState) -> None:
-        with self.tx():
+        with self.tx(single=True):
             self.conn.execute(
                 "UPDATE sessions SET status=?, updated=? WHERE action_id=?", (status, now_iso(), action_id)
             )
@@ -626,21 +638,30 @@ class StateStore:
     def record_step(
         self, action_id: str, step: Step, outcome: Outcome = Outcome.DONE, detail: Any = None
     ) -> None:
-        """Append one ledger entry."""
+        """Append one ledger entry. Inside ``group`` it is written with the group's others in one
+        statement when the group commits (``commit``, the end of ``group``) or a read of the ledger
+        comes first: durable at the same moment as if written at once."""
+        entry = (
+            action_id,
+            str(step),
+            str(outcome),
+            json_text(detail) if detail is not None else None,
+            now_iso(),
+        )
+        if self._grouped:
+            self._steps.append(entry)
+            return
         with self.tx():
-            self.conn.execute(
-                "INSERT INTO steps (action_id, step, outcome, detail, at) VALUES (?, ?, ?, ?, ?)",
-                (
-                    action_id,
-                    step,
-                    outcome,
-                    json_text(detail) if detail is not None else None,
-                    now_iso(),
-                ),
-            )
+            self.conn.execute(_INSERT_STEP, entry)
+
+    def _write_steps(self) -> None:
+        if self._steps:
+            entries, self._steps = self._steps, []
+            self.conn.executemany(_INSERT_STEP, entries)
 
     def steps_done(self, action_id: str) -> set[Step]:
         """Steps whose latest record is done or noop (a later ``reverted`` record undoes them)."""
+        self._write_steps()
         latest: dict[str, str] = {}
         for step, outcome in self.conn.execute(
             "SELECT step, outcome FROM steps WHERE action_id=? ORDER BY id", (action_id,)
@@ -649,6 +670,7 @@ class StateStore:
         return {Step(s) for s, o in latest.items() if o in (Outcome.DONE, Outcome.NOOP)}
 
     def step_detail(self, action_id: str, step: Step) -> Any:
+        self._write_steps()
         row = self.conn.execute(
             "SELECT detail FROM steps WHERE action_id=? AND step=? AND outcome IN (?, ?) "
             "ORDER BY id DESC LIMIT 1",
@@ -657,6 +679,7 @@ class StateStore:
         return json.loads(row[0]) if row and row[0] else None
 
     def history(self, action_id: str) -> list[tuple[Step, Outcome, Any, str]]:
+        self._write_steps()
         return [
             (Step(step), Outcome(outcome), json.loads(detail) if detail else None, at)
             for step, outcome, detail, at in self.conn.execute(

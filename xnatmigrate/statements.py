@@ -37,9 +37,16 @@ def insert_session(session: PrearchiveSession) -> list[Statement]:
     )
 
 
-def preflight_insert(session: PrearchiveSession) -> Statement:
-    """Can the row be inserted, is it there already, and does another session of the study stand in its way."""
-    return render_statement("prearchive_preflight.sql.j2", row=dict(session.row))
+def preflight_inserts(sessions: Sequence[PrearchiveSession]) -> Statement:
+    """Per session (a result row each, by index): can its row be inserted, is it there already, and
+    does another session of the study stand in its way. One statement for a whole group."""
+    return render_statement("prearchive_preflight.sql.j2", rows=[dict(s.row) for s in sessions])
+
+
+def inserted_rows(sessions: Sequence[PrearchiveSession]) -> Statement:
+    """Inside the transaction of the group's INSERTs: per session (by index), is its row there and did
+    this transaction write it."""
+    return render_statement("prearchive_inserted.sql.j2", rows=[dict(s.row) for s in sessions])
 
 
 def table_profile() -> Statement:

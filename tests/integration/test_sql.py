@@ -85,6 +85,37 @@ def test_guard_refuses_merging_into_another_session_of_the_study(pg_dsn):
     assert len(rows(pg_dsn.dsn)) == 1
 
 
+def test_a_group_of_rows_in_one_round_trip_reports_each_sessions_own_outcome(pg_dsn):
+    """insert_rows sends the group's locks and INSERTs as one text, then reads back per session what
+    they did: one inserted now, one there before (ours), one held back by another session of its study;
+    the preflight of the same group answers per session in one statement too."""
+    p = plan_for({"PatientName": "O'Brien"}, n=4)
+    old, new, blocked, fourth = p.sessions[:4]
+    with db.connect(pg_dsn.dsn) as conn:
+        assert db.insert_row(conn, old) == "done"
+    with psycopg2.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url) "
+            "VALUES ('prj001', '20200101_000000000', %s, %s, %s, 'READY', '/x')",
+            (blocked.session, blocked.row["name"], blocked.study_uid),
+        )
+    group = [new, old, blocked, fourth]
+    with db.connect(pg_dsn.dsn) as conn:
+        checked = db.check_insertable_many(conn, group)
+        assert checked[:2] == [False, True]
+        assert isinstance(checked[2], SessionConflict) and checked[3] is False
+        got = db.insert_rows(conn, group)
+    assert got[0] == "done" and got[1] == "noop" and got[3] == "done"
+    assert isinstance(got[2], SessionConflict) and blocked.study_uid in str(got[2])
+    assert sorted(r[2] for r in rows(pg_dsn.dsn)) == sorted(
+        [old.session, new.session, blocked.session, fourth.session]
+    )
+    with db.connect(pg_dsn.dsn) as conn:  # again: every row is ours now, nothing written twice
+        again = db.insert_rows(conn, group)
+    assert again[0] == again[1] == again[3] == "noop" and isinstance(again[2], SessionConflict)
+    assert len(rows(pg_dsn.dsn)) == 4
+
+
 def test_unassigned_guard_holds_without_the_unique_constraint(pg_dsn):
     m = manifest(src(project=None))
     p = build_plan(m, [(0, header("/src/a"))], [], FakeState(), XnatFacts(), datetime(2024, 1, 1))

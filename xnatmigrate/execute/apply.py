@@ -14,6 +14,12 @@ Invariants:
   for its rows, one send over shared associations, and one ledger commit per phase. Every check is
   still per session, so a kill -9 anywhere in a group equals an uninterrupted run; the ledger is
   committed before the first publish (the files record) and before each archive POST (not idempotent).
+- Staging ahead (issue 13): a prearchive group's files are staged on a background thread while the
+  main thread publishes, inserts and builds the group before it, one group ahead at most. That thread
+  does file work only; every check before it and every record after it is the main thread's, so the
+  ledger's order per session is unchanged. The group's rows are checked in one statement and
+  inserted in one round trip (each session's lock and guarded INSERT as plan.sql prints them), then
+  read back in one statement to tell each session's outcome.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -139,6 +146,9 @@ class _Runner:
         self.connections = Connections(plan.xnat)
         self.total_files = sum(s.file_count for s in plan.sessions)
         self.done_files = 0
+        self.ahead: list[_Ahead] = []  # stagings in flight (their files count in the progress)
+        self.unpruned: list[Path] = []  # published sessions' staging folders whose parents are left
+        self.shown = threading.RLock()  # progress and its counts, shared with the staging thread
         self.crash = _Crash(os.environ.get(_CRASH_ENV))
 
     # -- shared resources, opened lazily so a finished plan touches nothing ----------------------
@@ -158,59 +168,124 @@ class _Runner:
         self.crash.hit("after", step)
 
     def advance(self, n: int) -> None:
-        self.done_files += n
-        if self.opts.progress:
-            self.opts.progress(self.done_files, self.total_files)
+        with self.shown:
+            self.done_files += n
+        self.show()
+
+    def show(self) -> None:
+        """Progress: files finished, those of a staging running ahead included (any thread may call)."""
+        with self.shown:
+            done = self.done_files + sum(a.done for a in self.ahead)
+            self.crash.files(done)
+            if self.opts.progress:
+                self.opts.progress(done, self.total_files)
 
     # -- per session ------------------------------------------------------------------------------
 
     def run(self) -> ApplyReport:
+        """Every group in plan order. A prearchive group's staging runs ahead on a background thread
+        (``_Ahead``) while the main thread finishes the group before it (publish, insert, build): one
+        group ahead at most, and every check and record stays on the main thread, in the order a run
+        without it makes them."""
         report = ApplyReport(self.plan.plan_id)
         started = time.monotonic()
         self.store.begin_plan(self.plan.plan_id)
         known = {s.action_id: s.status for s in self.store.sessions()}
         applied = {a for a, st in known.items() if st is SessionState.APPLIED}
         limits = grouping.Limits.from_settings()
+        begun: list[_Group] = []  # begun, not yet finished: at most two, the older one finishing
         try:
             self.check_site_script(applied)
-            for group in grouping.groups(self.plan.sessions, limits):
-                results: list[SessionResult] = []
-                items: list[_Item] = []
-                for s in group:
-                    # files/bytes count what this run copied, linked or sent, not what the plan holds.
-                    res = SessionResult(s.action_id, s.label, Result.NOOP)
-                    report.sessions.append(res)
-                    results.append(res)
-                    if report.stopped:
-                        res.outcome, res.message = Result.SKIPPED, "not attempted: the run stopped earlier"
-                    elif s.action_id in applied:
-                        res.message = "already applied"
-                        self.advance(s.file_count)
-                    else:
-                        items.append(_Item(s, res, resumed=s.action_id in known))
-                try:
-                    if items:
-                        # Group commit: the ledger commits once per phase of the group, not per step.
-                        with self.store.group():
-                            self.run_group(items, report)
-                finally:
-                    if self.opts.on_session:
-                        for res in results:
-                            self.opts.on_session(res)
+            for sessions in grouping.groups(self.plan.sessions, limits):
+                g = self.open_group(sessions, report, known, applied)
+                if begun and begun[-1].ahead is not None:
+                    begun[-1].ahead.wait()  # one group ahead at most: its staging is over before ours starts
+                if g.items and isinstance(g.items[0].s, PrearchiveSession):
+                    with self.store.group():
+                        self.begin(g, report)
+                    begun.append(g)
+                    if len(begun) > 1:
+                        self.finish(begun[0], report)  # overlaps g's staging
+                        begun.pop(0)
+                else:
+                    while begun:
+                        self.finish(begun[0], report)
+                        begun.pop(0)
+                    self.finish(g, report)
+            while begun:
+                self.finish(begun[0], report)
+                begun.pop(0)
         finally:
+            # Stopped by an exception (Ctrl-C): staging ahead stops, its files stay for a rerun.
+            for g in begun:
+                if g.ahead is not None:
+                    g.ahead.stop()
+            for path in self.unpruned:
+                files.prune_staging_parents(path)
             self.connections.close()
             report.seconds = time.monotonic() - started
         return report
 
-    def run_group(self, items: list[_Item], report: ApplyReport) -> None:
-        """Each phase for every session of the group, then each session's remaining steps in turn."""
+    def open_group(
+        self,
+        sessions: list[PlannedSession],
+        report: ApplyReport,
+        known: dict[str, SessionState],
+        applied: set[str],
+    ) -> _Group:
+        """The group's results, and an item for each session this run still has to carry out."""
+        g = _Group()
+        for s in sessions:
+            # files/bytes count what this run copied, linked or sent, not what the plan holds.
+            res = SessionResult(s.action_id, s.label, Result.NOOP)
+            report.sessions.append(res)
+            g.results.append(res)
+            if report.stopped:
+                res.outcome, res.message = Result.SKIPPED, "not attempted: the run stopped earlier"
+            elif s.action_id in applied:
+                res.message = "already applied"
+                self.advance(s.file_count)
+            else:
+                g.items.append(_Item(s, res, resumed=s.action_id in known))
+        return g
+
+    def register(self, items: list[_Item], report: ApplyReport) -> None:
         for it in items:
             with self.attempt(it, report):
                 self.store.register_session(self.plan.plan_id, it.s, self.plan.xnat)
                 it.done = self.store.steps_done(it.s.action_id)
+
+    def begin(self, g: _Group, report: ApplyReport) -> None:
+        """A prearchive group up to its staging, which starts in the background."""
+        self.register(g.items, report)
+        g.stage = self.prearchive_prestage(g.items, report)
+        if g.stage:
+            g.ahead = self.stage_start(g.stage)
+        g.begun = True
+
+    def finish(self, g: _Group, report: ApplyReport) -> None:
+        """The rest of a group: each phase for every session, then each session's remaining steps."""
+        try:
+            if g.items:
+                # Group commit: the ledger commits once per phase of the group, not per step.
+                with self.store.group():
+                    self.run_group(g, report)
+        finally:
+            if self.opts.on_session:
+                for res in g.results:
+                    self.opts.on_session(res)
+
+    def run_group(self, g: _Group, report: ApplyReport) -> None:
+        """Each phase for every session of the group, then each session's remaining steps in turn."""
+        items = g.items
+        if not g.begun:
+            self.register(items, report)
         match items[0].s:
             case PrearchiveSession():
-                self.prearchive_group(items, report)
+                if not g.begun:
+                    g.stage = self.prearchive_prestage(items, report)
+                    g.ahead = self.stage_start(g.stage) if g.stage else None
+                self.prearchive_group(g, report)
             case CstoreSession():
                 self.cstore_group(items, report)
             case InboxSession():
@@ -264,13 +339,8 @@ class _Runner:
 
     # -- the prearchive route, a group at a time --------------------------------------------------
 
-    def prearchive_group(self, items: list[_Item], report: ApplyReport) -> None:
-        """Stage → (one barrier) → publish → (one fsync round) → insert (one transaction), per group.
-
-        Each phase checks before it acts, per session, exactly as for a group of one; only the
-        durability is shared. Records made before the first publish are committed before it: the
-        files record must exist for every published folder.
-        """
+    def prearchive_prestage(self, items: list[_Item], report: ApplyReport) -> list[_Item]:
+        """The group's sessions that need staging (checked per session: published or staged already)."""
         root = self.plan.xnat.prearchive
         assert root, "planner guarantees a prearchive root for prearchive sessions"
         to_stage: list[_Item] = []
@@ -289,10 +359,19 @@ class _Runner:
                 elif Step.STAGE in it.done and it.staging.exists():
                     self.advance(s.file_count)
                 else:
-                    files.check_sources(s)
-                    to_stage.append(it)
-        if to_stage:
-            self.stage_group(to_stage, report)
+                    to_stage.append(it)  # its sources are checked where it is staged (files.stage_batch)
+        return to_stage
+
+    def prearchive_group(self, g: _Group, report: ApplyReport) -> None:
+        """Stage → (one barrier) → publish → (one fsync round) → insert (one transaction), per group.
+
+        Each phase checks before it acts, per session, exactly as for a group of one; only the
+        durability is shared. Records made before the first publish are committed before it: the
+        files record must exist for every published folder.
+        """
+        items = g.items
+        if g.ahead is not None:
+            self.stage_record(g.stage, g.ahead, report)
         self.store.commit()
 
         # 2. publish — one atomic rename each into XNAT's view, only once the row is known to be
@@ -322,7 +401,7 @@ class _Runner:
                 answer = checked.get(id(it))
                 if isinstance(answer, XnatMigrateError):
                     raise answer
-                published.append((it, files.publish(it.staging, it.final, pending)))
+                published.append((it, files.publish(it.staging, it.final, pending, prune=False)))
                 it.visible = True
         try:
             files.fsync_dirs(pending)
@@ -337,6 +416,10 @@ class _Runner:
             return
         for it, outcome in published:
             self.record(it.res, Step.PUBLISH, outcome, {"path": str(it.final)})
+        # Their emptied staging parents are removed later, off the main thread (stage_start): they are
+        # each session's own, and nothing of this run creates anything in them again (a withdrawn
+        # session's folder makes them non-empty, and rmdir leaves a non-empty folder alone).
+        self.unpruned.extend(it.staging for it, _ in published)
 
         # 3. insert — guarded INSERTs in one transaction; "noop" for a row already ours. A session
         # whose row is not written goes back out of XNAT's view: no folder stands there without its row.
@@ -400,42 +483,69 @@ class _Runner:
 
     def stage_group(self, group: list[_Item], report: ApplyReport) -> None:
         """Stage the group's sessions in one worker pool behind one durability barrier; record each."""
-        before = self.done_files
+        self.stage_record(group, self.stage_start(group), report)
 
-        def prog(d: int, _t: int) -> None:
-            self.done_files = before + d
-            self.crash.files(self.done_files)
-            if self.opts.progress:
-                self.opts.progress(self.done_files, self.total_files)
+    def stage_start(self, group: list[_Item]) -> _Ahead:
+        """The group's files staged on a background thread (``files.stage_batch``: one pool, one barrier)."""
+        batch = [(_staged(it), it.staging, _staged(it).transfer) for it in group]
+        editors = self.editors([it.s for it in group if isinstance(it.s, PrearchiveSession)])
+        jobs = self.opts.jobs or files.DEFAULT_JOBS
+        prune, self.unpruned = self.unpruned, []  # staging parents of sessions published before
 
-        try:
-            results = files.stage_batch(
-                [(_staged(it), it.staging, _staged(it).transfer) for it in group],
-                jobs=self.opts.jobs or files.DEFAULT_JOBS,
+        keywords = self.plan.scan_keywords
+
+        def stage(cancel: threading.Event, progress: Progress) -> list[_StagedSession]:
+            out = files.stage_batch(
+                batch,
+                jobs=jobs,
                 file_mode=self.plan.xnat.file_mode,
                 file_owner=self.plan.xnat.file_owner,
-                progress=prog,
-                editors=self.editors([it.s for it in group if isinstance(it.s, PrearchiveSession)]),
+                progress=progress,
+                editors=editors,
+                cancel=cancel,
+                prune=prune,
             )
+            # The headers about to reach XNAT re-read here too, off the main thread. An edited file no
+            # longer holds the header planned: its source's bytes are checked (bound to the plan by
+            # stat before and after they were read), as for C-STORE.
+            done: list[_StagedSession] = []
+            for it, staged in zip(group, out, strict=True):
+                if isinstance(staged, XnatMigrateError):
+                    done.append((staged, []))
+                    continue
+                s = _staged(it)
+                edited = isinstance(s, PrearchiveSession) and bool(s.anonymize)
+                pairs = [(f, f.source if edited else str(it.staging / f.dest)) for f in s.files]
+                try:
+                    done.append((staged, recheck.changed(pairs, keywords)))
+                except XnatMigrateError as exc:
+                    done.append((exc, []))
+            return done
+
+        ahead = _Ahead(stage, sum(it.s.file_count for it in group), self.show)
+        with self.shown:
+            self.ahead.append(ahead)
+        ahead.start()
+        return ahead
+
+    def stage_record(self, group: list[_Item], ahead: _Ahead, report: ApplyReport) -> None:
+        """The staging's outcome per session, checked and recorded (main thread: the ledger's one writer)."""
+        try:
+            results = ahead.result()
         except XnatMigrateError as exc:
             for it in group:
                 self.fail(it, exc, report)
             return
         finally:
-            self.done_files = before + sum(it.s.file_count for it in group)
-        for it, staged in zip(group, results, strict=True):
+            with self.shown:
+                self.ahead.remove(ahead)
+                self.done_files += ahead.files
+        for it, (staged, changed) in zip(group, results, strict=True):
             s = _staged(it)
             with self.attempt(it, report):
                 if isinstance(staged, XnatMigrateError):
                     raise staged
-                edited = isinstance(s, PrearchiveSession) and bool(s.anonymize)
-                # An edited file no longer holds the header planned: its source's bytes are checked
-                # (bound to the plan by stat before and after they were read), as for C-STORE.
-                self.recheck_headers(
-                    [(f, f.source if edited else str(it.staging / f.dest)) for f in s.files],
-                    s,
-                    it.staging,
-                )
+                self.refuse_changed(changed, s, it.staging)
                 self.store.record_files(s.action_id, [(f.dest, f.source, f.size, f.sha256) for f in staged])
                 size = sum(f.size for f in staged)
                 it.res.files, it.res.bytes = len(staged), size
@@ -454,7 +564,10 @@ class _Runner:
     ) -> None:
         """The headers about to reach XNAT are the ones planned; else that session fails, nothing sent or
         published (and what was staged is removed: it must never be reused)."""
-        bad = recheck.changed(pairs, self.plan.scan_keywords)
+        self.refuse_changed(recheck.changed(pairs, self.plan.scan_keywords), s, staging)
+
+    def refuse_changed(self, bad: list[str], s: PlannedSession, staging: Path | None) -> None:
+        """``recheck_headers`` once the headers were re-read: ``bad`` says what changed."""
         if not bad:
             return
         if staging is not None:
@@ -674,8 +787,7 @@ class _Runner:
                     it.done |= {Step.STAGE, Step.IMPORT}
                     self.advance(s.file_count)
                     continue
-                files.check_sources(s)
-                to_stage.append(it)
+                to_stage.append(it)  # its sources are checked where it is staged (files.stage_batch)
         if to_stage:
             self.stage_group(to_stage, report)
         # Every stage record is durable before the first request: a rerun must never stage again what
@@ -879,6 +991,71 @@ class _Runner:
             located = {"timestamp": row["timestamp"], "folder": row["folderName"]}
             self.record(res, Step.LOCATE, Outcome.DONE, located)
         self.build_and_archive(s, res, done, s.project, located["timestamp"], located["folder"])
+
+
+#: Per staged session: its files (or the error it met), and what the re-read of its headers found changed.
+_StagedSession = tuple[list[files.StagedFile] | XnatMigrateError, list[str]]
+
+
+class _Ahead:
+    """One group's staging on a background thread, so that disk and CPUs stay busy while the main
+    thread does the per-session work of the group before it (publish, insert, build).
+
+    Invariant: only file work runs there (``files.stage_batch``); what it returns, or raises, reaches
+    the main thread through ``result()``, which records it. A crash meanwhile leaves unrecorded staging
+    folders, which a rerun re-checks file by file as after a crash inside any staging.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[threading.Event, Progress], list[_StagedSession]],
+        count: int,
+        show: Callable[[], None],
+    ) -> None:
+        self.files, self.done = count, 0  # files to stage, files staged so far
+        self._fn, self._show = fn, show
+        self._cancel = threading.Event()
+        self._out: list[_StagedSession] = []
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="stage-ahead", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._out = self._fn(self._cancel, self._progress)
+        except BaseException as exc:  # raised again in the main thread by result()
+            self._exc = exc
+
+    def _progress(self, done: int, _total: int) -> None:
+        self.done = done
+        self._show()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> list[_StagedSession]:
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
+        return self._out
+
+    def stop(self) -> None:
+        """Hand out no more files, let those in flight finish, and wait (the result is discarded)."""
+        self._cancel.set()
+        self._thread.join()
+
+
+@dataclass
+class _Group:
+    """A group's sessions on their way: results for the report, items still to carry out."""
+
+    results: list[SessionResult] = field(default_factory=list)
+    items: list[_Item] = field(default_factory=list)
+    begun: bool = False  # registered and checked, its staging (if any) started: begin()
+    stage: list[_Item] = field(default_factory=list)  # the items being staged
+    ahead: _Ahead | None = None
 
 
 @dataclass

@@ -22,7 +22,7 @@ import psycopg2.extras
 from .. import statements, xnat_table
 from ..errors import DatabaseError, SessionConflict, XnatMigrateError
 from ..model import DatabaseTarget, ExistingRow, Outcome, PrearchiveSession
-from ..render import Statement
+from ..render import Statement, batched
 from . import settings
 
 Connection: TypeAlias = psycopg2.extensions.connection
@@ -204,29 +204,29 @@ def insert_rows(conn: Connection, sessions: Sequence[PrearchiveSession]) -> list
         range(len(sessions)),
         key=lambda i: statements.lock_key(sessions[i].project, sessions[i].timestamp, sessions[i].session),
     )
-    out: list[Outcome | SessionConflict | None] = [None] * len(sessions)
     try:
         with conn, conn.cursor() as cur:
-            for i in keyed:
-                out[i] = _insert_one(cur, sessions[i])
+            # Every lock and guarded INSERT of the group in one round trip, then one read-back of what
+            # they did: per session, written now (done), there before (ours: noop) or held back by guard 2.
+            execute(cur, batched([statements.insert_session(sessions[i]) for i in keyed]))
+            execute(cur, statements.inserted_rows(sessions))
+            found: dict[int, tuple[bool, bool]] = {}
+            for i, present, inserted in cur.fetchall():  # a row each; more where duplicates stand (1.7)
+                was = found.get(int(i), (False, False))
+                found[int(i)] = (was[0] or bool(present), was[1] or bool(inserted))
     except psycopg2.OperationalError as exc:
         what = sessions[0].prearchive_uri + (f" and {len(sessions) - 1} more" if len(sessions) > 1 else "")
         raise DatabaseError(
             f"the database connection failed while inserting {what}: "
             f"{str(exc).strip().splitlines()[0]}; rerun when it is back (the step resumes)"
         ) from None
-    return [o for o in out if o is not None]
+    return [_outcome(s, *found.get(i, (False, False))) for i, s in enumerate(sessions)]
 
 
-def _insert_one(cur: Cursor, session: PrearchiveSession) -> Outcome | SessionConflict:
-    inserted = 0
-    for stmt in statements.insert_session(session):
-        execute(cur, stmt)
-        if "INSERT INTO" in stmt.sql:
-            inserted = cur.rowcount
-    if inserted == 1:
+def _outcome(session: PrearchiveSession, present: bool, inserted: bool) -> Outcome | SessionConflict:
+    if inserted:
         return Outcome.DONE
-    if fetch_row(cur, session.project, session.timestamp, session.session) is not None:
+    if present:
         return Outcome.NOOP
     return SessionConflict(
         f"XNAT's prearchive gained another session of study {session.study_uid} as "
@@ -256,13 +256,13 @@ def check_insertable_many(
     a timeout) is every session's answer: none of them was checked.
     """
     out: list[bool | XnatMigrateError] = []
+    if not sessions:
+        return out
     try:
         with conn, conn.cursor() as cur:
-            for session in sessions:
-                execute(cur, statements.preflight_insert(session))
-                found = cur.fetchone()
-                assert found is not None
-                out.append(_insertable(session, *found))
+            execute(cur, statements.preflight_inserts(sessions))
+            found = {int(r[0]): r[1:] for r in cur.fetchall()}
+            out = [_insertable(session, *found[i]) for i, session in enumerate(sessions)]
     except DatabaseError as exc:
         return [exc] * len(sessions)
     except psycopg2.OperationalError as exc:  # the COMMIT itself

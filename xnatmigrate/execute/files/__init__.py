@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from .digest import recorded_differences, sha256_file
 from .disk import DiskError, free_bytes, same_filesystem
-from .paths import PART_SUFFIX, STAGING_DIRNAME, final_dir, staging_dir
+from .paths import PART_SUFFIX, STAGING_DIRNAME, final_dir, prune_staging_parents, staging_dir
 from .publishing import discard_staged, fsync_dirs, publish, unpublish
 from .sources import check_sources, check_sources_of
 from .stage import DEFAULT_JOBS, stage_batch, stage_session
@@ -52,6 +52,7 @@ __all__ = [
     "final_dir",
     "free_bytes",
     "fsync_dirs",
+    "prune_staging_parents",
     "publish",
     "recorded_differences",
     "same_filesystem",

@@ -24,7 +24,7 @@ from .disk import DiskError, current_user, disk_full, fsync_dir, libc, mount_poi
 from .paths import prune_staging_parents, require_staging_path
 
 
-def publish(staging: Path, final: Path, pending: list[Path] | None = None) -> Outcome:
+def publish(staging: Path, final: Path, pending: list[Path] | None = None, *, prune: bool = True) -> Outcome:
     """Move a staged session into XNAT's view with one ``rename()``: done, or noop if it is there.
 
     ``pending``: group commit — the folders to fsync are appended there instead of fsynced now, and
@@ -33,6 +33,9 @@ def publish(staging: Path, final: Path, pending: list[Path] | None = None) -> Ou
 
     Folders created above ``final`` get the owner and mode of the staged session folder (so XNAT's user
     can write its session XML next to it and remove the timestamp folder after archiving).
+
+    ``prune=False`` leaves the emptied staging parents (``<timestamp>/<project>``, this session's own)
+    for the caller to remove later, off its critical path (``prune_staging_parents``).
 
     NOTE: never merges: when both folders exist it raises, and the rename itself refuses to replace an
     existing ``final`` (``renameat2(RENAME_NOREPLACE)`` where the filesystem supports it).
@@ -78,7 +81,8 @@ def publish(staging: Path, final: Path, pending: list[Path] | None = None) -> Ou
         raise ApplyError(
             f"{exc.strerror or exc} while publishing {staging} to {final}: fix it and rerun"
         ) from exc
-    prune_staging_parents(staging)
+    if prune:
+        prune_staging_parents(staging)
     return Outcome.DONE
 
 

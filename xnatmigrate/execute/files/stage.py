@@ -33,8 +33,17 @@ from .disk import (
     source_error,
     syncfs,
 )
-from .paths import PART_SUFFIX, STAGING_DIRNAME, describe, require_staging_path, safe_dests, staging_ancestors
+from .paths import (
+    PART_SUFFIX,
+    STAGING_DIRNAME,
+    describe,
+    prune_staging_parents,
+    require_staging_path,
+    safe_dests,
+    staging_ancestors,
+)
 from .perms import Perms, dir_mode, resolve_owner
+from .sources import check_sources
 from .transfer import Editor, StagedFile, copy_one, edit_one, link_one, reuse, reuse_edited
 
 #: Worker threads per session. bench/copy_compare.py on 2 vCPUs / virtio ext4, 2,000 files, 425 MB, cold
@@ -113,6 +122,9 @@ class _Staging:
         self.existing: set[str] = set()
         self.results: dict[str, StagedFile] = {}
         self.error: XnatMigrateError | None = None
+        self.prepared = False  # its folders are made (prepare)
+        self.is_ready = False  # ready() ran
+        self.lock = threading.Lock()
 
     def prepare(self) -> None:
         """Clean leftovers and make the folders (mkdir is cheap; the files come in the shared pool)."""
@@ -123,9 +135,27 @@ class _Staging:
                 path = os.path.join(self.staging, d) if d else str(self.staging)
                 os.makedirs(path, exist_ok=True)
                 self.perms.apply_path(path, is_dir=True)
+            self.prepared = True
         except OSError as exc:
             path = exc.filename or str(self.staging)
             raise dest_error(exc, path, self.session, self.staging, self.planned.values()) from exc
+
+    def ready(self) -> None:
+        """Once, by whichever thread comes first: every source still the file planned (else this
+        session's error, before anything of it is written), then ``prepare``."""
+        if self.is_ready:
+            return
+        with self.lock:
+            if self.is_ready:
+                return
+            try:
+                check_sources(self.session)
+            except XnatMigrateError as exc:
+                self.error = exc
+            else:
+                self.prepare()
+            finally:
+                self.is_ready = True
 
     def need(self) -> int:
         if self.transfer is not Transfer.COPY:
@@ -150,11 +180,14 @@ def stage_batch(
     progress: Progress | None = None,
     fsync_each: bool = False,
     editors: Mapping[str, Editor] | None = None,
+    cancel: threading.Event | None = None,
+    prune: Sequence[Path] = (),
 ) -> list[list[StagedFile] | XnatMigrateError]:
     """Stage several sessions as one group: one worker pool for all their files, one durability barrier.
 
     Per session, in batch order: its StagedFiles in plan order, or the error that session met (a source
-    vanished or changed, an unreadable source). The barrier is one ``syncfs`` of the staging filesystem
+    vanished or changed, checked for the whole session before any of its files is written; an
+    unreadable source). The barrier is one ``syncfs`` of the staging filesystem
     (its journal commit covers the new folders and renames; the folders are fsynced one by one only
     when nothing was written, or with ``fsync_each``): on return every
     session returned as staged is durable, as ``stage_session`` promises for one. Small sessions (X-ray
@@ -163,24 +196,42 @@ def stage_batch(
     ``editors`` maps a session's action_id to its de-identification: its files are read, edited and
     written (``transfer.edit_one``) instead of copied; an edit that fails fails that session only.
 
+    ``cancel`` (set by another thread: the batch runs in the background while the caller finishes the
+    group before it) stops handing out files; those in flight finish, what was written is made durable,
+    and ApplyError is raised: the staging folders are left for the rerun to re-check, as after a crash.
+
+    ``prune``: staging folders of sessions published earlier, whose emptied parents are removed
+    (``prune_staging_parents``) on a thread of their own while the batch is staged.
+
     Raises (for the whole batch) DiskError when the filesystem is full, read-only or not writable — every
     later session would fail alike — and the first other destination error, after making durable what
     was finished (kept for the rerun).
     """
     perms = Perms(file_mode, dir_mode(file_mode), resolve_owner(file_owner), file_owner)
-    items: list[_Staging] = []
-    for session, staging, transfer in batch:
-        item = _Staging(session, Path(staging), transfer, perms)
-        items.append(item)
-        item.prepare()
+    items = [_Staging(session, Path(staging), transfer, perms) for session, staging, transfer in batch]
+    # A session staged before (a rerun) is checked and cleaned now, so that the space check below knows
+    # what it holds; a new one when a worker first takes one of its files (``_Staging.ready``), so the
+    # stat of every source (each waits for the disk on a cold cache) overlaps the copying of others.
+    for item in items:
+        if os.path.lexists(item.staging):
+            item.ready()
 
     # Check early rather than fill XNAT's disk to the last byte (XNAT shares it) and fail halfway.
-    copying = [i for i in items if i.transfer is Transfer.COPY]
+    copying = [i for i in items if i.transfer is Transfer.COPY and i.error is None]
     if copying:
         need, have = sum(i.need() for i in copying), free_bytes(copying[0].staging)
         if need > have:
             more = f" and {len(items) - 1} more session(s)" if len(items) > 1 else ""
             raise disk_full(copying[0].staging, describe(copying[0].session) + more, need - have)
+
+    # Emptied parents of sessions published earlier go meanwhile, on a thread of their own.
+    def prune_all() -> None:
+        for path in prune:
+            prune_staging_parents(path)
+
+    pruner = threading.Thread(target=prune_all, name="stage-prune")
+    if prune:
+        pruner.start()
 
     order = [(i, f) for i in items for f in i.planned.values()]
     written: list[str] = []  # list.append is atomic: workers share it
@@ -188,6 +239,7 @@ def stage_batch(
 
     def work(job: tuple[_Staging, PlannedFile], wbuf: bytearray) -> tuple[_Staging, StagedFile | None]:
         item, f = job
+        item.ready()
         if item.error is not None:
             return item, None  # that session failed already: its other files are not worth the I/O
         dst = os.path.join(item.staging, f.dest)
@@ -220,20 +272,29 @@ def stage_batch(
     failing: _Staging | None = None
     try:
         try:
-            for item, staged in _parallel(order, work, max(1, jobs), buf):
+            for item, staged in _parallel(order, work, max(1, jobs), buf, cancel):
                 if staged is not None:
                     item.results[staged.dest] = staged
                 done += 1
                 if progress:
                     progress(done, len(order))
+            if cancel is not None and cancel.is_set() and done < len(order):
+                raise ApplyError("staging was cancelled: the run is stopping; rerun apply to resume it")
+            for item in items:
+                item.ready()  # a session without files has its folder too
         finally:
+            if prune:
+                pruner.join()
             # Also after a failure: the files finished before it stay for the rerun, so make them durable.
             if written and not fsync_each:
-                _syncfs_or_forget(items[0].staging, written)
+                # (a file was written, so some session's folders exist: its staging names the filesystem)
+                _syncfs_or_forget(next(i.staging for i in items if i.prepared), written)
         # Folder entries (renames, new folders) become durable here: with the syncfs above (which
         # commits the journal holding them) already; else once per folder.
         synced: set[str] = set()
         for item in items if not written or fsync_each else ():
+            if not item.prepared:
+                continue  # refused before its folders were made: nothing of it to make durable
             failing = item
             for d in item.folders():
                 if d not in synced:
@@ -340,22 +401,27 @@ def _parallel(
     fn: Callable[[_Job, bytearray], _Out],
     jobs: int,
     buf: bytearray,
+    cancel: threading.Event | None = None,
 ) -> Iterable[_Out]:
     """Yield ``fn(item)`` results as workers finish them; on the first error stop handing out work, let
-    the files in flight finish (or clean up), then raise that error in the caller's thread."""
+    the files in flight finish (or clean up), then raise that error in the caller's thread. Once
+    ``cancel`` is set no more work is handed out (the caller sees fewer results than items)."""
     if jobs == 1 or len(items) <= 1:
         for item in items:
+            if cancel is not None and cancel.is_set():
+                return
             yield fn(item, buf)
         return
     lock = threading.Lock()
     stop = threading.Event()
+    cancelled = cancel or threading.Event()
     it = iter(items)
     out: queue.SimpleQueue[tuple[_Out | None, BaseException | None]] = queue.SimpleQueue()
 
     def worker() -> None:
         wbuf = bytearray(BUFFER_SIZE)
         try:
-            while not stop.is_set():
+            while not (stop.is_set() or cancelled.is_set()):
                 with lock:
                     item = next(it, None)
                 if item is None:
