@@ -17,7 +17,10 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import contextlib
+from collections.abc import Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +29,7 @@ from ...errors import DicomSendError, ReceiverError
 from ...model import PlannedFile, PresentationContext, ScpTarget
 from . import dimse
 from .association import Association, Lost, Pair, Rejected, Unreachable
-from .part10 import load_payload
+from .part10 import Payload, load_payload
 
 _MAX_BACKOFF = 30.0
 
@@ -109,6 +112,45 @@ def split(items: list[int], n: int) -> list[list[int]]:
     return out
 
 
+#: Files read ahead of the one being sent (each at most ``part10.HEAD_LIMIT`` bytes held: a larger file's
+#: tail is read while it is sent), so that reading the next file overlaps the wait for a response.
+READ_AHEAD = 4
+
+
+def _read_ahead(
+    todo: list[tuple[int, PlannedFile]], opts: Options
+) -> Generator[tuple[int, tuple[int, PlannedFile], Payload | None, Exception | None], None, None]:
+    """(position, item, its payload or None, the error reading it) in ``todo``'s order; each file
+    read on a helper thread up to ``READ_AHEAD`` files before its turn. Closing it stops the reading."""
+
+    def load(item: tuple[int, PlannedFile]) -> Payload:
+        idx, f = item
+        return load_payload(f.source, f.transfer_syntax, opts.tag, opts.line_of(idx))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="cstore-read") as pool:
+        ahead: collections.deque[tuple[int, tuple[int, PlannedFile], Future[Payload]]] = collections.deque()
+        items = iter(enumerate(todo))
+
+        def more() -> None:
+            nxt = next(items, None)
+            if nxt is not None:
+                ahead.append((nxt[0], nxt[1], pool.submit(load, nxt[1])))
+
+        for _ in range(READ_AHEAD):
+            more()
+        try:
+            while ahead:
+                pos, item, fut = ahead.popleft()
+                more()
+                try:
+                    yield pos, item, fut.result(), None
+                except (OSError, DicomSendError) as exc:
+                    yield pos, item, None, exc
+        finally:
+            for _, _, fut in ahead:
+                fut.cancel()
+
+
 def run_tasks(tasks: Sequence[Task], scp: ScpTarget, opts: Options, sink: Sink, stop: Stop) -> None:
     """Send every task; raises DicomSendError only when no association could be made at all."""
     connected = False
@@ -149,17 +191,18 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
                 retry.append(item)
 
         try:
-            with Association(scp, task.pairs, opts.acse_timeout, opts.dimse_timeout) as assoc:
+            with (
+                Association(scp, task.pairs, opts.acse_timeout, opts.dimse_timeout) as assoc,
+                contextlib.closing(_read_ahead(todo, opts)) as loaded,
+            ):
                 connected = True
-                for pos, item in enumerate(todo):
+                for pos, item, payload, error in loaded:
                     if stop.is_set():
                         retry.extend(todo[pos:])
                         break
                     idx, f = item
-                    try:
-                        payload = load_payload(f.source, f.transfer_syntax, opts.tag, opts.line_of(idx))
-                    except (OSError, DicomSendError) as exc:
-                        sink.failed(idx, f"cannot read the file: {getattr(exc, 'strerror', None) or exc}")
+                    if payload is None:
+                        sink.failed(idx, f"cannot read the file: {getattr(error, 'strerror', None) or error}")
                         continue
                     pair = (f.sop_class_uid, payload.transfer_syntax)
                     if pair not in assoc.accepted:
