@@ -170,6 +170,57 @@ def test_ctrl_c_while_waiting_on_a_lock_stops_at_once(site):
     assert took < 20  # bounded by communicate's timeout: the lock would have held it for 60 s
 
 
+def test_ctrl_c_while_the_next_group_stages_ahead_then_rerun_finishes(site):
+    """A group per session: while the first waits on a table lock held elsewhere, the second is staged
+    ahead on the background thread. Ctrl-C stops both at once (exit 130, one line); what was staged
+    ahead is outside XNAT's view and unrecorded, and the rerun finishes every session with no scratch
+    file or staging folder left."""
+    from xnatmigrate.execute import files
+
+    p = plan(site)
+    assert len(p.sessions) >= 2
+    ready, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=hold_table_lock, args=(site.dsn, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        env = {**os.environ, **site.env(), db.LOCK_TIMEOUT_ENV: "120", "XNATMIGRATE_GROUP_SESSIONS": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(site.state)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        second = files.staging_dir(str(site.prearchive), p.sessions[1])
+        deadline = time.monotonic() + 30
+        waiting = 0
+        while time.monotonic() < deadline:
+            with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                (waiting,) = cur.fetchone()
+            conn.close()
+            if waiting and second.is_dir():
+                break
+            time.sleep(0.1)
+        assert waiting, "apply never waited on the lock"
+        assert second.is_dir(), "the second session was not staged ahead while the first waited"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        release.set()
+        holder.join()
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: rerun the same command to resume" in err
+    assert site.rows() == [] and not any(visible(site, s) for s in p.sessions)
+    report = api.apply(state_dir=site.state, poll=0.05)
+    assert not report.failures, [r.message for r in report.sessions]
+    assert len(site.rows()) == len(p.sessions) and all(visible(site, s) for s in p.sessions)
+    staging_root = site.prearchive / files.STAGING_DIRNAME
+    assert list(staging_root.iterdir()) == []
+    assert not [q for q in site.prearchive.rglob("*") if q.name.endswith(files.PART_SUFFIX)]
+
+
 def test_a_hand_edited_plan_is_refused(site, capsys):
     plan(site)
     path = site.state / "plan.json"
