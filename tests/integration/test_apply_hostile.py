@@ -102,6 +102,31 @@ def test_database_down_at_apply_publishes_nothing(site, monkeypatch):
     assert [r.outcome for r in report.sessions] == [Result.FAILED, Result.SKIPPED]
 
 
+def test_database_down_while_the_next_group_was_staged_ahead_then_rerun_finishes(site, monkeypatch):
+    """A group per session: the second session is staged ahead while the first meets the dead database.
+    The run stops; what was staged ahead is recorded (outside XNAT's view, not published), that session
+    is reported not finished, and the rerun with the database back reuses it and finishes both."""
+    from xnatmigrate.execute import files
+
+    p = plan(site)
+    monkeypatch.setenv("XNATMIGRATE_GROUP_SESSIONS", "1")
+    monkeypatch.setenv("XNATMIGRATE_TEST_SITE_DSN", "postgresql://nobody@127.0.0.1:1/none")
+    report = api.apply(state_dir=site.state, poll=0.05)
+    assert report.stopped and "cannot connect to XNAT's database" in report.stopped
+    assert [r.outcome for r in report.sessions] == [Result.FAILED, Result.SKIPPED]
+    assert "not finished" in (report.sessions[1].message or "")
+    assert not any(visible(site, s) for s in p.sessions) and site.rows() == []
+    second = p.sessions[1]
+    with StateStore(site.state) as store:
+        assert Step.STAGE in store.steps_done(second.action_id)  # staged ahead, and recorded
+    assert files.staging_dir(str(site.prearchive), second).is_dir()
+    monkeypatch.setenv("XNATMIGRATE_TEST_SITE_DSN", site.dsn)
+    again = api.apply(state_dir=site.state, poll=0.05)
+    assert not again.failures, [r.message for r in again.sessions]
+    assert len(site.rows()) == 2 and all(visible(site, s) for s in p.sessions)
+    assert list((site.prearchive / files.STAGING_DIRNAME).iterdir()) == []
+
+
 def hold_table_lock(dsn: str, ready: threading.Event, release: threading.Event) -> None:
     conn = psycopg2.connect(dsn)
     try:
