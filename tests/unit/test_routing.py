@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -410,18 +409,20 @@ def test_bad_routing_arguments() -> None:
     assert dicom.send_files([], scp, routing="none", line=None, contexts=[]) == dicom.SendOutcome((), ())
 
 
-def test_read_ahead_keeps_order_reports_each_error_in_place_and_stops_when_closed(monkeypatch) -> None:
-    """The next files are read on a helper thread while one is sent: in the plan's order, an unreadable
-    file reported at its own turn, and no more than READ_AHEAD files read past what was taken."""
-    loaded: list[str] = []
+def test_read_ahead_keeps_order_reports_each_error_in_place_and_asks_the_kernel_ahead(monkeypatch) -> None:
+    """While one file is sent, the kernel has been asked to read the next READ_AHEAD (WILLNEED), so a
+    source not in the page cache is read meanwhile; files come in the plan's order, an unreadable one
+    reported at its own turn; closing early reads nothing more."""
+    events: list[str] = []
 
     def fake_load(path: str, ts: str | None, tag: int | None, line: str) -> part10.Payload:
-        loaded.append(path)
+        events.append(f"load {path}")
         if path == "/f3":
             raise OSError(13, "Permission denied")
         return part10.Payload(ts or "", [memoryview(path.encode())], len(path), path)
 
     monkeypatch.setattr(rounds, "load_payload", fake_load)
+    monkeypatch.setattr(rounds, "_will_need", lambda path: events.append(f"ahead {path}"))
     files = [
         (n, PlannedFile(f"/f{n}", 1, 1, f"1.2.{n}", "1.2.840.1", ExplicitVRLittleEndian, "x"))
         for n in range(20)
@@ -431,15 +432,12 @@ def test_read_ahead_keeps_order_reports_each_error_in_place_and_stops_when_close
     with contextlib.closing(rounds._read_ahead(files, opts)) as ahead:
         for pos, item, payload, error in ahead:
             got.append((pos, item[0], payload.path if payload else None, getattr(error, "strerror", None)))
-            if pos == 0:  # while the first is "being sent", the next ones are read
-                deadline = time.monotonic() + 10
-                while len(loaded) < 1 + rounds.READ_AHEAD and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert len(loaded) == 1 + rounds.READ_AHEAD
+            if pos == 0:  # the first is being sent: the next READ_AHEAD were asked for already
+                assert events == [f"ahead /f{n}" for n in range(1 + rounds.READ_AHEAD)] + ["load /f0"]
             if pos == 5:
                 break
     assert got == [
         (n, n, f"/f{n}" if n != 3 else None, "Permission denied" if n == 3 else None) for n in range(6)
     ]
-    assert len(loaded) <= 6 + rounds.READ_AHEAD  # closing stopped the reading
-    assert loaded == [f"/f{n}" for n in range(len(loaded))]
+    assert [e for e in events if e.startswith("load")] == [f"load /f{n}" for n in range(6)]
+    assert f"ahead /f{5 + rounds.READ_AHEAD}" in events and f"ahead /f{6 + rounds.READ_AHEAD}" not in events

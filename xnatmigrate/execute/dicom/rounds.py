@@ -17,10 +17,9 @@ Invariants:
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import os
 from collections.abc import Generator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -112,43 +111,41 @@ def split(items: list[int], n: int) -> list[list[int]]:
     return out
 
 
-#: Files read ahead of the one being sent (each at most ``part10.HEAD_LIMIT`` bytes held: a larger file's
-#: tail is read while it is sent), so that reading the next file overlaps the wait for a response.
+#: Files whose reading the kernel is asked to start (``POSIX_FADV_WILLNEED``) ahead of the one being
+#: sent, so that a source not in the page cache is read while the sender waits for a response.
 READ_AHEAD = 4
+
+
+def _will_need(path: str) -> None:
+    """Ask the kernel to read ``path`` into the page cache in the background (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # its own turn reports it
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read_ahead(
     todo: list[tuple[int, PlannedFile]], opts: Options
 ) -> Generator[tuple[int, tuple[int, PlannedFile], Payload | None, Exception | None], None, None]:
-    """(position, item, its payload or None, the error reading it) in ``todo``'s order; each file
-    read on a helper thread up to ``READ_AHEAD`` files before its turn. Closing it stops the reading."""
-
-    def load(item: tuple[int, PlannedFile]) -> Payload:
+    """(position, item, its payload or None, the error reading it) in ``todo``'s order, the kernel
+    asked to read each file ``READ_AHEAD`` turns before its own (a thread reading ahead instead cost
+    5 % on page-cached sources, bench/notes.md)."""
+    for pos in range(min(READ_AHEAD, len(todo))):
+        _will_need(todo[pos][1].source)
+    for pos, item in enumerate(todo):
+        if pos + READ_AHEAD < len(todo):
+            _will_need(todo[pos + READ_AHEAD][1].source)
         idx, f = item
-        return load_payload(f.source, f.transfer_syntax, opts.tag, opts.line_of(idx))
-
-    with ThreadPoolExecutor(1, thread_name_prefix="cstore-read") as pool:
-        ahead: collections.deque[tuple[int, tuple[int, PlannedFile], Future[Payload]]] = collections.deque()
-        items = iter(enumerate(todo))
-
-        def more() -> None:
-            nxt = next(items, None)
-            if nxt is not None:
-                ahead.append((nxt[0], nxt[1], pool.submit(load, nxt[1])))
-
-        for _ in range(READ_AHEAD):
-            more()
         try:
-            while ahead:
-                pos, item, fut = ahead.popleft()
-                more()
-                try:
-                    yield pos, item, fut.result(), None
-                except (OSError, DicomSendError) as exc:
-                    yield pos, item, None, exc
-        finally:
-            for _, _, fut in ahead:
-                fut.cancel()
+            yield pos, item, load_payload(f.source, f.transfer_syntax, opts.tag, opts.line_of(idx)), None
+        except (OSError, DicomSendError) as exc:
+            yield pos, item, None, exc
 
 
 def run_tasks(tasks: Sequence[Task], scp: ScpTarget, opts: Options, sink: Sink, stop: Stop) -> None:
