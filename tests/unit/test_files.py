@@ -516,3 +516,30 @@ def test_publishing_many_folders_is_one_syncfs(tmp_path: Path, monkeypatch: pyte
     few = dirs[: publishing.SYNCFS_OVER - 1]  # with "gone": SYNCFS_OVER folders
     publishing.fsync_dirs([*few, few[0], tmp_path / "gone"])  # a pruned folder is skipped
     assert calls == [f"fsync {d}" for d in few]
+
+
+@pytest.mark.parametrize("size", [50_000, 3 * files.digest.BUFFER_SIZE // 2], ids=["one-chunk", "chunked"])
+def test_copy_refuses_bytes_that_read_back_differently(tmp_path: Path, size: int) -> None:
+    """The read-back check catches a write that did not land as read (here: every written chunk with its
+    first byte flipped), for a file read in one chunk and one read in several. Nothing is left under the
+    final name or as scratch, and the next attempt copies it right."""
+    (src,) = make_sources(tmp_path / "src", n=1, size=size, series=1)
+    f = make_session([src]).files[0]
+    dst = tmp_path / "out" / "IMG.dcm"
+    dst.parent.mkdir()
+    real_write = os.write
+
+    def flipped(fd: int, data: bytes | memoryview) -> int:
+        b = bytes(data)
+        return real_write(fd, bytes([b[0] ^ 1]) + b[1:])
+
+    perms = transfer.Perms(None, None, None, None)
+    try:
+        os.write = flipped  # type: ignore[assignment]
+        with pytest.raises(ApplyError, match="verification failed"):
+            transfer.copy_one(f, str(dst), perms, bytearray(files.digest.BUFFER_SIZE), False)
+    finally:
+        os.write = real_write  # type: ignore[assignment]
+    assert list(dst.parent.iterdir()) == []
+    staged = transfer.copy_one(f, str(dst), perms, bytearray(files.digest.BUFFER_SIZE), False)
+    assert dst.read_bytes() == src.read_bytes() and staged.sha256 == sha(src)
