@@ -157,6 +157,31 @@ def test_a_table_lock_held_elsewhere_times_out_with_one_line(site, monkeypatch):
     assert not api.apply(state_dir=site.state, poll=0.05).failures  # lock gone: it resumes
 
 
+def _apply_waiting_on_the_lock(site: Site, extra_env: dict[str, str], also=lambda: True) -> subprocess.Popen:
+    """``xnatmigrate apply`` in a subprocess, returned once it waits on a lock (an ungranted request in
+    pg_locks) and ``also()`` holds; the caller holds the table lock."""
+    env = {**os.environ, **site.env(), db.LOCK_TIMEOUT_ENV: "120", **extra_env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(site.state)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    waiting = 0
+    while time.monotonic() < deadline:
+        with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            (waiting,) = cur.fetchone()
+        conn.close()
+        if waiting and also():
+            break
+        time.sleep(0.1)
+    assert waiting, "apply never waited on the lock"
+    return proc
+
+
 def test_ctrl_c_while_waiting_on_a_lock_stops_at_once(site):
     plan(site)
     ready, release = threading.Event(), threading.Event()
@@ -164,25 +189,7 @@ def test_ctrl_c_while_waiting_on_a_lock_stops_at_once(site):
     holder.start()
     try:
         assert ready.wait(10)
-        env = {**os.environ, **site.env(), db.LOCK_TIMEOUT_ENV: "120"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(site.state)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # Wait until it is blocked on the lock (visible in pg_locks as an ungranted request).
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                (waiting,) = cur.fetchone()
-            conn.close()
-            if waiting:
-                break
-            time.sleep(0.1)
-        assert waiting, "apply never waited on the lock"
+        proc = _apply_waiting_on_the_lock(site, {})
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
@@ -204,31 +211,13 @@ def test_ctrl_c_while_the_next_group_stages_ahead_then_rerun_finishes(site):
 
     p = plan(site)
     assert len(p.sessions) >= 2
+    second = files.staging_dir(str(site.prearchive), p.sessions[1])
     ready, release = threading.Event(), threading.Event()
     holder = threading.Thread(target=hold_table_lock, args=(site.dsn, ready, release))
     holder.start()
     try:
         assert ready.wait(10)
-        env = {**os.environ, **site.env(), db.LOCK_TIMEOUT_ENV: "120", "XNATMIGRATE_GROUP_SESSIONS": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(site.state)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        second = files.staging_dir(str(site.prearchive), p.sessions[1])
-        deadline = time.monotonic() + 30
-        waiting = 0
-        while time.monotonic() < deadline:
-            with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                (waiting,) = cur.fetchone()
-            conn.close()
-            if waiting and second.is_dir():
-                break
-            time.sleep(0.1)
-        assert waiting, "apply never waited on the lock"
+        proc = _apply_waiting_on_the_lock(site, {"XNATMIGRATE_GROUP_SESSIONS": "1"}, also=second.is_dir)
         assert second.is_dir(), "the second session was not staged ahead while the first waited"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)

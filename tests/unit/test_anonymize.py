@@ -13,17 +13,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
+from tests.xnat_standin import DEFAULT_ANON_SCRIPT
 from xnatmigrate import anonymize
 from xnatmigrate.model import PlannedScript
 
-SITE = (
-    'version "6.1"\n'
-    'project != "Unassigned" ? (0008,1030) := project\n'
-    "(0010,0010) := subject\n"
-    "(0010,0020) := session\n"
-    "-(0010,0030)\n"
-    "-(0008,0080)\n"
-)
+SITE = DEFAULT_ANON_SCRIPT + "\n-(0010,0030)\n-(0008,0080)\n"  # XNAT's default, and two deletions
 SCRIPTS = {
     "site": SITE,
     "private": 'version "6.1"\nremoveAllPrivateTags\n(0010,0010) := "ANON"\n',
