@@ -282,9 +282,7 @@ class _Runner:
             self.register(items, report)
         match items[0].s:
             case PrearchiveSession():
-                if not g.begun:
-                    g.stage = self.prearchive_prestage(items, report)
-                    g.ahead = self.stage_start(g.stage) if g.stage else None
+                assert g.begun, "run() begins every prearchive group before it finishes it"
                 self.prearchive_group(g, report)
             case CstoreSession():
                 self.cstore_group(items, report)
