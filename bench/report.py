@@ -216,7 +216,8 @@ def markdown(
     w = out.append
     w("# Benchmarks\n")
     w(
-        "Measured side by side in one run on one machine by `make bench` (`bench/run.py`); absolute "
+        "Each comparison measured side by side in one run on one machine by `make bench` (`bench/run.py`; "
+        "the runs below may differ in machine, each says which); absolute "
         "times on a shared machine are noise, so every comparison runs as alternating pairs "
         "(reference, xnatmigrate, reference, xnatmigrate, … after a warm-up) and the **ratio is the "
         "median of the per-round ratios** xnatmigrate ÷ reference (below 1: xnatmigrate is faster).\n"
@@ -226,7 +227,8 @@ def markdown(
         what = [f"standard {sizes} images"] if sizes else []
         what += [f"{s} {', '.join(f'{n:,}' for n in ns)}" for s, ns in meta.get("shapes", {}).items()]
         w(
-            f"- Run: `{meta['argv']}` ({'; '.join(what)}) on {meta['date']}, {meta['wall_minutes']:.0f} min "
+            f"- Run: `{meta['argv']}` ({'; '.join(what)}) on {meta['date']}"
+            f"{_machine_of(meta)}, {meta['wall_minutes']:.0f} min "
             f"wall time; {meta['rounds']}; xnatmigrate "
             f"{meta['versions'].get('xnatmigrate source', '(source state not recorded)')}."
         )
@@ -348,3 +350,10 @@ def plot_png(rows: Sequence[dict[str, Any]], path: Path) -> str | None:
     fig.savefig(path)
     plt.close(fig)
     return path.name
+
+
+def _machine_of(meta: dict[str, Any]) -> str:
+    """`` on 2 × <cpu>`` for a run that recorded its machine, else nothing."""
+    machine = meta.get("machine")
+    cpus = machine.get("cpus") if isinstance(machine, dict) else None
+    return f" on {cpus}" if cpus else ""
