@@ -543,3 +543,32 @@ def test_copy_refuses_bytes_that_read_back_differently(tmp_path: Path, size: int
     assert list(dst.parent.iterdir()) == []
     staged = transfer.copy_one(f, str(dst), perms, bytearray(files.digest.BUFFER_SIZE), False)
     assert dst.read_bytes() == src.read_bytes() and staged.sha256 == sha(src)
+
+
+@pytest.mark.parametrize("jobs", [1, 4])
+def test_a_cancelled_batch_stops_handing_out_files_and_the_next_one_reuses_what_was_finished(
+    root: Path, tmp_path: Path, jobs: int
+) -> None:
+    """``cancel`` (the run stopping while a group is staged ahead): no more files are handed out, the
+    batch raises one line, no scratch file is left, and a later batch keeps every file finished."""
+    import threading
+
+    sources = make_sources(tmp_path / "many", n=40, size=20_000)
+    s = make_session(sources)
+    staging = files.staging_dir(str(root), s)
+    cancel = threading.Event()
+
+    def progress(done: int, _total: int) -> None:
+        if done == 5:
+            cancel.set()
+
+    batch = [(s, staging, s.transfer)]
+    with pytest.raises(ApplyError, match="cancelled"):
+        files.stage_batch(batch, jobs=jobs, progress=progress, cancel=cancel)
+    kept = all_files(staging)
+    assert 5 <= len(kept) < len(s.files) and not [k for k in kept if k.endswith(files.PART_SUFFIX)]
+    before = {k: (staging / k).stat().st_ino for k in kept}
+    (result,) = files.stage_batch(batch, jobs=jobs)
+    assert not isinstance(result, XnatMigrateError) and [f.dest for f in result] == [f.dest for f in s.files]
+    assert all((staging / k).stat().st_ino == ino for k, ino in before.items())  # reused, not copied again
+    assert all(sha(staging / f.dest) == f.sha256 for f in result)
