@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from . import anonymize, dicomedit, labels, site_rules, xnat_table
 from .errors import DicomEditError, PlanError
@@ -669,25 +669,45 @@ def _prearchive_session(
         "timezone": None,
     }
     return PrearchiveSession(
+        **_study_fields(st, template),
         action_id=_action_id(Method.PREARCHIVE, st.project, st.session, st.study_uid, ts),
-        source_index=src.index,
         project=st.project,
         subject=st.subject,
         session=st.session,
-        study_uid=st.study_uid,
         timestamp=ts,
-        build=src.build,
-        archive=src.archive,
         transfer=src.transfer,
-        build_timeout=src.build_timeout,
         prearchive_uri=f"/prearchive/projects/{st.project or 'Unassigned'}/{ts}/{st.session}",
         session_dir=f"{root.rstrip('/')}/{rel}",
         url=url,
         row=row,
+        lastmod_zone=zone,
+    )
+
+
+class _StudyFields(TypedDict):
+    """What every route's session takes from its study and source alike (model._SessionBase)."""
+
+    source_index: int
+    study_uid: str
+    build: Build
+    archive: bool
+    build_timeout: float
+    scans: tuple[PlannedScan, ...]
+    raw_labels: Mapping[str, str]
+    mapped_by: tuple[LookupMatch, ...]
+
+
+def _study_fields(st: _Study, template: str) -> _StudyFields:
+    src = st.source
+    return _StudyFields(
+        source_index=src.index,
+        study_uid=st.study_uid,
+        build=src.build,
+        archive=src.archive,
+        build_timeout=src.build_timeout,
         scans=_scans(st, template),
         raw_labels=st.raw,
         mapped_by=st.mapped_by,
-        lastmod_zone=zone,
     )
 
 
@@ -703,20 +723,13 @@ def _cstore_session(st: _Study, template: str, direct: bool) -> CstoreSession:
     for h in st.files:
         contexts[h.sop_class_uid].add(h.transfer_syntax)
     return CstoreSession(
+        **_study_fields(st, template),
         action_id=_action_id(Method.CSTORE, project, session, st.study_uid),
-        source_index=src.index,
         project=project,
         subject=subject,
         session=session,
-        study_uid=st.study_uid,
-        build=src.build,
-        archive=src.archive,
         routing=src.routing,
-        build_timeout=src.build_timeout,
         prearchive_uri=f"/prearchive/projects/{project or 'Unassigned'}",
-        scans=_scans(st, template),
-        raw_labels=st.raw,
-        mapped_by=st.mapped_by,
         routing_line=line,
         contexts=tuple(PresentationContext(sop, tuple(sorted(ts))) for sop, ts in sorted(contexts.items())),
         direct_archive=direct,
@@ -731,19 +744,12 @@ def _inbox_session(manifest: Manifest, st: _Study, template: str) -> InboxSessio
     root = (manifest.xnat.inbox or "").rstrip("/")
     url_root = (manifest.xnat.inbox_root_for_xnat or root).rstrip("/")
     return InboxSession(
+        **_study_fields(st, template),
         action_id=_action_id(Method.INBOX, st.project, st.session, st.study_uid),
-        source_index=src.index,
         project=st.project,
         subject=st.subject,
         session=st.session,
-        study_uid=st.study_uid,
-        build=src.build,
-        archive=src.archive,
-        build_timeout=src.build_timeout,
         prearchive_uri=f"/prearchive/projects/{st.project or 'Unassigned'}",
-        scans=_scans(st, template),
-        raw_labels=st.raw,
-        mapped_by=st.mapped_by,
         transfer=src.transfer,
         inbox_parent=f"{root}/{project}",
         inbox_url_parent=f"{url_root}/{project}",
