@@ -38,16 +38,9 @@ class StagedFile:
 
 def reuse(f: PlannedFile, dst: str, transfer: Transfer, perms: Perms, buf: bytearray) -> StagedFile | None:
     """A final-named file left by an earlier run, if it still matches its source; else delete it (None)."""
+    # ctime only for copies: our own link moved a hard link's ctime.
+    src_fd, src_st = _open_source(f, ctime=transfer is Transfer.COPY)
     try:
-        src_fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SourceError(exc, f.source) from exc
-    try:
-        try:
-            src_st = os.fstat(src_fd)
-        except OSError as exc:
-            raise SourceError(exc, f.source) from exc
-        check_stat(f, src_st, ctime=transfer is Transfer.COPY)  # our own link moved a hard link's ctime
         try:
             dst_st = os.lstat(dst)
         except OSError as exc:
@@ -93,6 +86,25 @@ def _hash_path(path: str, buf: bytearray) -> str:
         os.close(fd)
 
 
+def _open_source(f: PlannedFile, *, ctime: bool = True) -> tuple[int, os.stat_result]:
+    """``f``'s source opened read-only and still the file planned (else StalePlanError; SourceError
+    when it cannot be opened or stat-ed); the caller closes the descriptor."""
+    try:
+        fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(exc, f.source) from exc
+    try:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise SourceError(exc, f.source) from exc
+        check_stat(f, st, ctime)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def _read_hash(src_fd: int, f: PlannedFile, buf: bytearray, ctime: bool = True) -> tuple[str, int]:
     try:
         digest, n = hash_fd(src_fd, buf, 0)
@@ -114,15 +126,11 @@ def copy_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, fsync_each:
     → rename to ``dst``."""
     part = dst + PART_SUFFIX
     mv = memoryview(buf)
-    try:
-        src_fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SourceError(exc, f.source) from exc
+    src_fd, _ = _open_source(f)
     dst_fd = -1
     done = False
     try:
         try:
-            check_stat(f, os.fstat(src_fd))
             os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError as exc:
             raise SourceError(exc, f.source) from exc
@@ -244,13 +252,9 @@ Editor = Callable[[PlannedFile, bytes], bytes]
 
 def _read_source(f: PlannedFile) -> bytes:
     """The source's bytes, bound to the plan before and after the read (StalePlanError otherwise)."""
-    try:
-        fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SourceError(exc, f.source) from exc
+    fd, _ = _open_source(f)
     try:
         try:
-            check_stat(f, os.fstat(fd))
             chunks = []
             while chunk := os.read(fd, 1 << 20):
                 chunks.append(chunk)
