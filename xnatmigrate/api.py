@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -35,7 +34,7 @@ from .model import (
     SiteFacts,
     Step,
     XnatTarget,
-    plan_from_dict,
+    open_plan,
     unreachable,
     write_plan_json,
 )
@@ -266,14 +265,16 @@ def _plan(
 
 
 def load_plan(path: str | Path) -> Plan:
+    """The plan at ``path``, checked against its id; its sessions are read from the file as they
+    are used (``model.open_plan``), so a plan of millions of files loads in little memory."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        with p.open("rb") as fh:
+            return open_plan(fh)
     except FileNotFoundError:
         raise PlanError(f"no plan at {p}: run `xnatmigrate plan MANIFEST` first") from None
     except (OSError, ValueError) as exc:
         raise PlanError(f"cannot read the plan {p} ({exc}); re-run `xnatmigrate plan`") from None
-    return plan_from_dict(data)
 
 
 def check_fresh(plan_obj: Plan, store: StateStore) -> None:

@@ -13,11 +13,14 @@ import functools
 import hashlib
 import json
 import operator
+import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
-from typing import Any, BinaryIO, ClassVar, TypeAlias
+from typing import Any, BinaryIO, ClassVar, TypeAlias, overload
 
 from .errors import PlanError
 from .targetfacts import ExistingRow as ExistingRow
@@ -576,7 +579,8 @@ class Plan:
     state_serial: int
     table_profile: str | None
     xnat: XnatTarget
-    sessions: tuple[PlannedSession, ...]
+    # A tuple when planned; ``PlanSessions`` (read from plan.json when asked for) when loaded.
+    sessions: Sequence[PlannedSession]
     unchanged: tuple[UnchangedSession, ...] = ()
     held_back: tuple[HeldBack, ...] = ()
     rejected: tuple[Reject, ...] = ()
@@ -646,8 +650,8 @@ def write_plan_json(plan: Plan, fh: BinaryIO) -> str:
     One pass, one conversion and one encoding per session: the id is the SHA-256 of the very bytes
     written, ``plan_id`` and ``created`` left out (what ``plan_from_dict`` checks), and is written
     over a placeholder once every piece has been hashed. The file is ``json.dumps(plan_to_dict(p),
-    sort_keys=True, separators=(",", ":"))`` of the plan with that id (``json_text`` spelling),
-    without a trailing newline. ``plan.plan_id`` is ignored.
+    sort_keys=True, separators=(",", ":"))`` of the plan with that id (``json_text`` spelling), one
+    session per line (``PLAN_LAYOUT``), without a trailing newline. ``plan.plan_id`` is ignored.
     """
     h = hashlib.sha256()
     slot = -1
@@ -674,8 +678,9 @@ def _canonical_pieces(plan: Plan) -> Iterator[tuple[bytes, bool, bool]]:
     """The canonical JSON of ``plan`` in pieces: (UTF-8 bytes, part of the content hash, the id).
 
     Concatenated, the pieces are ``json_text(plan_to_dict(plan), sort_keys=True, separators=(",",
-    ":"))`` with ``plan_id`` as 64 zeros; the hashed ones alone are that of the plan without its
-    ``plan_id`` and ``created`` (``_content_hash``). Sessions are converted and encoded one at a
+    ":"))`` with ``plan_id`` as 64 zeros and a newline before each session and before the ``]`` that
+    ends them (``PLAN_LAYOUT``); the hashed ones alone are that of the plan without its ``plan_id``,
+    ``created`` and those newlines (``_content_hash``). Sessions are converted and encoded one at a
     time, other big lists ``_BATCH`` items at a time.
     """
     names = sorted(_plan_field_names())
@@ -691,11 +696,17 @@ def _canonical_pieces(plan: Plan) -> Iterator[tuple[bytes, bool, bool]]:
             continue
         value = getattr(plan, name)
         key = _encoded(json.dumps(name) + ":")
-        if isinstance(value, tuple) and value:
+        if isinstance(value, (tuple, PlanSessions)) and value:
             yield key + b"[", hashed, False
             if name == "sessions":
+                # One session per line (the newlines are not hashed: the id is that of the compact
+                # JSON), so ``open_plan`` finds each session without parsing the others.
                 for j, s in enumerate(value):
-                    yield (b"," if j else b"") + _encoded(_canonical(_plain(s))), hashed, False
+                    if j:
+                        yield b",", hashed, False
+                    yield b"\n", False, False
+                    yield _encoded(_canonical(_plain(s))), hashed, False
+                yield b"\n", False, False
             else:
                 for j in range(0, len(value), _BATCH):
                     text = _canonical([_plain(v) for v in value[j : j + _BATCH]])[1:-1]
@@ -760,20 +771,40 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
     Raises PlanError on a foreign format and on content that does not hash to its ``plan_id``
     (a hand-edited plan: what was reviewed is not what would be applied).
     """
+    _check_format(data)
+    if data.get("plan_id") != _content_hash(data):
+        raise _edited()
+    try:
+        sessions = tuple(_session_from(s) for s in data["sessions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(exc) from exc
+    return _plan_from(data, sessions)
+
+
+def _check_format(data: Any) -> None:
     fmt = data.get("format") if isinstance(data, Mapping) else None
     if fmt != PLAN_FORMAT:
         raise PlanError(
             f"the plan was written in plan format {fmt!r}, this xnatmigrate reads format {PLAN_FORMAT}; "
             "re-run `xnatmigrate plan` with this version of xnatmigrate"
         )
-    if data.get("plan_id") != _content_hash(data):
-        raise PlanError(
-            "the plan's content does not match its plan_id: it was edited after `xnatmigrate plan` "
-            "wrote it; re-run `xnatmigrate plan` (change the manifest, never plan.json)"
-        )
+
+
+def _edited() -> PlanError:
+    return PlanError(
+        "the plan's content does not match its plan_id: it was edited after `xnatmigrate plan` "
+        "wrote it; re-run `xnatmigrate plan` (change the manifest, never plan.json)"
+    )
+
+
+def _damaged(exc: BaseException) -> PlanError:
+    return PlanError(f"the plan file is damaged ({exc!r}); re-run `xnatmigrate plan`")
+
+
+def _plan_from(data: Mapping[str, Any], sessions: Sequence[PlannedSession]) -> Plan:
+    """The Plan of checked ``data`` whose sessions are already rebuilt (``sessions``)."""
     try:
         xnat = _xnat_from(data["xnat"])
-        sessions = tuple(_session_from(s) for s in data["sessions"])
         return Plan(
             plan_id=data["plan_id"],
             created=data["created"],
@@ -794,7 +825,142 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             scripts=tuple(PlannedScript(**t) for t in data.get("scripts", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise PlanError(f"the plan file is damaged ({exc!r}); re-run `xnatmigrate plan`") from exc
+        raise _damaged(exc) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# plan.json read session by session
+# --------------------------------------------------------------------------------------------
+
+#: How ``write_plan_json`` lays the sessions out: the first line ends with this, each session is
+#: one line (ending ``,`` but the last), and the line after the last starts with ``]``.
+PLAN_LAYOUT = b',"sessions":[\n'
+
+
+def open_plan(fh: BinaryIO) -> Plan:
+    """The plan in ``fh`` (binary, readable, seekable; the caller closes it), its sessions read from
+    the file when asked for (``PlanSessions``): memory does not grow with the plan.
+
+    Checked as ``plan_from_dict`` checks it, in one pass that holds one session's line at a time: the
+    format, and the content hash over the bytes as written. A file not in ``write_plan_json``'s
+    layout (one line per session) is read whole, as JSON, and checked the same way. Raises
+    ValueError where the file is not JSON at all, PlanError where it is not this plan.
+    """
+    first = fh.readline()
+    if not first.endswith(PLAN_LAYOUT):
+        fh.seek(0)
+        return plan_from_dict(json.loads(fh.read()))
+    head = json.loads(first[: -len(PLAN_LAYOUT)] + b"}")
+    _check_format(head)
+    h = hashlib.sha256(b"{")
+    n_hashed = _hash_fields(h, head, first_field=True)
+    h.update(b',"sessions":[' if n_hashed else b'"sessions":[')
+    offsets, lengths, digests = array("q"), array("q"), bytearray()
+    while True:
+        at = fh.tell()
+        line = fh.readline()
+        if not line:
+            raise _damaged(EOFError("the plan ends inside its sessions"))
+        if line.startswith(b"]"):
+            break
+        body = line.rstrip(b"\n")
+        body = body[:-1] if body.endswith(b",") else body
+        if offsets:
+            h.update(b",")
+        h.update(body)
+        offsets.append(at)
+        lengths.append(len(body))
+        digests += _session_digest(body)
+    h.update(b"]")
+    rest = line.rstrip(b"\n")[1:]
+    tail = json.loads(b"{" + rest[1:]) if rest != b"}" else {}
+    _hash_fields(h, tail, first_field=False)
+    h.update(b"}")
+    if head.get("plan_id") != h.hexdigest() or "sessions" in tail or "sessions" in head:
+        raise _edited()
+    return _plan_from({**head, **tail}, PlanSessions(fh, offsets, lengths, bytes(digests)))
+
+
+def _hash_fields(h: Any, data: Mapping[str, Any], *, first_field: bool) -> int:
+    """Feed ``h`` the canonical JSON of ``data``'s hashed fields (sorted), each after a comma unless
+    it is the plan's first; returns how many."""
+    n = 0
+    for name in sorted(data):
+        if name in _HASH_EXCLUDED:
+            continue
+        if n or not first_field:
+            h.update(b",")
+        h.update(_encoded(json.dumps(name) + ":" + _canonical(data[name])))
+        n += 1
+    return n
+
+
+def _session_digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+class PlanSessions(Sequence["PlannedSession"]):
+    """A plan's sessions, each parsed from its line of plan.json when asked for.
+
+    Invariant: a session is only ever built from bytes whose digest equals the one taken while the
+    whole file's content hash was checked (``open_plan``), so a file changed under a running apply is
+    refused, never half-applied. Reads use ``os.pread``: safe from several threads. The last session
+    read is kept, so walking the plan and then its groups parses each session about once.
+    """
+
+    __slots__ = ("__weakref__", "_digests", "_fd", "_last", "_lengths", "_offsets")
+
+    def __init__(self, fh: BinaryIO, offsets: array[int], lengths: array[int], digests: bytes) -> None:
+        # Its own descriptor, closed with it: the caller may close ``fh``, and a plan written again
+        # meanwhile is another file (atomic rename), so this one keeps reading what was checked.
+        self._fd = os.dup(fh.fileno())
+        weakref.finalize(self, os.close, self._fd)
+        self._offsets, self._lengths, self._digests = offsets, lengths, digests
+        self._last: tuple[int, PlannedSession] | None = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    @overload
+    def __getitem__(self, i: int) -> PlannedSession: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[PlannedSession, ...]: ...
+    def __getitem__(self, i: int | slice) -> PlannedSession | tuple[PlannedSession, ...]:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self._offsets)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(i)
+        last = self._last
+        if last is not None and last[0] == j:
+            return last[1]
+        body = os.pread(self._fd, self._lengths[j], self._offsets[j])
+        if _session_digest(body) != self._digests[16 * j : 16 * j + 16]:
+            raise PlanError(
+                "plan.json changed while this plan was being applied (a session's bytes differ from "
+                "those checked when it was loaded); re-run `xnatmigrate plan`, then apply"
+            )
+        try:
+            s = _session_from(json.loads(body))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _damaged(exc) from exc
+        self._last = (j, s)
+        return s
+
+    def __iter__(self) -> Iterator[PlannedSession]:
+        for j in range(len(self._offsets)):
+            yield self[j]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PlanSessions({len(self)} sessions)"
 
 
 def xnat_from_dict(d: Mapping[str, Any]) -> XnatTarget:
@@ -906,7 +1072,7 @@ def _plain(obj: Any) -> Any:
         return obj
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple, PlanSessions)):
         return [_plain(v) for v in obj]
     if is_dataclass(obj):
         # The route is a ClassVar of each planned-session type; plan.json names it as ``method``.

@@ -32,10 +32,13 @@ from xnatmigrate.model import (
     UnchangedSession,
     XnatTarget,
     compute_plan_id,
+    json_text,
+    open_plan,
     plan_from_dict,
     plan_to_dict,
     unreachable,
     with_plan_id,
+    write_plan_json,
 )
 from xnatmigrate.resources import schema_path
 from xnatmigrate.xnat_table import PROFILES
@@ -319,7 +322,7 @@ def big_plan() -> Plan:
 
 @pytest.mark.parametrize("make", [hand_made_plan, big_plan, lambda: replace(hand_made_plan(), sessions=())])
 def test_plan_json_is_written_in_one_pass_with_its_id(make: Any, tmp_path: Any) -> None:
-    from xnatmigrate.model import _content_hash, json_text, write_plan_json
+    from xnatmigrate.model import _content_hash
 
     plan = make()
     path = tmp_path / "plan.json"
@@ -329,10 +332,92 @@ def test_plan_json_is_written_in_one_pass_with_its_id(make: Any, tmp_path: Any) 
     data = json.loads(text)
     # The id is the content hash of what was written (what plan_from_dict checks), as before.
     assert plan_id == data["plan_id"] == compute_plan_id(plan) == _content_hash(plan_to_dict(plan))
-    assert text == json_text(
+    # The canonical JSON, one session per line (no other newline can appear: JSON escapes them).
+    assert text.replace("\n", "") == json_text(
         plan_to_dict(replace(plan, plan_id=plan_id)), sort_keys=True, separators=(",", ":")
     )
+    assert text.count("\n") == (len(plan.sessions) + 1 if plan.sessions else 0)
     assert plan_from_dict(data) == replace(plan, plan_id=plan_id)
+    with path.open("rb") as fh:
+        assert open_plan(fh) == replace(plan, plan_id=plan_id)
+
+
+def _written(plan: Plan, path: Any) -> Any:
+    with path.open("wb") as fh:
+        write_plan_json(plan, fh)
+    return path
+
+
+def test_a_plan_opened_reads_its_sessions_from_the_file_as_they_are_used(tmp_path: Any) -> None:
+    from xnatmigrate.model import PlanSessions
+
+    plan = hand_made_plan()
+    path = _written(plan, tmp_path / "plan.json")
+    with path.open("rb") as fh:
+        opened = open_plan(fh)
+    # The file handed in is closed; the sessions keep their own descriptor.
+    assert isinstance(opened.sessions, PlanSessions) and len(opened.sessions) == len(plan.sessions) == 2
+    assert opened.sessions[-1] == plan.sessions[1] and opened.sessions[0:2] == plan.sessions
+    assert list(opened.sessions) == list(plan.sessions)
+    assert compute_plan_id(opened) == plan.plan_id  # and it writes back to the same bytes
+    with pytest.raises(IndexError):
+        opened.sessions[2]
+    # A plan written again meanwhile (atomic rename: another file) leaves this one as it was checked.
+    other = tmp_path / "new.json"
+    _written(replace(plan, sessions=plan.sessions[:1]), other)
+    other.replace(path)
+    assert opened.sessions[1] == plan.sessions[1]
+
+
+def test_a_plan_changed_in_place_under_a_running_apply_is_refused(tmp_path: Any) -> None:
+    plan = hand_made_plan()
+    path = _written(plan, tmp_path / "plan.json")
+    with path.open("rb") as fh:
+        opened = open_plan(fh)
+    raw = path.read_bytes()
+    with path.open("r+b") as fh:  # same length, same inode: only the digest taken at load can tell
+        fh.write(raw.replace(b'"session":"S1"', b'"session":"S9"', 1))
+    with pytest.raises(PlanError, match="plan.json changed while this plan was being applied"):
+        opened.sessions[0]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda b: b.replace(b'"session":"S1"', b'"session":"S9"', 1), id="a session"),
+        pytest.param(lambda b: b.replace(b'"tag":"1.2.3"', b'"tag":"1.2.4"', 1), id="a row"),
+        pytest.param(lambda b: b.replace(b'"state_serial":3', b'"state_serial":4', 1), id="after sessions"),
+        pytest.param(lambda b: b.replace(b"/m/manifest.yaml", b"/m/other.yaml", 1), id="before sessions"),
+        pytest.param(lambda b: b.replace(b"},\n{", b"}\n,{", 1), id="a comma moved"),
+        pytest.param(lambda b: b.replace(b"},\n{", b"},\n\n{", 1), id="a line added"),
+    ],
+)
+def test_an_edited_plan_file_is_refused_when_opened(edit: Any, tmp_path: Any) -> None:
+    path = _written(hand_made_plan(), tmp_path / "plan.json")
+    raw = path.read_bytes()
+    changed = edit(raw)
+    assert changed != raw
+    path.write_bytes(changed)
+    with path.open("rb") as fh, pytest.raises(PlanError) as err:
+        open_plan(fh)
+    assert "re-run `xnatmigrate plan`" in str(err.value)
+
+
+def test_a_plan_file_cut_short_is_damaged_not_applied(tmp_path: Any) -> None:
+    path = _written(hand_made_plan(), tmp_path / "plan.json")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.index(b"\n", raw.index(b"\n") + 1) + 1])  # the first session only
+    with path.open("rb") as fh, pytest.raises(PlanError, match="damaged"):
+        open_plan(fh)
+
+
+def test_a_plan_in_one_line_or_reformatted_is_still_read_whole(tmp_path: Any) -> None:
+    plan = hand_made_plan()
+    path = tmp_path / "plan.json"
+    for text in (json_text(plan_to_dict(plan), sort_keys=True), json.dumps(plan_to_dict(plan), indent=1)):
+        path.write_text(text, encoding="utf-8")
+        with path.open("rb") as fh:
+            assert open_plan(fh) == plan
 
 
 def test_the_flat_path_for_files_equals_the_generic_one(monkeypatch: pytest.MonkeyPatch) -> None:
