@@ -429,7 +429,26 @@ def test_wait_for_status_polls_until_done(server: tuple[Scripted, str]) -> None:
         "P1", "20240131_101112123", "S1", poll=0.25, on_poll=lambda r: seen.append(r["status"])
     )
     assert row == {"status": "READY"} and seen == ["QUEUED_BUILDING", "BUILDING", "READY"]
-    assert sleeps == [0.25, 0.25]
+    assert sleeps == [0.05, 0.1]  # looks again soon first (pauses), never longer than poll
+
+
+@pytest.mark.parametrize(
+    ("poll", "first"),
+    [
+        (1.0, [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]),
+        (0.25, [0.05, 0.1, 0.2, 0.25, 0.25, 0.25, 0.25]),
+        (0.05, [0.05] * 7),
+        (0.01, [0.01] * 7),
+    ],
+)
+def test_a_wait_pauses_briefly_first_then_settles_at_its_poll_interval(
+    poll: float, first: list[float]
+) -> None:
+    from itertools import islice
+
+    from xnatmigrate.execute.xnat import pauses
+
+    assert list(islice(pauses(poll), 7)) == first
 
 
 def test_wait_for_status_timeout_says_last_status(server: tuple[Scripted, str]) -> None:

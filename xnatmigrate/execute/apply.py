@@ -65,7 +65,7 @@ from ..model import (
 from ..state import StateStore
 from . import db, files, grouping, recheck, settings
 from .connections import Connections
-from .xnat import ARCHIVE_TIMEOUT, OutcomeUnknown, XnatClient
+from .xnat import ARCHIVE_TIMEOUT, OutcomeUnknown, XnatClient, pauses
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -689,6 +689,7 @@ class _Runner:
     ) -> str:
         """The archive's outcome, read from XNAT (its row and the project's experiments)."""
         deadline = time.monotonic() + ARCHIVE_TIMEOUT
+        waits = pauses(self.opts.poll)
         while True:
             row = client.prearchive_session(project, ts, folder)
             if row is None:
@@ -714,7 +715,7 @@ class _Runner:
                     f"XNAT is still archiving {s.prearchive_uri} (status {status}) after {ARCHIVE_TIMEOUT:g} s; "
                     "rerun apply later: the step is checked, not repeated"
                 )
-            time.sleep(self.opts.poll)
+            time.sleep(next(waits))
 
     def direct_archived(self, s: CstoreSession, res: SessionResult, done: set[Step]) -> None:
         """The receiver archives by itself: no row to locate or build; wait for the experiment."""
@@ -836,6 +837,7 @@ class _Runner:
         client = self.client()
         deadline = time.monotonic() + s.build_timeout
         last = "unknown"
+        waits = pauses(self.opts.poll)
         while True:
             request = client.inbox_request(request_id)
             if request is None:
@@ -858,7 +860,7 @@ class _Runner:
                     f"XNAT's inbox import of {s.label} (request {request_id}) is still {last} after "
                     f"{s.build_timeout:g} s; rerun apply later: the request is polled, never posted again"
                 )
-            time.sleep(self.opts.poll)
+            time.sleep(next(waits))
 
     def locate_imported(self, s: InboxSession, request_id: str, request: dict[str, Any]) -> dict[str, Any]:
         """The prearchive session the import made (project, tag, label: how GradualDicomImporter groups
@@ -1097,10 +1099,11 @@ def _wait_archived(client: XnatClient, s: CstoreSession, poll: float) -> bool:
     if not s.project:
         return False
     deadline = time.monotonic() + s.build_timeout
+    waits = pauses(poll)
     while time.monotonic() < deadline:
         if s.session in client.experiment_labels(s.project):
             return True
-        time.sleep(poll)
+        time.sleep(next(waits))
     return False
 
 

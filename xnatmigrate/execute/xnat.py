@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -63,6 +63,22 @@ def prearchive_uri(project: str | None, timestamp: str, folder: str) -> str:
 
 
 # --- the client -------------------------------------------------------------------------------------
+
+
+#: The first pauses of a wait, before it settles at its ``poll`` interval: XNAT's status reads are cheap
+#: (one prearchive row, one entry of the import request map) and most builds and imports of a small
+#: session end within a second, so a wait looks again soon at first; a long one still polls at ``poll``.
+_FIRST_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+def pauses(poll: float) -> Iterator[float]:
+    """The pauses between the status reads of one wait: doubling from 50 ms up to ``poll``, then ``poll``."""
+    for pause in _FIRST_PAUSES:
+        if pause >= poll:
+            break
+        yield pause
+    while True:
+        yield poll
 
 
 class XnatClient(XnatSession):
@@ -157,6 +173,7 @@ class XnatClient(XnatSession):
         uri = prearchive_uri(project, timestamp, folder)
         deadline = time.monotonic() + timeout
         last = "none (no answer yet)"
+        waits = pauses(poll)
         while True:
             row = self.prearchive_session(project, timestamp, folder)
             if row is None:
@@ -175,7 +192,7 @@ class XnatClient(XnatSession):
                     f"timed out after {timeout:g}s waiting for {uri} to reach {'/'.join(sorted(wanted))}; "
                     f"last status {last}; check XNAT's prearchive page and logs, then rerun"
                 )
-            self._sleep(min(poll, remaining))
+            self._sleep(min(next(waits), remaining))
 
     def archive(
         self,
@@ -249,6 +266,7 @@ class XnatClient(XnatSession):
         """
         deadline = time.monotonic() + timeout
         shown = project or UNASSIGNED  # an admin's listing holds Unassigned rows too (§9): filter on it
+        waits = pauses(poll)
         while True:
             rows = [
                 r
@@ -263,7 +281,7 @@ class XnatClient(XnatSession):
                     f"timed out after {timeout:g}s waiting for XNAT's prearchive to show {project or UNASSIGNED}/"
                     f"{label} (study {study_uid}) after sending; check the receiver's routing and XNAT's logs"
                 )
-            self._sleep(min(poll, remaining))
+            self._sleep(min(next(waits), remaining))
 
     def prearchive_scan_files(self, project: str | None, timestamp: str, folder: str) -> dict[str, int]:
         """Scan ID → number of files of a prearchive session's scan resources.
