@@ -381,6 +381,43 @@ def test_a_finished_plan_reapplies_without_reading_a_file(target, pg_db_17, caps
         assert list((target.inbox / "prj001").iterdir()) == []  # nothing staged
 
 
+def test_hard_links_into_the_inbox_are_not_read_but_a_changed_header_is_still_caught(
+    target, pg_db_17, monkeypatch
+):
+    """XNAT's importer reads and copies the linked files and removes the links: our side links and
+    re-reads each header, and hashes nothing (issue 14: zero copy). A header rewritten after plan (same
+    size, mtime put back) is still refused before XNAT is asked for that session."""
+    from xnatmigrate.execute.files import transfer
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("a hard link into XNAT's inbox was read whole and hashed")
+
+    monkeypatch.setattr(transfer, "hash_fd", no_hashing)
+    with standin(target, pg_db_17.dsn) as xnat:
+        target.write_manifest(xnat.url, transfer="hardlink")
+        plan = target.plan()
+        first, second = plan.sessions[0], plan.sessions[1]
+        victim = first.files[0].source
+        st = os.stat(victim)
+        ds = pydicom.dcmread(victim)
+        ds.PatientName = "Changed^After^Plan"  # same length as the planned value: same size
+        raw = bytearray(Path(victim).read_bytes())
+        old = pydicom.dcmread(victim).PatientName.original_string
+        new = str(ds.PatientName).encode().ljust(len(old), b" ")[: len(old)]
+        raw[raw.index(old) : raw.index(old) + len(old)] = new
+        Path(victim).write_bytes(bytes(raw))
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `touch -r` would leave it
+        report = api.apply(state_dir=target.state, poll=0.02)
+        failed = {r.action_id: r.message or "" for r in report.sessions if r.outcome is Result.FAILED}
+        assert list(failed) == [first.action_id] and "re-run" in failed[first.action_id], failed
+        assert [(p, s) for p, s in xnat.experiments] == [("prj001", second.session)]
+        with StateStore(target.state) as store:
+            recorded = store.files_for(second.action_id)
+        assert len(recorded) == second.file_count
+        assert {sha for _, _, sha in recorded.values()} == {transfer.NOT_HASHED}
+        assert not xnat.errors, xnat.errors
+
+
 # --------------------------------------------------------------------------------------------
 # kill -9 anywhere: the end state equals an uninterrupted run's
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from .sources import check_stat
 
 @dataclass(frozen=True)
 class StagedFile:
-    """A file verified in staging: ``sha256`` is of the bytes read from ``source`` (equal to those written)."""
+    """A file verified in staging: ``sha256`` is of the bytes read from ``source`` (equal to those written);
+    ``NOT_HASHED`` for a hard link nothing will be verified against (``link_one(digest=False)``)."""
 
     dest: str
     source: str
@@ -36,8 +37,16 @@ class StagedFile:
     sha256: str
 
 
-def reuse(f: PlannedFile, dst: str, transfer: Transfer, perms: Perms, buf: bytearray) -> StagedFile | None:
-    """A final-named file left by an earlier run, if it still matches its source; else delete it (None)."""
+#: The ``sha256`` of a hard link staged without reading it (the inbox route: XNAT's importer reads and
+#: copies the file, then removes our link; ``verify`` counts what XNAT holds, never our hashes).
+NOT_HASHED = ""
+
+
+def reuse(
+    f: PlannedFile, dst: str, transfer: Transfer, perms: Perms, buf: bytearray, *, digest: bool = True
+) -> StagedFile | None:
+    """A final-named file left by an earlier run, if it still matches its source; else delete it (None).
+    ``digest=False``: a hard link to the source's inode is kept without reading it (``link_one``)."""
     # ctime only for copies: our own link moved a hard link's ctime.
     src_fd, src_st = _open_source(f, ctime=transfer is Transfer.COPY)
     try:
@@ -47,20 +56,20 @@ def reuse(f: PlannedFile, dst: str, transfer: Transfer, perms: Perms, buf: bytea
             raise DestError(exc, dst) from exc
         same_inode = (dst_st.st_dev, dst_st.st_ino) == (src_st.st_dev, src_st.st_ino)
         if transfer is Transfer.HARDLINK and same_inode:
-            digest, n = _read_hash(src_fd, f, buf, ctime=False)
+            sha, n = _read_hash(src_fd, f, buf, ctime=False) if digest else (NOT_HASHED, src_st.st_size)
             if n == f.size:
                 _apply_path(perms, dst)
-                return StagedFile(f.dest, f.source, f.size, digest)
+                return StagedFile(f.dest, f.source, f.size, sha)
         elif transfer is Transfer.COPY and not same_inode and dst_st.st_size == f.size:
             # The checksum record may be lost with the crash: compare content, not names or sizes.
             try:
                 have = _hash_path(dst, buf)
             except OSError as exc:
                 raise DestError(exc, dst) from exc
-            digest, n = _read_hash(src_fd, f, buf)
-            if have == digest and n == f.size:
+            sha, n = _read_hash(src_fd, f, buf)
+            if have == sha and n == f.size:
                 _apply_path(perms, dst)
-                return StagedFile(f.dest, f.source, f.size, digest)
+                return StagedFile(f.dest, f.source, f.size, sha)
     finally:
         os.close(src_fd)
     _discard(dst)
@@ -200,8 +209,13 @@ def copy_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, fsync_each:
                 pass
 
 
-def link_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray) -> StagedFile:
-    """link the source as ``<dst>.part``; check it is the source's inode; hash once; rename to ``dst``."""
+def link_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, *, digest: bool = True) -> StagedFile:
+    """link the source as ``<dst>.part``; check it is the source's inode; hash once; rename to ``dst``.
+
+    ``digest=False`` skips the read and the hash (``NOT_HASHED``): the link is the source's inode (checked)
+    with the planned size and mtime, and its header is re-read by ``recheck`` before XNAT is asked for it;
+    no copy was made whose bytes a hash could prove.
+    """
     part = dst + PART_SUFFIX
     done = False
     try:
@@ -219,14 +233,18 @@ def link_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray) -> StagedFi
             raise ApplyError(
                 f"hard link {part} is not the source's inode ({f.source}); remove the staging folder and rerun"
             )
-        try:
-            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SourceError(exc, f.source) from exc
-        try:
-            digest, n = _read_hash(fd, f, buf, ctime=False)  # the link just moved its ctime
-        finally:
-            os.close(fd)
+        if digest:
+            try:
+                fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SourceError(exc, f.source) from exc
+            try:
+                sha, n = _read_hash(fd, f, buf, ctime=False)  # the link just moved its ctime
+            finally:
+                os.close(fd)
+        else:
+            sha, n = NOT_HASHED, part_st.st_size
+            check_stat(f, part_st, ctime=False)  # mtime and size as planned, from the link's own inode
         if n != f.size:
             raise StalePlanError(
                 f"source {f.source} read {n} bytes, planned {f.size}; re-run xnatmigrate plan"
@@ -237,7 +255,7 @@ def link_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray) -> StagedFi
         except OSError as exc:
             raise DestError(exc, part) from exc
         done = True
-        return StagedFile(f.dest, f.source, f.size, digest)
+        return StagedFile(f.dest, f.source, f.size, sha)
     finally:
         if not done:
             try:
