@@ -6,7 +6,7 @@
                         [--out docs/benchmarks.md] [--corpus-dir DIR] [--cstore-jobs 1,2,4] [--merge]
                         [--smoke] [--report-only]
 
-Comparisons (``--only`` names): plan-cold, plan-warm, apply-copy, apply-hardlink, apply-anon, reapply, cstore,
+Comparisons (``--only`` names): plan-cold, plan-warm, apply-copy, apply-hardlink, apply-anon, apply-inbox, reapply, cstore,
 cstore-recipe, rss. Corpora live in ``${XNATMIGRATE_BENCH_DIR:-~/.cache/xnatmigrate-bench}``
 (``--corpus-dir``) and are made once. Corpora above ``LARGE`` images run only the rows that matter
 at that scale (plan cold once, plan warm, a hard-link apply once, the no-op re-apply, peak RSS): a
@@ -45,6 +45,7 @@ from . import corpora, report, rows_shapes
 from .common import BenchError, Row, machine, print_row, skipped_row, versions
 from .rows_apply import T_REAPPLY, TARGETS, apply_row, reapply_row
 from .rows_cstore import T_BEST, T_ONE, T_RECIPE, cstore_rows
+from .rows_inbox import T_INBOX, inbox_row
 from .rows_plan import T_COLD, T_WARM, plan_rows
 from .site import Site, free_port
 
@@ -54,6 +55,7 @@ NAMES = (
     "apply-copy",
     "apply-hardlink",
     "apply-anon",
+    "apply-inbox",
     "reapply",
     "cstore",
     "cstore-recipe",
@@ -412,6 +414,12 @@ def _size_rows(
         guarded([(f"apply-{kind}", title, TARGETS[kind])], one)
         if box and not box[0].skipped and kind != "anon":
             finished = Path(box[0].extra["state"])
+    if want("apply-inbox"):
+        title = "apply, method: inbox, transfer: hardlink (our side)"
+        if large:
+            rows.append(skipped_row("apply-inbox", n, title, T_INBOX, "measured at 10,000 images"))
+        else:
+            guarded([("apply-inbox", title, T_INBOX)], lambda: [inbox_row(site, r1, w1)])
     if want("reapply"):
         if finished is None:
             rows.append(
