@@ -122,6 +122,8 @@ def test_inbox_import_builds_and_archives_and_verifies(target, pg_db_17, transfe
         assert "XNAT's anonymisation, naming and merge rules apply" in text
         report = api.apply(state_dir=target.state, poll=0.02)
         assert not report.failures, [r.message for r in report.sessions]
+        # The time spent waiting on XNAT's imports and builds is told apart from the run's own.
+        assert 0 < report.xnat_seconds < report.seconds
         assert sorted(xnat.experiments) == sorted(("prj001", s.session) for s in plan.sessions)
         for s in plan.sessions:
             assert sum(xnat.experiments[("prj001", s.session)].scans.values()) == s.file_count
@@ -150,6 +152,8 @@ def test_auto_archiving_project_is_recognised_and_not_archived_again(target, pg_
         plan = target.plan()
         report = api.apply(state_dir=target.state, poll=0.02)
         assert not report.failures, [r.message for r in report.sessions]
+        # The time spent waiting on XNAT's imports and builds is told apart from the run's own.
+        assert 0 < report.xnat_seconds < report.seconds
         assert sorted(xnat.experiments) == sorted(("prj001", s.session) for s in plan.sessions)
         assert not [
             c for c in xnat.calls if c.path == "/data/services/archive"
@@ -341,6 +345,8 @@ def test_a_failed_request_is_one_line_with_xnats_reason_and_a_rerun_asks_again(t
         del xnat.inbox.failing[victim.folder_name(plan.plan_id)]
         report = api.apply(state_dir=target.state, poll=0.02)
         assert not report.failures, [r.message for r in report.sessions]
+        # The time spent waiting on XNAT's imports and builds is told apart from the run's own.
+        assert 0 < report.xnat_seconds < report.seconds
         assert sorted(xnat.experiments) == sorted(("prj001", s.session) for s in plan.sessions)
         assert len(imports(xnat)) == len(plan.sessions) + 1  # the failed one was asked twice
 

@@ -425,11 +425,15 @@ def test_wait_for_status_polls_until_done(server: tuple[Scripted, str]) -> None:
     )
     seen: list[str] = []
     sleeps = Sleeps()
-    row = client(url, sleeps).wait_for_status(
+    c = client(url, sleeps)
+    assert c.waited == 0.0
+    row = c.wait_for_status(
         "P1", "20240131_101112123", "S1", poll=0.25, on_poll=lambda r: seen.append(r["status"])
     )
     assert row == {"status": "READY"} and seen == ["QUEUED_BUILDING", "BUILDING", "READY"]
     assert sleeps == [0.05, 0.1]  # looks again soon first (pauses), never longer than poll
+    # Waiting on XNAT is counted: the pauses (slept by the fake here) and the requests themselves.
+    assert c.waited > 0.05 + 0.1
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,9 @@ class ApplyReport:
     sessions: list[SessionResult] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str | None = None
+    # Of ``seconds``, waiting on XNAT's REST API (its requests and the pauses of polls: XNAT's building,
+    # importing, archiving): the rest is this host's own work.
+    xnat_seconds: float = 0.0
 
     @property
     def failures(self) -> list[SessionResult]:
@@ -222,6 +225,7 @@ class _Runner:
                     g.ahead.stop()
             for path in self.unpruned:
                 files.prune_staging_parents(path)
+            report.xnat_seconds = self.connections.xnat_seconds  # before close forgets the client
             self.connections.close()
             report.seconds = time.monotonic() - started
         return report
@@ -715,7 +719,7 @@ class _Runner:
                     f"XNAT is still archiving {s.prearchive_uri} (status {status}) after {ARCHIVE_TIMEOUT:g} s; "
                     "rerun apply later: the step is checked, not repeated"
                 )
-            time.sleep(next(waits))
+            client.pause(next(waits))
 
     def direct_archived(self, s: CstoreSession, res: SessionResult, done: set[Step]) -> None:
         """The receiver archives by itself: no row to locate or build; wait for the experiment."""
@@ -860,7 +864,7 @@ class _Runner:
                     f"XNAT's inbox import of {s.label} (request {request_id}) is still {last} after "
                     f"{s.build_timeout:g} s; rerun apply later: the request is polled, never posted again"
                 )
-            time.sleep(next(waits))
+            client.pause(next(waits))
 
     def locate_imported(self, s: InboxSession, request_id: str, request: dict[str, Any]) -> dict[str, Any]:
         """The prearchive session the import made (project, tag, label: how GradualDicomImporter groups
@@ -1103,7 +1107,7 @@ def _wait_archived(client: XnatClient, s: CstoreSession, poll: float) -> bool:
     while time.monotonic() < deadline:
         if s.session in client.experiment_labels(s.project):
             return True
-        time.sleep(next(waits))
+        client.pause(next(waits))
     return False
 
 

@@ -63,6 +63,11 @@ class Connections:
             )
         return self._client
 
+    @property
+    def xnat_seconds(self) -> float:
+        """Seconds the REST client spent waiting on XNAT (requests and polls); 0 if it never opened."""
+        return self._client.waited if self._client is not None else 0.0
+
     def db_if_any(self) -> DbConnection | None:
         return self.db() if self.has_db else None
 

@@ -192,7 +192,7 @@ class XnatClient(XnatSession):
                     f"timed out after {timeout:g}s waiting for {uri} to reach {'/'.join(sorted(wanted))}; "
                     f"last status {last}; check XNAT's prearchive page and logs, then rerun"
                 )
-            self._sleep(min(next(waits), remaining))
+            self.pause(min(next(waits), remaining))
 
     def archive(
         self,
@@ -281,7 +281,7 @@ class XnatClient(XnatSession):
                     f"timed out after {timeout:g}s waiting for XNAT's prearchive to show {project or UNASSIGNED}/"
                     f"{label} (study {study_uid}) after sending; check the receiver's routing and XNAT's logs"
                 )
-            self._sleep(min(next(waits), remaining))
+            self.pause(min(next(waits), remaining))
 
     def prearchive_scan_files(self, project: str | None, timestamp: str, folder: str) -> dict[str, int]:
         """Scan ID → number of files of a prearchive session's scan resources.

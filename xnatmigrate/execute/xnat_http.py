@@ -100,6 +100,7 @@ class XnatSession:
         self._lock = threading.Lock()  # guards _conns
         self._session_lock = threading.Lock()  # guards _session_id; held while logging in
         self._session_id: str | None = None
+        self._waited = 0.0  # seconds spent waiting on XNAT (guarded by _lock): see ``waited``
 
     def __repr__(self) -> str:
         return f"XnatClient({self.base_url!r}, auth={self.auth!r})"
@@ -139,6 +140,42 @@ class XnatSession:
         ``once``: a call that is not idempotent (archive) is sent exactly once — never retried on a
         5xx, a lost connection or a timeout, whose outcome is then unknown (``OutcomeUnknown``).
         """
+        started = time.monotonic()
+        try:
+            return self._call_untimed(
+                method, path, query, form=form, ctx=ctx, allow=allow, once=once, timeout=timeout
+            )
+        finally:
+            self._add_wait(time.monotonic() - started)
+
+    @property
+    def waited(self) -> float:
+        """Seconds this client spent waiting on XNAT: its requests (retries and logins included) and the
+        pauses of its polls (``pause``), summed over threads. What a long run spends on XNAT's side."""
+        with self._lock:
+            return self._waited
+
+    def pause(self, seconds: float) -> None:
+        """Sleep between two status reads of a wait on XNAT (counted in ``waited``)."""
+        self._sleep(seconds)
+        self._add_wait(seconds)
+
+    def _add_wait(self, seconds: float) -> None:
+        with self._lock:
+            self._waited += seconds
+
+    def _call_untimed(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        *,
+        form: Mapping[str, str] | None,
+        ctx: _Ctx | None,
+        allow: tuple[int, ...],
+        once: bool,
+        timeout: float | None,
+    ) -> _Response:
         ctx = ctx or _Ctx()
         full = path + ("?" + urlencode(query) if query else "")
         body = urlencode(form).encode("utf-8") if form is not None else None
