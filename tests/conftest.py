@@ -2,21 +2,25 @@
 
 PostgreSQL: ``pg_admin_dsn`` is the server (``XNATMIGRATE_TEST_DSN`` if set, else one embedded server per
 test process, so each pytest-xdist worker has its own); ``pg_dsn`` / ``pg_db_17`` give each test a fresh
-database holding XNAT's real ``xdat_search.prearchive`` table, dropped afterwards. Tests that use them
-are marked ``pg`` automatically (``make test-pg`` selects them).
+database holding XNAT's real ``xdat_search.prearchive`` table, dropped afterwards; ``state_url`` gives
+each test a fresh state schema (``--state-url``) in a database of its own, never XNAT's. Tests that use
+them are marked ``pg`` automatically (``make test-pg`` selects them).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import uuid
 from collections.abc import Iterator
+from urllib.parse import urlencode
 
+import psycopg2.extensions
 import pytest
 
 from xnatmigrate.testing.pg import TABLE_PROFILES, EmbeddedPostgres, PgDb, temporary_database
 
-PG_FIXTURES = frozenset({"pg_admin_dsn", "pg_dsn", "pg_db_17"})
+PG_FIXTURES = frozenset({"pg_admin_dsn", "pg_dsn", "pg_db_17", "state_url", "state_db_dsn"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -95,3 +99,33 @@ def site(tmp_path, pg_dsn, monkeypatch):
             monkeypatch.setenv(k, v)
         s.xnat = xnat  # type: ignore[attr-defined]
         yield s
+
+
+# --- the ledger in PostgreSQL (--state-url) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def state_db_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """A database for state schemas (apart from the XNAT databases of ``pg_dsn``), per xdist worker."""
+    with temporary_database(pg_admin_dsn, None, prefix="xmstate") as db:
+        yield db.dsn
+
+
+def state_url_of(dsn: str, schema: str) -> str:
+    """``dsn`` (URL or key=value) as a ``--state-url`` of ``schema``, without its password."""
+    params = {k: v for k, v in psycopg2.extensions.parse_dsn(dsn).items() if v and k != "password"}
+    user, dbname = params.pop("user", ""), params.pop("dbname", "")
+    return f"postgresql://{user + '@' if user else ''}/{dbname}?{urlencode({**params, 'schema': schema})}"
+
+
+def fresh_schema() -> str:
+    return f"xm_state_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def state_url(state_db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A ``--state-url`` of a fresh schema (created by the first plan); a password goes in PGPASSWORD."""
+    password = psycopg2.extensions.parse_dsn(state_db_dsn).get("password")
+    if password:
+        monkeypatch.setenv("PGPASSWORD", password)
+    return state_url_of(state_db_dsn, fresh_schema())

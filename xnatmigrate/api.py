@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # the executors import drivers; the commands import them only
 
 ProgressFn = Callable[[int, int], None]
 STATE_DIR_ENV = "XNATMIGRATE_STATE_DIR"
+STATE_URL_ENV = "XNATMIGRATE_STATE_URL"
 PLAN_FILE = "plan.json"
 SQL_FILE = "plan.sql"
 
@@ -64,6 +65,17 @@ SQL_FILE = "plan.sql"
 def state_dir_of(arg: str | os.PathLike[str] | None) -> Path:
     """``--state-dir``, else ``$XNATMIGRATE_STATE_DIR``, else ``./.xnatmigrate``."""
     return Path(arg or os.environ.get(STATE_DIR_ENV) or ".xnatmigrate")
+
+
+def open_state(sdir: Path, state_url: str | None = None, *, create: bool = False) -> StateStore:
+    """The ledger: in PostgreSQL when ``--state-url`` (else ``$XNATMIGRATE_STATE_URL``) names one, else
+    SQLite in ``sdir``. plan.json and plan.sql stay in ``sdir`` either way."""
+    url = state_url or os.environ.get(STATE_URL_ENV)
+    if not url:
+        return StateStore(sdir, create)
+    from .execute import statepg  # psycopg2: imported only when the state is in PostgreSQL
+
+    return StateStore(create=create, opener=statepg.opener(url))
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -140,10 +152,11 @@ def plan(
     sql_out: str | Path | None = None,
     progress: ProgressFn | None = None,
     now: datetime | None = None,
+    state_url: str | None = None,
 ) -> PlanOutcome:
     """Scan, check and plan; write plan.json and plan.sql. Raises PlanError when refused."""
     with _collector_paused():
-        return _plan(manifest_path, state_dir, offline, jobs, out, sql_out, progress, now)
+        return _plan(manifest_path, state_dir, offline, jobs, out, sql_out, progress, now, state_url)
 
 
 @contextlib.contextmanager
@@ -169,6 +182,7 @@ def _plan(
     sql_out: str | Path | None,
     progress: ProgressFn | None,
     now: datetime | None,
+    state_url: str | None = None,
 ) -> PlanOutcome:
     from .execute.facts import archived_facts, gather_facts, site_facts
     from .scan import scan_sources
@@ -176,7 +190,7 @@ def _plan(
     started = time.monotonic()
     manifest = load_manifest(manifest_path)
     sdir = state_dir_of(state_dir)
-    with StateStore(sdir) as store:
+    with open_state(sdir, state_url, create=True) as store:
         keywords = scan_keywords(manifest)
         # The cache is dropped as soon as the scan is done: its headers live on in the scan's.
         scanned = scan_sources(manifest, keywords, cache=store.cache_all(), jobs=jobs, progress=progress)
@@ -332,16 +346,17 @@ def apply(
     progress: ProgressFn | None = None,
     on_session: Callable[[SessionResult], None] | None = None,
     poll: float = 1.0,
+    state_url: str | None = None,
 ) -> ApplyReport:
     """Apply a saved plan (default ``<state-dir>/plan.json``).
 
-    Refuses a stale plan and a second concurrent apply on the same state directory.
+    Refuses a stale plan and a second concurrent apply on the same ledger (state directory or schema).
     """
     from .execute.apply import Options, apply_plan
 
     sdir = state_dir_of(state_dir)
     plan_obj = load_plan(plan_path or sdir / PLAN_FILE)
-    with StateStore(sdir, create=False) as store:
+    with open_state(sdir, state_url) as store:
         store.lock("apply")
         check_fresh(plan_obj, store)
         return apply_plan(
@@ -379,11 +394,11 @@ def steps_for(method: Method, archive: bool = False) -> tuple[Step, ...]:
     return base + ((Step.ARCHIVE,) if archive else ())
 
 
-def status(state_dir: str | Path | None = None) -> list[SessionStatus]:
+def status(state_dir: str | Path | None = None, *, state_url: str | None = None) -> list[SessionStatus]:
     """Per session in the ledger: the last step done and what remains."""
     sdir = state_dir_of(state_dir)
     out = []
-    with StateStore(sdir, create=False) as store:
+    with open_state(sdir, state_url) as store:
         sessions = store.sessions()
         # Ledgers written before targets were recorded keep the archive option only in plan.json.
         saved = _saved_plan(sdir) if any(s.archive is None for s in sessions) else None
@@ -444,12 +459,13 @@ def verify(
     *,
     quick: bool = False,
     on_session: Callable[[SessionCheck], None] | None = None,
+    state_url: str | None = None,
 ) -> VerifyReport:
     """Check every applied session (files, checksums, rows, instances in XNAT) where it went."""
     from .execute.verify import verify as run
 
     sdir = state_dir_of(state_dir)
-    with StateStore(sdir, create=False) as store:
+    with open_state(sdir, state_url) as store:
         # The saved plan, when there is one, says what should be there: sessions never attempted count.
         saved = _saved_plan(sdir)
         return run(
@@ -470,12 +486,13 @@ def revert(
     force: bool = False,
     archived: bool = False,
     confirm: Callable[[str], bool] | None = None,
+    state_url: str | None = None,
 ) -> RevertReport:
     """Remove (with ``yes``) or list what this tool created and XNAT has not taken over."""
     from .execute.revert import revert as run
 
     sdir = state_dir_of(state_dir)
-    with StateStore(sdir, create=False) as store:
+    with open_state(sdir, state_url) as store:
         if yes:
             store.lock("revert")
         return run(
@@ -491,13 +508,16 @@ def revert(
 
 
 def refresh(
-    state_dir: str | Path | None = None, *, on_session: Callable[[Observation], None] | None = None
+    state_dir: str | Path | None = None,
+    *,
+    on_session: Callable[[Observation], None] | None = None,
+    state_url: str | None = None,
 ) -> list[Observation]:
     """Observe every applied session in XNAT now and record what was seen."""
     from .execute.refresh import observe
 
     sdir = state_dir_of(state_dir)
-    with StateStore(sdir, create=False) as store:
+    with open_state(sdir, state_url) as store:
         return observe(store, _fallback_if_needed(store, sdir), on_session=on_session)
 
 

@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
                 default=None,
                 help=f"state directory (default: ${api.STATE_DIR_ENV} or ./.xnatmigrate)",
             )
+            sp.add_argument(
+                "--state-url",
+                default=None,
+                metavar="URL",
+                help="keep the ledger and scan cache in PostgreSQL: postgresql://user@host/dbname?schema=NAME "
+                f"(default: ${api.STATE_URL_ENV}; not XNAT's database; the password in PGPASSWORD or "
+                "~/.pgpass); plan.json and plan.sql stay in the state directory",
+            )
 
     v = sub.add_parser("validate", help="check manifests without touching sources, databases or XNAT")
     v.add_argument("manifests", nargs="+", metavar="FILE")
@@ -141,6 +149,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         outcome = api.plan(
             args.manifest,
             state_dir=args.state_dir,
+            state_url=args.state_url,
             offline=args.offline,
             jobs=args.jobs,
             out=args.out,
@@ -187,7 +196,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     try:
         report = api.apply(
-            args.plan, state_dir=args.state_dir, jobs=args.jobs, progress=bar, on_session=on_session
+            args.plan,
+            state_dir=args.state_dir,
+            state_url=args.state_url,
+            jobs=args.jobs,
+            progress=bar,
+            on_session=on_session,
         )
     finally:
         bar.close()
@@ -199,7 +213,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         _print_json(
             {
                 "plan_id": report.plan_id,
-                "summary": {**counts, "files": files, "bytes": size, "seconds": round(report.seconds, 3)},
+                "summary": {
+                    **counts,
+                    "files": files,
+                    "bytes": size,
+                    "seconds": round(report.seconds, 3),
+                    "xnat_seconds": round(report.xnat_seconds, 3),
+                },
                 "stopped": report.stopped,
                 "sessions": [
                     {
@@ -223,7 +243,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(
                 f"Apply: {counts[api.Result.DONE]} session(s) changed, {counts[api.Result.NOOP]} already done, "
                 f"{counts[api.Result.FAILED]} failed, {counts[api.Result.SKIPPED]} not attempted; "
-                f"{files} file(s), {size / 1e6:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s)."
+                f"{files} file(s), {size / 1e6:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s)"
+                + (f", {report.xnat_seconds:.1f} s of it waiting on XNAT." if report.xnat_seconds else ".")
             )
     if report.stopped:
         print(f"error: stopped: {report.stopped}", file=sys.stderr)
@@ -236,7 +257,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = api.status(args.state_dir)
+    rows = api.status(args.state_dir, state_url=args.state_url)
     if args.json:
         _print_json([r.__dict__ for r in rows])
         return EXIT_OK
@@ -265,7 +286,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 + (f"; not checked: {'; '.join(res.skipped)}" if res.skipped else "")
             )
 
-    report = api.verify(args.state_dir, quick=args.quick, on_session=line)
+    report = api.verify(args.state_dir, quick=args.quick, on_session=line, state_url=args.state_url)
     if args.junit:
         api.atomic_write(Path(args.junit), api.junit_xml(report))
     if args.json:
@@ -304,6 +325,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
     report = api.revert(
         args.state_dir,
+        state_url=args.state_url,
         yes=args.yes,
         sessions=args.session,
         projects=args.project,
@@ -332,7 +354,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"  {o.state:<9} {o.label:<40} {o.detail}")
 
-    observations = api.refresh(args.state_dir, on_session=line)
+    observations = api.refresh(args.state_dir, on_session=line, state_url=args.state_url)
     if args.json:
         _print_json([{"action_id": o.action_id, "session": o.label, **o.as_dict()} for o in observations])
     elif not observations:

@@ -1,34 +1,38 @@
-"""The state file (SQLite): a ledger of what this tool did, plus the scan cache.
+"""The state: a ledger of what this tool did, plus the scan cache, in a database ``StateStore``
+does not choose: SQLite in ``<state-dir>/state.db`` (the embedded default, ``statedb``) or a schema
+in PostgreSQL (``--state-url``, ``execute.statepg``), both behind ``statedb.Database``.
 
 Invariants:
 - A ledger, not a cache: an unreadable state, or one written by a newer format, is an error with a
   fix, never a silent reset.
 - Every step is recorded right after it takes effect (check → act → record), in its own committed
-  transaction (``synchronous=FULL``), so a crash loses at most the record of the step in flight,
-  which the next run's *check* rediscovers. Inside ``group`` (apply's group commit) the records of
-  a group of sessions commit together: a crash loses that group's uncommitted records, each of which
-  the rerun's check rediscovers the same way; a caller commits before any act whose check needs them.
-- One writer per state directory: ``StateStore.lock()`` takes an exclusive ``flock`` and names the
-  holder (host, pid, start time) to whoever is refused.
+  transaction (SQLite's ``synchronous=FULL``, PostgreSQL's COMMIT), so a crash loses at most the
+  record of the step in flight, which the next run's *check* rediscovers. Inside ``group`` (apply's
+  group commit) the records of a group of sessions commit together: a crash loses that group's
+  uncommitted records, each of which the rerun's check rediscovers the same way; a caller commits
+  before any act whose check needs them.
+- One writer per ledger: ``StateStore.lock()`` takes the database's exclusive lock (SQLite: a
+  ``flock`` of the state directory; PostgreSQL: a session-level advisory lock keyed by the schema)
+  and names the holder (host, pid, start time) to whoever is refused.
 - ``serial`` changes only when a different plan starts to apply or something is reverted; resuming
   the plan recorded as ``current_plan`` keeps it, so an interrupted apply can rerun the same plan.
+- The SQL here is the one dialect both databases run (``statedb``): ``?`` placeholders, ``ON
+  CONFLICT`` upserts, NULL order spelled out.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LockedError, StateError
+from .errors import StateError
 from .model import (
     Build,
     CachedHeader,
@@ -47,42 +51,10 @@ from .model import (
     xnat_from_dict,
     xnat_to_dict,
 )
-from .statedb import connect, db_text, py_text, state_error
+from .statedb import Database, Opener, SqliteDatabase, py_text
 
 STATE_FORMAT = 1
-STATE_FILE = "state.db"
-LOCK_FILE = "lock"
 _CACHE_BATCH = 2048  # scan-cache rows fetched per call
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS scan_cache (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    keywords TEXT NOT NULL, transfer_syntax TEXT, header TEXT, reject TEXT);
-CREATE TABLE IF NOT EXISTS timestamps (
-    project TEXT NOT NULL, session TEXT NOT NULL, study_uid TEXT NOT NULL, timestamp TEXT NOT NULL,
-    PRIMARY KEY (project, session, study_uid));
-CREATE TABLE IF NOT EXISTS sessions (
-    action_id TEXT PRIMARY KEY, plan_id TEXT NOT NULL, method TEXT NOT NULL, project TEXT,
-    subject TEXT, session TEXT NOT NULL, study_uid TEXT NOT NULL, timestamp TEXT NOT NULL,
-    session_dir TEXT, url TEXT, prearchive_uri TEXT NOT NULL, row_json TEXT, files INTEGER NOT NULL,
-    bytes INTEGER NOT NULL, sources_json TEXT NOT NULL, status TEXT NOT NULL, updated TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS steps (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, action_id TEXT NOT NULL, step TEXT NOT NULL,
-    outcome TEXT NOT NULL, detail TEXT, at TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS steps_action ON steps (action_id, step);
-CREATE TABLE IF NOT EXISTS files (
-    action_id TEXT NOT NULL, dest TEXT NOT NULL, source TEXT NOT NULL, size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, PRIMARY KEY (action_id, dest));
-CREATE TABLE IF NOT EXISTS sent (
-    action_id TEXT NOT NULL, sop_instance_uid TEXT NOT NULL, status INTEGER NOT NULL,
-    at TEXT NOT NULL, PRIMARY KEY (action_id, sop_instance_uid));
-CREATE TABLE IF NOT EXISTS observed (
-    action_id TEXT PRIMARY KEY, observation TEXT NOT NULL, at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS session_targets (
-    action_id TEXT PRIMARY KEY, target_json TEXT NOT NULL, build TEXT NOT NULL,
-    archive INTEGER NOT NULL);
-"""
 
 
 def _decode_each(texts: list[str]) -> list[Any]:
@@ -167,148 +139,97 @@ _INSERT_STEP = "INSERT INTO steps (action_id, step, outcome, detail, at) VALUES 
 
 
 class StateStore:
-    """The SQLite ledger in ``<state_dir>/state.db``."""
+    """The ledger, on SQLite in ``<state_dir>/state.db`` unless ``opener`` opens another database
+    (``execute.statepg.opener`` for ``--state-url``)."""
 
-    def __init__(self, state_dir: str | Path, create: bool = True) -> None:
-        self.dir = Path(state_dir)
-        self.path = self.dir / STATE_FILE
-        if not self.path.exists() and not create:
-            raise StateError(
-                f"no state in {self.dir}: run `xnatmigrate plan MANIFEST` first (or pass --state-dir)"
-            )
-        self._lock_fd: int | None = None
+    def __init__(
+        self, state_dir: str | Path | None = None, create: bool = True, *, opener: Opener | None = None
+    ) -> None:
+        if opener is None:
+            if state_dir is None:
+                raise ValueError("StateStore needs a state directory or an opener")
+            opener = SqliteDatabase.opener(state_dir)
         self._grouped = False
         self._steps: list[tuple[str, str, str, str | None, str]] = []  # records of a group, not yet written
+        self.db: Database = opener(create, self._write_schema)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
-                self._create()
-            elif self.path.stat().st_size == 0:
+            self._check_format()
+        except BaseException as exc:
+            self.db.close()
+            if isinstance(exc, self.db.errors):
                 raise StateError(
-                    f"the state file {self.path} is empty (0 bytes), but a new one is written complete: "
-                    "it was truncated (a crash, a full disk or a stray redirect), and it is the ledger "
-                    "of what was migrated: restore it from backup, or move it aside to start over "
-                    "deliberately"
-                )
-            self.conn = connect(self.path)
-            try:
-                self._check_format()
-            except BaseException:
-                self.conn.close()
-                raise
-        except StateError:
+                    f"{self.db.name} is unreadable ({exc}); it is the ledger of what was migrated: "
+                    f"restore it from backup, or {self.db.start_over}"
+                ) from None
             raise
-        except sqlite3.Error as exc:
-            raise state_error(exc, self.path) or StateError(
-                f"the state file {self.path} is unreadable ({exc}); it is the ledger of what was "
-                "migrated: restore it from backup, or move it aside to start over deliberately"
-            ) from None
-        except OSError as exc:
-            raise StateError(
-                f"cannot open the state directory {self.dir}: {exc.strerror}; make it a writable "
-                "folder with free space (or pass another --state-dir)"
-            ) from None
-
-    def _create(self) -> None:
-        """Write a complete, empty ledger beside ``state.db`` and link it into place.
-
-        A state.db therefore always holds the schema: one without it (0 bytes, no tables) was
-        damaged, never just created, and is refused instead of being taken for a fresh ledger.
-        """
-        tmp = self.dir / f".{STATE_FILE}.new-{os.getpid()}"
-        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-            leftover.unlink(missing_ok=True)
-        conn = connect(tmp, shown=self.path)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            self._write_schema(conn)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()  # the last connection checkpoints the WAL into the file and removes it
-        try:
-            os.link(tmp, self.path)  # never replaces a state.db another process created meanwhile
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     # -- format ---------------------------------------------------------------------------------
 
     def _check_format(self) -> None:
-        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = self.db.tables()
+        name = self.db.name
         if "meta" in tables:
-            row = self.conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            row = self.db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
             fmt = int(row[0]) if row else 0
             if fmt > STATE_FORMAT:
                 raise StateError(
-                    f"the state file {self.path} has format {fmt}, newer than this xnatmigrate "
-                    f"understands ({STATE_FORMAT}); upgrade xnatmigrate"
+                    f"{name} has format {fmt}, newer than this xnatmigrate understands ({STATE_FORMAT}); "
+                    "upgrade xnatmigrate"
                 )
             if fmt < 1:
-                raise StateError(f"the state file {self.path} has no format marker; it is not ours")
+                raise StateError(f"{name} has no format marker; it is not ours")
         elif tables:
-            raise StateError(f"{self.path} is an SQLite file but not an xnatmigrate state file")
+            shown = ", ".join(sorted(tables)[:3]) + (", …" if len(tables) > 3 else "")
+            raise StateError(
+                f"{name} holds tables that are not an xnatmigrate state file's ({shown}); it is not ours: "
+                "choose another (--state-dir, or ?schema= in --state-url)"
+            )
         else:
             raise StateError(
-                f"the state file {self.path} holds no tables, but a new one is written complete: it "
-                "was emptied or replaced, and it is the ledger of what was migrated: restore it from "
-                "backup, or move it aside to start over deliberately"
+                f"{name} holds no tables, but a new one is written complete: it was emptied or "
+                "replaced, and it is the ledger of what was migrated: restore it from backup, or "
+                f"{self.db.start_over}"
             )
         with self.tx():
-            self._write_schema(self.conn)
+            self._write_schema(self.db)
 
     @staticmethod
-    def _write_schema(conn: sqlite3.Connection) -> None:
-        """Tables added since the file was created, and the format marker (idempotent)."""
-        for stmt in _SCHEMA.strip().split(";"):
-            if stmt.strip():
-                conn.execute(stmt)
-        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (str(STATE_FORMAT),))
-        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('serial', '0')")
-        # Columns added since: a cache entry without them is never valid (NULL matches no stat).
-        have = {r[1] for r in conn.execute("PRAGMA table_info(scan_cache)")}
-        for column in ("ctime_ns", "ino"):
-            if column not in have:
-                conn.execute(f"ALTER TABLE scan_cache ADD COLUMN {column} INTEGER")
-        # The header's digest (model.header_digest); NULL: not recorded, computed when planning.
-        if "digest" not in have:
-            conn.execute("ALTER TABLE scan_cache ADD COLUMN digest TEXT")
-        # model.head_digest of the bytes before Pixel Data; NULL: not known (apply parses instead).
-        if "head_digest" not in have:
-            conn.execute("ALTER TABLE scan_cache ADD COLUMN head_digest TEXT")
+    def _write_schema(db: Database) -> None:
+        """Tables and columns added since the ledger was created, and the format marker (idempotent)."""
+        db.write_tables()
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('format', ?) ON CONFLICT DO NOTHING", (str(STATE_FORMAT),)
+        )
+        db.execute("INSERT INTO meta (key, value) VALUES ('serial', '0') ON CONFLICT DO NOTHING")
 
     @contextlib.contextmanager
-    def tx(self, *, single: bool = False) -> Iterator[sqlite3.Connection]:
+    def tx(self, *, single: bool = False) -> Iterator[Database]:
         """One committed transaction (the unit of durability); inside ``group`` a savepoint of it, or,
         for a record that is one statement (``single``: atomic on its own), just that statement."""
+        db = self.db
         if self._grouped and single:
-            yield self.conn
+            yield db
             return
         if self._grouped:
             # Atomic on its own (a failed record leaves no half of itself), durable with the group.
-            self.conn.execute("SAVEPOINT record")
+            db.savepoint("record")
             try:
-                yield self.conn
-                self.conn.execute("RELEASE record")
+                yield db
+                db.release("record")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error, StateError):
-                    self.conn.execute("ROLLBACK TO record")
-                    self.conn.execute("RELEASE record")
+                with contextlib.suppress(*db.errors, StateError):
+                    db.rollback_to("record")
+                    db.release("record")
                 raise
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
-            yield self.conn
-            self.conn.execute("COMMIT")
+            yield db
+            db.commit()
         except BaseException:
             # SQLite may already have rolled back (a full disk, an I/O error): keep the real error.
-            with contextlib.suppress(sqlite3.Error, StateError):
-                self.conn.execute("ROLLBACK")
+            with contextlib.suppress(*db.errors, StateError):
+                db.rollback()
             raise
 
     @contextlib.contextmanager
@@ -323,36 +244,37 @@ class StateStore:
         if self._grouped:
             yield
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        db = self.db
+        ledger_failed: tuple[type[Exception], ...] = (*db.errors, StateError)
+        db.begin()
         self._grouped = True
         try:
             yield
             self._write_steps()
-        except (sqlite3.Error, StateError):
+        except ledger_failed:
             self._grouped = False
             self._steps = []
-            with contextlib.suppress(sqlite3.Error, StateError):
-                self.conn.execute("ROLLBACK")
+            with contextlib.suppress(*db.errors, StateError):
+                db.rollback()
             raise
         except BaseException:
             self._grouped = False
             self._write_steps()
-            self.conn.execute("COMMIT")
+            db.commit()
             raise
         self._grouped = False
-        self.conn.execute("COMMIT")
+        db.commit()
 
     def commit(self) -> None:
         """Inside ``group``: make the records so far durable now; the group goes on. Else nothing to do."""
         if self._grouped:
             self._write_steps()
-            self.conn.execute("COMMIT")
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.db.commit()
+            self.db.begin()
 
     def close(self) -> None:
-        self.unlock()
-        if hasattr(self, "conn"):
-            self.conn.close()
+        if hasattr(self, "db"):
+            self.db.close()
 
     def __enter__(self) -> StateStore:
         return self
@@ -366,11 +288,14 @@ class StateStore:
     # -- meta -----------------------------------------------------------------------------------
 
     def _meta(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
     def _set_meta(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
 
     def serial(self) -> int:
         return int(self._meta("serial") or 0)
@@ -393,42 +318,11 @@ class StateStore:
     # -- lock -----------------------------------------------------------------------------------
 
     def lock(self, what: str = "apply") -> None:
-        """Take the directory's exclusive lock or raise LockedError naming the holder."""
-        path = self.dir / LOCK_FILE
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StateError(
-                f"cannot create the lock file {path}: {exc.strerror}; the state directory {self.dir} "
-                "must be writable by this user, with free space"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(path).read_text(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise LockedError(
-                f"{self.dir} is in use by {holder}; wait for it to finish (or, if that process is "
-                "gone, rerun: the lock is released when its holder exits)"
-            ) from None
-        info = f"{what} on host {socket.gethostname()} pid {os.getpid()} since {now_iso()}"
-        self._lock_fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
-        except OSError as exc:
-            self.unlock()
-            raise StateError(
-                f"cannot write the lock file {path}: {exc.strerror}; free space in the state "
-                f"directory {self.dir} (or pass another --state-dir), then rerun"
-            ) from None
+        """Take the ledger's exclusive lock or raise LockedError naming the holder (``Database.lock``)."""
+        self.db.lock(f"{what} on host {socket.gethostname()} pid {os.getpid()} since {now_iso()}")
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.db.unlock()
 
     # -- scan cache -----------------------------------------------------------------------------
 
@@ -446,16 +340,13 @@ class StateStore:
         pool = ValuePool()
         share, text = pool.values, pool.text
         sizes: dict[int, int] = {}  # few distinct sizes (a series' images are alike): one int each
-        cur = self.conn.execute(
+        cur = self.db.execute(
             "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest, "
             "head_digest "
             "FROM scan_cache"
         )
         while True:
-            try:  # in batches: 100,000s of rows, one fetch call (and its error check) per batch
-                rows = cur.fetchmany(_CACHE_BATCH)
-            except sqlite3.Error as exc:
-                raise (state_error(exc, self.path) or exc) from None
+            rows = cur.fetchmany(_CACHE_BATCH)  # in batches: 100,000s of rows, one fetch call per batch
             if not rows:
                 return out
             headers = iter(_decode_each([r[5] for r in rows if r[5] is not None]))
@@ -463,7 +354,7 @@ class StateStore:
                 keywords = keyword_sets.get(kw)
                 if keywords is None:
                     keywords = keyword_sets[kw] = frozenset(loads(kw))
-                if isinstance(path, bytes):  # a name that is not UTF-8 (_db_text)
+                if isinstance(path, bytes):  # a name that is not UTF-8 (Database.fs_text)
                     path = os.fsdecode(path)
                 out[path] = CachedHeader(
                     path,
@@ -480,20 +371,25 @@ class StateStore:
                 )
 
     def cache_put(self, entries: Iterable[CachedHeader]) -> None:
+        fs_text = self.db.fs_text
         with self.tx():
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO scan_cache "
+            self.db.executemany(
+                "INSERT INTO scan_cache "
                 "(path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest, "
-                "head_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "head_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+                "size=excluded.size, mtime_ns=excluded.mtime_ns, keywords=excluded.keywords, "
+                "transfer_syntax=excluded.transfer_syntax, header=excluded.header, reject=excluded.reject, "
+                "ctime_ns=excluded.ctime_ns, ino=excluded.ino, digest=excluded.digest, "
+                "head_digest=excluded.head_digest",
                 (
                     (
-                        db_text(e.path),
+                        fs_text(e.path),
                         e.size,
                         e.mtime_ns,
                         json.dumps(sorted(e.keywords)),
                         e.transfer_syntax,
                         json_text(dict(e.header)) if e.header is not None else None,
-                        db_text(e.reject),
+                        fs_text(e.reject),
                         e.ctime_ns,
                         e.ino,
                         e.digest or None,
@@ -506,21 +402,21 @@ class StateStore:
     # -- timestamps -----------------------------------------------------------------------------
 
     def timestamp_for(self, project: str | None, session: str, study_uid: str) -> str | None:
-        row = self.conn.execute(
+        row = self.db.execute(
             "SELECT timestamp FROM timestamps WHERE project=? AND session=? AND study_uid=?",
             (project or "", session, study_uid),
         ).fetchone()
         return row[0] if row else None
 
     def all_timestamps(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT timestamp FROM timestamps")}
+        return {r[0] for r in self.db.execute("SELECT timestamp FROM timestamps")}
 
     def record_timestamps(self, rows: Iterable[tuple[str | None, str, str, str]]) -> None:
         """Keep each (project, session, study) → timestamp choice; an existing one is never changed."""
         with self.tx():
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO timestamps (project, session, study_uid, timestamp) "
-                "VALUES (?, ?, ?, ?)",
+            self.db.executemany(
+                "INSERT INTO timestamps (project, session, study_uid, timestamp) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 ((p or "", s, u, t) for p, s, u, t in rows),
             )
 
@@ -548,7 +444,7 @@ class StateStore:
             case _:
                 unreachable(s)
         with self.tx():
-            self.conn.execute(
+            self.db.execute(
                 "INSERT INTO sessions (action_id, plan_id, method, project, subject, session, "
                 "study_uid, timestamp, session_dir, url, prearchive_uri, row_json, files, bytes, "
                 "sources_json, status, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
@@ -575,32 +471,32 @@ class StateStore:
                     SessionState.APPLIED,
                 ),
             )
-            self.conn.execute(
-                "INSERT OR IGNORE INTO session_targets (action_id, target_json, build, archive) "
-                "VALUES (?,?,?,?)",
+            self.db.execute(
+                "INSERT INTO session_targets (action_id, target_json, build, archive) "
+                "VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                 (s.action_id, json.dumps(xnat_to_dict(target), sort_keys=True), s.build, int(s.archive)),
             )
 
     def session_paths(self, action_id: str) -> tuple[str | None, str | None]:
         """(session_dir, url) as recorded with the session's first attempt; (None, None) if unknown."""
-        row = self.conn.execute(
+        row = self.db.execute(
             "SELECT session_dir, url FROM sessions WHERE action_id=?", (action_id,)
         ).fetchone()
         return (row[0], row[1]) if row else (None, None)
 
     def set_session_status(self, action_id: str, status: SessionState) -> None:
         with self.tx(single=True):
-            self.conn.execute(
+            self.db.execute(
                 "UPDATE sessions SET status=?, updated=? WHERE action_id=?", (status, now_iso(), action_id)
             )
 
     def sessions(self) -> list[AppliedSession]:
-        rows = self.conn.execute(
+        rows = self.db.execute(
             "SELECT s.action_id, plan_id, method, project, subject, session, study_uid, timestamp, "
             "session_dir, url, prearchive_uri, row_json, files, bytes, sources_json, status, "
             "t.target_json, t.build, t.archive "
             "FROM sessions s LEFT JOIN session_targets t ON t.action_id = s.action_id "
-            "ORDER BY project, session, study_uid"
+            "ORDER BY project NULLS FIRST, session, study_uid"
         ).fetchall()
         targets: dict[str, XnatTarget] = {}  # one decode per distinct target
         out = []
@@ -652,18 +548,18 @@ class StateStore:
             self._steps.append(entry)
             return
         with self.tx():
-            self.conn.execute(_INSERT_STEP, entry)
+            self.db.execute(_INSERT_STEP, entry)
 
     def _write_steps(self) -> None:
         if self._steps:
             entries, self._steps = self._steps, []
-            self.conn.executemany(_INSERT_STEP, entries)
+            self.db.executemany(_INSERT_STEP, entries)
 
     def steps_done(self, action_id: str) -> set[Step]:
         """Steps whose latest record is done or noop (a later ``reverted`` record undoes them)."""
         self._write_steps()
         latest: dict[str, str] = {}
-        for step, outcome in self.conn.execute(
+        for step, outcome in self.db.execute(
             "SELECT step, outcome FROM steps WHERE action_id=? ORDER BY id", (action_id,)
         ):
             latest[step] = outcome
@@ -671,7 +567,7 @@ class StateStore:
 
     def step_detail(self, action_id: str, step: Step) -> Any:
         self._write_steps()
-        row = self.conn.execute(
+        row = self.db.execute(
             "SELECT detail FROM steps WHERE action_id=? AND step=? AND outcome IN (?, ?) "
             "ORDER BY id DESC LIMIT 1",
             (action_id, step, Outcome.DONE, Outcome.NOOP),
@@ -682,7 +578,7 @@ class StateStore:
         self._write_steps()
         return [
             (Step(step), Outcome(outcome), json.loads(detail) if detail else None, at)
-            for step, outcome, detail, at in self.conn.execute(
+            for step, outcome, detail, at in self.db.execute(
                 "SELECT step, outcome, detail, at FROM steps WHERE action_id=? ORDER BY id", (action_id,)
             )
         ]
@@ -692,15 +588,17 @@ class StateStore:
     def record_files(self, action_id: str, rows: Iterable[tuple[str, str, int, str]]) -> None:
         """(dest, source, size, sha256) of files staged for a session."""
         with self.tx():
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO files (action_id, dest, source, size, sha256) VALUES (?,?,?,?,?)",
-                ((action_id, db_text(d), db_text(s), n, h) for d, s, n, h in rows),
+            self.db.executemany(
+                "INSERT INTO files (action_id, dest, source, size, sha256) VALUES (?,?,?,?,?) "
+                "ON CONFLICT (action_id, dest) DO UPDATE SET source=excluded.source, size=excluded.size, "
+                "sha256=excluded.sha256",
+                ((action_id, self.db.fs_text(d), self.db.fs_text(s), n, h) for d, s, n, h in rows),
             )
 
     def files_for(self, action_id: str) -> dict[str, tuple[str, int, str]]:
         return {
             py_text(d): (py_text(s), n, h)
-            for d, s, n, h in self.conn.execute(
+            for d, s, n, h in self.db.execute(
                 "SELECT dest, source, size, sha256 FROM files WHERE action_id=?", (action_id,)
             )
         }
@@ -708,33 +606,35 @@ class StateStore:
     def record_sent(self, action_id: str, rows: Iterable[tuple[str, int]]) -> None:
         """(SOPInstanceUID, C-STORE status) confirmed by the receiver."""
         with self.tx():
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO sent (action_id, sop_instance_uid, status, at) VALUES (?,?,?,?)",
+            self.db.executemany(
+                "INSERT INTO sent (action_id, sop_instance_uid, status, at) VALUES (?,?,?,?) "
+                "ON CONFLICT (action_id, sop_instance_uid) DO UPDATE SET status=excluded.status, at=excluded.at",
                 ((action_id, uid, status, now_iso()) for uid, status in rows),
             )
 
     def sent_for(self, action_id: str) -> dict[str, int]:
         return dict(
-            self.conn.execute("SELECT sop_instance_uid, status FROM sent WHERE action_id=?", (action_id,))
+            self.db.execute("SELECT sop_instance_uid, status FROM sent WHERE action_id=?", (action_id,))
         )
 
     def clear_session_records(self, action_id: str) -> None:
         """Forget files and sends of a reverted session (its steps stay in the ledger)."""
         with self.tx():
-            self.conn.execute("DELETE FROM files WHERE action_id=?", (action_id,))
-            self.conn.execute("DELETE FROM sent WHERE action_id=?", (action_id,))
+            self.db.execute("DELETE FROM files WHERE action_id=?", (action_id,))
+            self.db.execute("DELETE FROM sent WHERE action_id=?", (action_id,))
 
     # -- observations (refresh) ------------------------------------------------------------------
 
     def record_observation(self, action_id: str, observation: Mapping[str, Any]) -> None:
         with self.tx():
-            self.conn.execute(
-                "INSERT OR REPLACE INTO observed (action_id, observation, at) VALUES (?,?,?)",
+            self.db.execute(
+                "INSERT INTO observed (action_id, observation, at) VALUES (?,?,?) "
+                "ON CONFLICT (action_id) DO UPDATE SET observation=excluded.observation, at=excluded.at",
                 (action_id, json.dumps(dict(observation)), now_iso()),
             )
 
     def observation(self, action_id: str) -> dict[str, Any] | None:
-        row = self.conn.execute(
+        row = self.db.execute(
             "SELECT observation, at FROM observed WHERE action_id=?", (action_id,)
         ).fetchone()
         return {**json.loads(row[0]), "observed_at": row[1]} if row else None

@@ -164,7 +164,7 @@ def test_status_of_an_old_ledger_takes_archive_from_the_saved_plan(tmp_path: Pat
         store.register_session("plan-1", pre, TARGET)
         # A ledger written before targets were recorded has no archive flag of its own.
         with store.tx():
-            store.conn.execute("DELETE FROM session_targets")
+            store.db.execute("DELETE FROM session_targets")
     assert api.status(tmp_path)[0].remaining == (Step.STAGE, Step.PUBLISH, Step.INSERT, Step.BUILD)
     plan = with_plan_id(replace(plan_of(write_manifest(tmp_path)), sessions=(pre,)))
     (tmp_path / api.PLAN_FILE).write_text(json.dumps(plan_to_dict(plan)), encoding="utf-8")

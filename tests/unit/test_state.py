@@ -1,35 +1,101 @@
-"""The state file is a ledger: never silently reset, one writer at a time, records survive."""
+"""The state is a ledger: never silently reset, one writer at a time, records survive.
+
+The tests of what a ledger does run on both databases (``ledger``: SQLite in a state directory, and a
+fresh schema in PostgreSQL, marked ``pg``); those of SQLite's file (damage, a full disk, a read-only
+directory) and of PostgreSQL's server (a dead server, a lost connection, permissions) run on theirs.
+"""
 
 import multiprocessing
 import os
 import shutil
 import sqlite3
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
+import psycopg2
 import pytest
 
+from tests.conftest import fresh_schema, state_url_of
 from xnatmigrate.errors import LockedError, StateError
 from xnatmigrate.state import STATE_FORMAT, CachedHeader, StateStore
 
 
-def test_fresh_state_has_format_and_serial(tmp_path):
-    with StateStore(tmp_path) as st:
+@dataclass
+class Ledger:
+    """One ledger on one database: ``open`` it as the commands do, ``raw`` reach past StateStore."""
+
+    kind: str
+    dir: Path
+    url: str | None = None
+    dsn: str | None = None  # PostgreSQL: the database, for raw connections
+    schema: str | None = None
+
+    def open(self, create: bool = True) -> StateStore:
+        if self.url is None:
+            return StateStore(self.dir, create)
+        from xnatmigrate.execute import statepg
+
+        return StateStore(create=create, opener=statepg.opener(self.url))
+
+    def raw(self, statement: str, params: tuple = ()) -> list[tuple]:
+        """Run one statement on another connection, committed (what another process sees)."""
+        if self.url is None:
+            conn = sqlite3.connect(self.dir / "state.db")
+            try:
+                rows = conn.execute(statement, params).fetchall()
+                conn.commit()
+                return rows
+            finally:
+                conn.close()
+        conn = psycopg2.connect(self.dsn)
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(f"SET search_path TO {self.schema}")
+                cur.execute(statement.replace("?", "%s"), params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        return (sqlite3.Error,) if self.url is None else (psycopg2.Error,)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("pg", marks=pytest.mark.pg)])
+def ledger(request, tmp_path) -> Ledger:
+    if request.param == "sqlite":
+        return Ledger("sqlite", tmp_path)
+    dsn = request.getfixturevalue("state_db_dsn")
+    schema = fresh_schema()
+    if psycopg2.extensions.parse_dsn(dsn).get("password"):
+        request.getfixturevalue("monkeypatch").setenv(
+            "PGPASSWORD", psycopg2.extensions.parse_dsn(dsn)["password"]
+        )
+    return Ledger("pg", tmp_path, state_url_of(dsn, schema), dsn, schema)
+
+
+def test_fresh_state_has_format_and_serial(ledger):
+    with ledger.open() as st:
         assert st.serial() == 0 and st.current_plan() is None
+    assert ledger.raw("SELECT value FROM meta WHERE key='format'") == [(str(STATE_FORMAT),)]
 
 
-def test_missing_state_is_an_error_when_not_creating(tmp_path):
-    with pytest.raises(StateError, match="run `xnatmigrate plan MANIFEST` first"):
-        StateStore(tmp_path / "nothing", create=False)
+def test_missing_state_is_an_error_when_not_creating(ledger):
+    if ledger.url is None:
+        ledger.dir = ledger.dir / "nothing"
+    with pytest.raises(
+        StateError, match=r"no state in .*: run `xnatmigrate plan MANIFEST( --state-url …)?` first"
+    ):
+        ledger.open(create=False)
 
 
-def test_newer_format_is_refused_not_reset(tmp_path):
-    StateStore(tmp_path).close()
-    conn = sqlite3.connect(tmp_path / "state.db")
-    conn.execute("UPDATE meta SET value=? WHERE key='format'", (str(STATE_FORMAT + 1),))
-    conn.commit()
-    conn.close()
+def test_newer_format_is_refused_not_reset(ledger):
+    ledger.open().close()
+    ledger.raw("UPDATE meta SET value=? WHERE key='format'", (str(STATE_FORMAT + 1),))
     with pytest.raises(StateError, match="newer than this xnatmigrate understands"):
-        StateStore(tmp_path)
+        ledger.open()
+    assert ledger.raw("SELECT value FROM meta WHERE key='format'") == [(str(STATE_FORMAT + 1),)]
 
 
 def test_garbage_state_is_refused(tmp_path):
@@ -87,7 +153,7 @@ def test_damage_found_after_opening_is_one_line(tmp_path):
 def test_a_full_state_database_is_one_line(tmp_path):
     # SQLITE_FULL without a full disk: the page limit makes SQLite report "database or disk is full".
     with StateStore(tmp_path) as st:
-        st.conn.execute("PRAGMA max_page_count=20")
+        st.db.execute("PRAGMA max_page_count=20")
         with pytest.raises(StateError, match="is full .*free space there.*every step recorded before"):
             st.cache_put(
                 CachedHeader(f"/p/{i}", 1, 1, frozenset({"A"}), "1.2", {"A": "x" * 200}, None)
@@ -136,56 +202,74 @@ def test_a_read_only_state_directory_is_one_line(tiny_fs):
         StateStore(tiny_fs / "new")
 
 
-def test_a_path_that_is_not_utf8_round_trips(tmp_path):
+def test_a_path_that_is_not_utf8_round_trips(ledger):
     path = os.fsdecode(b"/src/bad\xff\xfe.dcm")  # what os.scandir gives for those bytes
     entry = CachedHeader(path, 1, 1, frozenset({"A"}), "1.2", {"A": "x"}, f"not DICOM: {path}")
-    with StateStore(tmp_path) as st:
-        st.cache_put([entry])
+    plain = CachedHeader("/src/ok.dcm", 2**40, 2**62, frozenset({"A"}), "1.2", {"A": "y"}, None, 2**61, 2**50)
+    with ledger.open() as st:
+        st.cache_put([entry, plain])
         st.cache_put([entry])  # one key per path: replaced, not added
         st.record_files("a", [("/pre/1.dcm", path, 1, "h")])
         st.record_step("a", "stage", "done", {"source": path})
-    with StateStore(tmp_path) as st:
-        assert st.cache_all() == {path: entry}
+    with ledger.open() as st:
+        assert st.cache_all() == {path: entry, plain.path: plain}
         assert st.files_for("a") == {"/pre/1.dcm": (path, 1, "h")}
         assert st.step_detail("a", "stage") == {"source": path}
 
 
-def test_foreign_sqlite_is_refused(tmp_path):
-    conn = sqlite3.connect(tmp_path / "state.db")
-    conn.execute("CREATE TABLE x (a)")
-    conn.commit()
-    conn.close()
-    with pytest.raises(StateError, match="not an xnatmigrate state file"):
-        StateStore(tmp_path)
+def test_foreign_tables_are_refused(ledger):
+    if ledger.url is None:
+        ledger.raw("CREATE TABLE x (a)")
+    else:
+        psycopg2_conn = psycopg2.connect(ledger.dsn)
+        with psycopg2_conn, psycopg2_conn.cursor() as cur:
+            cur.execute(f"CREATE SCHEMA {ledger.schema}; CREATE TABLE {ledger.schema}.x (a int)")
+        psycopg2_conn.close()
+    with pytest.raises(
+        StateError, match=r"holds tables that are not an xnatmigrate state file.s \(x\); it is not ours"
+    ):
+        ledger.open()
+    assert ledger.raw("SELECT count(*) FROM x") == [(0,)]  # left as found
 
 
-def _hold_lock(path, ready, release):
-    st = StateStore(path)
+def test_a_ledger_emptied_of_its_tables_is_refused_not_reset(ledger):
+    ledger.open().close()
+    for table in ("meta", "scan_cache", "timestamps", "sessions", "steps", "files", "sent", "observed"):
+        ledger.raw(f"DROP TABLE {table}")
+    ledger.raw("DROP TABLE session_targets")
+    with pytest.raises(StateError, match="holds no tables, .*restore it from backup"):
+        ledger.open()
+
+
+def _hold_lock(ledger, ready, release):
+    st = ledger.open()
     st.lock("apply")
     ready.set()
     release.wait(10)
     st.close()
 
 
-def test_second_writer_is_refused_naming_the_holder(tmp_path):
+def test_second_writer_is_refused_naming_the_holder(ledger):
+    ledger.open().close()
     ctx = multiprocessing.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold_lock, args=(tmp_path, ready, release))
+    proc = ctx.Process(target=_hold_lock, args=(ledger, ready, release))
     proc.start()
     try:
         assert ready.wait(10)
-        with StateStore(tmp_path) as st, pytest.raises(LockedError) as exc:
+        with ledger.open() as st, pytest.raises(LockedError) as exc:
             st.lock("apply")
         assert f"pid {proc.pid}" in str(exc.value) and "apply on host" in str(exc.value)
+        assert "is in use by" in str(exc.value) and "wait for it to finish" in str(exc.value)
     finally:
         release.set()
         proc.join(10)
-    with StateStore(tmp_path) as st:
+    with ledger.open() as st:
         st.lock("apply")  # released with its holder
 
 
-def test_serial_moves_only_for_a_new_plan(tmp_path):
-    with StateStore(tmp_path) as st:
+def test_serial_moves_only_for_a_new_plan(ledger):
+    with ledger.open() as st:
         st.begin_plan("A")
         assert st.serial() == 1
         st.begin_plan("A")
@@ -194,8 +278,8 @@ def test_serial_moves_only_for_a_new_plan(tmp_path):
         assert st.serial() == 2
 
 
-def test_timestamps_are_never_changed(tmp_path):
-    with StateStore(tmp_path) as st:
+def test_timestamps_are_never_changed(ledger):
+    with ledger.open() as st:
         st.record_timestamps([("P", "S", "1.2", "20240101_000000000")])
         st.record_timestamps(
             [("P", "S", "1.2", "20250101_000000000"), (None, "S", "1.3", "20240101_000000001")]
@@ -204,8 +288,8 @@ def test_timestamps_are_never_changed(tmp_path):
         assert st.timestamp_for(None, "S", "1.3") == "20240101_000000001"
 
 
-def test_steps_ledger_latest_outcome_counts(tmp_path):
-    with StateStore(tmp_path) as st:
+def test_steps_ledger_latest_outcome_counts(ledger):
+    with ledger.open() as st:
         st.record_step("a", "stage", "done", {"files": 2})
         st.record_step("a", "publish", "failed")
         assert st.steps_done("a") == {"stage"}
@@ -222,23 +306,23 @@ def test_steps_ledger_latest_outcome_counts(tmp_path):
         ]
 
 
-def test_scan_cache_round_trip(tmp_path):
+def test_scan_cache_round_trip(ledger):
     entry = CachedHeader(
         "/x", 10, 5, frozenset({"PatientID"}), "1.2.840.10008.1.2.1", {"PatientID": "Ü"}, None
     )
     bad = CachedHeader("/y", 1, 1, frozenset(), None, None, "not DICOM: x")
-    with StateStore(tmp_path) as st:
+    with ledger.open() as st:
         st.cache_put([entry, bad])
-    with StateStore(tmp_path) as st:
+    with ledger.open() as st:
         assert st.cache_all() == {"/x": entry, "/y": bad}
 
 
-def test_cached_headers_share_equal_strings(tmp_path):
+def test_cached_headers_share_equal_strings(ledger):
     entries = [
         CachedHeader(f"/src/{i}", 1, 1, frozenset({"A", "U"}), "1.2.840", {"A": "same", "U": f"u{i}"}, None)
         for i in range(3)
     ]
-    with StateStore(tmp_path) as st:
+    with ledger.open() as st:
         st.cache_put(entries)
         got = st.cache_all()
     assert got == {e.path: e for e in entries}
@@ -251,49 +335,61 @@ def test_cached_headers_share_equal_strings(tmp_path):
 # -- group commit -----------------------------------------------------------------------------
 
 
-def _other_view(path):
+def _other_view(ledger):
     """What another process would read: a fresh connection sees committed records only."""
-    conn = sqlite3.connect(path / "state.db")
-    try:
-        return {r[0] for r in conn.execute("SELECT key FROM meta")}
-    finally:
-        conn.close()
+    return {r[0] for r in ledger.raw("SELECT key FROM meta")}
 
 
-def test_records_inside_a_group_commit_together_when_it_ends(tmp_path):
-    store = StateStore(tmp_path)
+def test_records_inside_a_group_commit_together_when_it_ends(ledger):
+    store = ledger.open()
     with store.group():
         store.begin_plan("p1")
-        assert "current_plan" not in _other_view(tmp_path)  # held back: one commit for the group
+        assert "current_plan" not in _other_view(ledger)  # held back: one commit for the group
         store.commit()
-        assert "current_plan" in _other_view(tmp_path)  # commit() makes them durable mid-group
+        assert "current_plan" in _other_view(ledger)  # commit() makes them durable mid-group
         store.bump_serial()
-    assert store.serial() == 2 and StateStore(tmp_path).serial() == 2
+    assert store.serial() == 2 and ledger.open().serial() == 2
+    store.close()
 
 
-def test_a_group_left_by_an_exception_keeps_its_records(tmp_path):
-    store = StateStore(tmp_path)
+def test_a_group_left_by_an_exception_keeps_its_records(ledger):
+    store = ledger.open()
     with pytest.raises(KeyboardInterrupt), store.group():
         store.begin_plan("p1")
         raise KeyboardInterrupt  # those steps did take effect: their records stay
-    assert StateStore(tmp_path).current_plan() == "p1"
+    store.close()
+    assert ledger.open().current_plan() == "p1"
 
 
-def test_a_failed_record_inside_a_group_leaves_no_half_of_itself(tmp_path):
-    store = StateStore(tmp_path)
+def test_a_failed_record_inside_a_group_leaves_no_half_of_itself(ledger):
+    store = ledger.open()
     with store.group():
         store.begin_plan("p1")
-        with pytest.raises(sqlite3.Error), store.tx() as conn:
-            conn.execute("INSERT INTO meta (key, value) VALUES ('half', '1')")
-            conn.execute("INSERT INTO no_such_table VALUES (1)")
-    keys = _other_view(tmp_path)
+        with pytest.raises(ledger.errors), store.tx() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('half', '1')")
+            db.execute("INSERT INTO no_such_table VALUES (1)")
+        store.record_step("a", "stage", "done")  # the group goes on after the failed record
+    keys = _other_view(ledger)
     assert "current_plan" in keys and "half" not in keys
+    assert ledger.open().steps_done("a") == {"stage"}
+    store.close()
+
+
+def test_a_failed_group_commits_nothing(ledger):
+    """The ledger itself failing inside a group: nothing of that group is committed."""
+    store = ledger.open()
+    with pytest.raises(StateError), store.group():
+        store.begin_plan("p1")
+        store.record_step("a", "stage", "done")
+        raise StateError("the ledger failed")
+    assert "current_plan" not in _other_view(ledger) and ledger.raw("SELECT count(*) FROM steps") == [(0,)]
+    store.close()
 
 
 def test_the_header_digest_round_trips_and_an_older_cache_gets_its_column(tmp_path):
     entry = CachedHeader("/src/1", 1, 1, frozenset({"A"}), "1.2", {"A": "x"}, None, 5, 6, "d" * 32)
     with StateStore(tmp_path) as st:
-        st.conn.execute("ALTER TABLE scan_cache DROP COLUMN digest")  # as an older version wrote it
+        st.db.execute("ALTER TABLE scan_cache DROP COLUMN digest")  # as an older version wrote it
     with StateStore(tmp_path) as st:  # the column is added again
         st.cache_put([entry])
         assert st.cache_all() == {"/src/1": entry}
