@@ -70,12 +70,16 @@ def state_dir_of(arg: str | os.PathLike[str] | None) -> Path:
 def open_state(sdir: Path, state_url: str | None = None, *, create: bool = False) -> StateStore:
     """The ledger: in PostgreSQL when ``--state-url`` (else ``$XNATMIGRATE_STATE_URL``) names one, else
     SQLite in ``sdir``. plan.json and plan.sql stay in ``sdir`` either way."""
-    url = state_url or os.environ.get(STATE_URL_ENV)
+    url = _state_url(state_url)
     if not url:
         return StateStore(sdir, create)
     from .execute import statepg  # psycopg2: imported only when the state is in PostgreSQL
 
     return StateStore(create=create, opener=statepg.opener(url))
+
+
+def _state_url(state_url: str | None) -> str | None:
+    return state_url or os.environ.get(STATE_URL_ENV) or None
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -191,6 +195,7 @@ def _plan(
     manifest = load_manifest(manifest_path)
     sdir = state_dir_of(state_dir)
     with open_state(sdir, state_url, create=True) as store:
+        shared = store.shared
         keywords = scan_keywords(manifest)
         # The cache is dropped as soon as the scan is done: its headers live on in the scan's.
         scanned = scan_sources(manifest, keywords, cache=store.cache_all(), jobs=jobs, progress=progress)
@@ -268,6 +273,10 @@ def _plan(
 
     result = replace(result, plan_id=atomic_write_with(plan_path, write_plan))
     atomic_write(sql_path, statements.plan_script(result))
+    if shared:
+        # Every host with the state URL applies this plan, not a copy of plan.json of its own.
+        with open_state(sdir, state_url) as store, plan_path.open("rb") as fh:
+            store.save_plan(result.plan_id, fh)
     return PlanOutcome(
         plan=result,
         plan_path=plan_path,
@@ -276,6 +285,32 @@ def _plan(
         cache_hits=cache_hits,
         seconds=time.monotonic() - started,
     )
+
+
+def plan_of(store: StateStore, sdir: Path, plan_path: str | Path | None = None) -> Plan:
+    """The plan to act on: ``plan_path`` when given; else, with a shared ledger (``--state-url``), the
+    plan ``plan`` saved in it, whichever host made it; else ``<state-dir>/plan.json``."""
+    if plan_path is not None:
+        return load_plan(plan_path)
+    saved = store.saved_plan() if store.shared else None
+    if saved is None:
+        return load_plan(sdir / PLAN_FILE)
+    # An unnamed file, gone when the plan is: its sessions are read from it as apply gets to them.
+    with tempfile.TemporaryFile() as fh:
+        for line in store.plan_lines(saved):
+            fh.write(line)
+        fh.seek(0)
+        try:
+            plan_obj = open_plan(fh)
+        except ValueError as exc:
+            raise PlanError(
+                f"the plan saved in {store.db.name} is damaged ({exc}); re-run `xnatmigrate plan`"
+            ) from None
+    if plan_obj.plan_id != saved:
+        raise PlanError(
+            f"the plan saved in {store.db.name} is not plan {saved[:12]}; re-run `xnatmigrate plan`"
+        )
+    return plan_obj
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -355,8 +390,10 @@ def apply(
     from .execute.apply import Options, apply_plan
 
     sdir = state_dir_of(state_dir)
-    plan_obj = load_plan(plan_path or sdir / PLAN_FILE)
+    # A plan of this host's is read first: "no plan" is the clearer line when neither is there.
+    local = None if _state_url(state_url) else load_plan(plan_path or sdir / PLAN_FILE)
     with open_state(sdir, state_url) as store:
+        plan_obj = local or plan_of(store, sdir, plan_path)
         store.lock("apply")
         check_fresh(plan_obj, store)
         return apply_plan(
@@ -401,7 +438,7 @@ def status(state_dir: str | Path | None = None, *, state_url: str | None = None)
     with open_state(sdir, state_url) as store:
         sessions = store.sessions()
         # Ledgers written before targets were recorded keep the archive option only in plan.json.
-        saved = _saved_plan(sdir) if any(s.archive is None for s in sessions) else None
+        saved = _saved_plan(sdir, store) if any(s.archive is None for s in sessions) else None
         legacy = {p.action_id: p.archive for p in saved.sessions} if saved else {}
         for s in sessions:
             hist = store.history(s.action_id)
@@ -430,13 +467,13 @@ def status(state_dir: str | Path | None = None, *, state_url: str | None = None)
     return out
 
 
-def _saved_plan(sdir: Path) -> Plan | None:
+def _saved_plan(sdir: Path, store: StateStore) -> Plan | None:
     """The plan saved in the state directory, or None when there is none that loads.
 
     NOTE: loading reads and hashes the whole plan: callers load it once and only when they need it.
     """
     try:
-        return load_plan(sdir / PLAN_FILE)
+        return plan_of(store, sdir)
     except XnatMigrateError:
         return None
 
@@ -450,7 +487,7 @@ def _fallback_if_needed(store: StateStore, sdir: Path, saved: Plan | None = None
     """The saved plan's target, for sessions of a ledger that does not record its own (else None)."""
     if not any(s.target is None for s in store.sessions()):
         return None
-    plan_obj = saved or _saved_plan(sdir)
+    plan_obj = saved or _saved_plan(sdir, store)
     return plan_obj.xnat if plan_obj else None
 
 
@@ -467,7 +504,7 @@ def verify(
     sdir = state_dir_of(state_dir)
     with open_state(sdir, state_url) as store:
         # The saved plan, when there is one, says what should be there: sessions never attempted count.
-        saved = _saved_plan(sdir)
+        saved = _saved_plan(sdir, store)
         return run(
             store,
             _fallback_if_needed(store, sdir, saved),

@@ -76,7 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     common(pl)
 
     ap = sub.add_parser("apply", help="carry out a saved plan (resumable, idempotent)")
-    ap.add_argument("plan", nargs="?", metavar="PLAN.json", help="default: <state-dir>/plan.json")
+    ap.add_argument(
+        "plan",
+        nargs="?",
+        metavar="PLAN.json",
+        help="default: the plan saved in the --state-url ledger, else <state-dir>/plan.json",
+    )
     ap.add_argument("--jobs", type=int, default=None, help="copy workers / C-STORE associations")
     common(ap)
 

@@ -55,6 +55,8 @@ from .statedb import Database, Opener, SqliteDatabase, py_text
 
 STATE_FORMAT = 1
 _CACHE_BATCH = 2048  # scan-cache rows fetched per call
+_PLAN_BATCH = 256  # lines of a saved plan (one session each) written or read per statement
+_INSERT_PLAN_LINE = "INSERT INTO plans (plan_id, seq, line) VALUES (?, ?, ?)"
 
 
 def _decode_each(texts: list[str]) -> list[Any]:
@@ -309,6 +311,49 @@ class StateStore:
             if self._meta("current_plan") != plan_id:
                 self._set_meta("serial", str(self.serial() + 1))
                 self._set_meta("current_plan", plan_id)
+
+    # -- the plan itself, for a ledger other hosts share ------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """The ledger is a database server's (``--state-url``), not a file of this host's."""
+        return not isinstance(self.db, SqliteDatabase)
+
+    def save_plan(self, plan_id: str, lines: Iterable[bytes]) -> None:
+        """Keep plan.json's bytes (``lines``, each with its newline) as the ledger's saved plan, so any
+        host with the ledger applies the plan reviewed. One transaction: a plan is there whole or not at
+        all. The plan being applied (``current_plan``) is kept as well; older ones go."""
+        keep = self.current_plan() or plan_id
+        with self.tx():
+            self.db.execute("DELETE FROM plans WHERE plan_id <> ? AND plan_id <> ?", (plan_id, keep))
+            self.db.execute("DELETE FROM plans WHERE plan_id = ?", (plan_id,))
+            batch: list[tuple[str, int, bytes]] = []
+            for seq, line in enumerate(lines):
+                batch.append((plan_id, seq, line))
+                if len(batch) >= _PLAN_BATCH:
+                    self.db.executemany(_INSERT_PLAN_LINE, batch)
+                    batch = []
+            if batch:
+                self.db.executemany(_INSERT_PLAN_LINE, batch)
+            self._set_meta("saved_plan", plan_id)
+
+    def saved_plan(self) -> str | None:
+        """The id of the plan ``plan`` saved in the ledger last (None: none saved)."""
+        return self._meta("saved_plan")
+
+    def plan_lines(self, plan_id: str) -> Iterator[bytes]:
+        """The saved plan's bytes, line by line, ``_PLAN_BATCH`` lines per query (never all at once)."""
+        seq = 0
+        while True:
+            rows = self.db.execute(
+                "SELECT line FROM plans WHERE plan_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
+                (plan_id, seq, seq + _PLAN_BATCH),
+            ).fetchall()
+            for (line,) in rows:
+                yield bytes(line)
+            if len(rows) < _PLAN_BATCH:
+                return
+            seq += _PLAN_BATCH
 
     def bump_serial(self) -> None:
         with self.tx():

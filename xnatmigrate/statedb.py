@@ -259,6 +259,8 @@ CREATE TABLE IF NOT EXISTS observed (
 CREATE TABLE IF NOT EXISTS session_targets (
     action_id TEXT PRIMARY KEY, target_json TEXT NOT NULL, build TEXT NOT NULL,
     archive INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id TEXT NOT NULL, seq INTEGER NOT NULL, line BLOB NOT NULL, PRIMARY KEY (plan_id, seq));
 """
 
 

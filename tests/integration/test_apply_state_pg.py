@@ -20,7 +20,7 @@ from tests.integration.test_apply_prearchive import reference as reference  # a 
 from tests.sites import NOW, Site
 from tests.xnat_standin import XnatStandIn
 from xnatmigrate import api, cli
-from xnatmigrate.errors import LockedError, StalePlanError
+from xnatmigrate.errors import LockedError, PlanError, StalePlanError
 from xnatmigrate.execute import statepg
 from xnatmigrate.state import StateStore
 
@@ -65,6 +65,49 @@ def test_plan_apply_reapply_status_verify_through_the_pg_ledger(site, state_url,
     # The same ledger seen through SQLite's default: there is none in the directory.
     assert cli.main(["status", "--state-dir", str(site.state)]) == 1
     assert "no state in" in capsys.readouterr().err
+
+
+def test_a_plan_made_on_one_host_is_applied_from_another_through_the_ledger(
+    site, state_url, state_db_dsn, tmp_path, capsys
+):
+    """Issue 16: the plan lives in the shared ledger too. A second host (its own, empty state directory:
+    no plan.json) applies, checks and verifies the very plan the first one made and reviewed."""
+    outcome = api.plan(site.manifest, state_dir=site.state, state_url=state_url, now=NOW)
+    saved = _ledger_rows(state_db_dsn, state_url, "plans")
+    # One row per line of plan.json, together its exact bytes.
+    assert b"".join(bytes(r[2]) for r in sorted(saved, key=lambda r: r[1])) == outcome.plan_path.read_bytes()
+    assert {r[0] for r in saved} == {outcome.plan.plan_id} and len(saved) == len(outcome.plan.sessions) + 2
+    other = tmp_path / "host-b"  # never planned here
+    report = api.apply(state_dir=other, state_url=state_url, poll=0.05)
+    assert report.plan_id == outcome.plan.plan_id and not report.failures
+    assert [r[6] for r in site.rows()] == ["READY", "READY"]
+    assert not other.exists()  # nothing of the ledger or the plan was needed on this host's disk
+    assert cli.main(["verify", "--state-dir", str(other), "--state-url", state_url]) == 0
+    assert "Verify: 2 of 2 session(s) hold" in capsys.readouterr().out
+    # A newer plan replaces the saved one (the one applied is kept while it is current).
+    again = api.plan(site.manifest, state_dir=site.state, state_url=state_url)
+    assert not again.plan.has_changes
+    ids = {r[0] for r in _ledger_rows(state_db_dsn, state_url, "plans")}
+    assert ids == {outcome.plan.plan_id, again.plan.plan_id}
+    assert [r.outcome for r in api.apply(state_dir=other, state_url=state_url, poll=0.05).sessions] == []
+
+
+def test_a_damaged_saved_plan_is_refused_not_applied(site, state_url, state_db_dsn, tmp_path):
+    api.plan(site.manifest, state_dir=site.state, state_url=state_url, now=NOW)
+    schema = statepg.parse_state_url(state_url).schema
+    conn = psycopg2.connect(state_db_dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                f"UPDATE {schema}.plans SET line = convert_to(replace(convert_from(line, 'UTF8'), "
+                "'prj001', 'prj002'), 'UTF8') WHERE seq = 1"
+            )
+            assert cur.rowcount == 1
+    finally:
+        conn.close()
+    with pytest.raises(PlanError, match="re-run `xnatmigrate plan`"):
+        api.apply(state_dir=tmp_path / "host-b", state_url=state_url, poll=0.05)
+    assert site.rows() == []
 
 
 def test_refresh_and_revert_act_through_the_pg_ledger(site, state_url, state_db_dsn, capsys):

@@ -237,6 +237,7 @@ def test_a_ledger_emptied_of_its_tables_is_refused_not_reset(ledger):
     for table in ("meta", "scan_cache", "timestamps", "sessions", "steps", "files", "sent", "observed"):
         ledger.raw(f"DROP TABLE {table}")
     ledger.raw("DROP TABLE session_targets")
+    ledger.raw("DROP TABLE plans")
     with pytest.raises(StateError, match="holds no tables, .*restore it from backup"):
         ledger.open()
 

@@ -132,7 +132,7 @@ def test_the_schema_has_exactly_the_tables_and_columns_of_the_sqlite_file(url, s
         f"SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = '{schema}'",
     ):
         pg.setdefault(table, set()).add(column)
-    assert pg == lite and len(pg) == 9
+    assert pg == lite and len(pg) == 10
 
 
 def test_a_schema_is_created_only_by_plan_and_complete(url, state_db_dsn):

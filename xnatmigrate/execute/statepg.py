@@ -84,6 +84,8 @@ CREATE TABLE IF NOT EXISTS observed (
 CREATE TABLE IF NOT EXISTS session_targets (
     action_id TEXT PRIMARY KEY, target_json TEXT NOT NULL, build TEXT NOT NULL,
     archive INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id TEXT NOT NULL, seq INTEGER NOT NULL, line BYTEA NOT NULL, PRIMARY KEY (plan_id, seq));
 """
 TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _DDL))
 
