@@ -64,8 +64,10 @@ class Perms:
 
     def apply_path(self, path: str, *, is_dir: bool) -> None:
         """chmod/chown a path (no-op when already right: hard links share the source's inode)."""
-        st = os.lstat(path)
         mode = self.dir_mode if is_dir else self.file_mode
+        if mode is None and self.owner is None:
+            return  # nothing asked (the usual case): not even the lstat, once per staged file
+        st = os.lstat(path)
         if mode is not None and stat.S_IMODE(st.st_mode) != mode:
             os.chmod(path, mode)
         if self.owner is not None and not _owned(st, self.owner):
