@@ -17,6 +17,7 @@ ORDER = [
     ("apply-hardlink", 4),
     ("apply-anon", 4),
     ("cstore-best", 5),
+    ("cstore-anon", 5),
     ("cstore-one", 6),
     ("cstore-recipe", 7),
     ("reapply", 8),

@@ -6,8 +6,8 @@
                         [--out docs/benchmarks.md] [--corpus-dir DIR] [--cstore-jobs 1,2,4] [--merge]
                         [--smoke] [--report-only]
 
-Comparisons (``--only`` names): plan-cold, plan-warm, apply-copy, apply-hardlink, apply-anon, apply-inbox, reapply, cstore,
-cstore-recipe, rss. Corpora live in ``${XNATMIGRATE_BENCH_DIR:-~/.cache/xnatmigrate-bench}``
+Comparisons (``--only`` names): plan-cold, plan-warm, apply-copy, apply-hardlink, apply-anon, apply-inbox,
+reapply, cstore, cstore-recipe, cstore-anon, rss. Corpora live in ``${XNATMIGRATE_BENCH_DIR:-~/.cache/xnatmigrate-bench}``
 (``--corpus-dir``) and are made once. Corpora above ``LARGE`` images run only the rows that matter
 at that scale (plan cold once, plan warm, a hard-link apply once, the no-op re-apply, peak RSS): a
 durable copy or a C-STORE of 20+ GB per run, several rounds, would take hours and double the disk.
@@ -44,7 +44,7 @@ from typing import Any
 from . import corpora, report, rows_shapes
 from .common import BenchError, Row, machine, print_row, skipped_row, versions
 from .rows_apply import T_REAPPLY, TARGETS, apply_row, reapply_row
-from .rows_cstore import T_BEST, T_ONE, T_RECIPE, cstore_rows
+from .rows_cstore import T_ANON, T_BEST, T_ONE, T_RECIPE, cstore_anon_row, cstore_rows
 from .rows_inbox import T_INBOX, inbox_row
 from .rows_plan import T_COLD, T_WARM, plan_rows
 from .site import Site, free_port
@@ -59,6 +59,7 @@ NAMES = (
     "reapply",
     "cstore",
     "cstore-recipe",
+    "cstore-anon",
     "rss",
 )
 SHAPES = ("standard", "xray", "huge", "tiny")
@@ -453,6 +454,14 @@ def _size_rows(
                     site, rounds, warmup, jobs, recipe=want("cstore-recipe"), recipe_files=recipe_files
                 ),
             )
+    if want("cstore-anon"):
+        key = ("cstore-anon", "apply cstore with anonymization vs without", T_ANON)
+        if dcmtk_missing:
+            rows.append(skipped_row(key[0], n, key[1], key[2], no_dcmtk))
+        elif large:
+            rows.append(skipped_row(key[0], n, key[1], key[2], "measured at 10,000 images"))
+        else:
+            guarded([key], lambda: [cstore_anon_row(site, rounds, warmup, jobs)])
     return rows
 
 

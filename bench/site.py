@@ -66,7 +66,8 @@ class Site:
         install_prearchive_table(self.dsn, "1.8.2")
         self.env = {DSN_ENV: self.dsn}
         self.shown_env = {DSN_ENV: "<embedded-pg>"}  # the socket path changes every run
-        self.manifests = {kind: self._manifest(kind) for kind in ("copy", "hardlink", "cstore", "anon")}
+        kinds = ("copy", "hardlink", "cstore", "anon", "cstore-anon")
+        self.manifests = {kind: self._manifest(kind) for kind in kinds}
 
     def _manifest(self, kind: str) -> Path:
         labels = textwrap.dedent(
@@ -78,7 +79,11 @@ class Site:
                 session: "{{{{ PatientID }}}}_{{{{ StudyDate }}}}"
             """
         )
-        if kind == "cstore":
+        script = self.root / "site.das"
+        script.write_text(ANON_SCRIPT)
+        if kind in ("cstore", "cstore-anon"):
+            # cstore-anon: the same send, each file edited in memory by the anon row's script first.
+            extra = f"  anonymization: {script}\n" if kind == "cstore-anon" else ""
             head = f"""\
                 version: 1
                 xnat:
@@ -92,10 +97,9 @@ class Site:
                   routing: patient_comments
                   build: none
                 """
+            head = textwrap.dedent(head) + extra
         else:
             # anon: a copy through XNAT's default site script plus two deletions (issue 15's row).
-            script = self.root / "site.das"
-            script.write_text(ANON_SCRIPT)
             extra = f"  anonymization: {script}\n" if kind == "anon" else ""
             head = f"""\
                 version: 1

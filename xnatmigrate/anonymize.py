@@ -1,8 +1,9 @@
-"""De-identification of the files the prearchive route writes: the plan's DicomEdit scripts, applied as XNAT
-applies its site script to a file it receives (GradualDicomImporter:390), before the file is stored.
+"""De-identification of the files the prearchive and C-STORE routes hand XNAT: the plan's DicomEdit scripts,
+applied as XNAT applies its site script to a file it receives (GradualDicomImporter:390), before the file
+is stored (prearchive) or sent (C-STORE, in memory: the sources are never written).
 
 Shared by the planner (what the scripts do to a study's first file, from its scanned header values) and
-by apply (the bytes staged are the edited ones). Invariants:
+by apply (the bytes staged or sent are the edited ones). Invariants:
 
 - The same source bytes, scripts, labels and secret give the same output bytes (dicomedit is
   deterministic), so a rerun re-derives a staged file and compares it instead of trusting a record.
@@ -10,6 +11,8 @@ by apply (the bytes staged are the edited ones). Invariants:
   reference.md §2, and the row's ``tag``) must come out unchanged: the plan's paths were computed from the
   values scanned. A script that changes one is refused at plan (from the first file) and, should a
   file still see it changed, fails its session at apply; nothing is named by values the plan did not show.
+  The C-STORE route keeps its own set (``cstore_kept``): what the request, the ledger and locate name a
+  file and its session by, and what XNAT's identifier routes by when the tool writes no routing line.
 - Pixel Data and every attribute the scripts leave alone are written back as read: their bytes are
   copied from the source (``_spliced``), only what the scripts read or set is encoded again (by
   pydicom, in the original encoding), else the whole data set is (``enforce_file_format=False``).
@@ -18,9 +21,11 @@ by apply (the bytes staged are the edited ones). Invariants:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import struct
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pydicom
 from pydicom.charset import default_encoding
@@ -32,6 +37,7 @@ from pydicom.filewriter import write_data_element
 from . import dicombytes, dicomedit
 from .errors import AnonymizationError, DicomEditError
 from .model import PlannedScript, ScriptEdit
+from .vocabulary import Routing
 
 # What the prearchive route derives paths and the row from (§2 file names and scan folders; the row's
 # tag is the StudyInstanceUID): a script may not change them (see the module docstring).
@@ -43,9 +49,61 @@ NAMING = (
     "SeriesNumber",
     "InstanceNumber",
 )
-_NAMING_TAGS: dict[int, str] = {t: k for k in NAMING if (t := tag_for_keyword(k)) is not None}
-
 SITE_SCRIPT_NAME = "site"
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The attributes a route relies on as planned, which a script may not change, and why (messages)."""
+
+    keywords: tuple[str, ...]
+    why: str
+
+    @property
+    def tags(self) -> dict[int, str]:
+        return _tags_of(self.keywords)
+
+
+@functools.cache
+def _tags_of(keywords: tuple[str, ...]) -> dict[int, str]:
+    return {t: k for k in keywords if (t := tag_for_keyword(k)) is not None}
+
+
+PREARCHIVE_KEPT = Kept(
+    NAMING, "which the plan named the file and the row by; nothing of the session was published"
+)
+
+# C-STORE: the request names the file by SOPInstanceUID and SOPClassUID (the presentation contexts were
+# planned from it) and the ledger records it by that UID; apply finds the session XNAT's receiver made by
+# its StudyInstanceUID (the row's tag, GradualDicomImporter groups files by it, §3). Sending under
+# anonymised UIDs is not implemented: they must come out unchanged. XNAT names files and scan folders
+# itself from what it receives, so SeriesInstanceUID, SeriesNumber and InstanceNumber are free.
+_CSTORE_UIDS = ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# What XNAT's identifier routes by (§5, labels.predict_route) when the tool writes no routing line; with
+# routing: study_comments, PatientComments, which it reads first. The routing element the tool writes
+# itself is written after the scripts ran, so a script's edit of it never reaches XNAT.
+_ROUTED_BY = {
+    Routing.PATIENT_COMMENTS: (),
+    Routing.STUDY_COMMENTS: ("PatientComments",),
+    Routing.NONE: (
+        "PatientComments",
+        "StudyComments",
+        "StudyDescription",
+        "AccessionNumber",
+        "PatientName",
+        "PatientID",
+    ),
+}
+
+
+def cstore_kept(routing: Routing) -> Kept:
+    """What a script may not change on a C-STORE session routed by ``routing`` (see ``_CSTORE_UIDS``)."""
+    return Kept(
+        _CSTORE_UIDS + _ROUTED_BY[routing],
+        "which the C-STORE request, the ledger and locate name the file and its session by"
+        + (" or XNAT's receiver routes it by (§5)" if _ROUTED_BY[routing] else "")
+        + "; the file was not sent",
+    )
 
 
 def shown_name(name: str) -> str:
@@ -130,31 +188,37 @@ def dataset_of(values: Mapping[str, str]) -> Dataset:
 
 
 def preview(
-    chain: dicomedit.ScriptChain, values: Mapping[str, str], labels: Mapping[str, str], secret: str | None
+    chain: dicomedit.ScriptChain,
+    values: Mapping[str, str],
+    labels: Mapping[str, str],
+    secret: str | None,
+    kept: Kept = PREARCHIVE_KEPT,
 ) -> tuple[tuple[ScriptEdit, ...], list[str]]:
-    """What the scripts do to a file with these header values: the edits, and the NAMING keywords changed.
+    """What the scripts do to a file with these header values: the edits, and the ``kept`` keywords changed.
 
     Raises DicomEditError when a script fails on them (as XNAT would fail the file).
     """
     ds = dataset_of(values)
     changes = chain.apply(ds, labels, secret=secret)
     edits = tuple(ScriptEdit(c.name, c.action, c.value) for c in changes)
+    tags = kept.tags
     renamed = sorted(
-        {_NAMING_TAGS[c.tag] for c in changes if c.tag in _NAMING_TAGS and _changed(values, ds, c.tag)}
+        {tags[c.tag] for c in changes if c.tag in tags and values.get(tags[c.tag]) != _text(ds, c.tag)}
     )
     return edits, renamed
 
 
-def _changed(values: Mapping[str, str], ds: Dataset, tag: int) -> bool:
-    return values.get(_NAMING_TAGS[tag]) != _text(ds, tag)
-
-
 def edit_bytes(
-    chain: dicomedit.ScriptChain, data: bytes, labels: Mapping[str, str], secret: str | None, what: str
+    chain: dicomedit.ScriptChain,
+    data: bytes,
+    labels: Mapping[str, str],
+    secret: str | None,
+    what: str,
+    kept: Kept = PREARCHIVE_KEPT,
 ) -> bytes:
     """The file ``data`` with the scripts applied, encoded as it was read (Pixel Data untouched).
 
-    Raises AnonymizationError when a NAMING attribute changed or a script fails on the file, naming
+    Raises AnonymizationError when a ``kept`` attribute changed or a script fails on the file, naming
     ``what`` (the source file).
     """
     try:
@@ -163,19 +227,51 @@ def edit_bytes(
         raise AnonymizationError(
             f"cannot read {what} to anonymise it: {exc}; re-run `xnatmigrate plan`"
         ) from None
-    before = {tag: _text(ds, tag) for tag in _NAMING_TAGS}
+    tags = kept.tags
+    before = {tag: _text(ds, tag) for tag in tags}
     try:
         chain.apply(ds, labels, secret=secret)
     except DicomEditError as exc:
         raise AnonymizationError(f"{exc} (on {what})") from None
-    renamed = sorted(_NAMING_TAGS[t] for t in _NAMING_TAGS if _text(ds, t) != before[t])
+    renamed = sorted(tags[t] for t in tags if _text(ds, t) != before[t])
     if renamed:
         raise AnonymizationError(
-            f"the anonymisation script changes {', '.join(renamed)} of {what}, which the plan named the "
-            "file and the row by; nothing of the session was published: fix the script, then re-run plan"
+            f"the anonymisation script changes {', '.join(renamed)} of {what}, {kept.why}: fix the script, "
+            "then re-run plan"
         )
     spliced = _spliced(ds, data)
     return spliced if spliced is not None else _written(ds)
+
+
+@dataclass(frozen=True)
+class SessionEdit:
+    """One session's de-identification as apply hands it to the C-STORE sender: its scripts in order with
+    the text the plan pinned, the labels XNAT hands them (``variables``), the secret, and what must stay.
+
+    Picklable, so worker processes get it; each parses a script once (by SHA-256, ``_parsed``). The
+    secret is left out of the repr: the object may reach a log or a traceback.
+    """
+
+    scripts: tuple[PlannedScript, ...]
+    labels: tuple[tuple[str, str], ...]
+    kept: Kept
+    secret: str | None = field(default=None, repr=False)
+
+    def __call__(self, data: bytes, what: str) -> bytes:
+        """``edit_bytes`` of ``data`` (the file ``what``) with this session's scripts."""
+        chain = chain_of([sc.name for sc in self.scripts], {sc.name: sc for sc in self.scripts})
+        return edit_bytes(chain, data, dict(self.labels), self.secret, what, self.kept)
+
+
+def session_edit(
+    names: Sequence[str],
+    scripts: Mapping[str, PlannedScript],
+    labels: Mapping[str, str],
+    secret: str | None,
+    kept: Kept,
+) -> SessionEdit:
+    """The ``SessionEdit`` of a session naming ``names`` of the plan's ``scripts``."""
+    return SessionEdit(tuple(scripts[n] for n in names), tuple(sorted(labels.items())), kept, secret)
 
 
 def _written(ds: Dataset) -> bytes:

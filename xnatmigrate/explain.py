@@ -118,7 +118,11 @@ def _session_json(s: PlannedSession, plan_id: str = "") -> dict[str, Any]:
             )
         case CstoreSession():
             out.update(
-                routing_line=s.routing_line, contexts=len(s.contexts), associations_per_worker=associations(s)
+                routing_line=s.routing_line,
+                contexts=len(s.contexts),
+                associations_per_worker=associations(s),
+                anonymize=list(s.anonymize),
+                anonymized=[{"name": e.name, "action": e.action, "value": e.value} for e in s.anonymized],
             )
         case InboxSession():
             out.update(session_dir=s.inbox_dir(plan_id), inbox_path=s.inbox_path(plan_id))
@@ -127,28 +131,32 @@ def _session_json(s: PlannedSession, plan_id: str = "") -> dict[str, Any]:
     return out
 
 
+def _anonymised_lines(s: PrearchiveSession | CstoreSession, how: str = "") -> list[str]:
+    """The session's scripts and what they do to its first file (at most ``MAX_EDITS`` of them)."""
+    if not s.anonymize:
+        return []
+    lines = [f"        anonymised by: {' + '.join(_script_name(n) for n in s.anonymize)}{how}"]
+    for e in s.anonymized[:MAX_EDITS]:
+        lines.append(
+            f"          - {e.name}" if e.action == "delete" else f"          {e.name} := {e.value!r}"
+        )
+    if len(s.anonymized) > MAX_EDITS:
+        lines.append(f"          … and {len(s.anonymized) - MAX_EDITS} more change(s)")
+    return lines
+
+
 def _route_lines(s: PlannedSession) -> list[str]:
     archive = "yes" if s.archive else "no"
     match s:
         case PrearchiveSession():
-            lines = [f"        build: {s.build}, archive: {archive}"]
-            if s.anonymize:
-                lines.append(f"        anonymised by: {' + '.join(_script_name(n) for n in s.anonymize)}")
-                for e in s.anonymized[:MAX_EDITS]:
-                    lines.append(
-                        f"          - {e.name}"
-                        if e.action == "delete"
-                        else f"          {e.name} := {e.value!r}"
-                    )
-                if len(s.anonymized) > MAX_EDITS:
-                    lines.append(f"          … and {len(s.anonymized) - MAX_EDITS} more change(s)")
-            return lines
+            return [f"        build: {s.build}, archive: {archive}", *_anonymised_lines(s)]
         case CstoreSession():
             routing = s.routing_line or f"none (XNAT's own rules → {s.project_label}/{s.session})"
             return [
                 f"        routing: {routing}",
                 f"        {len(s.contexts)} presentation context(s) in {associations(s)} association(s) "
                 f"per --jobs worker; build: {s.build}, archive: {archive}",
+                *_anonymised_lines(s, " (in memory, before the routing is written)"),
             ]
         case InboxSession():
             return [

@@ -562,15 +562,21 @@ def _check_anonymization(
             path, "anonymization: none cannot be combined with scripts; give none alone, or the scripts"
         )
         return
-    if method in (Method.CSTORE, Method.INBOX):
+    if method is Method.INBOX:
+        # XNAT's inbox importer reads the staged files itself and applies its own site script to them
+        # (DicomInboxImportRequestListener → GradualDicomImporter:390); C-STORE edits each file in memory
+        # before it is sent, the prearchive route each file it stages.
         doc.problem(
             path,
             f"method {method}: XNAT applies its own site script to every file it receives "
-            "(GradualDicomImporter:390); editing files before XNAT reads them is not implemented: drop "
-            "anonymization here, or use method: prearchive",
+            "(GradualDicomImporter:390); editing files before XNAT's inbox importer reads them is not "
+            "implemented: drop anonymization here, or use method: cstore or prearchive",
         )
         return
-    if _enum(Transfer, opts.get("transfer"), Transfer.COPY) is Transfer.HARDLINK:
+    if (
+        method is not Method.CSTORE
+        and _enum(Transfer, opts.get("transfer"), Transfer.COPY) is Transfer.HARDLINK
+    ):
         doc.problem(
             path,
             "anonymization with transfer: hardlink would edit the source files (a hard link is the same "

@@ -492,6 +492,10 @@ class CstoreSession(_SessionBase):
     routing_line: str | None = None
     contexts: tuple[PresentationContext, ...] = ()
     direct_archive: bool = False  # the receiver archives straight away: no prearchive row (XNAT-6812)
+    # As on the prearchive route: the scripts applied to every file in memory before it is sent (the
+    # routing element written after them), in order, and what they do to the first file (for review).
+    anonymize: tuple[str, ...] = ()
+    anonymized: tuple[ScriptEdit, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -1041,6 +1045,8 @@ def _session_from(d: Mapping[str, Any]) -> PlannedSession:
                 routing_line=d.get("routing_line"),
                 contexts=contexts,
                 direct_archive=bool(d.get("direct_archive", False)),
+                anonymize=tuple(d.get("anonymize", ())),
+                anonymized=tuple(ScriptEdit(**e) for e in d.get("anonymized", ())),
             )
         case Method.INBOX:
             return InboxSession(

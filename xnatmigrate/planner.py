@@ -220,10 +220,11 @@ def _anonymize(
     refusals: list[str],
     held: list[HeldBack],
 ) -> tuple[list[PlannedSession], tuple[PlannedScript, ...]]:
-    """Each prearchive session of a source with ``anonymization:`` scripts names them and shows what
-    they do to its first file; a script XNAT's site would need but did not give, one that does not
-    parse, or one that changes what files are named by refuses the plan; one that fails on a study's
-    first file holds that study back (XNAT would fail its files)."""
+    """Each prearchive and C-STORE session of a source with ``anonymization:`` scripts names them and
+    shows what they do to its first file; a script XNAT's site would need but did not give, one that
+    does not parse, or one that changes what the route relies on as planned (``anonymize.PREARCHIVE_KEPT``,
+    ``anonymize.cstore_kept``) refuses the plan; one that fails on a study's first file holds that study
+    back (XNAT would fail its files), so no session that asked for anonymisation goes without it."""
     wanted = {src.index: src.scripts for src in manifest.sources if src.scripts}
     if not wanted:
         return sessions, ()
@@ -249,31 +250,51 @@ def _anonymize(
     if len(chains) != len(wanted):
         return sessions, ()
     out: list[PlannedSession] = []
-    renaming: dict[int, list[str]] = {}
+    renaming: dict[int, tuple[list[str], PrearchiveSession | CstoreSession]] = {}
     for s, st in zip(sessions, studies, strict=True):
         chain = chains.get(s.source_index)
-        if chain is None or not isinstance(s, PrearchiveSession):
+        if chain is None or isinstance(s, InboxSession):  # inbox: refused by the manifest
             out.append(s)
             continue
+        kept = anonymize.cstore_kept(s.routing) if isinstance(s, CstoreSession) else anonymize.PREARCHIVE_KEPT
         try:
             edits, renamed = anonymize.preview(
-                chain, st.files[0].values, anonymize.variables(s.project, s.subject, s.session), secret
+                chain, st.files[0].values, anonymize.variables(s.project, s.subject, s.session), secret, kept
             )
         except DicomEditError as exc:
             held.append(_held(st, f"the anonymisation script fails on {st.files[0].path}: {exc}"))
             continue
         if renamed:
-            renaming.setdefault(s.source_index, renamed)
+            renaming.setdefault(s.source_index, (renamed, s))
         out.append(replace(s, anonymize=wanted[s.source_index], anonymized=edits))
-    for idx, renamed in sorted(renaming.items()):
-        refusals.append(
-            f"sources[{idx}].anonymization changes {', '.join(renamed)}, which the prearchive route names files, "
-            "scan folders and the row by (xnat-reference.md §2); renaming by anonymised values is not "
-            "implemented: keep these attributes in the script, or use method: cstore and let XNAT's site "
-            "script anonymise on receipt"
-        )
-    used = sorted({n for s in out if isinstance(s, PrearchiveSession) for n in s.anonymize})
+    for idx, (renamed, s) in sorted(renaming.items(), key=lambda kv: kv[0]):
+        refusals.append(_renaming_refusal(idx, renamed, s))
+    used = sorted({n for s in out if not isinstance(s, InboxSession) for n in s.anonymize})
     return out, tuple(known[n] for n in used)
+
+
+def _renaming_refusal(idx: int, renamed: list[str], s: PrearchiveSession | CstoreSession) -> str:
+    """One line: the source's scripts change what its route relies on as planned."""
+    changes = f"sources[{idx}].anonymization changes {', '.join(renamed)}"
+    if isinstance(s, PrearchiveSession):
+        return (
+            f"{changes}, which the prearchive route names files, scan folders and the row by (xnat-reference.md "
+            "§2); renaming by anonymised values is not implemented: keep these attributes in the script, or "
+            "use method: cstore and let XNAT's site script anonymise on receipt"
+        )
+    routed = [k for k in renamed if k not in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID")]
+    fix = "keep these attributes in the script"
+    if routed:
+        fix += ", or set routing: patient_comments (the tool then routes by the planned labels)"
+    return (
+        f"{changes}, which the C-STORE route sends each file and finds its session by"
+        + (
+            f" (and XNAT's receiver routes by {', '.join(routed)} with routing: {s.routing}, §5)"
+            if routed
+            else ""
+        )
+        + f"; sending under anonymised UIDs is not implemented: {fix}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

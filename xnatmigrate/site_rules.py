@@ -23,6 +23,9 @@ from .model import (
 )
 
 AUTO_ARCHIVE_CODES = frozenset({4, 5})  # PrearchiveCode AutoArchive, AutoArchiveOverwrite (§3)
+# How a plan names XNAT's site script among a session's scripts (anonymize.SITE_SCRIPT_NAME, a sibling
+# module this one may not import).
+_SITE_SCRIPT = "site"
 
 
 def file_name_template(site: SiteFacts, scanned: frozenset[str]) -> tuple[str, str | None]:
@@ -44,6 +47,26 @@ def file_name_template(site: SiteFacts, scanned: frozenset[str]) -> tuple[str, s
             f"would with it ({why}); set the site's template back to the default, or use method: cstore"
         )
     return template, None
+
+
+def _cstore_twice(manifest: Manifest, cstore: Sequence[CstoreSession]) -> list[str]:
+    """Site anonymisation is on and C-STORE sources have scripts of their own: XNAT applies its site
+    script on receipt as well (GradualDicomImporter:390), after the tool's scripts; say so per source,
+    and that ``anonymization: site`` there applies XNAT's site script twice."""
+    out = []
+    for i in sorted({s.source_index for s in cstore if s.anonymize}):
+        twice = _SITE_SCRIPT in manifest.sources[i].scripts
+        out.append(
+            f"sources[{i}] (method: cstore) is edited by its anonymization scripts before it is sent, and XNAT's "
+            "receiver applies its own site anonymisation script on receipt as well (GradualDicomImporter:390)"
+            + (
+                ": anonymization: site there applies XNAT's site script twice; drop site from it unless the "
+                "script gives the same result applied twice"
+                if twice
+                else ""
+            )
+        )
+    return out
 
 
 def findings(
@@ -82,6 +105,7 @@ def findings(
                 "XNAT applies its site anonymisation script to every file its receiver takes "
                 "(GradualDicomImporter:390): the C-STORE sessions arrive anonymised by XNAT"
             )
+        warnings.extend(_cstore_twice(manifest, cstore))
     for s in sessions:
         if s.project is None or s.archive:
             continue

@@ -18,7 +18,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DCMTK = all(shutil.which(t) for t in ("storescu", "storescp", "dcmdump"))
 TIMED = ["plan-cold", "plan-warm", "apply-copy", "apply-hardlink", "reapply"]
-DCMTK_ROWS = ["plan-cold-dcmtk", "cstore-best", "cstore-one", "cstore-recipe", "cstore-pynetdicom"]
+DCMTK_ROWS = [
+    "plan-cold-dcmtk",
+    "cstore-best",
+    "cstore-one",
+    "cstore-recipe",
+    "cstore-pynetdicom",
+    "cstore-anon",
+]
 # Issue 13's shapes; tiny-plan-cold has no reference (it measures peak RSS).
 SHAPE_TIMED = ["xray-apply-copy", "huge-apply-copy", "tiny-plan-warm", "tiny-apply-copy"]
 SHAPE_DCMTK = ["xray-cstore", "huge-cstore"]

@@ -415,7 +415,9 @@ def test_read_ahead_keeps_order_reports_each_error_in_place_and_asks_the_kernel_
     reported at its own turn; closing early reads nothing more."""
     events: list[str] = []
 
-    def fake_load(path: str, ts: str | None, tag: int | None, line: str) -> part10.Payload:
+    def fake_load(
+        path: str, ts: str | None, tag: int | None, line: str, edit: part10.Edit | None = None
+    ) -> part10.Payload:
         events.append(f"load {path}")
         if path == "/f3":
             raise OSError(13, "Permission denied")

@@ -448,7 +448,7 @@ class _Runner:
         not be what XNAT's receiver makes of them now). Asked only while a session still needs it."""
         pinned = next((sc for sc in self.plan.scripts if sc.name == anonymize.SITE_SCRIPT_NAME), None)
         if pinned is None or not any(
-            isinstance(s, PrearchiveSession) and anonymize.SITE_SCRIPT_NAME in s.anonymize
+            isinstance(s, PrearchiveSession | CstoreSession) and anonymize.SITE_SCRIPT_NAME in s.anonymize
             for s in self.plan.sessions
             if s.action_id not in applied
         ):
@@ -482,6 +482,19 @@ class _Runner:
 
             out[s.action_id] = edit
         return out
+
+    def cstore_edit(self, s: CstoreSession) -> anonymize.SessionEdit | None:
+        """The de-identification of a C-STORE session's files as the sender applies it, in memory, to
+        each file before it writes the routing element (None: no scripts, files sent as stored)."""
+        if not s.anonymize:
+            return None
+        return anonymize.session_edit(
+            s.anonymize,
+            {sc.name: sc for sc in self.plan.scripts},
+            anonymize.variables(s.project, s.subject, s.session),
+            os.environ.get(dicomedit.SECRET_ENV),
+            anonymize.cstore_kept(s.routing),
+        )
 
     def stage_group(self, group: list[_Item], report: ApplyReport) -> None:
         """Stage the group's sessions in one worker pool behind one durability barrier; record each."""
@@ -891,7 +904,8 @@ class _Runner:
 
     def cstore_group(self, items: list[_Item], report: ApplyReport) -> None:
         """The files of the group's sessions over shared associations (each file keeps its own
-        session's routing line), proposing the presentation contexts of the whole group at once."""
+        session's routing line and scripts: edited in memory, then routed), proposing the presentation
+        contexts of the whole group at once."""
         from . import dicom
 
         scp = self.plan.xnat.scp
@@ -935,6 +949,7 @@ class _Runner:
                     self.opts.progress(self.done_files, self.total_files)
 
             first = _cstore(todo_all[0][0])
+            edit_of = {it.s.action_id: self.cstore_edit(_cstore(it)) for it, _ in sending if it.alive}
             try:
                 outcome = dicom.send_files(
                     [f for _, f in todo_all],
@@ -942,6 +957,8 @@ class _Runner:
                     routing=first.routing,
                     line=first.routing_line,
                     lines=[_cstore(it).routing_line or "" for it, _ in todo_all],
+                    # The headers were re-read above from the source bytes; the bytes sent are edited.
+                    edits=[edit_of[it.s.action_id] for it, _ in todo_all],
                     contexts=[c for it, _ in sending if it.alive for c in _cstore(it).contexts],
                     jobs=self.opts.jobs or 1,
                     retries=self.opts.send_retries,

@@ -10,14 +10,18 @@ Invariants:
 - A ``Payload`` is exactly ``length`` bytes: its ``pieces``, then (files over ``WHOLE_FILE_LIMIT``)
   ``tail_length`` bytes read from the file at ``tail_offset`` while sending; a file that no longer
   delivers them raises ``SourceChanged``.
+- A file of a session with anonymisation scripts is read whole, edited in memory (its ``Edit``) and only
+  then has the routing element spliced in: its payload holds the edited bytes and nothing read from the
+  file after the edit, and a file the edit fails on raises ``NotAnonymised`` (never sent raw).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ...dicombytes import (
@@ -65,6 +69,15 @@ class Payload:
 
 class SourceChanged(Exception):
     """The file could not be read to its end while it was being sent."""
+
+
+class NotAnonymised(DicomSendError):
+    """The session's scripts failed on the file (or left what the route relies on changed): not sent."""
+
+
+#: A session's de-identification of one file: (the file's bytes, its path for messages) → the edited
+#: bytes (``anonymize.SessionEdit``). Picklable: it travels to the worker processes with their tasks.
+Edit = Callable[[bytes, str], bytes]
 
 
 def routing_tag(routing: str, line: str | None) -> int | None:
@@ -191,14 +204,15 @@ def splice_routing(
     return pieces, resume_at
 
 
-def _reencode(path: str, transfer_syntax: str | None, tag: int, line: str) -> tuple[str, bytes]:
-    """Decode with pydicom, set the routing element, encode again (deflated and odd files)."""
+def _reencode(source: str | bytes, transfer_syntax: str | None, tag: int, line: str) -> tuple[str, bytes]:
+    """Decode with pydicom, set the routing element, encode again (deflated and odd files). ``source``
+    is the file's path, or its bytes as edited in memory."""
     from pydicom import dcmread
     from pydicom.dataelem import DataElement
     from pydicom.uid import UID
     from pynetdicom.dsutils import encode
 
-    ds = dcmread(path, force=True)
+    ds = dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, force=True)
     meta_ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts = UID(str(meta_ts or transfer_syntax or IMPLICIT_VR_LE))
     ds[tag] = DataElement(tag, "LT", line)
@@ -208,16 +222,47 @@ def _reencode(path: str, transfer_syntax: str | None, tag: int, line: str) -> tu
     return str(ts), data
 
 
-def load_payload(path: str, planned_ts: str | None, tag: int | None, line: str) -> Payload:
-    """The dataset of ``path`` as it will be sent: raw bytes, routing element spliced in.
+def load_payload(
+    path: str, planned_ts: str | None, tag: int | None, line: str, edit: Edit | None = None
+) -> Payload:
+    """The dataset of ``path`` as it will be sent: its bytes (edited by ``edit`` first, when the session
+    has scripts), routing element spliced in.
 
     NOTE: the file is opened read-only; nothing is ever written back.
     """
+    if edit is not None:
+        return _payload(_edited(path, edit), path, planned_ts, tag, line, edited=True)
     size = os.stat(path).st_size
     with open(path, "rb", buffering=0) as f:
         whole = size <= WHOLE_FILE_LIMIT
         buf = f.read(size if whole else HEAD_LIMIT)
     tail_offset, tail_length = (0, 0) if whole else (len(buf), size - len(buf))
+    return _payload(buf, path, planned_ts, tag, line, tail_offset=tail_offset, tail_length=tail_length)
+
+
+def _edited(path: str, edit: Edit) -> bytes:
+    """The file read whole (whatever its size: the scripts edit a whole data set) and edited in memory."""
+    with open(path, "rb", buffering=0) as f:
+        data = f.read()
+    try:
+        return edit(data, path)
+    except Exception as exc:  # AnonymizationError, or whatever pydicom raises writing a bad value back
+        raise NotAnonymised(f"not sent: {exc}") from None
+
+
+def _payload(
+    buf: bytes,
+    path: str,
+    planned_ts: str | None,
+    tag: int | None,
+    line: str,
+    *,
+    edited: bool = False,
+    tail_offset: int = 0,
+    tail_length: int = 0,
+) -> Payload:
+    """``buf`` (the file's first bytes, ``tail_length`` more of it at ``tail_offset``; or, ``edited``, the
+    whole file as edited) as a payload with the routing element spliced in."""
     try:
         ts, start = read_meta(buf)
         if tag is None:
@@ -229,7 +274,7 @@ def load_payload(path: str, planned_ts: str | None, tag: int | None, line: str) 
             raise DicomSendError(f"{path}: not a DICOM Part 10 file ({why})") from None
         LOGGER.debug("%s: re-encoding with pydicom (%s)", path, why)
         try:
-            ts, data = _reencode(path, planned_ts, tag, line)
+            ts, data = _reencode(buf if edited else path, planned_ts, tag, line)
         except Exception as exc:  # pydicom raises many types for broken files
             raise DicomSendError(f"{path}: cannot add the routing element: {exc}") from None
         return Payload(ts, [data], len(data), path)

@@ -28,7 +28,7 @@ from ...errors import DicomSendError, ReceiverError
 from ...model import PlannedFile, PresentationContext, ScpTarget
 from . import dimse
 from .association import Association, Lost, Pair, Rejected, Unreachable
-from .part10 import Payload, load_payload
+from .part10 import Edit, NotAnonymised, Payload, load_payload
 
 _MAX_BACKOFF = 30.0
 
@@ -45,9 +45,15 @@ class Options:
     dimse_timeout: float
     max_stalls: int = 3  # rounds in a row in which the receiver took nothing: then it is the receiver
     lines: tuple[str, ...] = ()  # per file index, when the call spans sessions; else ``line`` for all
+    # Per file index, the session's de-identification (None: sent as stored); () when no file has one.
+    # One object per session: pickle sends each once, however many files name it.
+    edits: tuple[Edit | None, ...] = ()
 
     def line_of(self, index: int) -> str:
         return self.lines[index] if self.lines else self.line
+
+    def edit_of(self, index: int) -> Edit | None:
+        return self.edits[index] if self.edits else None
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,10 @@ def _read_ahead(
             _will_need(todo[pos + READ_AHEAD][1].source)
         idx, f = item
         try:
-            yield pos, item, load_payload(f.source, f.transfer_syntax, opts.tag, opts.line_of(idx)), None
+            payload = load_payload(
+                f.source, f.transfer_syntax, opts.tag, opts.line_of(idx), opts.edit_of(idx)
+            )
+            yield pos, item, payload, None
         except (OSError, DicomSendError) as exc:
             yield pos, item, None, exc
 
@@ -199,7 +208,11 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
                         break
                     idx, f = item
                     if payload is None:
-                        sink.failed(idx, f"cannot read the file: {getattr(error, 'strerror', None) or error}")
+                        # A file its scripts fail on is never sent (raw); retrying cannot help either.
+                        why = str(error) if isinstance(error, NotAnonymised) else None
+                        sink.failed(
+                            idx, why or f"cannot read the file: {getattr(error, 'strerror', None) or error}"
+                        )
                         continue
                     pair = (f.sop_class_uid, payload.transfer_syntax)
                     if pair not in assoc.accepted:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from ...errors import DicomSendError, ReceiverError
 from ...model import PlannedFile, PresentationContext, ScpTarget
-from .part10 import routing_tag
+from .part10 import Edit, routing_tag
 from .rounds import Options, Stop, Task, context_groups, run_tasks, split
 
 _BATCH_FILES = 50
@@ -203,6 +203,7 @@ def send_files(
     line: str | None,
     contexts: Sequence[PresentationContext],
     lines: Sequence[str] | None = None,
+    edits: Sequence[Edit | None] | None = None,
     jobs: int = 1,
     retries: int = 3,
     backoff: float = 0.5,
@@ -222,6 +223,9 @@ def send_files(
         line: the routing comment, e.g. from ``routing_line``; required unless routing is ``none``.
         lines: one routing comment per file instead of ``line`` for all (a call that sends the files
             of many sessions over shared associations; each session keeps its own routing).
+        edits: one de-identification per file (None: sent as stored), applied in memory to the whole
+            file before the routing element is written (``part10.load_payload``); a file it fails on
+            fails at once, never sent raw. Each must be picklable (worker processes).
         contexts: SOP classes and transfer syntaxes of the files; one presentation context is
             proposed per (SOP class, transfer syntax) pair, so no file is ever transcoded. More than
             128 pairs are split over several associations.
@@ -256,6 +260,8 @@ def send_files(
             raise ValueError("lines must hold one routing comment per file")
         for one in set(lines):
             routing_tag(routing, one)  # each checked as ``line`` is
+    if edits is not None and len(edits) != len(files):
+        raise ValueError("edits must hold one entry per file")
     if jobs < 1:
         raise ValueError("jobs must be >= 1")
     total = len(files)
@@ -270,6 +276,7 @@ def send_files(
         dimse_timeout=dimse_timeout,
         max_stalls=max(1, max_stalls),
         lines=tuple(lines) if lines is not None and tag is not None else (),
+        edits=tuple(edits) if edits is not None and any(e is not None for e in edits) else (),
     )
     groups = context_groups(files, contexts)
     workers = max(1, min(jobs, total // MIN_FILES_PER_WORKER))
