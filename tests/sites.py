@@ -18,7 +18,9 @@ SPEC = CorpusSpec(patients=2, studies_per_patient=1, series_per_study=2, images_
 class Site:
     """One isolated XNAT-like target: prearchive + archive folders, a database, REST stand-in."""
 
-    def __init__(self, root: Path, dsn: str, build: str = "rest", archive: bool = False) -> None:
+    def __init__(
+        self, root: Path, dsn: str, build: str = "rest", archive: bool = False, spec: CorpusSpec = SPEC
+    ) -> None:
         self.root = root
         self.dsn = dsn
         self.source = root / "legacy"
@@ -27,7 +29,7 @@ class Site:
         self.state = root / "state"
         self.prearchive.mkdir(parents=True)
         self.archive_dir.mkdir()
-        self.files = build_corpus(self.source, SPEC)
+        self.files = build_corpus(self.source, spec)
         self.manifest = root / "manifest.yaml"
         self.build, self.archive = build, archive
 

@@ -49,7 +49,9 @@ from .state import StateStore
 
 if TYPE_CHECKING:  # the executors import drivers; the commands import them only when they run
     from .execute.apply import ApplyReport as ApplyReport
+    from .execute.apply import FleetSummary as FleetSummary
     from .execute.apply import SessionResult as SessionResult
+    from .execute.fleet import FleetStatus as FleetStatus
     from .execute.refresh import Observation as Observation
     from .execute.revert import RevertReport as RevertReport
     from .execute.verify import SessionCheck as SessionCheck
@@ -383,22 +385,32 @@ def apply(
     poll: float = 1.0,
     state_url: str | None = None,
 ) -> ApplyReport:
-    """Apply a saved plan (default ``<state-dir>/plan.json``).
+    """Apply a saved plan (default ``<state-dir>/plan.json``; with a PostgreSQL ledger, the plan saved
+    in it).
 
-    Refuses a stale plan and a second concurrent apply on the same ledger (state directory or schema).
+    Refuses a stale plan. With the ledger in a state directory, a second concurrent apply is refused;
+    with a PostgreSQL ledger this process is one worker of a fleet (``execute.fleet``): any number of
+    them, on any hosts, share the plan's units until none is left.
     """
     from .execute.apply import Options, apply_plan
 
     sdir = state_dir_of(state_dir)
+    url = _state_url(state_url)
     # A plan of this host's is read first: "no plan" is the clearer line when neither is there.
-    local = None if _state_url(state_url) else load_plan(plan_path or sdir / PLAN_FILE)
+    local = None if url else load_plan(plan_path or sdir / PLAN_FILE)
+    opts = Options(jobs=jobs, progress=progress, on_session=on_session, poll=poll)
     with open_state(sdir, state_url) as store:
         plan_obj = local or plan_of(store, sdir, plan_path)
+        if url:
+            from .execute import fleet, statepg
+
+            fleet.join(store, statepg.parse_state_url(url).schema)
+            check_fresh(plan_obj, store)
+            store.begin_plan(plan_obj.plan_id)
+            return fleet.work(plan_obj, url, opts)
         store.lock("apply")
         check_fresh(plan_obj, store)
-        return apply_plan(
-            plan_obj, store, Options(jobs=jobs, progress=progress, on_session=on_session, poll=poll)
-        )
+        return apply_plan(plan_obj, store, opts)
 
 
 @dataclass(frozen=True)
@@ -465,6 +477,18 @@ def status(state_dir: str | Path | None = None, *, state_url: str | None = None)
                 )
             )
     return out
+
+
+def fleet_status(state_dir: str | Path | None = None, *, state_url: str | None = None) -> FleetStatus | None:
+    """The current plan's units on every host (``execute.fleet.fleet_status``); None with a ledger in a
+    state directory, or when no fleet applied the plan."""
+    url = _state_url(state_url)
+    if not url:
+        return None
+    from .execute import fleet
+
+    with open_state(state_dir_of(state_dir), url) as store:
+        return fleet.fleet_status(store)
 
 
 def _saved_plan(sdir: Path, store: StateStore) -> Plan | None:

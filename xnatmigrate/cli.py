@@ -7,6 +7,7 @@ Exit codes follow Terraform's convention: 0 success (or nothing to do), 1 any er
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -86,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     common(ap)
 
     st = sub.add_parser("status", help="per session: the last step done and what remains")
+    st.add_argument(
+        "--fleet",
+        action="store_true",
+        help="with --state-url: the plan's work units on every host (workers, rates, ETA) instead",
+    )
     common(st)
 
     ve = sub.add_parser("verify", help="prove that what was applied is in XNAT, intact")
@@ -226,6 +232,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                     "xnat_seconds": round(report.xnat_seconds, 3),
                 },
                 "stopped": report.stopped,
+                "fleet": dataclasses.asdict(report.fleet) if report.fleet else None,
                 "sessions": [
                     {
                         "action_id": s.action_id,
@@ -251,9 +258,24 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 f"{files} file(s), {size / 1e6:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s)"
                 + (f", {report.xnat_seconds:.1f} s of it waiting on XNAT." if report.xnat_seconds else ".")
             )
+    fleet = report.fleet
+    unfinished = fleet is not None and fleet.applied < fleet.sessions
+    if fleet and not args.json:
+        print(
+            f"Fleet: {fleet.units_run_here} of {fleet.units} unit(s) applied by this process "
+            f"({', '.join(fleet.hosts) or 'no host yet'}); {fleet.applied} of {fleet.sessions} session(s) "
+            "of the plan applied."
+        )
     if report.stopped:
         print(f"error: stopped: {report.stopped}", file=sys.stderr)
-    if report.failures or report.stopped:
+    if unfinished and not (report.failures or report.stopped):
+        assert fleet is not None
+        print(
+            f"error: {fleet.sessions - fleet.applied} session(s) of the plan are not applied (failed on "
+            "this or another host): `xnatmigrate status` names each",
+            file=sys.stderr,
+        )
+    if report.failures or report.stopped or unfinished:
         print(
             "Fix the cause and run `xnatmigrate apply` again: it resumes where it stopped.", file=sys.stderr
         )
@@ -262,6 +284,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.fleet:
+        return _fleet_status(args)
     rows = api.status(args.state_dir, state_url=args.state_url)
     if args.json:
         _print_json([r.__dict__ for r in rows])
@@ -275,6 +299,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         seen = f" (XNAT: {r.observed.get('state')})" if r.observed else ""
         print(
             f"{r.project or 'Unassigned'}/{r.session:<28} {r.method:<10} {r.status:<9} last {last:<16} remaining {left}{seen}"
+        )
+    return EXIT_OK
+
+
+def _fleet_status(args: argparse.Namespace) -> int:
+    fs = api.fleet_status(args.state_dir, state_url=args.state_url)
+    if args.json:
+        _print_json(dataclasses.asdict(fs) if fs else None)
+        return EXIT_OK
+    if fs is None:
+        print("No fleet: the plan was not applied through a --state-url ledger (or not yet).")
+        return EXIT_OK
+    states = ", ".join(f"{n} {k}" for k, n in sorted(fs.units.items())) or "none queued"
+    eta = f"{fs.eta_s:.0f} s" if fs.eta_s is not None else "unknown"
+    print(
+        f"Plan {fs.plan_id[:12]}, round {fs.round}: units {states}; {fs.files_done} of {fs.files} file(s) "
+        f"done at {fs.files_per_s:.1f} files/s, ETA {eta}; {fs.xnat_share:.0%} of the time in units waiting on XNAT"
+    )
+    for w in fs.workers:
+        running = ", ".join(map(str, w.running)) or "none"
+        print(
+            f"  {w.host} pid {w.pid}: {w.units_done} unit(s), {w.files_done} file(s), {w.files_per_s:.1f} files/s; "
+            f"running unit(s) {running}; last seen {w.last_seen or '-'}"
         )
     return EXIT_OK
 

@@ -55,6 +55,7 @@ from .statedb import Database, Opener, SqliteDatabase, py_text
 
 STATE_FORMAT = 1
 _CACHE_BATCH = 2048  # scan-cache rows fetched per call
+_STATES_BATCH = 500  # ids per IN (…) of states_of (SQLite allows 32,766 parameters, PostgreSQL 65,535)
 _PLAN_BATCH = 256  # lines of a saved plan (one session each) written or read per statement
 _INSERT_PLAN_LINE = "INSERT INTO plans (plan_id, seq, line) VALUES (?, ?, ?)"
 
@@ -534,6 +535,25 @@ class StateStore:
             self.db.execute(
                 "UPDATE sessions SET status=?, updated=? WHERE action_id=?", (status, now_iso(), action_id)
             )
+
+    def states_of(self, action_ids: Iterable[str]) -> dict[str, SessionState]:
+        """The status of each of ``action_ids`` the ledger holds (absent: never started): one
+        statement per batch, so a unit of a large plan reads its own rows, not the whole table."""
+        out: dict[str, SessionState] = {}
+        ids = list(dict.fromkeys(action_ids))
+        for i in range(0, len(ids), _STATES_BATCH):
+            chunk = ids[i : i + _STATES_BATCH]
+            marks = ",".join("?" * len(chunk))
+            for action_id, status in self.db.execute(
+                f"SELECT action_id, status FROM sessions WHERE action_id IN ({marks})", tuple(chunk)
+            ).fetchall():
+                out[action_id] = SessionState(status)
+        return out
+
+    def applied_ids(self) -> set[str]:
+        """The action ids of every session the ledger holds as applied."""
+        rows = self.db.execute("SELECT action_id FROM sessions WHERE status = ?", (SessionState.APPLIED,))
+        return {r[0] for r in rows.fetchall()}
 
     def sessions(self) -> list[AppliedSession]:
         rows = self.db.execute(

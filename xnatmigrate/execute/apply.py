@@ -80,13 +80,17 @@ _FATAL = (DatabaseError, XnatRestError, ReceiverError, files.DiskError, SettingE
 # at a chosen point, as a power cut would. "after:STEP[:N]" once STEP is recorded (the N-th time),
 # "before-record:STEP[:N]" after STEP acted but before its record, "files:N" after N files staged.
 _CRASH_ENV = "XNATMIGRATE_TEST_CRASH"
+# The same points, SIGSTOP instead, once per process: a worker slow (not dead) past its lease
+# (tests/integration/test_fleet.py continues it with SIGCONT).
+_PAUSE_ENV = "XNATMIGRATE_TEST_PAUSE"
+_PAUSED = threading.Event()
 
 
 class _Crash:
-    def __init__(self, spec: str | None) -> None:
+    def __init__(self, spec: str | None, sig: signal.Signals = signal.SIGKILL) -> None:
         kind, _, rest = (spec or "").partition(":")
         what, _, n = rest.partition(":")
-        self.kind, self.what = kind, what
+        self.kind, self.what, self.sig = kind, what, sig
         self.n = int(n or 1) if kind != "files" else int(what or 0)
         self.seen = 0
 
@@ -95,11 +99,18 @@ class _Crash:
             return
         self.seen += 1
         if self.seen >= self.n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._fire()
 
     def files(self, done: int) -> None:
         if self.kind == "files" and done >= self.n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._fire()
+
+    def _fire(self) -> None:
+        if self.sig is signal.SIGSTOP:
+            if _PAUSED.is_set():
+                return
+            _PAUSED.set()
+        os.kill(os.getpid(), self.sig)
 
 
 @dataclass
@@ -113,6 +124,21 @@ class SessionResult:
     bytes: int = 0
 
 
+@dataclass(frozen=True)
+class FleetSummary:
+    """Where the fleet stood when this worker left (``execute.fleet``): its queue's units by state and
+    the plan's sessions applied, on every host."""
+
+    queue: str
+    units: int
+    units_done: int
+    units_failed: int
+    units_run_here: int
+    sessions: int
+    applied: int
+    hosts: tuple[str, ...]
+
+
 @dataclass
 class ApplyReport:
     plan_id: str
@@ -122,6 +148,8 @@ class ApplyReport:
     # Of ``seconds``, waiting on XNAT's REST API (its requests and the pauses of polls: XNAT's building,
     # importing, archiving): the rest is this host's own work.
     xnat_seconds: float = 0.0
+    # Set when the ledger is shared (PostgreSQL): this process was one worker of a fleet.
+    fleet: FleetSummary | None = None
 
     @property
     def failures(self) -> list[SessionResult]:
@@ -139,6 +167,9 @@ class Options:
     send_retries: int = 3
     progress: Progress | None = None
     on_session: Callable[[SessionResult], None] | None = None
+    # Set from another thread (a fleet worker's Ctrl-C): the run stops before its next group, as
+    # Ctrl-C stops it on the main thread: KeyboardInterrupt, every step recorded so far kept.
+    stop: threading.Event | None = None
 
 
 class _Runner:
@@ -153,6 +184,7 @@ class _Runner:
         self.unpruned: list[Path] = []  # published sessions' staging folders whose parents are left
         self.shown = threading.RLock()  # progress and its counts, shared with the staging thread
         self.crash = _Crash(os.environ.get(_CRASH_ENV))
+        self.pause = _Crash(os.environ.get(_PAUSE_ENV), signal.SIGSTOP)
 
     # -- shared resources, opened lazily so a finished plan touches nothing ----------------------
 
@@ -169,6 +201,7 @@ class _Runner:
         self.store.record_step(res.action_id, step, outcome, detail)
         res.steps.append((step, outcome))
         self.crash.hit("after", step)
+        self.pause.hit("after", step)
 
     def advance(self, n: int) -> None:
         with self.shown:
@@ -193,13 +226,15 @@ class _Runner:
         report = ApplyReport(self.plan.plan_id)
         started = time.monotonic()
         self.store.begin_plan(self.plan.plan_id)
-        known = {s.action_id: s.status for s in self.store.sessions()}
+        known = self.store.states_of([s.action_id for s in self.plan.sessions])
         applied = {a for a, st in known.items() if st is SessionState.APPLIED}
         limits = grouping.Limits.from_settings()
         begun: list[_Group] = []  # begun, not yet finished: at most two, the older one finishing
         try:
             self.check_site_script(applied)
             for sessions in grouping.groups(self.plan.sessions, limits):
+                if self.opts.stop is not None and self.opts.stop.is_set():
+                    raise KeyboardInterrupt
                 g = self.open_group(sessions, report, known, applied)
                 if begun and begun[-1].ahead is not None:
                     begun[-1].ahead.wait()  # one group ahead at most: its staging is over before ours starts

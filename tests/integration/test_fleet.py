@@ -1,0 +1,273 @@
+"""One plan applied by several worker processes through one PostgreSQL ledger (issue 16), each worker
+a host of its own where the machine allows it (its own UTS namespace: its own host name, so this
+host's quick take-over of its own dead processes does not apply and only the lease can give a unit
+away), against the prearchive stand-in: three workers at once, one killed mid-unit, one stopped past
+its lease. Every end state equals one uninterrupted apply's, and no session step took effect twice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from tests.integration.test_apply_prearchive import _archive_tree, _normalised
+from tests.sites import NOW, Site
+from tests.xnat_standin import XnatStandIn
+from xnatmigrate import api
+from xnatmigrate.execute import statepg
+from xnatmigrate.testing.corpus import CorpusSpec
+
+# Eight studies of two files; four units of two studies each (XNATMIGRATE_UNIT_FILES=4).
+SPEC = CorpusSpec(patients=8, studies_per_patient=1, series_per_study=1, images_per_series=2, rows=8, seed=5)
+LEASE = "3"
+UNITS = 4
+
+
+def _own_host_possible() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-u", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+OWN_HOST = _own_host_possible()
+
+
+def _worker(s: Site, url: str, host: str, **env: str) -> subprocess.Popen[str]:
+    """``xnatmigrate apply --state-url`` as a host named ``host`` (when the machine allows it)."""
+    full = {**os.environ, **s.env(), "XNATMIGRATE_UNIT_FILES": "4", "XNATMIGRATE_LEASE_S": LEASE, **env}
+    cmd = [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(s.state), "--state-url", url]
+    if OWN_HOST:
+        # Its own host name, then exec: the pid the test holds is the worker's own.
+        cmd = ["unshare", "-u", "sh", "-c", 'hostname "$0" && exec "$@"', host, *cmd]
+    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ledger(state_db_dsn: str, url: str, query: str) -> list[tuple]:
+    schema = statepg.parse_state_url(url).schema
+    conn = psycopg2.connect(state_db_dsn, options=f"-c search_path={schema}")
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def _no_step_twice(state_db_dsn: str, url: str) -> None:
+    """Every step of every session took effect (``done``) at most once, whichever worker ran it."""
+    done = _ledger(state_db_dsn, url, "SELECT action_id, step FROM steps WHERE outcome = 'done'")
+    twice = [k for k, n in Counter(done).items() if n > 1]
+    assert not twice, twice
+
+
+@pytest.fixture
+def fleet_site(tmp_path, pg_admin_dsn, monkeypatch):
+    from xnatmigrate.testing.pg import temporary_database
+
+    with temporary_database(pg_admin_dsn, "1.7") as pdb:
+        s = Site(tmp_path / "site", pdb.dsn, archive=True, spec=SPEC)
+        with XnatStandIn(pdb.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
+            xnat.build_delay = 0.3  # units that last long enough for workers to overlap
+            s.write_manifest(xnat.url)
+            for k, v in s.env().items():
+                monkeypatch.setenv(k, v)
+            yield s, xnat
+
+
+@pytest.fixture
+def fleet_reference(tmp_path_factory, pg_admin_dsn):
+    """The same corpus applied by one uninterrupted apply on the embedded (SQLite) ledger."""
+    from xnatmigrate.testing.pg import temporary_database
+
+    root = tmp_path_factory.mktemp("fleetref")
+    with temporary_database(pg_admin_dsn, "1.7") as pdb:
+        s = Site(root / "site", pdb.dsn, archive=True, spec=SPEC)
+        with XnatStandIn(pdb.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
+            xnat.build_delay = 0.0
+            s.write_manifest(xnat.url)
+            with pytest.MonkeyPatch.context() as mp:
+                for k, v in s.env().items():
+                    mp.setenv(k, v)
+                api.plan(s.manifest, state_dir=s.state, now=NOW)
+                report = api.apply(state_dir=s.state, poll=0.05)
+            assert not report.failures and len(report.sessions) == SPEC.patients
+            yield _normalised(s), sorted(xnat.experiments), _archive_tree(s)
+
+
+def _same_as_reference(s: Site, xnat: XnatStandIn, reference: tuple) -> None:
+    assert _normalised(s) == reference[0]
+    assert sorted(xnat.experiments) == reference[1]
+    assert _archive_tree(s) == reference[2]
+
+
+def _finish(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def test_three_workers_share_the_plan_and_end_as_one_uninterrupted_apply(
+    fleet_site, fleet_reference, state_url, state_db_dsn
+):
+    s, xnat = fleet_site
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    workers = [_worker(s, state_url, f"host{i}") for i in range(3)]
+    results = [_finish(p) for p in workers]
+    for code, out, err in results:
+        assert code == 0, (out, err)
+        assert "of the plan applied" in out and f"{SPEC.patients} of {SPEC.patients} session(s)" in out
+    _same_as_reference(s, xnat, fleet_reference)
+    _no_step_twice(state_db_dsn, state_url)
+    units = _ledger(state_db_dsn, state_url, "SELECT unit, host, finished, outcome FROM fleet_units")
+    assert len(units) == UNITS and all(u[2] and u[3] == "done" for u in units)
+    jobs = _ledger(state_db_dsn, state_url, "SELECT status::text FROM procrastinate_jobs")
+    assert sorted(j[0] for j in jobs) == ["succeeded"] * UNITS
+    if OWN_HOST:
+        assert len({u[1] for u in units}) >= 2, units  # the work was shared, not done by one of them
+    fs = api.fleet_status(s.state, state_url=state_url)
+    assert fs is not None and fs.units == {"succeeded": UNITS} and fs.files_done == fs.files == len(s.files)
+    assert sum(w.units_done for w in fs.workers) == UNITS and {w.host for w in fs.workers} == {
+        u[1] for u in units
+    }
+    assert fs.eta_s == 0 and fs.files_per_s > 0
+    # A finished plan: another worker queues nothing and applies nothing.
+    code, out, err = _finish(_worker(s, state_url, "late"))
+    assert code == 0 and "Nothing to do" in out, (out, err)
+    assert len(_ledger(state_db_dsn, state_url, "SELECT 1 FROM procrastinate_jobs")) == UNITS
+
+
+@pytest.mark.skipif(
+    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
+)
+def test_a_worker_killed_mid_unit_has_its_unit_taken_over_after_the_lease(
+    fleet_site, fleet_reference, state_url, state_db_dsn
+):
+    s, xnat = fleet_site
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    doomed = _worker(s, state_url, "doomed", XNATMIGRATE_TEST_CRASH="after:insert:1")
+    assert _finish(doomed)[0] == -9  # killed inside its first unit, after a row went into XNAT's table
+    doing = _ledger(state_db_dsn, state_url, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'")
+    assert doing == [(1,)]  # its unit still looks taken: only its lease can give it away
+    started = time.monotonic()
+    rest = [_worker(s, state_url, f"host{i}") for i in range(2)]
+    for code, out, err in (_finish(p) for p in rest):
+        assert code == 0, (out, err)
+    assert time.monotonic() - started >= float(LEASE)  # the dead unit waited for its lease
+    _same_as_reference(s, xnat, fleet_reference)
+    _no_step_twice(state_db_dsn, state_url)
+    hosts = {h for (h,) in _ledger(state_db_dsn, state_url, "SELECT host FROM fleet_units")}
+    assert "doomed" not in hosts  # every unit, the dead one's included, was finished by the others
+
+
+def test_a_worker_killed_mid_unit_is_resumed_at_once_by_a_rerun_on_its_host(
+    fleet_site, fleet_reference, state_url, state_db_dsn
+):
+    s, xnat = fleet_site
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    assert _finish(_worker(s, state_url, "one", XNATMIGRATE_TEST_CRASH="after:build:1"))[0] == -9
+    started = time.monotonic()
+    code, out, err = _finish(_worker(s, state_url, "one", XNATMIGRATE_LEASE_S="600"))
+    assert code == 0, (out, err)
+    assert time.monotonic() - started < 300  # its own host saw the process gone: no 600 s lease
+    _same_as_reference(s, xnat, fleet_reference)
+    _no_step_twice(state_db_dsn, state_url)
+
+
+@pytest.mark.skipif(
+    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
+)
+def test_a_worker_stopped_past_its_lease_keeps_its_unit_and_no_study_is_applied_twice(
+    fleet_site, fleet_reference, state_url, state_db_dsn
+):
+    s, xnat = fleet_site
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    slow = _worker(s, state_url, "slow", XNATMIGRATE_TEST_PAUSE="after:insert:1")
+    deadline = time.monotonic() + 60
+    while _state(slow.pid) != "T":  # stopped (SIGSTOP) inside its first unit
+        assert slow.poll() is None and time.monotonic() < deadline, slow.communicate()
+        time.sleep(0.05)
+    doing = "SELECT id, worker_id FROM procrastinate_jobs WHERE status = 'doing'"
+    [(job, slow_worker)] = _ledger(state_db_dsn, state_url, doing)
+    other = _worker(s, state_url, "other")
+    # Well past the lease: the other worker has done the other units and taken the slow one's back,
+    # but waits for its lock, which the stopped worker's connection still holds.
+    time.sleep(4 * float(LEASE))
+    assert other.poll() is None
+    [(job_now, worker_now)] = _ledger(state_db_dsn, state_url, doing)
+    assert job_now == job and worker_now not in (None, slow_worker)  # the lease gave it to the other
+    assert _ledger(state_db_dsn, state_url, "SELECT host FROM fleet_units WHERE unit = 0") == [("slow",)]
+    finished = _ledger(state_db_dsn, state_url, "SELECT count(*) FROM fleet_units WHERE finished IS NOT NULL")
+    assert finished == [(UNITS - 1,)]  # every other unit done meanwhile, by the other worker
+    os.kill(slow.pid, signal.SIGCONT)
+    for code, out, err in (_finish(slow), _finish(other)):
+        assert code == 0 and "Traceback" not in err, (out, err)
+    _same_as_reference(s, xnat, fleet_reference)
+    _no_step_twice(state_db_dsn, state_url)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return "gone"
+    return stat.rsplit(b")", 1)[1].split()[0].decode()
+
+
+def test_ctrl_c_sends_the_unit_in_flight_back_and_a_rerun_finishes_the_plan(
+    fleet_site, fleet_reference, state_url, state_db_dsn
+):
+    s, xnat = fleet_site
+    xnat.build_delay = 1.0  # a unit lasts a few seconds: the interrupt lands inside one
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    w = _worker(s, state_url, "one")
+    deadline = time.monotonic() + 60
+    while not _ledger(state_db_dsn, state_url, "SELECT 1 FROM steps WHERE step = 'build'"):
+        assert w.poll() is None and time.monotonic() < deadline, w.communicate()
+        time.sleep(0.05)
+    w.send_signal(signal.SIGINT)
+    code, out, err = _finish(w)
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted: rerun the same command to resume", (
+        err
+    )
+    jobs = _ledger(state_db_dsn, state_url, "SELECT status::text FROM procrastinate_jobs")
+    assert "doing" not in {j[0] for j in jobs} and "todo" in {j[0] for j in jobs}  # nothing left taken
+    xnat.build_delay = 0.0
+    code, out, err = _finish(_worker(s, state_url, "one"))
+    assert code == 0, (out, err)
+    _same_as_reference(s, xnat, fleet_reference)
+    _no_step_twice(state_db_dsn, state_url)
+
+
+def test_revert_is_refused_while_a_worker_holds_the_ledger_and_a_worker_while_a_revert_does(
+    fleet_site, state_url
+):
+    from xnatmigrate.errors import LockedError
+    from xnatmigrate.execute import fleet
+    from xnatmigrate.state import StateStore
+
+    s, _xnat = fleet_site
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    schema = statepg.parse_state_url(state_url).schema
+    worker = StateStore(create=False, opener=statepg.opener(state_url))
+    try:
+        fleet.join(worker, schema)
+        with pytest.raises(LockedError, match=r"in use by apply workers \(the latest on host .* pid \d+\)"):
+            api.revert(s.state, yes=True, state_url=state_url)
+    finally:
+        worker.close()
+    holder = StateStore(create=False, opener=statepg.opener(state_url))
+    try:
+        holder.lock("revert")
+        with pytest.raises(LockedError, match=r"is in use by revert on host"):
+            api.apply(state_dir=s.state, state_url=state_url)
+        assert s.rows() == []  # refused before anything was done
+    finally:
+        holder.close()

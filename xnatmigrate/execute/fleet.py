@@ -1,0 +1,662 @@
+"""One plan, many hosts (issue 16): ``apply`` with a PostgreSQL ledger is one worker of a fleet.
+
+The sessions of the plan not yet applied are cut into work units; each unit is one job of the task
+library Procrastinate (its tables in the ledger's own schema, jobs taken with ``FOR UPDATE SKIP
+LOCKED``), in a queue of the plan's own. Any number of ``apply`` processes, on any hosts, take units
+until none is left to do or doing, each unit applied by ``execute.apply`` on its sessions, then exit.
+
+Invariants:
+- A unit is whole studies: every session of one StudyInstanceUID is in one unit, so no study is ever
+  worked on by two workers at once. Units follow plan order and hold up to ``unit_files`` files (a
+  bigger study is a unit of its own).
+- Units are queued under the plan's advisory lock, in the transaction that records them, and only
+  when the plan's queue has none to do or doing: a rerun after a finished round queues the sessions
+  still not applied (a failure retried); a finished plan queues nothing (re-apply is a no-op).
+- A unit acts only under its own advisory lock, held on the ledger connection of the worker applying
+  it. Procrastinate's lease (each worker's heartbeat; ``lease_s``) decides when a silent worker's unit
+  is given to another; the advisory lock decides when the taker may act: a slow worker still connected
+  keeps its unit and the taker waits; a worker cut off loses its lock when the server drops its
+  connection (TCP keepalives, ``statepg.KEEPALIVE_S``). A unit of a process of this host that is gone
+  (kill -9) is taken over at once, without waiting for its lease.
+- A unit taken over resumes from the ledger as a rerun does (check → act → record), so the end state
+  equals an uninterrupted apply's.
+- Each worker holds the ledger's apply lock shared: a revert (exclusive) cannot start while a fleet
+  works, nor a worker while a revert runs.
+- Procrastinate's schema is created once per ledger, by the version recorded with it; a host with
+  another version is refused (its SQL functions may differ) with the version to install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import procrastinate
+import psycopg
+from procrastinate import exceptions as pexceptions
+from procrastinate import jobs as pjobs
+from procrastinate import manager as pmanager
+from procrastinate import worker as pworker
+from procrastinate.schema import SchemaManager
+
+from ..errors import LockedError, StateError, XnatMigrateError
+from ..model import Plan, PlannedSession, Result, SessionState
+from ..state import StateStore
+from . import statepg
+from .apply import ApplyReport, FleetSummary, Options, SessionResult, apply_plan
+
+log = logging.getLogger(__name__)
+
+UNIT_FILES_ENV = "XNATMIGRATE_UNIT_FILES"
+LEASE_ENV = "XNATMIGRATE_LEASE_S"
+DEFAULT_UNIT_FILES = 1000  # a unit's files: small enough to spread a plan over hosts, big enough to amortise
+DEFAULT_LEASE_S = 60.0  # as statepg.KEEPALIVE_S: a vanished host's unit lock is freed about as soon
+TASK = "xnatmigrate.apply_unit"
+_VERSION_KEY = "procrastinate_version"  # meta: the Procrastinate version that made the queue's schema
+
+_UNITS_DDL = """
+CREATE TABLE IF NOT EXISTS fleet_units (
+    plan_id TEXT NOT NULL, round INTEGER NOT NULL, unit INTEGER NOT NULL, job_id BIGINT,
+    sessions_json TEXT NOT NULL, sessions INTEGER NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL,
+    host TEXT, pid INTEGER, pid_start TEXT, started TIMESTAMPTZ, finished TIMESTAMPTZ, outcome TEXT,
+    seconds DOUBLE PRECISION, xnat_seconds DOUBLE PRECISION, changed INTEGER, failed INTEGER,
+    PRIMARY KEY (plan_id, round, unit))
+"""
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    unit_files: int = DEFAULT_UNIT_FILES
+    lease_s: float = DEFAULT_LEASE_S
+    poll_s: float = 1.0
+
+    @classmethod
+    def from_env(cls) -> FleetOptions:
+        try:
+            unit = int(os.environ.get(UNIT_FILES_ENV) or DEFAULT_UNIT_FILES)
+            lease = float(os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S)
+        except ValueError:
+            raise StateError(
+                f"${UNIT_FILES_ENV} and ${LEASE_ENV} must be numbers; fix them, then rerun"
+            ) from None
+        if unit < 1 or lease < 1:
+            raise StateError(f"${UNIT_FILES_ENV} and ${LEASE_ENV} must be at least 1; fix them, then rerun")
+        return cls(unit_files=unit, lease_s=lease, poll_s=min(1.0, lease / 10))
+
+
+def units_of(sessions: Sequence[PlannedSession], applied: set[str], unit_files: int) -> list[list[int]]:
+    """Plan indexes of the sessions not in ``applied``, cut into units of whole studies, in plan order,
+    each up to ``unit_files`` files (a unit is never empty; a study bigger than that is one unit)."""
+    study_unit: dict[str, int] = {}
+    units: list[list[int]] = []
+    sizes: list[int] = []
+    for i, s in enumerate(sessions):
+        if s.action_id in applied:
+            continue
+        u = study_unit.get(s.study_uid)
+        if u is None:
+            if not units or (sizes[-1] and sizes[-1] + s.file_count > unit_files):
+                units.append([])
+                sizes.append(0)
+            u = study_unit[s.study_uid] = len(units) - 1
+        units[u].append(i)
+        sizes[u] += s.file_count
+    return units
+
+
+def queue_of(plan_id: str) -> str:
+    return f"xnatmigrate-{plan_id[:20]}"
+
+
+def unit_key(schema: str, plan_id: str, rnd: int, unit: int) -> int:
+    return statepg.lock_key(schema, f"unit\0{plan_id}\0{rnd}\0{unit}")
+
+
+def join(store: StateStore, schema: str) -> None:
+    """Take the ledger's apply lock shared (``statepg.lock_key``), or LockedError naming the holder of
+    it exclusively (a revert, or an apply of an older version)."""
+    key = statepg.lock_key(schema)
+    for attempt in range(6):
+        if store.db.execute("SELECT pg_try_advisory_lock_shared(?)", (key,)).fetchone()[0]:
+            # Named to whoever is refused the lock exclusively (statepg's holder row; the latest worker).
+            store.db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                (
+                    "apply_lock",
+                    f"apply workers (the latest on host {socket.gethostname()} pid {os.getpid()})",
+                ),
+            )
+            return
+        if attempt < 5:
+            time.sleep(0.2)
+    row = store.db.execute("SELECT value FROM meta WHERE key = ?", ("apply_lock",)).fetchone()
+    who = row[0] if row and row[0] else "another process"
+    raise LockedError(f"{store.db.name} is in use by {who}; wait for it to finish, then rerun")
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), or None when there is none: with
+    the pid it names one process, never a later one given the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return stat.rsplit(b")", 1)[1].split()[19].decode()
+
+
+class _Units(pmanager.JobManager):
+    """Procrastinate's job manager, but for the one case a lease makes normal: a unit finished (or sent
+    back) by the worker it was taken from, and then by its taker, which found it done: the second
+    finish is a no-op, not an error (the unit's lock made sure only one of them acted)."""
+
+    async def finish_job(self, job: pjobs.Job, status: pjobs.Status, delete_job: bool) -> None:
+        try:
+            await super().finish_job(job, status, delete_job)
+        except pexceptions.ConnectorException as exc:
+            if not _moved_on(exc):
+                raise
+            log.info("unit job %s was finished by the worker it was taken from", job.id)
+
+    async def retry_job(self, job: pjobs.Job, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().retry_job(job, *args, **kwargs)
+        except pexceptions.ConnectorException as exc:
+            if not _moved_on(exc):
+                raise
+            log.info("unit job %s was finished by the worker it was taken from", job.id)
+
+
+def _moved_on(exc: BaseException) -> bool:
+    """The job's row was no longer in the status this worker left it in (procrastinate_finish_job_v1,
+    procrastinate_retry_job_v2 raise then)."""
+    cause = exc.__cause__
+    return isinstance(cause, psycopg.errors.RaiseException) and (
+        'not in "doing" or "todo" status' in str(cause) or "invalid status to retry" in str(cause)
+    )
+
+
+class _Again(Exception):
+    """The unit goes back to the queue (a retry by Procrastinate): this worker is stopping, or the unit
+    is locked by a worker still alive."""
+
+
+class _Fleet:
+    def __init__(self, plan: Plan, url: str, opts: Options, fleet: FleetOptions) -> None:
+        self.plan = plan
+        self.url = url
+        self.target = statepg.parse_state_url(url)
+        self.schema = self.target.schema
+        self.opts = opts
+        self.fleet = fleet
+        self.queue = queue_of(plan.plan_id)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.pid_start = _proc_start(self.pid)
+        self.stop = threading.Event()
+        self.fatal: BaseException | None = None
+        self.lock = threading.Lock()
+        self.report = ApplyReport(plan.plan_id)
+        self.done_files = 0
+        self.units_run = 0
+        self.worker: pworker.Worker | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.app = procrastinate.App(
+            connector=procrastinate.PsycopgConnector(
+                conninfo=self.target.dsn,
+                kwargs={"options": f"-c search_path={self.schema}", "application_name": "xnatmigrate fleet"},
+                min_size=1,
+                max_size=3,
+            )
+        )
+        self.app.job_manager = _Units(self.app.connector)
+        self.app.task(
+            name=TASK,
+            pass_context=True,
+            retry=procrastinate.RetryStrategy(wait=int(max(1, fleet.poll_s)), retry_exceptions=[_Again]),
+        )(self.unit)
+
+    # -- the process ------------------------------------------------------------------------------
+
+    def run(self) -> ApplyReport:
+        started = time.monotonic()
+        previous = signal.getsignal(signal.SIGINT)
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            signal.signal(signal.SIGINT, self._interrupt)
+        try:
+            asyncio.run(self._main())
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+            self.report.seconds = time.monotonic() - started
+        if self.stop.is_set() and self.fatal is None:
+            raise KeyboardInterrupt
+        if isinstance(self.fatal, XnatMigrateError | KeyboardInterrupt):
+            raise self.fatal
+        if self.fatal is not None:
+            raise self.fatal
+        return self.report
+
+    def _interrupt(self, _sig: int, _frame: object) -> None:
+        """Ctrl-C: the unit in flight stops before its next group and goes back to the queue; a
+        second Ctrl-C ends the process at once (as kill -9 would: the ledger covers it)."""
+        if self.stop.is_set():
+            os._exit(130)
+        self.stop.set()
+        self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        if self.worker is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.worker.stop)
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        try:
+            async with self.app.open_async():
+                nothing = await self._prepare()
+                if nothing:
+                    self._all_applied()
+                    self.report.fleet = await self._summary()
+                    return
+                while not self.stop.is_set() and self.fatal is None:
+                    await self._take_over()
+                    self.worker = pworker.Worker(
+                        self.app,
+                        queues=[self.queue],
+                        name=f"{self.host}:{self.pid}",
+                        concurrency=1,
+                        wait=False,
+                        listen_notify=False,
+                        install_signal_handlers=False,
+                        update_heartbeat_interval=max(0.5, self.fleet.lease_s / 6),
+                        stalled_worker_timeout=self.fleet.lease_s,
+                    )
+                    await self.worker.run()  # type: ignore[no-untyped-call]
+                    self.worker = None
+                    if self.stop.is_set() or self.fatal is not None or not await self._left():
+                        break
+                    await asyncio.sleep(self.fleet.poll_s)  # a unit doing elsewhere, or due later
+                self.report.fleet = await self._summary()
+        except (psycopg.Error, OSError) as exc:
+            if self.fatal is None:
+                self.fatal = _queue_error(exc, self.target)
+
+    # -- queueing -----------------------------------------------------------------------------------
+
+    async def _prepare(self) -> bool:
+        """Procrastinate's schema and the units table when missing, then a round of units unless one
+        is under way; True when every session of the plan is applied already."""
+        pool = self.app.connector.pool  # type: ignore[attr-defined]
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (statepg.lock_key(self.schema, "fleet"),))
+            await self._ensure_schema(conn)
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._plan_key(),))
+            cur = await conn.execute(
+                "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = %s AND status IN ('todo', 'doing')",
+                (self.queue,),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                return False  # a round under way: join it
+            cur = await conn.execute(
+                "SELECT action_id FROM sessions WHERE status = %s", (SessionState.APPLIED.value,)
+            )
+            applied = {r[0] for r in await cur.fetchall()}
+            units = units_of(self.plan.sessions, applied, self.fleet.unit_files)
+            if not units:
+                return True
+            cur = await conn.execute(
+                "SELECT coalesce(max(round), 0) + 1 FROM fleet_units WHERE plan_id = %s", (self.plan.plan_id,)
+            )
+            row = await cur.fetchone()
+            rnd = int(row[0]) if row else 1
+            rows = []
+            for u, idx in enumerate(units):
+                picked = [self.plan.sessions[i] for i in idx]
+                rows.append(
+                    (
+                        self.plan.plan_id,
+                        rnd,
+                        u,
+                        json.dumps(idx),
+                        len(idx),
+                        sum(s.file_count for s in picked),
+                        sum(s.bytes for s in picked),
+                    )
+                )
+            async with conn.cursor() as c:
+                await c.executemany(
+                    "INSERT INTO fleet_units (plan_id, round, unit, sessions_json, sessions, files, bytes) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    rows,
+                )
+            name = f"{self.plan.plan_id[:20]}:{rnd}"
+            deferred = await self.app.job_manager.batch_defer_jobs_async(
+                [
+                    pjobs.Job(
+                        id=None,
+                        queue=self.queue,
+                        lock=f"{name}:{u}",
+                        queueing_lock=f"{name}:{u}",
+                        task_name=TASK,
+                        task_kwargs={"plan_id": self.plan.plan_id, "round": rnd, "unit": u},
+                    )
+                    for u in range(len(units))
+                ],
+                connection=conn,
+            )
+            async with conn.cursor() as c:
+                await c.executemany(
+                    "UPDATE fleet_units SET job_id = %s WHERE plan_id = %s AND round = %s AND unit = %s",
+                    [(j.id, self.plan.plan_id, rnd, u) for u, j in enumerate(deferred)],
+                )
+            return False
+
+    async def _ensure_schema(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        mine = metadata.version("procrastinate")
+        cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            await conn.execute(SchemaManager.get_schema())
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_VERSION_KEY, mine),
+            )
+        else:
+            cur = await conn.execute("SELECT value FROM meta WHERE key = %s", (_VERSION_KEY,))
+            got = await cur.fetchone()
+            theirs = got[0] if got else "an unknown version"
+            if theirs != mine:
+                raise StateError(
+                    f"the work queue in {self.target.where} (schema {self.schema}) was made by Procrastinate "
+                    f"{theirs} and this host has {mine}: install the same on every host of the migration "
+                    f"(pip install 'procrastinate=={theirs}'), then rerun"
+                )
+        await conn.execute(_UNITS_DDL)
+
+    def _plan_key(self) -> int:
+        return statepg.lock_key(self.schema, f"fleet\0{self.plan.plan_id}")
+
+    async def _left(self) -> int:
+        row = await self.app.connector.execute_query_one_async(
+            "SELECT count(*) AS n FROM procrastinate_jobs WHERE queue_name = %(q)s AND status IN ('todo', 'doing')",
+            q=self.queue,
+        )
+        return int(row["n"])
+
+    async def _take_over(self) -> None:
+        """Units whose worker went silent for longer than the lease, and units of this host's processes
+        that are gone, back to the queue (another host may have done it first: that is fine)."""
+        jm = self.app.job_manager
+        stalled = {
+            j.id
+            for j in await jm.get_stalled_jobs(queue=self.queue, seconds_since_heartbeat=self.fleet.lease_s)
+            if j.id is not None
+        }
+        rows = await self.app.connector.execute_query_all_async(
+            "SELECT u.job_id, u.pid, u.pid_start FROM fleet_units u JOIN procrastinate_jobs j ON j.id = u.job_id "
+            "WHERE u.plan_id = %(p)s AND u.host = %(h)s AND u.finished IS NULL AND j.status = 'doing'",
+            p=self.plan.plan_id,
+            h=self.host,
+        )
+        for r in rows:
+            if r["pid"] != self.pid and _proc_start(r["pid"]) != r["pid_start"]:
+                stalled.add(r["job_id"])
+        for job_id in stalled:
+            try:
+                await jm.retry_job_by_id_async(job_id, retry_at=datetime.datetime.now(datetime.UTC))
+            except Exception as exc:  # taken over by another host meanwhile
+                log.debug("unit job %s not retried: %s", job_id, exc)
+
+    async def _summary(self) -> FleetSummary:
+        rows = await self.app.connector.execute_query_all_async(
+            "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs WHERE queue_name = %(q)s "
+            "GROUP BY status",
+            q=self.queue,
+        )
+        by = {r["status"]: int(r["n"]) for r in rows}
+        hosts = await self.app.connector.execute_query_all_async(
+            "SELECT DISTINCT host FROM fleet_units WHERE plan_id = %(p)s AND host IS NOT NULL ORDER BY host",
+            p=self.plan.plan_id,
+        )
+        ids = [s.action_id for s in self.plan.sessions]
+        with StateStore(create=False, opener=statepg.opener(self.url)) as store:
+            states = store.states_of(ids)
+        applied = sum(1 for a in ids if states.get(a) is SessionState.APPLIED)
+        return FleetSummary(
+            queue=self.queue,
+            units=sum(by.values()),
+            units_done=by.get("succeeded", 0),
+            units_failed=by.get("failed", 0),
+            units_run_here=self.units_run,
+            sessions=len(ids),
+            applied=applied,
+            hosts=tuple(h["host"] for h in hosts),
+        )
+
+    def _all_applied(self) -> None:
+        for s in self.plan.sessions:
+            self.report.sessions.append(
+                SessionResult(s.action_id, s.label, Result.NOOP, message="already applied")
+            )
+
+    # -- a unit (on Procrastinate's worker thread) ----------------------------------------------------
+
+    def unit(self, context: procrastinate.JobContext, plan_id: str, round: int, unit: int) -> None:
+        if self.stop.is_set() or self.fatal is not None:
+            raise _Again("this worker is stopping")
+        if plan_id != self.plan.plan_id:
+            raise _Again(f"a unit of plan {plan_id[:12]}, not {self.plan.plan_id[:12]}")
+        try:
+            with StateStore(create=False, opener=statepg.opener(self.url)) as store:
+                self._unit(store, round, unit, context.job.id)
+        except _Again:
+            raise
+        except KeyboardInterrupt:
+            raise _Again("interrupted") from None
+        except BaseException as exc:
+            # A failure of the ledger or of this host: the unit goes back for another worker or a rerun.
+            with self.lock:
+                if self.fatal is None:
+                    self.fatal = exc
+            self._stop_worker()
+            raise _Again(str(exc)) from None
+
+    def _unit(self, store: StateStore, rnd: int, unit: int, job_id: int | None) -> None:
+        join(store, self.schema)
+        key = unit_key(self.schema, self.plan.plan_id, rnd, unit)
+        # The unit's lock: held by a worker the lease gave up on but still connected (slow, not dead),
+        # this one waits for it rather than act beside it.
+        while not store.db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]:
+            if self.stop.is_set():
+                raise _Again("this worker is stopping")
+            time.sleep(self.fleet.poll_s)
+        row = store.db.execute(
+            "SELECT sessions_json FROM fleet_units WHERE plan_id = ? AND round = ? AND unit = ?",
+            (self.plan.plan_id, rnd, unit),
+        ).fetchone()
+        if row is None:
+            raise StateError(f"unit {unit} of round {rnd} is not in fleet_units; rerun `xnatmigrate apply`")
+        store.db.execute(
+            # The server's clock, one for every host.
+            "UPDATE fleet_units SET job_id = ?, host = ?, pid = ?, pid_start = ?, started = now(), finished = NULL "
+            "WHERE plan_id = ? AND round = ? AND unit = ?",
+            (job_id, self.host, self.pid, self.pid_start, self.plan.plan_id, rnd, unit),
+        )
+        sub = dataclasses.replace(
+            self.plan, sessions=tuple(self.plan.sessions[i] for i in json.loads(row[0]))
+        )
+        base = self.done_files
+        progress = self.opts.progress
+        opts = dataclasses.replace(
+            self.opts,
+            stop=self.stop,
+            progress=(lambda d, t: progress(base + d, base + t)) if progress else None,
+        )
+        report = apply_plan(sub, store, opts)
+        changed = report.changed
+        failed = len(report.failures)
+        store.db.execute(
+            "UPDATE fleet_units SET finished = now(), outcome = ?, seconds = ?, xnat_seconds = ?, changed = ?, "
+            "failed = ? WHERE plan_id = ? AND round = ? AND unit = ?",
+            (
+                "stopped" if report.stopped else ("failed" if failed else "done"),
+                report.seconds,
+                report.xnat_seconds,
+                changed,
+                failed,
+                self.plan.plan_id,
+                rnd,
+                unit,
+            ),
+        )
+        store.db.execute("SELECT pg_advisory_unlock(?)", (key,))
+        with self.lock:
+            self.report.sessions.extend(report.sessions)
+            self.report.xnat_seconds += report.xnat_seconds
+            self.done_files += sum(s.file_count for s in sub.sessions)
+            self.units_run += 1
+            if report.stopped and self.report.stopped is None:
+                self.report.stopped = report.stopped
+        if report.stopped:
+            # A shared resource failed (XNAT, its database, a disk): every unit would fail alike here.
+            self.stop.set()
+            self._stop_worker()
+            raise _Again(report.stopped)
+
+
+def _queue_error(exc: BaseException, target: statepg.StateUrl) -> StateError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StateError(
+        f"the work queue in the state database {target.where} failed ({first}); check that PostgreSQL is "
+        "running, then rerun `xnatmigrate apply`: every step recorded is kept"
+    )
+
+
+def work(plan: Plan, url: str, opts: Options, fleet: FleetOptions | None = None) -> ApplyReport:
+    """Take units of ``plan`` from the ledger's queue (queueing a round first when none is under way)
+    until none is left to do or doing; the caller checked the plan fresh and holds the apply lock
+    shared (``join``). KeyboardInterrupt after a Ctrl-C, once the unit in flight went back."""
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)
+    return _Fleet(plan, url, opts, fleet or FleetOptions.from_env()).run()
+
+
+# --------------------------------------------------------------------------------------------
+# status across hosts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One process that took units of the current round: where, what it did, how fast."""
+
+    host: str
+    pid: int
+    units_done: int
+    running: tuple[int, ...]  # units it holds now
+    files_done: int
+    seconds: float  # inside its units
+    xnat_seconds: float  # of which waiting on XNAT
+    last_seen: str | None  # its latest start or finish of a unit
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files_done / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """The current plan's latest round of units, on every host: units by state, files, rate, ETA."""
+
+    plan_id: str
+    round: int
+    queue: str
+    units: dict[str, int]  # Procrastinate's job states: todo, doing, succeeded, failed, …
+    files: int
+    files_done: int
+    workers: tuple[WorkerStatus, ...]
+    files_per_s: float  # the fleet's, over the wall time since the round's first unit started
+    eta_s: float | None  # files left at that rate (None: no rate yet)
+    xnat_share: float  # of the time inside units, the part spent waiting on XNAT
+
+
+def fleet_status(store: StateStore) -> FleetStatus | None:
+    """The fleet's view of the ledger's current plan, or None when no fleet ever applied it."""
+    plan_id = store.current_plan()
+    if plan_id is None or not _has_table(store, "fleet_units"):
+        return None
+    row = store.db.execute("SELECT max(round) FROM fleet_units WHERE plan_id = ?", (plan_id,)).fetchone()
+    if not row or row[0] is None:
+        return None
+    rnd = int(row[0])
+    queue = queue_of(plan_id)
+    units = {
+        str(s): int(n)
+        for s, n in store.db.execute(
+            "SELECT status::text, count(*) FROM procrastinate_jobs WHERE queue_name = ? GROUP BY status",
+            (queue,),
+        ).fetchall()
+    }
+    rows = store.db.execute(
+        "SELECT unit, files, host, pid, started::text, finished::text, seconds, xnat_seconds, "
+        "extract(epoch FROM now() - min(started) OVER ())::float8 "
+        "FROM fleet_units WHERE plan_id = ? AND round = ? ORDER BY unit",
+        (plan_id, rnd),
+    ).fetchall()
+    per: dict[tuple[str, int], dict[str, Any]] = {}
+    total = done = 0
+    inside = waiting = 0.0
+    wall = 0.0
+    for unit, files, host, pid, started, finished, seconds, xnat_seconds, since in rows:
+        total += files
+        wall = float(since or 0.0)
+        if host is None:
+            continue
+        w = per.setdefault(
+            (host, pid), {"done": 0, "running": [], "files": 0, "seconds": 0.0, "xnat": 0.0, "last": None}
+        )
+        w["last"] = max(filter(None, (w["last"], started, finished)), default=None)
+        if finished:
+            done += files
+            w["done"] += 1
+            w["files"] += files
+            w["seconds"] += seconds or 0.0
+            w["xnat"] += xnat_seconds or 0.0
+            inside += seconds or 0.0
+            waiting += xnat_seconds or 0.0
+        else:
+            w["running"].append(unit)
+    rate = done / wall if wall > 0 and done else 0.0
+    return FleetStatus(
+        plan_id=plan_id,
+        round=rnd,
+        queue=queue,
+        units=units,
+        files=total,
+        files_done=done,
+        workers=tuple(
+            WorkerStatus(h, p, w["done"], tuple(w["running"]), w["files"], w["seconds"], w["xnat"], w["last"])
+            for (h, p), w in sorted(per.items())
+        ),
+        files_per_s=rate,
+        eta_s=(total - done) / rate if rate else None,
+        xnat_share=waiting / inside if inside else 0.0,
+    )
+
+
+def _has_table(store: StateStore, name: str) -> bool:
+    row = store.db.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()
+    return bool(row and row[0])
