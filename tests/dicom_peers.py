@@ -219,6 +219,8 @@ class PynetdicomStoreSCP:
         self.attempts: dict[str, int] = {}
         self.associations = 0
         self.aborted = 0
+        self.open = 0  # associations established and not yet released or aborted
+        self.most_open = 0  # the most that were open at once
         self._per_assoc: dict[int, tuple[int, int]] = {}  # id(assoc) -> (serial, stores)
         self._lock = threading.Lock()
         self._ae: AE | None = None
@@ -247,6 +249,7 @@ class PynetdicomStoreSCP:
             (evt.EVT_CONN_OPEN, _nodelay),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
         ]
         server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         assert server is not None
@@ -276,10 +279,17 @@ class PynetdicomStoreSCP:
         with self._lock:
             self.associations += 1
             self._per_assoc[id(event.assoc)] = (self.associations, 0)
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
 
     def _on_aborted(self, event: Any) -> None:
         with self._lock:
             self.aborted += 1
+            self.open -= 1
+
+    def _on_released(self, event: Any) -> None:
+        with self._lock:
+            self.open -= 1
 
     def route(self, ds: Dataset) -> Route | None:
         """Overridden by ``XnatRoutingSCP``."""

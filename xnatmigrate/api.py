@@ -479,6 +479,17 @@ def status(state_dir: str | Path | None = None, *, state_url: str | None = None)
     return out
 
 
+def fleet_budget(state_url: str | None = None) -> str | None:
+    """With a PostgreSQL ledger, what the fleet applying a plan may ask of XNAT at once, from this
+    host's environment (``XNATMIGRATE_BUDGET_*``, ``XNATMIGRATE_GOVERNOR_*``): the worker that queues a
+    round records it for every host. None with a ledger in a state directory (one process, no fleet)."""
+    if not _state_url(state_url):
+        return None
+    from .execute import settings
+
+    return settings.Budget.from_env().describe()
+
+
 def fleet_status(state_dir: str | Path | None = None, *, state_url: str | None = None) -> FleetStatus | None:
     """The current plan's units on every host (``execute.fleet.fleet_status``); None with a ledger in a
     state directory, or when no fleet applied the plan."""

@@ -177,9 +177,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "cache_hits": outcome.cache_hits,
             "seconds": round(outcome.seconds, 3),
         }
+        doc["fleet_budget"] = api.fleet_budget(args.state_url)
         _print_json(doc)
     else:
         print(plan_text(plan, str(outcome.plan_path), str(outcome.sql_path)))
+        budget = api.fleet_budget(args.state_url)
+        if budget:
+            print(f"Applied through --state-url by any number of hosts, with a budget for XNAT: {budget}.")
         print(
             f"(scanned {outcome.files_seen} file(s), {outcome.cache_hits} from cache, "
             f"in {outcome.seconds:.1f} s)",
@@ -266,6 +270,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             f"({', '.join(fleet.hosts) or 'no host yet'}); {fleet.applied} of {fleet.sessions} session(s) "
             "of the plan applied."
         )
+        print(f"Budget for XNAT: {fleet.budget}.")
     if report.stopped:
         print(f"error: stopped: {report.stopped}", file=sys.stderr)
     if unfinished and not (report.failures or report.stopped):
@@ -317,6 +322,8 @@ def _fleet_status(args: argparse.Namespace) -> int:
         f"Plan {fs.plan_id[:12]}, round {fs.round}: units {states}; {fs.files_done} of {fs.files} file(s) "
         f"done at {fs.files_per_s:.1f} files/s, ETA {eta}; {fs.xnat_share:.0%} of the time in units waiting on XNAT"
     )
+    if fs.budget:
+        print(f"Budget for XNAT: {fs.budget}.")
     for w in fs.workers:
         running = ", ".join(map(str, w.running)) or "none"
         print(

@@ -21,7 +21,7 @@ import pytest
 from tests.integration.test_apply_prearchive import _archive_tree, _normalised
 from tests.sites import NOW, Site
 from tests.xnat_standin import XnatStandIn
-from xnatmigrate import api
+from xnatmigrate import api, cli
 from xnatmigrate.execute import statepg
 from xnatmigrate.testing.corpus import CorpusSpec
 
@@ -115,7 +115,7 @@ def _finish(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, s
 
 
 def test_three_workers_share_the_plan_and_end_as_one_uninterrupted_apply(
-    fleet_site, fleet_reference, state_url, state_db_dsn
+    fleet_site, fleet_reference, state_url, state_db_dsn, capsys
 ):
     s, xnat = fleet_site
     api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
@@ -142,6 +142,9 @@ def test_three_workers_share_the_plan_and_end_as_one_uninterrupted_apply(
     code, out, err = _finish(_worker(s, state_url, "late"))
     assert code == 0 and "Nothing to do" in out, (out, err)
     assert len(_ledger(state_db_dsn, state_url, "SELECT 1 FROM procrastinate_jobs")) == UNITS
+    # The plan says what the fleet may ask of XNAT (the defaults here).
+    assert cli.main(["plan", str(s.manifest), "--state-dir", str(s.state), "--state-url", state_url]) == 0
+    assert "with a budget for XNAT: at most 4 C-STORE association(s) and 2 build(s)" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(
@@ -271,3 +274,89 @@ def test_revert_is_refused_while_a_worker_holds_the_ledger_and_a_worker_while_a_
         assert s.rows() == []  # refused before anything was done
     finally:
         holder.close()
+
+
+def _building(s: Site) -> int:
+    with psycopg2.connect(s.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM xdat_search.prearchive WHERE status IN ('BUILDING', '_BUILDING')")
+        (n,) = cur.fetchone()
+    conn.close()
+    return int(n)
+
+
+def test_the_build_budget_holds_across_workers(fleet_site, fleet_reference, state_url, state_db_dsn):
+    s, xnat = fleet_site
+    xnat.build_delay = 0.3
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    workers = [_worker(s, state_url, f"host{i}", XNATMIGRATE_BUDGET_BUILDS="1") for i in range(3)]
+    most = 0
+    while any(p.poll() is None for p in workers):
+        most = max(most, _building(s))  # what XNAT builds at once, sampled at its table
+        time.sleep(0.02)
+    for code, out, err in (_finish(p) for p in workers):
+        assert code == 0, (out, err)
+        assert "at most 4 C-STORE association(s) and 1 build(s) or archive(s) at once" in out
+    assert most == 1  # one at a time across the three workers (and the sampling saw it)
+    _same_as_reference(s, xnat, fleet_reference)
+
+
+def test_the_governor_waits_while_xnat_is_busy_building(fleet_site, fleet_reference, state_url, state_db_dsn):
+    s, xnat = fleet_site
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    with psycopg2.connect(s.dsn) as conn, conn.cursor() as cur:  # someone else's upload XNAT is building
+        cur.execute(
+            "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url, "
+            "prevent_anon, prevent_auto_commit) VALUES ('prj001', '20200101_000000000', 'other', 'other', "
+            "'1.2.3', 'BUILDING', '/elsewhere', false, false)"
+        )
+    conn.close()
+    w = _worker(s, state_url, "one", XNATMIGRATE_GOVERNOR_BUILDING="1")
+    time.sleep(4)
+    assert w.poll() is None
+    assert not _ledger(state_db_dsn, state_url, "SELECT 1 FROM steps")  # nothing done while XNAT is busy
+    with psycopg2.connect(s.dsn) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM xdat_search.prearchive WHERE foldername = 'other'")
+    conn.close()
+    code, out, err = _finish(w)
+    assert code == 0, (out, err)
+    assert "waiting before the next unit: XNAT is building 1 session(s), the governor's limit is 1" in err
+    _same_as_reference(s, xnat, fleet_reference)
+
+
+def test_the_association_budget_holds_across_workers_and_every_instance_is_sent_once(
+    tmp_path, state_url, state_db_dsn
+):
+    from tests.dicom_peers import PynetdicomStoreSCP
+    from tests.integration.test_apply_cstore import write_manifest
+    from xnatmigrate.testing.corpus import build_corpus
+
+    source = tmp_path / "legacy"
+    files = build_corpus(source, SPEC)
+    with PynetdicomStoreSCP(delay=0.05) as scp:
+        manifest = tmp_path / "m.yaml"
+        write_manifest(manifest, source, scp.port)
+        state = tmp_path / "state"
+        api.plan(manifest, state_dir=state, state_url=state_url, now=NOW)
+        env = {**os.environ, "XNATMIGRATE_UNIT_FILES": "4", "XNATMIGRATE_BUDGET_ASSOCIATIONS": "2"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "xnatmigrate",
+            "apply",
+            "--state-dir",
+            str(state),
+            "--state-url",
+            state_url,
+        ]
+        workers = [
+            subprocess.Popen(
+                [*cmd, "--jobs", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(3)
+        ]
+        for code, out, err in (_finish(p) for p in workers):
+            assert code == 0, (out, err)
+        # Three workers asking for two associations each: never more than the fleet's two at once.
+        assert 1 <= scp.most_open <= 2, scp.most_open
+        assert sorted(scp.received) == sorted(f.sop_uid for f in files)
+        assert set(scp.attempts.values()) == {1}  # no instance sent twice

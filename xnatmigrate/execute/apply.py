@@ -137,6 +137,7 @@ class FleetSummary:
     sessions: int
     applied: int
     hosts: tuple[str, ...]
+    budget: str  # what the fleet may ask of XNAT at once (fleet.Budget.describe)
 
 
 @dataclass
@@ -170,6 +171,9 @@ class Options:
     # Set from another thread (a fleet worker's Ctrl-C): the run stops before its next group, as
     # Ctrl-C stops it on the main thread: KeyboardInterrupt, every step recorded so far kept.
     stop: threading.Event | None = None
+    # A fleet's budget for XNAT (execute.fleet): entered around each REST build and archive, so the
+    # builds in flight across every host stay within it. None: no limit but this run's own pace.
+    hold_build: Callable[[], contextlib.AbstractContextManager[None]] | None = None
 
 
 class _Runner:
@@ -660,7 +664,19 @@ class _Runner:
         if s.archive and Step.ARCHIVE not in done:
             self.archive(s, res, project, ts, folder)
 
+    def budget(self) -> contextlib.AbstractContextManager[None]:
+        return self.opts.hold_build() if self.opts.hold_build else contextlib.nullcontext()
+
     def build(self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str) -> None:
+        if s.build is Build.REST:
+            with self.budget():
+                self._build(s, res, project, ts, folder)
+        else:
+            self._build(s, res, project, ts, folder)
+
+    def _build(
+        self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str
+    ) -> None:
         match s.build:
             case Build.REST:
                 client = self.client()
@@ -700,6 +716,15 @@ class _Runner:
         return False
 
     def archive(
+        self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str
+    ) -> None:
+        if s.build is Build.SCHEDULER:
+            self._archive(s, res, project, ts, folder)
+        else:
+            with self.budget():
+                self._archive(s, res, project, ts, folder)
+
+    def _archive(
         self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str
     ) -> None:
         if s.build is Build.SCHEDULER:

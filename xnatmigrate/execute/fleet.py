@@ -29,16 +29,18 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -52,9 +54,9 @@ from procrastinate import worker as pworker
 from procrastinate.schema import SchemaManager
 
 from ..errors import LockedError, StateError, XnatMigrateError
-from ..model import Plan, PlannedSession, Result, SessionState
+from ..model import CstoreSession, Plan, PlannedSession, Result, SessionState
 from ..state import StateStore
-from . import statepg
+from . import db, settings, statepg
 from .apply import ApplyReport, FleetSummary, Options, SessionResult, apply_plan
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,48 @@ class FleetOptions:
         if unit < 1 or lease < 1:
             raise StateError(f"${UNIT_FILES_ENV} and ${LEASE_ENV} must be at least 1; fix them, then rerun")
         return cls(unit_files=unit, lease_s=lease, poll_s=min(1.0, lease / 10))
+
+
+# XNAT building a session (PrearcUtils.PrearcStatus, xnat_table): what the governor counts.
+BUILDING_STATUSES = ("BUILDING", "QUEUED_BUILDING", "_BUILDING")
+
+
+class _Slots:
+    """A counting semaphore across hosts: ``limit`` advisory locks per kind, held on one ledger
+    connection (a dead holder's go with its connection)."""
+
+    def __init__(
+        self, store: StateStore, schema: str, plan_id: str, stop: threading.Event, poll: float
+    ) -> None:
+        self.store, self.schema, self.plan_id, self.stop, self.poll = store, schema, plan_id, stop, poll
+
+    def take(self, kind: str, limit: int, want: int = 1) -> list[int]:
+        """Up to ``want`` of the ``limit`` slots of ``kind`` (at least one: waits for it)."""
+        keys = [statepg.lock_key(self.schema, f"slot\0{self.plan_id}\0{kind}\0{i}") for i in range(limit)]
+        while True:
+            got: list[int] = []
+            for key in random.sample(keys, len(keys)):
+                if len(got) >= want:
+                    break
+                if self.store.db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]:
+                    got.append(key)
+            if got:
+                return got
+            if self.stop.is_set():
+                raise _Again("this worker is stopping")
+            time.sleep(self.poll)
+
+    def give(self, keys: list[int]) -> None:
+        for key in keys:
+            self.store.db.execute("SELECT pg_advisory_unlock(?)", (key,))
+
+    @contextlib.contextmanager
+    def held(self, kind: str, limit: int) -> Iterator[None]:
+        keys = self.take(kind, limit)
+        try:
+            yield
+        finally:
+            self.give(keys)
 
 
 def units_of(sessions: Sequence[PlannedSession], applied: set[str], unit_files: int) -> list[list[int]]:
@@ -211,6 +255,7 @@ class _Fleet:
         self.report = ApplyReport(plan.plan_id)
         self.done_files = 0
         self.units_run = 0
+        self.budget = settings.Budget.from_env()
         self.worker: pworker.Worker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.app = procrastinate.App(
@@ -309,8 +354,18 @@ class _Fleet:
                 (self.queue,),
             )
             row = await cur.fetchone()
+            budget_key = f"fleet_budget:{self.plan.plan_id}"
             if row and row[0]:
-                return False  # a round under way: join it
+                # A round under way: join it, on the budget its first worker recorded.
+                cur = await conn.execute("SELECT value FROM meta WHERE key = %s", (budget_key,))
+                got = await cur.fetchone()
+                if got:
+                    self.budget = settings.Budget(**json.loads(got[0]))
+                return False
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (budget_key, json.dumps(dataclasses.asdict(self.budget))),
+            )
             cur = await conn.execute(
                 "SELECT action_id FROM sessions WHERE status = %s", (SessionState.APPLIED.value,)
             )
@@ -445,6 +500,7 @@ class _Fleet:
             sessions=len(ids),
             applied=applied,
             hosts=tuple(h["host"] for h in hosts),
+            budget=self.budget.describe(),
         )
 
     def _all_applied(self) -> None:
@@ -475,6 +531,36 @@ class _Fleet:
             self._stop_worker()
             raise _Again(str(exc)) from None
 
+    def _govern(self, sub: Plan) -> None:
+        """Wait, before a unit, while XNAT is busy building or the disk it writes to is nearly full
+        (``settings.Budget``): the worker's heartbeat goes on meanwhile, and Ctrl-C still stops it."""
+        where = [p for p in (sub.xnat.prearchive, sub.xnat.inbox) if p]
+        said = ""
+        while True:
+            why = ""
+            for path in where:
+                free = _free_gb(path)
+                if free is not None and free < self.budget.min_free_gb:
+                    why = f"{free:.1f} GB free under {path}, below {self.budget.min_free_gb:g} GB"
+            if not why and sub.xnat.database is not None:
+                with db.connect(db.resolve_dsn(sub.xnat.database)) as conn, conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT count(*) FROM xdat_search.prearchive WHERE status = ANY(%s)",
+                        (list(BUILDING_STATUSES),),
+                    )
+                    got = cur.fetchone()
+                    building = int(got[0]) if got else 0
+                if building >= self.budget.building:
+                    why = f"XNAT is building {building} session(s), the governor's limit is {self.budget.building}"
+            if not why:
+                return
+            if why != said:
+                log.warning("waiting before the next unit: %s", why)
+                said = why
+            if self.stop.is_set():
+                raise _Again("this worker is stopping")
+            time.sleep(max(self.fleet.poll_s, 1.0))
+
     def _unit(self, store: StateStore, rnd: int, unit: int, job_id: int | None) -> None:
         join(store, self.schema)
         key = unit_key(self.schema, self.plan.plan_id, rnd, unit)
@@ -501,12 +587,25 @@ class _Fleet:
         )
         base = self.done_files
         progress = self.opts.progress
+        slots = _Slots(store, self.schema, self.plan.plan_id, self.stop, self.fleet.poll_s)
+        self._govern(sub)
+        associations: list[int] = []
+        jobs = self.opts.jobs
+        if any(isinstance(s, CstoreSession) for s in sub.sessions):
+            # As many of the fleet's associations as this host's --jobs asks, at least one.
+            associations = slots.take("associations", self.budget.associations, want=jobs or 1)
+            jobs = len(associations)
         opts = dataclasses.replace(
             self.opts,
+            jobs=jobs,
             stop=self.stop,
             progress=(lambda d, t: progress(base + d, base + t)) if progress else None,
+            hold_build=lambda: slots.held("builds", self.budget.builds),
         )
-        report = apply_plan(sub, store, opts)
+        try:
+            report = apply_plan(sub, store, opts)
+        finally:
+            slots.give(associations)
         changed = report.changed
         failed = len(report.failures)
         store.db.execute(
@@ -536,6 +635,14 @@ class _Fleet:
             self.stop.set()
             self._stop_worker()
             raise _Again(report.stopped)
+
+
+def _free_gb(path: str) -> float | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize / 1e9
 
 
 def _queue_error(exc: BaseException, target: statepg.StateUrl) -> StateError:
@@ -591,6 +698,7 @@ class FleetStatus:
     files_per_s: float  # the fleet's, over the wall time since the round's first unit started
     eta_s: float | None  # files left at that rate (None: no rate yet)
     xnat_share: float  # of the time inside units, the part spent waiting on XNAT
+    budget: str | None  # the round's budget for XNAT (Budget.describe), as its first worker recorded it
 
 
 def fleet_status(store: StateStore) -> FleetStatus | None:
@@ -640,6 +748,7 @@ def fleet_status(store: StateStore) -> FleetStatus | None:
         else:
             w["running"].append(unit)
     rate = done / wall if wall > 0 and done else 0.0
+    got = store.db.execute("SELECT value FROM meta WHERE key = ?", (f"fleet_budget:{plan_id}",)).fetchone()
     return FleetStatus(
         plan_id=plan_id,
         round=rnd,
@@ -654,6 +763,7 @@ def fleet_status(store: StateStore) -> FleetStatus | None:
         files_per_s=rate,
         eta_s=(total - done) / rate if rate else None,
         xnat_share=waiting / inside if inside else 0.0,
+        budget=settings.Budget(**json.loads(got[0])).describe() if got else None,
     )
 
 

@@ -7,6 +7,7 @@ and must not change a plan's id. Each bad value is one line naming the variable.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..errors import SettingError
 
@@ -38,3 +39,40 @@ def positive(setting: tuple[str, float]) -> float:
 GROUP_FILES = ("XNATMIGRATE_GROUP_FILES", 2000.0)
 GROUP_SESSIONS = ("XNATMIGRATE_GROUP_SESSIONS", 200.0)
 GROUP_MB = ("XNATMIGRATE_GROUP_MB", 1024.0)
+
+# The fleet's budget for XNAT (execute.fleet), across every host of one migration: recorded in the
+# ledger by the worker that queues a round, so every host keeps the same one. Conservative defaults.
+BUDGET_ASSOCIATIONS = ("XNATMIGRATE_BUDGET_ASSOCIATIONS", 4.0)  # C-STORE associations open at once
+BUDGET_BUILDS = ("XNATMIGRATE_BUDGET_BUILDS", 2.0)  # REST builds and archives in flight at once
+# The governor: before a unit, a worker waits while XNAT's prearchive holds this many sessions being
+# built (BUILDING, QUEUED_BUILDING, _BUILDING: XNAT's own work, ours and anyone's), or while the
+# prearchive's (inbox's) file system has less than this many GB free.
+GOVERNOR_BUILDING = ("XNATMIGRATE_GOVERNOR_BUILDING", 10.0)
+GOVERNOR_MIN_FREE_GB = ("XNATMIGRATE_GOVERNOR_MIN_FREE_GB", 5.0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the whole fleet may ask of XNAT at once (``settings.BUDGET_*``, ``GOVERNOR_*``), the same on
+    every host: the worker queueing a round records it in the ledger, the others read it from there."""
+
+    associations: int
+    builds: int
+    building: int
+    min_free_gb: float
+
+    @classmethod
+    def from_env(cls) -> Budget:
+        return cls(
+            associations=int(positive(BUDGET_ASSOCIATIONS)),
+            builds=int(positive(BUDGET_BUILDS)),
+            building=int(positive(GOVERNOR_BUILDING)),
+            min_free_gb=positive(GOVERNOR_MIN_FREE_GB),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"at most {self.associations} C-STORE association(s) and {self.builds} build(s) or archive(s) at "
+            f"once across all hosts; a unit waits while XNAT builds {self.building} session(s) or more, or "
+            f"while under {self.min_free_gb:g} GB are free where it writes"
+        )
