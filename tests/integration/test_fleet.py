@@ -144,7 +144,9 @@ def test_three_workers_share_the_plan_and_end_as_one_uninterrupted_apply(
     assert len(_ledger(state_db_dsn, state_url, "SELECT 1 FROM procrastinate_jobs")) == UNITS
     # The plan says what the fleet may ask of XNAT (the defaults here).
     assert cli.main(["plan", str(s.manifest), "--state-dir", str(s.state), "--state-url", state_url]) == 0
-    assert "with a budget for XNAT: at most 4 C-STORE association(s) and 2 build(s)" in capsys.readouterr().out
+    assert (
+        "with a budget for XNAT: at most 4 C-STORE association(s) and 2 build(s)" in capsys.readouterr().out
+    )
 
 
 @pytest.mark.skipif(
