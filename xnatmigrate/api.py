@@ -44,6 +44,7 @@ from .model import Check as Check
 from .model import Result as Result
 from .model import RevertOutcome as RevertOutcome
 from .model import Seen as Seen
+from .pathmap import PathMap
 from .planner import draft_plan
 from .state import StateStore
 
@@ -384,6 +385,7 @@ def apply(
     on_session: Callable[[SessionResult], None] | None = None,
     poll: float = 1.0,
     state_url: str | None = None,
+    path_map: Sequence[str] | None = None,
 ) -> ApplyReport:
     """Apply a saved plan (default ``<state-dir>/plan.json``; with a PostgreSQL ledger, the plan saved
     in it).
@@ -400,7 +402,8 @@ def apply(
     local = None if url else load_plan(plan_path or sdir / PLAN_FILE)
     opts = Options(jobs=jobs, progress=progress, on_session=on_session, poll=poll)
     with open_state(sdir, state_url) as store:
-        plan_obj = local or plan_of(store, sdir, plan_path)
+        # Sources as this host mounts them (``--path-map``): the plan and its id stay as reviewed.
+        plan_obj = PathMap.of(path_map).plan(local or plan_of(store, sdir, plan_path))
         if url:
             from .execute import fleet, statepg
 

@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         help="default: the plan saved in the --state-url ledger, else <state-dir>/plan.json",
     )
     ap.add_argument("--jobs", type=int, default=None, help="copy workers / C-STORE associations")
+    ap.add_argument(
+        "--path-map",
+        action="append",
+        metavar="FROM=TO",
+        help="sources planned under FROM are under TO on this host (repeatable; default: "
+        "$XNATMIGRATE_PATH_MAP, entries separated by ;)",
+    )
     common(ap)
 
     st = sub.add_parser("status", help="per session: the last step done and what remains")
@@ -217,6 +224,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             progress=bar,
             on_session=on_session,
+            path_map=args.path_map,
         )
     finally:
         bar.close()

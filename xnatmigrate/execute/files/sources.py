@@ -47,7 +47,13 @@ def check_sources_of(files: Iterable[PlannedFile], *, ctime: bool = True) -> Non
             bad.append(why)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise StalePlanError(f"source {bad[0]} since planning{more}; re-run xnatmigrate plan")
+        hint = (
+            " (or, on a host that mounts the sources elsewhere than the planning host, map them with "
+            "apply --path-map FROM=TO)"
+            if "has vanished" in bad[0]
+            else ""
+        )
+        raise StalePlanError(f"source {bad[0]} since planning{more}; re-run xnatmigrate plan{hint}")
 
 
 def _changed(f: PlannedFile, size: int, mtime_ns: int) -> str:
