@@ -43,7 +43,9 @@ def test_another_mount_is_refused_without_a_map_and_applied_with_one(moved, refe
     assert "manifest" in err and "is gone" in err  # the manifest first: nothing applied
     assert s.rows() == []
     # The manifest mapped, not the sources: the sources are the next thing refused, with the fix named.
-    report = api.apply(state_dir=s.state, poll=0.05, path_map=[f"{s.manifest}={entry.split('=')[1]}/manifest.yaml"])
+    report = api.apply(
+        state_dir=s.state, poll=0.05, path_map=[f"{s.manifest}={entry.split('=')[1]}/manifest.yaml"]
+    )
     assert report.failures and all("apply --path-map FROM=TO" in (r.message or "") for r in report.failures)
     assert "has vanished" in (report.failures[0].message or "")
     assert cli.main(["apply", "--state-dir", str(s.state), "--path-map", entry]) == 0
