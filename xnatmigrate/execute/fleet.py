@@ -487,17 +487,20 @@ class _Fleet:
             "SELECT DISTINCT host FROM fleet_units WHERE plan_id = %(p)s AND host IS NOT NULL ORDER BY host",
             p=self.plan.plan_id,
         )
-        ids = [s.action_id for s in self.plan.sessions]
-        with StateStore(create=False, opener=statepg.opener(self.url)) as store:
-            states = store.states_of(ids)
-        applied = sum(1 for a in ids if states.get(a) is SessionState.APPLIED)
+        # Every session of this plan an apply started was registered under its id (register_session).
+        got = await self.app.connector.execute_query_one_async(
+            "SELECT count(*) AS n FROM sessions WHERE plan_id = %(p)s AND status = %(s)s",
+            p=self.plan.plan_id,
+            s=SessionState.APPLIED.value,
+        )
+        applied = int(got["n"])
         return FleetSummary(
             queue=self.queue,
             units=sum(by.values()),
             units_done=by.get("succeeded", 0),
             units_failed=by.get("failed", 0),
             units_run_here=self.units_run,
-            sessions=len(ids),
+            sessions=len(self.plan.sessions),
             applied=applied,
             hosts=tuple(h["host"] for h in hosts),
             budget=self.budget.describe(),
