@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 
 from tests.integration.test_apply_prearchive import _archive_tree, _normalised
@@ -53,13 +53,8 @@ def _worker(s: Site, url: str, host: str, **env: str) -> subprocess.Popen[str]:
 
 def _ledger(state_db_dsn: str, url: str, query: str) -> list[tuple]:
     schema = statepg.parse_state_url(url).schema
-    conn = psycopg2.connect(state_db_dsn, options=f"-c search_path={schema}")
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(query)
-            return cur.fetchall()
-    finally:
-        conn.close()
+    with psycopg.connect(state_db_dsn, options=f"-c search_path={schema}") as conn:
+        return conn.execute(query).fetchall()
 
 
 def _no_step_twice(state_db_dsn: str, url: str) -> None:
@@ -279,11 +274,11 @@ def test_revert_is_refused_while_a_worker_holds_the_ledger_and_a_worker_while_a_
 
 
 def _building(s: Site) -> int:
-    with psycopg2.connect(s.dsn) as conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM xdat_search.prearchive WHERE status IN ('BUILDING', '_BUILDING')")
-        (n,) = cur.fetchone()
-    conn.close()
-    return int(n)
+    with psycopg.connect(s.dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM xdat_search.prearchive WHERE status IN ('BUILDING', '_BUILDING')"
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def test_the_build_budget_holds_across_workers(fleet_site, fleet_reference, state_url, state_db_dsn):
@@ -305,20 +300,18 @@ def test_the_build_budget_holds_across_workers(fleet_site, fleet_reference, stat
 def test_the_governor_waits_while_xnat_is_busy_building(fleet_site, fleet_reference, state_url, state_db_dsn):
     s, xnat = fleet_site
     api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
-    with psycopg2.connect(s.dsn) as conn, conn.cursor() as cur:  # someone else's upload XNAT is building
-        cur.execute(
+    with psycopg.connect(s.dsn) as conn:  # someone else's upload XNAT is building
+        conn.execute(
             "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url, "
             "prevent_anon, prevent_auto_commit) VALUES ('prj001', '20200101_000000000', 'other', 'other', "
             "'1.2.3', 'BUILDING', '/elsewhere', false, false)"
         )
-    conn.close()
     w = _worker(s, state_url, "one", XNATMIGRATE_GOVERNOR_BUILDING="1")
     time.sleep(4)
     assert w.poll() is None
     assert not _ledger(state_db_dsn, state_url, "SELECT 1 FROM steps")  # nothing done while XNAT is busy
-    with psycopg2.connect(s.dsn) as conn, conn.cursor() as cur:
-        cur.execute("DELETE FROM xdat_search.prearchive WHERE foldername = 'other'")
-    conn.close()
+    with psycopg.connect(s.dsn) as conn:
+        conn.execute("DELETE FROM xdat_search.prearchive WHERE foldername = 'other'")
     code, out, err = _finish(w)
     assert code == 0, (out, err)
     assert "waiting before the next unit: XNAT is building 1 session(s), the governor's limit is 1" in err
