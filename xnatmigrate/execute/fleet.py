@@ -38,6 +38,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,7 @@ LEASE_ENV = "XNATMIGRATE_LEASE_S"
 DEFAULT_UNIT_FILES = 1000  # a unit's files: small enough to spread a plan over hosts, big enough to amortise
 DEFAULT_LEASE_S = 60.0  # as statepg.KEEPALIVE_S: a vanished host's unit lock is freed about as soon
 TASK = "xnatmigrate.apply_unit"
+EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: the unit goes on elsewhere; rerun when the database is back
 _VERSION_KEY = "procrastinate_version"  # meta: the Procrastinate version that made the queue's schema
 
 _UNITS_DDL = """
@@ -204,7 +206,14 @@ def _proc_start(pid: int) -> str | None:
 class _Units(pmanager.JobManager):
     """Procrastinate's job manager, but for the one case a lease makes normal: a unit finished (or sent
     back) by the worker it was taken from, and then by its taker, which found it done: the second
-    finish is a no-op, not an error (the unit's lock made sure only one of them acted)."""
+    finish is a no-op, not an error (the unit's lock made sure only one of them acted). It also notes
+    each heartbeat that reached the database, for the watchdog (``_Fleet._watch``)."""
+
+    beat = 0.0  # time.monotonic() of the last heartbeat the database took
+
+    async def update_heartbeat(self, worker_id: int) -> None:
+        await super().update_heartbeat(worker_id)
+        self.beat = time.monotonic()
 
     async def finish_job(self, job: pjobs.Job, status: pjobs.Status, delete_job: bool) -> None:
         try:
@@ -256,17 +265,23 @@ class _Fleet:
         self.done_files = 0
         self.units_run = 0
         self.budget = settings.Budget.from_env()
+        self.started_work = 0.0
         self.worker: pworker.Worker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.app = procrastinate.App(
             connector=procrastinate.PsycopgConnector(
                 conninfo=self.target.dsn,
-                kwargs={"options": f"-c search_path={self.schema}", "application_name": "xnatmigrate fleet"},
+                kwargs={
+                    "options": f"-c search_path={self.schema}",
+                    "application_name": "xnatmigrate fleet",
+                    **_client_keepalives(fleet.lease_s),
+                },
                 min_size=1,
                 max_size=3,
             )
         )
-        self.app.job_manager = _Units(self.app.connector)
+        self.units = self.app.job_manager = _Units(self.app.connector)
+        self.working = False  # a Procrastinate worker is running: its heartbeats are watched
         self.app.task(
             name=TASK,
             pass_context=True,
@@ -281,9 +296,12 @@ class _Fleet:
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
             signal.signal(signal.SIGINT, self._interrupt)
+        watchdog = threading.Thread(target=self._watch, name="xnatmigrate lease watchdog", daemon=True)
+        watchdog.start()
         try:
             asyncio.run(self._main())
         finally:
+            self.working = False
             if in_main:
                 signal.signal(signal.SIGINT, previous)
             self.report.seconds = time.monotonic() - started
@@ -294,6 +312,28 @@ class _Fleet:
         if self.fatal is not None:
             raise self.fatal
         return self.report
+
+    def _watch(self) -> None:
+        """A worker whose heartbeats have not reached the database for three quarters of a lease is
+        about to lose its unit to another worker: it ends at once, as kill -9 would, before any taker
+        may start (takers wait a whole lease from the same last heartbeat), and instead of hanging on
+        a connection that will never answer (a network cut neither end sees). What it did is in the
+        ledger; the unit's lock goes with its connection."""
+        while True:
+            time.sleep(min(1.0, self.fleet.lease_s / 10))
+            if not self.working:
+                continue
+            silent = time.monotonic() - max(self.units.beat, self.started_work)
+            if silent > 0.75 * self.fleet.lease_s:
+                print(
+                    f"error: no heartbeat reached the state database ({self.target.where}) for {silent:.0f} s, "
+                    f"most of the lease ({self.fleet.lease_s:g} s): another worker will take this unit over, "
+                    "so this one stops now. Check the network to the database, then rerun `xnatmigrate "
+                    "apply`: every step recorded is kept",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(EXIT_LEASE_LOST)
 
     def _interrupt(self, _sig: int, _frame: object) -> None:
         """Ctrl-C: the unit in flight stops before its next group and goes back to the queue; a
@@ -329,7 +369,12 @@ class _Fleet:
                         update_heartbeat_interval=max(0.5, self.fleet.lease_s / 6),
                         stalled_worker_timeout=self.fleet.lease_s,
                     )
-                    await self.worker.run()  # type: ignore[no-untyped-call]
+                    self.started_work = time.monotonic()
+                    self.working = True
+                    try:
+                        await self.worker.run()  # type: ignore[no-untyped-call]
+                    finally:
+                        self.working = False
                     self.worker = None
                     if self.stop.is_set() or self.fatal is not None or not await self._left():
                         break
@@ -638,6 +683,19 @@ class _Fleet:
             self.stop.set()
             self._stop_worker()
             raise _Again(report.stopped)
+
+
+def _client_keepalives(lease_s: float) -> dict[str, Any]:
+    """libpq's client-side probes of an idle connection, and its bound on unacknowledged data: a
+    network cut surfaces as an error within about a lease, not after the kernel's two hours."""
+    idle = max(1, int(lease_s // 3))
+    return {
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": max(1, idle // 3),
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(lease_s * 1000),
+    }
 
 
 def _free_gb(path: str) -> float | None:
