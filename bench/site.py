@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import psycopg2
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from xnatmigrate.testing.pg import create_database, install_prearchive_table, unique_database_name
 
@@ -135,12 +136,8 @@ class Site:
         """Empty prearchive and table, and nothing left dirty from the deletions to be flushed later."""
         rmtree(self.prearchive)
         self.prearchive.mkdir()
-        conn = psycopg2.connect(self.dsn)
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute("TRUNCATE xdat_search.prearchive")
-        finally:
-            conn.close()
+        with psycopg.connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute("TRUNCATE xdat_search.prearchive")
         os.sync()
 
     def keep_cache(self, state: Path) -> None:
@@ -172,8 +169,8 @@ class Site:
     def close(self, admin_dsn: str) -> None:
         from xnatmigrate.testing.pg import drop_database
 
-        name = psycopg2.extensions.parse_dsn(self.dsn)["dbname"]
-        with contextlib.suppress(psycopg2.Error):
+        name = conninfo_to_dict(self.dsn)["dbname"]
+        with contextlib.suppress(psycopg.Error):
             drop_database(admin_dsn, name)
         rmtree(self.root)
 

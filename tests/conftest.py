@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import urlencode
 
-import psycopg2.extensions
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from xnatmigrate.testing.pg import TABLE_PROFILES, EmbeddedPostgres, PgDb, temporary_database
 
@@ -113,7 +113,7 @@ def state_db_dsn(pg_admin_dsn: str) -> Iterator[str]:
 
 def state_url_of(dsn: str, schema: str) -> str:
     """``dsn`` (URL or key=value) as a ``--state-url`` of ``schema``, without its password."""
-    params = {k: v for k, v in psycopg2.extensions.parse_dsn(dsn).items() if v and k != "password"}
+    params = {k: v for k, v in conninfo_to_dict(dsn).items() if v and k != "password"}
     user, dbname = params.pop("user", ""), params.pop("dbname", "")
     return f"postgresql://{user + '@' if user else ''}/{dbname}?{urlencode({**params, 'schema': schema})}"
 
@@ -125,7 +125,7 @@ def fresh_schema() -> str:
 @pytest.fixture
 def state_url(state_db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A ``--state-url`` of a fresh schema (created by the first plan); a password goes in PGPASSWORD."""
-    password = psycopg2.extensions.parse_dsn(state_db_dsn).get("password")
+    password = conninfo_to_dict(state_db_dsn).get("password")
     if password:
         monkeypatch.setenv("PGPASSWORD", password)
     return state_url_of(state_db_dsn, fresh_schema())

@@ -7,7 +7,7 @@ import textwrap
 from datetime import datetime
 from pathlib import Path
 
-import psycopg2
+import psycopg
 
 from xnatmigrate.testing.corpus import CorpusSpec, build_corpus
 
@@ -71,12 +71,11 @@ class Site:
         )
 
     def rows(self) -> list[tuple]:
-        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
+        with psycopg.connect(self.dsn) as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT project, timestamp, subject, foldername, name, tag, status, url, autoarchive, "
                 "prevent_anon, prevent_auto_commit, source, uploaded, scan_date FROM xdat_search.prearchive "
                 "ORDER BY timestamp"
             )
             rows = cur.fetchall()
-        conn.close()
         return [tuple(str(v).replace(str(self.root), "<root>") for v in r) for r in rows]

@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psycopg2
+import psycopg
 import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -541,7 +541,7 @@ def either_get_or_create_session(
     """
     project = incoming.project
     with _GET_OR_CREATE:
-        conn = psycopg2.connect(dsn)
+        conn = psycopg.connect(dsn)
         try:
             with conn, conn.cursor() as cur:
                 cur.execute(

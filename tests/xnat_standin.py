@@ -105,8 +105,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape, quoteattr
 
-import psycopg2
-import psycopg2.pool
+import psycopg
 
 __all__ = [
     "COLUMNS",
@@ -420,6 +419,41 @@ class _NoSuchSession(Exception):
     """PrearcDatabase.getSession threw SessionException(DoesntExist)."""
 
 
+class _Pool:
+    """Autocommit connections for the request threads: one per request in flight, at most ``most``,
+    kept for the next request (psycopg's own pool is a package of its own)."""
+
+    def __init__(self, dsn: str, most: int) -> None:
+        self.dsn, self.most = dsn, most
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._open: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> psycopg.Connection[Any]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            if len(self._open) >= self.most:
+                raise RuntimeError(f"all {self.most} database connections are in use")
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        with self._lock:
+            self._open.append(conn)
+        return conn
+
+    def put(self, conn: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            if conn.closed:  # the server ended it: the next request opens another
+                self._open.remove(conn)
+            else:
+                self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._open, self._idle = self._open, [], []
+        for conn in conns:
+            conn.close()
+
+
 def default_receiver() -> dict[str, Any]:
     """DicomSCPInstance.createDefault:101-113 with the field defaults of :19-32 (AE XNAT, port 8104)."""
     return {
@@ -506,7 +540,7 @@ class XnatStandIn:
         self._ids = itertools.count(1)
         self._da_ids = itertools.count(1)
         self._subject_ids: dict[tuple[str, str], str] = {}
-        self._pool: psycopg2.pool.ThreadedConnectionPool | None = None
+        self._pool: _Pool | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -518,11 +552,11 @@ class XnatStandIn:
     # --- lifecycle and test controls ---------------------------------------------------------------
 
     def __enter__(self) -> XnatStandIn:
-        self._pool = psycopg2.pool.ThreadedConnectionPool(1, 16, self.dsn)
+        self._pool = _Pool(self.dsn, 16)
         try:
             self._check_table()
         except BaseException:
-            self._pool.closeall()
+            self._pool.close()
             self._pool = None
             raise
         standin = self
@@ -552,7 +586,7 @@ class XnatStandIn:
         for thread in list(self._threads):
             thread.join(timeout=10)
         if self._pool is not None:
-            self._pool.closeall()
+            self._pool.close()
             self._pool = None
 
     def fail_next(self, n: int, status: int = 500, path_prefix: str = "") -> None:
@@ -665,13 +699,12 @@ class XnatStandIn:
     @contextmanager
     def _cursor(self) -> Iterator[Any]:
         assert self._pool is not None, "use XnatStandIn as a context manager"
-        conn = self._pool.getconn()
+        conn = self._pool.get()
         try:
-            conn.autocommit = True
             with conn.cursor() as cur:
                 yield cur
         finally:
-            self._pool.putconn(conn)
+            self._pool.put(conn)
 
     def _check_table(self) -> None:
         # PrearcDatabase.initDatabase/correctTable (§1): XNAT would rebuild a table whose column *set*

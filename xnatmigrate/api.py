@@ -76,7 +76,7 @@ def open_state(sdir: Path, state_url: str | None = None, *, create: bool = False
     url = _state_url(state_url)
     if not url:
         return StateStore(sdir, create)
-    from .execute import statepg  # psycopg2: imported only when the state is in PostgreSQL
+    from .execute import statepg  # psycopg: imported only when the state is in PostgreSQL
 
     return StateStore(create=create, opener=statepg.opener(url))
 

@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"\nplan.sql: {state / 'plan.sql'} (first lines)")
         print("\n".join((state / "plan.sql").read_text().splitlines()[:12]))
-        import psycopg2
+        import psycopg
 
-        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        with psycopg.connect(dsn) as conn, conn.cursor() as cur:  # closed when the block ends
             cur.execute(
                 "SELECT project, timestamp, subject, foldername, tag, status, prevent_auto_commit "
                 "FROM xdat_search.prearchive ORDER BY timestamp"
@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
             print("\nxdat_search.prearchive:")
             for row in cur.fetchall():
                 print("  " + " | ".join(str(v) for v in row))
-        conn.close()
     _say(f"Done. Everything is under {work}; the embedded database has been stopped.")
     return 0
 

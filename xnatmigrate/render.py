@@ -3,13 +3,14 @@
 Invariants:
 - Templates decide only the *shape* of SQL (column lists, guards). Every value reaches SQL through
   ``bind()``, as a ``%(name)s`` parameter; no value is ever formatted into SQL text.
-- The same ``Statement`` is either executed (psycopg2 binds the parameters) or printed for review
+- The same ``Statement`` is either executed (psycopg binds the parameters) or printed for review
   (``to_sql_text``: values as quoted literals). Printed and executed text therefore differ only in
   how values are spelled, and tests compare the two through the driver's own ``mogrify``.
 - Printed literals assume ``standard_conforming_strings = on`` (PostgreSQL's default since 9.1),
-  which every printed script sets first. NOTE: psycopg2's connection-less quoting doubles
-  backslashes without an ``E''`` prefix, which is wrong under that setting, so literals for review
-  are produced here and proven equal to the driver's connected quoting by a test.
+  which every printed script sets first. NOTE: literals for review are produced here, not by the
+  driver, so plan.sql reads the same with or without a connection: psycopg doubles a backslash
+  inside ``E'…'`` and puts a space before a negative number (equally correct SQL), and a test proves
+  each literal here reads back as the value the driver's own quoting gives.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def batched(parts: Sequence[Sequence[Statement]]) -> Statement:
     """Several renders' statements sent as one text, in order: one round trip for them all.
 
     Each part's values are renamed apart (``name__k``), so the text printed for review
-    (``to_sql_text``) is the parts' own texts, each as printed alone, joined by a blank line. The
-    driver returns the result (and row count) of the last statement only: for statements whose results
-    nobody reads (advisory locks, guarded INSERTs whose effect is read back afterwards).
+    (``to_sql_text``) is the parts' own texts, each as printed alone, joined by a blank line. One
+    result (and row count) stands for them all: for statements whose results nobody reads (advisory
+    locks, guarded INSERTs whose effect is read back afterwards).
     """
     sqls: list[str] = []
     params: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """The domain's closed vocabularies, one StrEnum each, and ``unreachable`` for exhaustive ``match``.
 
-NOTE: every member *is* its string (JSON, SQLite and psycopg2 see "prearchive"), and no module spells
-these values as literals: a spelling lives here and, for manifests and plans, in the JSON schemas
+NOTE: every member *is* its string (JSON, SQLite and psycopg see "prearchive": psycopg adapts a member
+as the first of its classes it knows, str before Enum, whose adapter would send the name), and no
+module spells these values as literals: a spelling lives here and, for manifests and plans, in the JSON schemas
 (tests/unit/test_model.py holds the two equal).
 """
 

@@ -11,7 +11,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 
 from tests.dicom_peers import DcmtkStoreSCP, PynetdicomStoreSCP, dcmdump, sha256_of
@@ -236,8 +236,7 @@ def test_a_direct_archive_receiver_is_followed_to_the_archive(
             report = api.apply(state_dir=tmp_path / "state", poll=0.05)
             assert not report.failures, [s.message for s in report.sessions]
             assert sorted(xnat.experiments) == sorted(("prj001", s.session) for s in plan.sessions)
-            with psycopg2.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
+            with psycopg.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
                 cur.execute("SELECT count(*) FROM xdat_search.prearchive")
                 assert cur.fetchone()[0] == 0
-            conn.close()
             assert cli.main(["verify", "--state-dir", str(tmp_path / "state")]) == 0

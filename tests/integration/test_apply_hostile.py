@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 
 from tests.sites import NOW, Site
@@ -32,14 +32,13 @@ def visible(site: Site, s) -> bool:
 
 def foreign_row_of_the_same_study(site: Site, s) -> None:
     """Another upload of the same study, as XNAT's receiver would write it, at another timestamp."""
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url, "
             "prevent_anon, prevent_auto_commit) VALUES (%s, '20200101_000000000', %s, %s, %s, 'READY', "
             "'/elsewhere', false, false)",
             (s.project, s.session, s.session, s.study_uid),
         )
-    conn.close()
 
 
 def test_conflicting_row_after_plan_publishes_nothing_and_fails_only_that_session(site):
@@ -58,9 +57,8 @@ def test_conflicting_row_after_plan_publishes_nothing_and_fails_only_that_sessio
     again = api.apply(state_dir=site.state, poll=0.05)
     assert [r.outcome for r in again.sessions if r.action_id == victim.action_id] == [Result.FAILED]
     assert not visible(site, victim)
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM xdat_search.prearchive WHERE timestamp = '20200101_000000000'")
-    conn.close()
     last = api.apply(state_dir=site.state, poll=0.05)
     assert not last.failures and visible(site, victim)
 
@@ -84,9 +82,8 @@ def test_insert_that_fails_after_publishing_takes_the_folder_back_out_of_view(si
         assert Step.PUBLISH not in st.steps_done(victim.action_id)
         assert (Step.PUBLISH, Outcome.REVERTED) in [(h[0], h[1]) for h in st.history(victim.action_id)]
     monkeypatch.undo()
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM xdat_search.prearchive WHERE timestamp = '20200101_000000000'")
-    conn.close()
     for k, v in site.env().items():
         monkeypatch.setenv(k, v)
     assert not api.apply(state_dir=site.state, poll=0.05).failures
@@ -128,7 +125,7 @@ def test_database_down_while_the_next_group_was_staged_ahead_then_rerun_finishes
 
 
 def hold_table_lock(dsn: str, ready: threading.Event, release: threading.Event) -> None:
-    conn = psycopg2.connect(dsn)
+    conn = psycopg.connect(dsn)
     try:
         with conn.cursor() as cur:
             cur.execute("LOCK TABLE xdat_search.prearchive IN ACCESS EXCLUSIVE MODE")
@@ -171,10 +168,9 @@ def _apply_waiting_on_the_lock(site: Site, extra_env: dict[str, str], also=lambd
     deadline = time.monotonic() + 30
     waiting = 0
     while time.monotonic() < deadline:
-        with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+        with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
             (waiting,) = cur.fetchone()
-        conn.close()
         if waiting and also():
             break
         time.sleep(0.1)

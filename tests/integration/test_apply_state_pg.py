@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 
 from tests.conftest import fresh_schema, state_url_of
@@ -27,13 +27,9 @@ from xnatmigrate.state import StateStore
 
 def _ledger_rows(state_db_dsn: str, url: str, table: str) -> list[tuple]:
     schema = statepg.parse_state_url(url).schema
-    conn = psycopg2.connect(state_db_dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(f"SELECT * FROM {schema}.{table}")
-            return cur.fetchall()
-    finally:
-        conn.close()
+    with psycopg.connect(state_db_dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT * FROM {schema}.{table}")
+        return cur.fetchall()
 
 
 def test_plan_apply_reapply_status_verify_through_the_pg_ledger(site, state_url, state_db_dsn, capsys):
@@ -95,16 +91,12 @@ def test_a_plan_made_on_one_host_is_applied_from_another_through_the_ledger(
 def test_a_damaged_saved_plan_is_refused_not_applied(site, state_url, state_db_dsn, tmp_path):
     api.plan(site.manifest, state_dir=site.state, state_url=state_url, now=NOW)
     schema = statepg.parse_state_url(state_url).schema
-    conn = psycopg2.connect(state_db_dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                f"UPDATE {schema}.plans SET line = convert_to(replace(convert_from(line, 'UTF8'), "
-                "'prj001', 'prj002'), 'UTF8') WHERE seq = 1"
-            )
-            assert cur.rowcount == 1
-    finally:
-        conn.close()
+    with psycopg.connect(state_db_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            f"UPDATE {schema}.plans SET line = convert_to(replace(convert_from(line, 'UTF8'), "
+            "'prj001', 'prj002'), 'UTF8') WHERE seq = 1"
+        )
+        assert cur.rowcount == 1
     with pytest.raises(PlanError, match="re-run `xnatmigrate plan`"):
         api.apply(state_dir=tmp_path / "host-b", state_url=state_url, poll=0.05)
     assert site.rows() == []

@@ -401,3 +401,35 @@ def test_a_worker_cut_from_the_database_stops_within_its_lease_and_its_unit_is_f
         state_db_dsn, state_url, "SELECT DISTINCT host FROM fleet_units WHERE finished IS NOT NULL"
     )
     assert ("other",) in hosts
+
+
+# kill -9 of one of two workers at points across a unit's steps, then the other finishes the plan.
+FLEET_CRASH_POINTS = [
+    "files:3",
+    "before-record:stage",
+    "after:publish:1",
+    "before-record:insert:2",
+    "after:build:1",
+    "before-record:archive",
+]
+
+
+@pytest.mark.skipif(
+    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
+)
+@pytest.mark.parametrize("crash", FLEET_CRASH_POINTS)
+def test_kill_9_of_one_worker_at_any_step_ends_as_one_uninterrupted_apply(
+    fleet_site, fleet_reference, state_url, state_db_dsn, crash
+):
+    s, xnat = fleet_site
+    xnat.build_delay = 0.05
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    doomed = _worker(s, state_url, "doomed", XNATMIGRATE_TEST_CRASH=crash)
+    assert _finish(doomed)[0] == -9  # inside its first unit, on another host than the survivor's
+    code, out, err = _finish(_worker(s, state_url, "other"))
+    assert code == 0, (out, err)
+    _same_as_reference(s, xnat, fleet_reference)
+    _no_step_twice(state_db_dsn, state_url)
+    # No orphan: nothing half-copied, no staging folder left with anything in it.
+    leftovers = [t for t in s.tree() if ".part" in t or (".xnatmigrate-staging" in t and not t.endswith("/"))]
+    assert not leftovers, leftovers

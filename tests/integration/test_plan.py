@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 
 from tests import golden_regen
@@ -59,10 +59,9 @@ def test_pydicom_test_files_are_all_accounted_for_and_sql_runs_twice(tmp_path, p
             check=True,
             capture_output=True,
         )
-    with psycopg2.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM xdat_search.prearchive")
         assert cur.fetchone()[0] == len(plan.sessions)
-    conn.close()
 
 
 def test_exit_codes_strict_and_nothing_to_do(tmp_path, corpus, pg_db_17, monkeypatch, capsys):
@@ -151,9 +150,8 @@ def test_offline_marks_what_was_not_checked_and_dead_db_is_reported(tmp_path, co
 
 
 def test_unknown_table_profile_refuses_the_plan(tmp_path, corpus, pg_db_17, monkeypatch, capsys):
-    with psycopg2.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
         cur.execute("ALTER TABLE xdat_search.prearchive DROP COLUMN timezone")
-    conn.close()
     monkeypatch.setenv("XNATMIGRATE_TEST_PLAN_DSN", pg_db_17.dsn)
     m = manifest_for(tmp_path, corpus)
     assert cli.main(["plan", m.as_posix(), "--state-dir", str(tmp_path / "s")]) == 1
@@ -165,13 +163,12 @@ def test_existing_row_holds_the_study_back(tmp_path, corpus, pg_db_17, monkeypat
     m = manifest_for(tmp_path, corpus)
     plan = api.plan(m, state_dir=tmp_path / "s", offline=True, now=NOW).plan
     victim = plan.sessions[0]
-    with psycopg2.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url) "
             "VALUES ('prj001', '20200101_000000000', %s, %s, %s, 'READY', '/x')",
             (victim.session, victim.session, victim.study_uid),
         )
-    conn.close()
     again = api.plan(m, state_dir=tmp_path / "s2", now=NOW).plan
     assert victim.study_uid in {h.study_uid for h in again.held_back}
     assert len(again.sessions) == len(plan.sessions) - 1

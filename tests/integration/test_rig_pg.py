@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
-from psycopg2 import errors
+from psycopg import errors
 
 from xnatmigrate.testing import pg as pg_module
 from xnatmigrate.testing.pg import (
@@ -58,22 +58,14 @@ VALUES ('prj001', '20140818_144524024', '2014-08-18 11:33:30.621', '2014-08-18 1
 
 
 def _fetchall(dsn: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(query, params)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(query, params)
+        return list(cur.fetchall())
 
 
 def _execute(dsn: str, statement: str) -> None:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(statement)
 
 
 def test_columns_match_xnat_in_order(pg_dsn: PgDb) -> None:
@@ -143,7 +135,7 @@ def test_pg_db_17_fixture_is_the_17_profile(pg_db_17: PgDb) -> None:
 def test_create_and_drop_database(pg_admin_dsn: str) -> None:
     name = unique_database_name("xmt_rig")
     dsn = create_database(pg_admin_dsn, name)
-    leaked = psycopg2.connect(dsn)  # drop_database must not be blocked by a connection left open
+    leaked = psycopg.connect(dsn)  # drop_database must not be blocked by a connection left open
     try:
         assert _fetchall(dsn, "SELECT current_database()") == [(name,)]
     finally:

@@ -1,10 +1,12 @@
 """The SQL chokepoint against real PostgreSQL: printed == executed, guards, hostile values."""
 
+import re
 import shutil
 import subprocess
 from datetime import datetime
+from typing import Any
 
-import psycopg2
+import psycopg
 import pytest
 
 from tests.unit.test_planner import FakeState, header, manifest, src
@@ -13,7 +15,7 @@ from xnatmigrate.errors import SessionConflict
 from xnatmigrate.execute import db
 from xnatmigrate.model import XnatFacts
 from xnatmigrate.planner import build_plan
-from xnatmigrate.render import literal, to_sql_text
+from xnatmigrate.render import Statement, literal, to_sql_text
 
 HOSTILE = [
     "O'Brien",
@@ -27,6 +29,23 @@ HOSTILE = [
 ]
 
 
+def psycopg_spelling(value: Any) -> str:
+    """How psycopg's client-side binding spells a value: as ``literal`` (plan.sql) does, but for a
+    string holding a backslash (E'…', each backslash doubled) and a negative number, each written
+    after a space. The server reads both spellings as the same value (tested below)."""
+    ours = literal(value)
+    if isinstance(value, str) and "\\" in value:
+        return " E" + ours.replace("\\", "\\\\")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        return " " + ours
+    return ours
+
+
+def sent_text(stmt: Statement) -> str:
+    """``to_sql_text(stmt)`` with every value as psycopg spells it: what apply sends for ``stmt``."""
+    return re.sub(r"%\((\w+)\)s", lambda m: psycopg_spelling(stmt.params[m.group(1)]), stmt.sql)
+
+
 def plan_for(values: dict, n: int = 1, study: str = "1.2."):
     hs = [header(f"/src/{i}", study=f"{study}{i}", PatientID=f"P{i}", **values) for i in range(n)]
     m = manifest(src(subject="{{ PatientName }}"))
@@ -34,7 +53,7 @@ def plan_for(values: dict, n: int = 1, study: str = "1.2."):
 
 
 def rows(dsn):
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT project, timestamp, foldername, name, subject, tag, status, url, "
             "prevent_anon, prevent_auto_commit, autoarchive, source, scan_date, lastmod "
@@ -43,19 +62,24 @@ def rows(dsn):
         return cur.fetchall()
 
 
-@pytest.mark.parametrize("value", HOSTILE)
-def test_literal_equals_the_drivers_quoting(pg_db_17, value):
-    with psycopg2.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
-        assert cur.mogrify("%s", (value,)).decode() == literal(value)
-        cur.execute(f"SELECT {literal(value)}")
-        assert cur.fetchone()[0] == value
+@pytest.mark.parametrize("value", [*HOSTILE, -(2**63), -1, 0, 2**63 - 1, None, True, False])
+def test_literal_reads_back_as_the_drivers_quoting_does(pg_db_17, value):
+    with db.connect(pg_db_17.dsn) as conn, conn.cursor() as cur:
+        driver = cur.mogrify("%s", (value,))
+        assert driver == psycopg_spelling(value)
+        cur.execute(f"SELECT {literal(value)}, {driver}")
+        assert cur.fetchone() == (value, value)
 
 
 def test_printed_statements_equal_executed_ones(pg_dsn):
-    p = plan_for({"PatientName": "O'Brien^Jo\\hn"})
-    with psycopg2.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
-        for stmt in statements.insert_session(p.sessions[0]):
-            assert cur.mogrify(stmt.sql, dict(stmt.params)).decode() == to_sql_text(stmt)
+    # The study UID reaches the INSERT as the header has it: a backslash and a quote are spelled there.
+    p = plan_for({"PatientName": "O'Brien^Jo\\hn"}, study="1.2.\\'")
+    stmts = statements.insert_session(p.sessions[0])
+    with db.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+        sent = [cur.mogrify(stmt.sql, dict(stmt.params)) for stmt in stmts]
+    # The driver sends the printed text but for each value's spelling (read back equal above).
+    assert sent == [sent_text(stmt) for stmt in stmts]
+    assert " E'1.2.\\\\''0'" in sent[-1] and "'1.2.\\''0'" in to_sql_text(stmts[-1])
 
 
 def test_insert_row_and_guards(pg_dsn):
@@ -72,7 +96,7 @@ def test_insert_row_and_guards(pg_dsn):
 
 def test_guard_refuses_merging_into_another_session_of_the_study(pg_dsn):
     s = plan_for({}).sessions[0]
-    with psycopg2.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url) "
             "VALUES ('prj001', '20200101_000000000', 'P0_MR', 'P0_MR', '1.2.0', 'READY', '/x')"
@@ -93,7 +117,7 @@ def test_a_group_of_rows_in_one_round_trip_reports_each_sessions_own_outcome(pg_
     old, new, blocked, fourth = p.sessions[:4]
     with db.connect(pg_dsn.dsn) as conn:
         assert db.insert_row(conn, old) == "done"
-    with psycopg2.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url) "
             "VALUES ('prj001', '20200101_000000000', %s, %s, %s, 'READY', '/x')",

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg2
+import psycopg
 
 from tests.sites import NOW
 from xnatmigrate import api, cli
@@ -29,13 +29,12 @@ def foreign_upload(site):
     sdir = site.prearchive / "prj001" / "20200101_000000000" / "OTHER"
     (sdir / "SCANS" / "1" / "DICOM").mkdir(parents=True)
     (sdir / "SCANS" / "1" / "DICOM" / "x.dcm").write_bytes(b"other")
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url, source) "
             "VALUES ('prj001', '20200101_000000000', 'OTHER', 'OTHER', '9.9', 'READY', %s, NULL)",
             (str(sdir),),
         )
-    conn.close()
     return sdir
 
 
@@ -63,7 +62,7 @@ def test_verify_passes_then_names_a_corrupted_file(site, capsys, tmp_path):
 
 def test_verify_flags_a_row_changed_behind_our_back(site, capsys):
     plan = applied(site)
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "UPDATE xdat_search.prearchive SET tag = 'tampered' WHERE foldername = %s",
             (plan.sessions[1].session,),
@@ -72,7 +71,6 @@ def test_verify_flags_a_row_changed_behind_our_back(site, capsys):
             "UPDATE xdat_search.prearchive SET status = 'ERROR' WHERE foldername = %s",
             (plan.sessions[0].session,),
         )
-    conn.close()
     assert cli.main(["verify", "--state-dir", str(site.state)]) == 1
     out = capsys.readouterr().out
     assert "column tag is 'tampered'" in out and "status ERROR" in out
@@ -119,11 +117,10 @@ def test_revert_without_rest_removes_files_then_rows(site, capsys):
 def test_revert_refuses_locked_changed_and_archived(site, capsys):
     plan = applied(site)
     s0, s1 = plan.sessions
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "UPDATE xdat_search.prearchive SET status = '_BUILDING' WHERE foldername = %s", (s0.session,)
         )
-    conn.close()
     victim = Path(s1.session_dir) / s1.files[0].dest
     victim.write_bytes(victim.read_bytes() + b"x")
     assert cli.main(["revert", "--state-dir", str(site.state), "--yes"]) == 1
@@ -183,7 +180,7 @@ def test_revert_killed_midway_resumes(site):
 def test_refresh_reports_built_archived_deleted_moved_and_stuck(site, capsys):
     plan = applied(site, build="none")
     s0, s1 = plan.sessions
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute(
             "UPDATE xdat_search.prearchive SET lastmod = LOCALTIMESTAMP - interval '20 minutes' WHERE foldername = %s",
             (s0.session,),
@@ -191,7 +188,6 @@ def test_refresh_reports_built_archived_deleted_moved_and_stuck(site, capsys):
         cur.execute(
             "UPDATE xdat_search.prearchive SET project = 'prj002' WHERE foldername = %s", (s1.session,)
         )
-    conn.close()
     assert cli.main(["refresh", "--state-dir", str(site.state), "--json"]) == 0
     seen = {o["session"]: o for o in json.loads(capsys.readouterr().out)}
     stuck = seen[f"prj001/{s0.session}"]
@@ -203,8 +199,7 @@ def test_refresh_reports_built_archived_deleted_moved_and_stuck(site, capsys):
     assert cli.main(["status", "--state-dir", str(site.state), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["observed"]["state"] for r in rows} == {"stuck", "moved"}
-    with psycopg2.connect(site.dsn) as conn, conn.cursor() as cur:
+    with psycopg.connect(site.dsn) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM xdat_search.prearchive")
-    conn.close()
     assert cli.main(["refresh", "--state-dir", str(site.state), "--json"]) == 0
     assert {o["state"] for o in json.loads(capsys.readouterr().out)} == {"deleted"}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import psycopg2
+import psycopg
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -142,13 +142,9 @@ def insert_row(
 
 
 def sql(dsn: str, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(query, params)
+        return cur.fetchall() if cur.description else []
 
 
 def db_row(xnat: XnatStandIn, project: str | None, folder: str, ts: str = TS) -> dict[str, Any] | None:

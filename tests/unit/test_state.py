@@ -13,8 +13,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import fresh_schema, state_url_of
 from xnatmigrate.errors import LockedError, StateError
@@ -48,18 +49,14 @@ class Ledger:
                 return rows
             finally:
                 conn.close()
-        conn = psycopg2.connect(self.dsn)
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute(f"SET search_path TO {self.schema}")
-                cur.execute(statement.replace("?", "%s"), params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+        with psycopg.connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(f"SET search_path TO {self.schema}")
+            cur.execute(statement.replace("?", "%s"), params)
+            return cur.fetchall() if cur.description else []
 
     @property
     def errors(self) -> tuple[type[Exception], ...]:
-        return (sqlite3.Error,) if self.url is None else (psycopg2.Error,)
+        return (sqlite3.Error,) if self.url is None else (psycopg.Error,)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("pg", marks=pytest.mark.pg)])
@@ -68,10 +65,8 @@ def ledger(request, tmp_path) -> Ledger:
         return Ledger("sqlite", tmp_path)
     dsn = request.getfixturevalue("state_db_dsn")
     schema = fresh_schema()
-    if psycopg2.extensions.parse_dsn(dsn).get("password"):
-        request.getfixturevalue("monkeypatch").setenv(
-            "PGPASSWORD", psycopg2.extensions.parse_dsn(dsn)["password"]
-        )
+    if conninfo_to_dict(dsn).get("password"):
+        request.getfixturevalue("monkeypatch").setenv("PGPASSWORD", conninfo_to_dict(dsn)["password"])
     return Ledger("pg", tmp_path, state_url_of(dsn, schema), dsn, schema)
 
 
@@ -221,10 +216,8 @@ def test_foreign_tables_are_refused(ledger):
     if ledger.url is None:
         ledger.raw("CREATE TABLE x (a)")
     else:
-        psycopg2_conn = psycopg2.connect(ledger.dsn)
-        with psycopg2_conn, psycopg2_conn.cursor() as cur:
+        with psycopg.connect(ledger.dsn) as conn, conn.cursor() as cur:
             cur.execute(f"CREATE SCHEMA {ledger.schema}; CREATE TABLE {ledger.schema}.x (a int)")
-        psycopg2_conn.close()
     with pytest.raises(
         StateError, match=r"holds tables that are not an xnatmigrate state file.s \(x\); it is not ours"
     ):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 import uuid
 
-import psycopg2
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from tests.conftest import fresh_schema, state_url_of
 from xnatmigrate import api, cli
@@ -28,13 +30,9 @@ def _store(url: str, create: bool = True) -> StateStore:
 
 
 def _raw(dsn: str, statement: str) -> list[tuple]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(statement)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+        return cur.fetchall() if cur.description else []
 
 
 # -- the URL (no server needed) ---------------------------------------------------------------------
@@ -169,7 +167,7 @@ def test_a_lost_connection_is_one_line_and_keeps_what_was_recorded(url, state_db
     st = _store(url)
     try:
         st.record_step("a", "stage", "done")
-        pid = st.db.conn.get_backend_pid()  # type: ignore[attr-defined]
+        pid = st.db.conn.info.backend_pid  # type: ignore[attr-defined]
         _raw(state_db_dsn, f"SELECT pg_terminate_backend({pid})")
         with pytest.raises(
             StateError, match="connection to the state database .* failed .*rerun when it is back"
@@ -203,7 +201,7 @@ def test_a_row_held_by_another_transaction_times_out_with_one_line(url, state_db
     monkeypatch.setattr(statepg, "LOCK_TIMEOUT_S", 1)
     schema = statepg.parse_state_url(url).schema
     with _store(url) as st:
-        holder = psycopg2.connect(state_db_dsn)
+        holder = psycopg.connect(state_db_dsn)
         try:
             with holder.cursor() as cur:
                 cur.execute(f"SELECT * FROM {schema}.meta WHERE key = 'serial' FOR UPDATE")
@@ -219,10 +217,10 @@ def test_no_permission_is_one_line(state_db_dsn):
     role = f"xm_nobody_{uuid.uuid4().hex[:8]}"
     try:
         _raw(state_db_dsn, f"CREATE ROLE {role} LOGIN")
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         pytest.skip(f"cannot create a role on this server: {exc}")
     try:
-        dsn = psycopg2.extensions.make_dsn(state_db_dsn, user=role)
+        dsn = make_conninfo(state_db_dsn, user=role)
         with pytest.raises(StateError, match="no permission in the state database .*grant them, then rerun"):
             _store(state_url_of(dsn, fresh_schema()))
     finally:
@@ -240,7 +238,7 @@ def test_a_transaction_that_failed_is_never_taken_for_committed(url):
         failed = pytest.raises(StateError, match="failed inside a transaction, so nothing of it was recorded")
         with failed, st.tx() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('half', '1')")
-            with pytest.raises(psycopg2.Error):
+            with pytest.raises(psycopg.Error):
                 db.execute("INSERT INTO no_such_table VALUES (1)")  # a caller that goes on anyway
         assert st._meta("half") is None
         st.record_step("a", "stage", "done")  # the connection is usable again
@@ -273,8 +271,8 @@ def test_a_statement_cancelled_like_ctrl_c_is_keyboard_interrupt(url, state_db_d
     import threading
 
     with _store(url) as st:
-        pid = st.db.conn.get_backend_pid()  # type: ignore[attr-defined]
-        # What psycopg2's wait callback does on Ctrl-C: cancel the running statement on the server.
+        pid = st.db.conn.info.backend_pid  # type: ignore[attr-defined]
+        # From another connection, the cancel psycopg sends on Ctrl-C ("due to user request").
         timer = threading.Timer(0.3, _raw, (state_db_dsn, f"SELECT pg_cancel_backend({pid})"))
         timer.start()
         try:
@@ -282,6 +280,25 @@ def test_a_statement_cancelled_like_ctrl_c_is_keyboard_interrupt(url, state_db_d
                 st.db.execute("SELECT pg_sleep(20)")
         finally:
             timer.join()
+        st.record_step("a", "stage", "done")  # the connection goes on
+        assert st.steps_done("a") == {"stage"}
+
+
+def test_ctrl_c_during_a_statement_cancels_it_on_the_server(url):
+    import os
+    import signal
+    import threading
+
+    with _store(url) as st:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                st.db.execute("SELECT pg_sleep(20)")
+        finally:
+            timer.join()
+        assert time.monotonic() - started < 10  # not waited out: psycopg cancelled it on the server
         st.record_step("a", "stage", "done")  # the connection goes on
         assert st.steps_done("a") == {"stage"}
 

@@ -46,7 +46,7 @@ class Connections:
         return bool(self.xnat.url)
 
     def db(self) -> DbConnection:
-        """The psycopg2 connection (reconnects if the server closed it)."""
+        """The psycopg connection (reconnects if the server closed it)."""
         if self._conn is None or self._conn.closed:
             if self.xnat.database is None:
                 raise DatabaseError("this step needs XNAT's database but the manifest has no xnat.database")

@@ -1,7 +1,9 @@
 """XNAT's PostgreSQL: connect, check the table profile, read facts, insert rows.
 
 Invariants:
-- Every statement comes from ``render`` (templates in ``sql/``) and runs with bind parameters.
+- Every statement comes from ``render`` (templates in ``sql/``) and runs with bind parameters, bound
+  on the client (``psycopg.ClientCursor``): a group's locks and INSERTs go as one text in one round
+  trip, which server-side binding refuses (one statement per prepared query).
 - Connection and query failures become one-line ``DatabaseError``s that say what to do.
 - Rows are written under a transaction-scoped advisory lock per session, one transaction per group
   of sessions (``insert_rows``); a failed transaction inserts none of them.
@@ -14,19 +16,20 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeAlias
 
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
-import psycopg2.extras
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+from psycopg.rows import TupleRow
 
 from .. import statements, xnat_table
 from ..errors import DatabaseError, SessionConflict, XnatMigrateError
 from ..model import DatabaseTarget, ExistingRow, Outcome, PrearchiveSession
 from ..render import Statement, batched
 from . import settings
+from .pgerror import reported, said
 
-Connection: TypeAlias = psycopg2.extensions.connection
-Cursor: TypeAlias = psycopg2.extensions.cursor
+Connection: TypeAlias = psycopg.Connection[TupleRow]
+Cursor: TypeAlias = psycopg.Cursor[TupleRow]
 
 
 def resolve_dsn(target: DatabaseTarget | None) -> str:
@@ -45,19 +48,18 @@ def resolve_dsn(target: DatabaseTarget | None) -> str:
 
 def _where(dsn: str) -> str:
     try:
-        params = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
         return "the configured database"
     host = params.get("host", "local socket")
     return f"{params.get('dbname', '?')} on {host}:{params.get('port', '5432')}"
 
 
 # Waits on the database are bounded (a lock held by another transaction must not hang a run for
-# days) and interruptible: with psycopg2's select()-based wait callback, Ctrl-C cancels the running
-# statement on the server instead of being ignored until the statement returns.
+# days) and interruptible: psycopg waits without blocking signals, and on Ctrl-C it cancels the
+# running statement on the server and raises KeyboardInterrupt instead of waiting for it to return.
 LOCK_TIMEOUT_ENV = settings.DB_LOCK_TIMEOUT[0]
 STATEMENT_TIMEOUT_ENV = settings.DB_STATEMENT_TIMEOUT[0]
-psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
 
 
 def _seconds(setting: tuple[str, float]) -> float:
@@ -68,19 +70,23 @@ def _seconds(setting: tuple[str, float]) -> float:
 
 
 @contextlib.contextmanager
-def connect(dsn: str, timeout: int = 10) -> Iterator[psycopg2.extensions.connection]:
-    """A connection that is always closed, with bounded lock and statement waits; failures become DatabaseError."""
+def connect(dsn: str, timeout: int = 10) -> Iterator[Connection]:
+    """A connection that is always closed, with bounded lock and statement waits; failures become DatabaseError.
+
+    Not autocommit: statements run in a transaction that ``transaction`` commits or rolls back.
+    """
     lock_ms = int(_seconds(settings.DB_LOCK_TIMEOUT) * 1000)
     statement_ms = int(_seconds(settings.DB_STATEMENT_TIMEOUT) * 1000)
     try:
-        conn = psycopg2.connect(
+        conn = psycopg.connect(
             dsn,
+            cursor_factory=psycopg.ClientCursor,
             connect_timeout=timeout,
             application_name="xnatmigrate",
             options=f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}",
         )
-    except psycopg2.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
+    except psycopg.OperationalError as exc:
+        first = said(exc) or "no answer"
         raise DatabaseError(
             f"cannot connect to XNAT's database ({_where(dsn)}): {first}; check that PostgreSQL "
             "is running and xnat.database, then rerun (nothing was written)"
@@ -92,32 +98,49 @@ def connect(dsn: str, timeout: int = 10) -> Iterator[psycopg2.extensions.connect
             conn.close()
 
 
+@contextlib.contextmanager
+def transaction(conn: Connection) -> Iterator[Cursor]:
+    """A cursor whose statements are one transaction: committed when the block ends, rolled back when
+    it raises. The connection stays open (psycopg's own ``with conn`` closes it).
+
+    NOTE: a connection the server closed has no transaction left to roll back; the error that ended
+    the block is the one raised, not a second one from the rollback.
+    """
+    with conn.cursor() as cur:
+        try:
+            yield cur
+        except BaseException:
+            if not conn.closed:
+                conn.rollback()
+            raise
+        conn.commit()
+
+
 def execute(cur: Cursor, stmt: Statement) -> None:
     """The executing side of the SQL chokepoint (render.to_sql_text is the printing side)."""
     try:
         cur.execute(stmt.sql, dict(stmt.params))
-    except psycopg2.errors.LockNotAvailable:
+    except psycopg.errors.LockNotAvailable:
         raise DatabaseError(
             f"{stmt.name} waited {_seconds(settings.DB_LOCK_TIMEOUT):g} s for a lock that another "
             "transaction holds on xdat_search.prearchive; find it in pg_locks/pg_stat_activity and let it "
             f"finish (or raise {LOCK_TIMEOUT_ENV}), then rerun"
         ) from None
-    except psycopg2.extensions.QueryCanceledError as exc:
+    except psycopg.errors.QueryCanceled as exc:
         if "user request" in str(exc):
-            raise KeyboardInterrupt from None  # Ctrl-C: the wait callback cancelled it on the server
+            raise KeyboardInterrupt from None  # a cancel request, what Ctrl-C sends (pg_cancel_backend too)
         raise DatabaseError(
             f"{stmt.name} ran longer than {_seconds(settings.DB_STATEMENT_TIMEOUT):g} s in "
             f"XNAT's database and was cancelled; check the server's load (or raise {STATEMENT_TIMEOUT_ENV}), "
             "then rerun"
         ) from None
-    except psycopg2.OperationalError as exc:
+    except psycopg.OperationalError as exc:
         raise DatabaseError(
-            f"the database connection failed during {stmt.name}: {str(exc).strip().splitlines()[0]}; "
+            f"the database connection failed during {stmt.name}: {said(exc)}; "
             "rerun when it is back (the step resumes)"
         ) from None
-    except psycopg2.Error as exc:
-        msg = (exc.pgerror or str(exc)).strip().splitlines()[0]
-        raise DatabaseError(f"{stmt.name} failed in XNAT's database: {msg}") from None
+    except psycopg.Error as exc:
+        raise DatabaseError(f"{stmt.name} failed in XNAT's database: {reported(exc)}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +228,7 @@ def insert_rows(conn: Connection, sessions: Sequence[PrearchiveSession]) -> list
         key=lambda i: statements.lock_key(sessions[i].project, sessions[i].timestamp, sessions[i].session),
     )
     try:
-        with conn, conn.cursor() as cur:
+        with transaction(conn) as cur:
             # Every lock and guarded INSERT of the group in one round trip, then one read-back of what
             # they did: per session, written now (done), there before (ours: noop) or held back by guard 2.
             execute(cur, batched([statements.insert_session(sessions[i]) for i in keyed]))
@@ -214,11 +237,11 @@ def insert_rows(conn: Connection, sessions: Sequence[PrearchiveSession]) -> list
             for i, present, inserted in cur.fetchall():  # a row each; more where duplicates stand (1.7)
                 was = found.get(int(i), (False, False))
                 found[int(i)] = (was[0] or bool(present), was[1] or bool(inserted))
-    except psycopg2.OperationalError as exc:
+    except psycopg.OperationalError as exc:  # the COMMIT itself
         what = sessions[0].prearchive_uri + (f" and {len(sessions) - 1} more" if len(sessions) > 1 else "")
         raise DatabaseError(
             f"the database connection failed while inserting {what}: "
-            f"{str(exc).strip().splitlines()[0]}; rerun when it is back (the step resumes)"
+            f"{said(exc)}; rerun when it is back (the step resumes)"
         ) from None
     return [_outcome(s, *found.get(i, (False, False))) for i, s in enumerate(sessions)]
 
@@ -259,15 +282,15 @@ def check_insertable_many(
     if not sessions:
         return out
     try:
-        with conn, conn.cursor() as cur:
+        with transaction(conn) as cur:
             execute(cur, statements.preflight_inserts(sessions))
             found = {int(r[0]): r[1:] for r in cur.fetchall()}
             out = [_insertable(session, *found[i]) for i, session in enumerate(sessions)]
     except DatabaseError as exc:
         return [exc] * len(sessions)
-    except psycopg2.OperationalError as exc:  # the COMMIT itself
+    except psycopg.OperationalError as exc:  # the COMMIT itself
         err = DatabaseError(
-            f"the database connection failed while checking rows: {str(exc).strip().splitlines()[0]}; "
+            f"the database connection failed while checking rows: {said(exc)}; "
             "rerun when it is back (the step resumes)"
         )
         return [err] * len(sessions)
@@ -296,12 +319,12 @@ def _insertable(
 
 def release_row(conn: Connection, session: PrearchiveSession) -> int:
     """After the tool's REST build: let XNAT's scheduler handle later data of the session (rows changed)."""
-    with conn, conn.cursor() as cur:
+    with transaction(conn) as cur:
         execute(cur, statements.release_row(session.project, session.timestamp, session.session))
         return int(cur.rowcount)
 
 
 def delete_row(conn: Connection, project: str | None, timestamp: str, foldername: str) -> int:
-    with conn, conn.cursor() as cur:
+    with transaction(conn) as cur:
         execute(cur, statements.delete_row(project, timestamp, foldername))
         return int(cur.rowcount)

@@ -105,7 +105,7 @@ def _observe_one(
         ts, folder = located["timestamp"], located["folder"]
     row: dict[str, Any] | None = None
     if conn is not None:
-        with conn, conn.cursor() as cur:
+        with db.transaction(conn) as cur:
             row = db.fetch_row(cur, s.project, ts, folder)
     elif client is not None:
         row = client.prearchive_session(s.project, ts, folder)
@@ -155,7 +155,7 @@ def _vanished(
             s.action_id, s.label, Seen.ARCHIVED, None, f"archived in {s.project} (not by this tool)"
         )
     if conn is not None:
-        with conn, conn.cursor() as cur:
+        with db.transaction(conn) as cur:
             rows = db.existing_rows(cur, [s.study_uid])
         for r in rows:
             if r.name == s.session and r.project != s.project:

@@ -78,7 +78,7 @@ class _Reverter:
     def row(self, s: AppliedSession, ts: str, folder: str) -> dict[str, Any] | None:
         conn = self.conn()
         if conn is not None:
-            with conn, conn.cursor() as cur:
+            with db.transaction(conn) as cur:
                 return db.fetch_row(cur, s.project, ts, folder)
         client = self.client()
         return client.prearchive_session(s.project, ts, folder) if client else None

@@ -10,7 +10,7 @@ Invariants:
   schema without tables was emptied, never just created, and is refused like an empty state.db.
 - Every failure of the database (down, authentication, permission, full, read-only, a lock held too
   long, a lost connection) is one ``StateError`` line saying what to do; Ctrl-C cancelling a statement
-  is ``KeyboardInterrupt``; anything else (a constraint, a bug) keeps its psycopg2 exception.
+  is ``KeyboardInterrupt``; anything else (a constraint, a bug) keeps its psycopg exception.
 - A password is never taken from the URL (it would be in the shell's history and ``ps``): libpq's
   ``PGPASSWORD`` or ``~/.pgpass`` give it.
 - One connection, autocommit: statements outside ``begin``/``commit`` commit on their own, as
@@ -34,14 +34,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
-import psycopg2.extras
-from psycopg2 import sql
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow
 
 from ..errors import LockedError, StateError
 from ..statedb import Database, Opener, Rows
+from .pgerror import reported, said
 
 DEFAULT_SCHEMA = "xnatmigrate"
 LOCK_TIMEOUT_S = 30  # a row another transaction holds: as long as SQLite waits for its file
@@ -50,7 +52,6 @@ KEEPALIVE_S = (
 )
 _SCHEMA_NAME = re.compile(r"(?!pg_)[a-z_][a-z0-9_]{0,62}\Z")
 _HOLDER_KEY = "apply_lock"  # meta: who holds the apply lock (read by whoever is refused)
-_BATCH = 1000  # rows per round trip of executemany
 
 # BIGINT for INTEGER (sizes, nanoseconds), BYTEA where SQLite may hold a BLOB (statedb.db_text), and the
 # C collation for the columns ``sessions()`` orders by, so the order is SQLite's (bytes, code points).
@@ -89,13 +90,6 @@ CREATE TABLE IF NOT EXISTS plans (
 """
 TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _DDL))
 
-# BYTEA as bytes (psycopg2 gives memoryview): what statedb.py_text and the scan cache expect.
-_BYTES = psycopg2.extensions.new_type(
-    psycopg2.BINARY.values,
-    "XNATMIGRATE_BYTES",
-    lambda value, cur: None if value is None else bytes(psycopg2.BINARY(value, cur)),
-)
-
 
 @dataclass(frozen=True)
 class StateUrl:
@@ -126,8 +120,8 @@ def parse_state_url(url: str) -> StateUrl:
     schemas = [v for k, v in query if k == "schema"]
     dsn = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"])))
     try:
-        params = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError as exc:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
         raise StateError(f"--state-url is not a URL libpq accepts ({first}); fix it, then rerun") from None
     if has_password or params.get("password"):
@@ -169,13 +163,13 @@ def opener(url: str) -> Opener:
     return lambda create, write_schema: PgDatabase.open(target, create, write_schema)
 
 
-def state_error(exc: psycopg2.Error, where: str, schema: str) -> BaseException:
-    """The one line for a failure of the state database; KeyboardInterrupt for Ctrl-C; else ``exc``."""
-    code = getattr(exc, "pgcode", None) or ""
-    text = str(getattr(exc, "pgerror", None) or exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
+def state_error(exc: psycopg.Error, where: str, schema: str) -> BaseException:
+    """The one line for a failure of the state database; KeyboardInterrupt for a statement cancelled
+    as Ctrl-C cancels it; else ``exc``."""
+    code = exc.sqlstate or ""
+    first = reported(exc) or type(exc).__name__
     kept = "every step recorded before this one is kept"
-    if isinstance(exc, psycopg2.extensions.QueryCanceledError) and "user request" in text:
+    if isinstance(exc, psycopg.errors.QueryCanceled) and "user request" in first:
         return KeyboardInterrupt()
     if code == "42501" or code.startswith("28"):
         return StateError(
@@ -220,8 +214,8 @@ def state_error(exc: psycopg2.Error, where: str, schema: str) -> BaseException:
         )
     if (
         code.startswith(("08", "57"))
-        or isinstance(exc, psycopg2.InterfaceError)
-        or (isinstance(exc, psycopg2.OperationalError) and not code)
+        or isinstance(exc, psycopg.InterfaceError)
+        or (isinstance(exc, psycopg.OperationalError) and not code)
     ):
         return StateError(
             f"the connection to the state database {where} failed ({first}); rerun when it is back: {kept}"
@@ -231,34 +225,34 @@ def state_error(exc: psycopg2.Error, where: str, schema: str) -> BaseException:
 
 @functools.lru_cache(maxsize=256)
 def _pg(statement: str) -> str:
-    """The ledger's dialect (``?`` placeholders) as psycopg2's (``%s``, a literal ``%`` doubled)."""
+    """The ledger's dialect (``?`` placeholders) as psycopg's (``%s``, a literal ``%`` doubled)."""
     return statement.replace("%", "%%").replace("?", "%s")
 
 
 class _Rows:
-    """A psycopg2 cursor whose fetches turn failures of the database into their StateError."""
+    """A psycopg cursor whose fetches turn failures of the database into their StateError."""
 
     __slots__ = ("_cur", "_fail")
 
-    def __init__(self, cur: psycopg2.extensions.cursor, fail: Callable[[psycopg2.Error], BaseException]):
+    def __init__(self, cur: psycopg.Cursor[TupleRow], fail: Callable[[psycopg.Error], BaseException]):
         self._cur, self._fail = cur, fail
 
     def fetchone(self) -> Any:
         try:
             return self._cur.fetchone()
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise self._fail(exc) from None
 
     def fetchall(self) -> list[Any]:
         try:
             return self._cur.fetchall()
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise self._fail(exc) from None
 
     def fetchmany(self, size: int, /) -> list[Any]:
         try:
             return self._cur.fetchmany(size)
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise self._fail(exc) from None
 
     def __iter__(self) -> Iterator[Any]:
@@ -268,23 +262,34 @@ class _Rows:
 class PgDatabase:
     """One connection to the ledger's schema (``search_path`` set to it)."""
 
-    errors: tuple[type[Exception], ...] = (psycopg2.Error,)
+    errors: tuple[type[Exception], ...] = (psycopg.Error,)
     start_over = "drop the schema to start over deliberately"
 
-    def __init__(self, conn: psycopg2.extensions.connection, target: StateUrl) -> None:
+    def __init__(self, conn: psycopg.Connection[TupleRow], target: StateUrl) -> None:
         self.conn = conn
         self.target = target
         self.schema = target.schema
         self.name = f"the state schema {target.schema} in {target.where}"
         self._locked = False
-        self._prepared: dict[str, str] = {}  # statement → its EXECUTE (executemany)
 
     @classmethod
     def open(cls, target: StateUrl, create: bool, write_schema: Callable[[Database], None]) -> PgDatabase:
         try:
-            conn = psycopg2.connect(target.dsn, connect_timeout=10, application_name="xnatmigrate state")
-        except psycopg2.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
+            conn = psycopg.connect(
+                target.dsn,
+                autocommit=True,
+                connect_timeout=10,
+                application_name="xnatmigrate state",
+                # This end probes the link too (the server's probes are set below): a cut network
+                # surfaces as a lost connection within about KEEPALIVE_S, not a statement that hangs.
+                keepalives=1,
+                keepalives_idle=KEEPALIVE_S // 2,
+                keepalives_interval=KEEPALIVE_S // 6,
+                keepalives_count=3,
+                tcp_user_timeout=KEEPALIVE_S * 1000,
+            )
+        except psycopg.OperationalError as exc:
+            first = said(exc) or "no answer"
             raise StateError(
                 f"cannot connect to the state database ({target.where}): {first}; check that PostgreSQL "
                 "is running and --state-url (or $XNATMIGRATE_STATE_URL; a password goes in PGPASSWORD or "
@@ -292,8 +297,6 @@ class PgDatabase:
             ) from None
         db = cls(conn, target)
         try:
-            conn.autocommit = True
-            psycopg2.extensions.register_type(_BYTES, conn)
             # The server probes this connection when idle (TCP keepalives, ignored on a Unix socket): a
             # host that vanished without closing it (power cut) frees its apply lock within about
             # KEEPALIVE_S, not after the operating system's two hours.
@@ -335,14 +338,14 @@ class PgDatabase:
             self.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)).as_string(self.conn))
             write_schema(self)
             self.commit()
-        except psycopg2.errors.DuplicateSchema:
+        except psycopg.errors.DuplicateSchema:
             self.rollback()  # created meanwhile by another process, complete (the same transaction there)
         except BaseException:
             with _suppressed():
                 self.rollback()
             raise
 
-    def _fail(self, exc: psycopg2.Error) -> BaseException:
+    def _fail(self, exc: psycopg.Error) -> BaseException:
         return state_error(exc, self.target.where, self.schema)
 
     # -- statements and transactions ----------------------------------------------------------
@@ -351,26 +354,18 @@ class PgDatabase:
         cur = self.conn.cursor()
         try:
             cur.execute(_pg(statement), tuple(params))
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise self._fail(exc) from None
         return _Rows(cur, self._fail)
 
     def executemany(self, statement: str, rows: Iterable[Sequence[Any]], /) -> None:
-        """``_BATCH`` rows per round trip, each an EXECUTE of the statement prepared once per
-        connection (parsed and planned once: the scan cache writes 100,000s of rows). A prepared
-        statement outlives a rolled-back transaction, so the cache of them stays true."""
-        prepared = self._prepared.get(statement)
-        if prepared is None:
-            count = statement.count("?")
-            numbered = iter(range(1, count + 1))
-            text = re.sub(r"\?", lambda _: f"${next(numbered)}", statement)
-            prepared = f"EXECUTE xnatmigrate_{len(self._prepared)} ({', '.join(['%s'] * count)})"
-            self.execute(f"PREPARE xnatmigrate_{len(self._prepared)} AS {text}")
-            self._prepared[statement] = prepared
+        """The statement once per row, pipelined: psycopg prepares it on the server once (parsed and
+        planned once: the scan cache writes 100,000s of rows) and sends the rows without waiting for
+        each answer."""
         cur = self.conn.cursor()
         try:
-            psycopg2.extras.execute_batch(cur, prepared, rows, page_size=_BATCH)
-        except psycopg2.Error as exc:
+            cur.executemany(_pg(statement), rows)
+        except psycopg.Error as exc:
             raise self._fail(exc) from None
 
     def begin(self) -> None:
@@ -379,7 +374,7 @@ class PgDatabase:
     def commit(self) -> None:
         """COMMIT, never taken for one when PostgreSQL would roll back instead (a statement of this
         transaction failed, e.g. cancelled by Ctrl-C): then it rolls back and says so."""
-        if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INERROR:
+        if self.conn.info.transaction_status == TransactionStatus.INERROR:
             with _suppressed():
                 self.rollback()
             raise StateError(
@@ -463,4 +458,4 @@ class PgDatabase:
 
 
 def _suppressed() -> contextlib.suppress:
-    return contextlib.suppress(psycopg2.Error, StateError)
+    return contextlib.suppress(psycopg.Error, StateError)

@@ -106,7 +106,7 @@ class _Verifier:
             res.skipped.append("prearchive row (no database configured)")
             return
         res.checks += 1
-        with self.conn, self.conn.cursor() as cur:
+        with db.transaction(self.conn) as cur:
             row = db.fetch_row(cur, s.project, s.timestamp, s.session)
         if row is None:
             self.problem(

@@ -23,9 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
-import psycopg2
-from psycopg2 import sql
-from psycopg2.extensions import make_dsn, parse_dsn
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..resources import sql_dir
 
@@ -139,9 +139,9 @@ class EmbeddedPostgres:
 def _trade_durability_for_speed(dsn: str) -> None:
     # A throwaway server: skipping fsync makes CREATE DATABASE per test cheap even while other tests
     # (or xdist workers) write corpora to the same disk. Never done for a caller-provided data_dir.
-    conn = psycopg2.connect(dsn)
+    # Autocommit: ALTER SYSTEM cannot run inside a transaction block.
+    conn = psycopg.connect(dsn, autocommit=True)
     try:
-        conn.autocommit = True  # ALTER SYSTEM cannot run inside a transaction block
         with conn.cursor() as cur:
             for setting in ("fsync", "synchronous_commit", "full_page_writes"):
                 cur.execute(sql.SQL("ALTER SYSTEM SET {} = off").format(sql.Identifier(setting)))
@@ -152,9 +152,9 @@ def _trade_durability_for_speed(dsn: str) -> None:
 
 def _dsn_for(dsn: str, dbname: str) -> str:
     """``dsn`` with its database replaced; accepts URIs and key=value strings, returns key=value."""
-    params = {k: v for k, v in parse_dsn(dsn).items() if v != ""}
+    params = {k: v for k, v in conninfo_to_dict(dsn).items() if v != ""}
     params["dbname"] = dbname
-    return str(make_dsn(**params))
+    return make_conninfo("", **params)
 
 
 def unique_database_name(prefix: str = "xmt") -> str:
@@ -168,9 +168,9 @@ def unique_database_name(prefix: str = "xmt") -> str:
 
 def create_database(admin_dsn: str, name: str) -> str:
     """Create database ``name`` on the server of ``admin_dsn`` and return a DSN for it."""
-    conn = psycopg2.connect(admin_dsn)
+    # Autocommit: CREATE DATABASE cannot run inside a transaction block.
+    conn = psycopg.connect(admin_dsn, autocommit=True)
     try:
-        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction block
         with conn.cursor() as cur:
             cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     finally:
@@ -180,9 +180,8 @@ def create_database(admin_dsn: str, name: str) -> str:
 
 def drop_database(admin_dsn: str, name: str) -> None:
     """Drop database ``name`` if it exists, ending any sessions still connected to it."""
-    conn = psycopg2.connect(admin_dsn)
+    conn = psycopg.connect(admin_dsn, autocommit=True)
     try:
-        conn.autocommit = True
         with conn.cursor() as cur:
             # FORCE: a test that leaked a connection must not make teardown fail or hang.
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -204,12 +203,8 @@ def ddl_path(profile: str) -> Path:
 def install_prearchive_table(dsn: str, profile: str) -> None:
     """Create schema ``xdat_search`` and table ``prearchive`` as XNAT ``profile`` does, in one transaction."""
     ddl = ddl_path(profile).read_text(encoding="utf-8")
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:  # `with conn` commits, or rolls back on error
-            cur.execute(ddl)
-    finally:
-        conn.close()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:  # commits, or rolls back on error; closes
+        cur.execute(ddl)  # no parameters: several statements in one text run as one simple query
 
 
 @contextmanager
