@@ -19,6 +19,7 @@ Shapes (``SHAPES``; sizes are always images = files, nothing else is in a corpus
   session of 1.3 GB.
 - ``tiny``: a big archive of tiny files: one study per patient, 2 series × 25 images, MR/CT
   alternating, 32² pixels (≈ 3.7 KB per file, one 4 KiB block). 300,000 images = 6,000 studies.
+- ``fleet``: the tiny shape's studies (seed 16) for the fleet row: 2,000 images = 40 studies of 50.
 
 NOTE: ``xnatmigrate.testing.corpus`` makes every file a pure function of (seed, patient, study,
 series, image), so a smaller corpus of a shape that grows by patients equals the first patients of a
@@ -143,6 +144,30 @@ SHAPES: dict[str, Shape] = {
             "modalities": ("MR", "CT"),
             "rows": 16,
             "seed": 15,
+        },
+        smoke_unit=10,
+    ),
+    # The fleet row (bench/rows_fleet.py): the tiny files again (bytes negligible, so the receiver's
+    # fixed delay per instance is what a worker waits on), few enough that one worker takes ≈ 40 s.
+    "fleet": Shape(
+        "fleet",
+        {
+            "studies_per_patient": 1,
+            "series_per_study": 2,
+            "images_per_series": 25,
+            "modalities": ("MR", "CT"),
+            "rows": 32,
+            "seed": 16,
+        },
+        50,
+        text="one study per patient, 2 series of 25 images, MR/CT alternating, 32² (≈ 3.7 KB per file)",
+        smoke={
+            "studies_per_patient": 1,
+            "series_per_study": 2,
+            "images_per_series": 5,
+            "modalities": ("MR", "CT"),
+            "rows": 16,
+            "seed": 16,
         },
         smoke_unit=10,
     ),

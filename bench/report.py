@@ -56,6 +56,8 @@ def _met(row: dict[str, Any]) -> str:
 
 
 def _ratio(row: dict[str, Any]) -> str:
+    if row["key"].startswith("fleet-") and row["extra"].get("speedup") is not None:
+        return f"×{row['extra']['speedup']:.2f} throughput"
     if row["key"] == "cstore-recipe" and row["extra"].get("speedup"):
         return f"{row['extra']['speedup']:.0f}× faster"
     if "rss-" in row["key"] and "growth" in row["extra"]:
@@ -87,11 +89,13 @@ SHAPE_ORDER = {
         "tiny-rss-apply copy",
         "tiny-replan-100k",
     ],
+    "fleet": ["fleet-1", "fleet-2", "fleet-4"],
 }
 SHAPE_TITLE = {
     "xray": "xray: many studies of a few small images (20,000 images in 5,000 studies)",
     "huge": "huge: one study of 10,000 images",
     "tiny": "tiny: a big archive of tiny files (300,000 files, against 30,000)",
+    "fleet": "fleet: 1, 2 and 4 worker processes on one plan (issue 16)",
 }
 SHAPE_PURPOSE = {
     "xray": (
@@ -104,6 +108,14 @@ SHAPE_PURPOSE = {
         "of `plan` cold, `plan` warm and `apply` copy at the largest size against the smallest; the "
         "warm re-plan of an unchanged tree at 100,000 files (this shape's row is the one judged for "
         "issue 13; the standard shape's `plan-warm` at 100,000 images is the same target on larger files)."
+    ),
+    "fleet": (
+        "`xnatmigrate apply --state-url … --jobs 1` started N times at once on one plan in PostgreSQL "
+        "(`bench/rows_fleet.py`): C-STORE into a receiver that waits a fixed time per instance before "
+        "answering, so the work is waiting, not CPU, and scaling is visible on 2 cores. Throughput is "
+        "instances ÷ wall time from the first fork to the last worker's exit; ×1 worker is the median of "
+        "the per-round ratios. The budget is measured at the receiver: the most associations open at once "
+        "must not exceed N × `--jobs`. A fresh state schema and an untimed plan before every run."
     ),
 }
 
@@ -149,14 +161,39 @@ def _row_notes(w: Callable[[str], None], rows: Sequence[dict[str, Any]]) -> None
             w(f"- **{r['key']} @ {r['size']:,}**: " + "; ".join(bits) + ".")
 
 
+def _fleet_table(w: Callable[[str], None], rows: Sequence[dict[str, Any]]) -> None:
+    w(
+        "| workers | instances | units | wall median s | instances/s | × 1 worker | to last unit s (× 1 worker) | "
+        "max associations (budget) | target | met |"
+    )
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for r in rows:
+        e = r["extra"]
+        if r.get("skipped") or "workers" not in e:
+            w(
+                f"| {r['key'].removeprefix('fleet-')} | {r['size']:,} | – | – | – | – | – | – | {r['target']} | {_met(r)} |"
+            )
+            continue
+        split = e.get("split", {})
+        last = _s(split.get("to_last_unit_s"))
+        if e.get("work_speedup") is not None and e["workers"] != 1:
+            last += f" (×{e['work_speedup']:.2f})"
+        w(
+            f"| {e['workers']} | {r['size']:,} | {split.get('units', '–')} | {_ours_s(r)} | "
+            f"{e['files_per_s']:.0f} | ×{e['speedup']:.2f} | {last} | "
+            f"{e['max_associations']} ({e['workers'] * e['jobs']}) | {r['target']} | {_met(r)} |"
+        )
+
+
 def shape_sections(rows: Sequence[dict[str, Any]], corpora: Sequence[dict[str, Any]]) -> list[str]:
-    """The archive shapes of issue 13: a section per shape measured, table, targets, met/missed."""
+    """The archive shapes of issue 13 (and the fleet's of issue 16): a section per shape measured,
+    table, targets, met/missed."""
     out: list[str] = []
     w = out.append
     shapes = [s for s in SHAPE_ORDER if any(shape_of(r) == s for r in rows)]
     if not shapes:
         return out
-    w("## Archive shapes (issue 13)\n")
+    w("## Archive shapes (issue 13)\n" if shapes != ["fleet"] else "## Shapes\n")
     w(
         "Each shape is its own deterministic corpus (`bench/corpora.py`), measured in the same run as "
         "its reference, alternating as above.\n"
@@ -174,7 +211,9 @@ def shape_sections(rows: Sequence[dict[str, Any]], corpora: Sequence[dict[str, A
         )
         w(f"Corpus: {SHAPES[shape].text}; measured: {sizes or '–'}. {SHAPE_PURPOSE[shape]}\n")
         w(f"**{_verdict(mine)}.**\n")
-        if shape == "tiny":
+        if shape == "fleet":
+            _fleet_table(w, mine)
+        elif shape == "tiny":
             w(
                 "| comparison | files | xnatmigrate median s | reference median s | ratio | peak RSS MiB | target | met |"
             )
@@ -285,11 +324,12 @@ def markdown(
     w("")
     w(
         "Untimed between runs: `rm -rf` of the destination, `TRUNCATE xdat_search.prearchive`, a copy of "
-        "the saved plan's state folder, a restart of `storescp` with an empty output folder, then `sync`.\n"
+        "the saved plan's state folder, a restart of `storescp` with an empty output folder, then `sync`; for "
+        "the fleet rows, a fresh state schema and its plan.\n"
     )
     w("## Corpora\n")
     w(
-        "Deterministic (`xnatmigrate.testing.corpus`; seeds: standard 0, xray 13, huge 14, tiny 15), explicit VR little endian, "
+        "Deterministic (`xnatmigrate.testing.corpus`; seeds: standard 0, xray 13, huge 14, tiny 15, fleet 16), explicit VR little endian, "
         "uncompressed; the session of a study is `PatientID_StudyDate`. Shapes:\n"
     )
     for name in dict.fromkeys(shape_of(c) for c in corpora):

@@ -4,10 +4,11 @@
                         [--shape-scale F] [--xray-studies N] [--huge-images N] [--tiny-sizes A,B,C]
                         [--rounds N] [--warmup N] [--only NAME,...]
                         [--out docs/benchmarks.md] [--corpus-dir DIR] [--cstore-jobs 1,2,4] [--merge]
+                        [--fleet-files N] [--fleet-workers 1,2,4] [--fleet-unit-files N]
                         [--smoke] [--report-only]
 
 Comparisons (``--only`` names): plan-cold, plan-warm, apply-copy, apply-hardlink, apply-anon, apply-inbox,
-reapply, cstore, cstore-recipe, cstore-anon, rss. Corpora live in ``${XNATMIGRATE_BENCH_DIR:-~/.cache/xnatmigrate-bench}``
+reapply, cstore, cstore-recipe, cstore-anon, rss, fleet. Corpora live in ``${XNATMIGRATE_BENCH_DIR:-~/.cache/xnatmigrate-bench}``
 (``--corpus-dir``) and are made once. Corpora above ``LARGE`` images run only the rows that matter
 at that scale (plan cold once, plan warm, a hard-link apply once, the no-op re-apply, peak RSS): a
 durable copy or a C-STORE of 20+ GB per run, several rounds, would take hours and double the disk.
@@ -18,6 +19,11 @@ radiographs (``--xray-studies``), ``huge`` one study of 10,000 images (``--huge-
 30,000, 100,000 and 300,000 files of ≈ 3.7 KB (``--tiny-sizes``). ``--shape-scale 0.05`` scales the
 three defaults for a quick try (xray 250 studies, huge 500 images, tiny 1,500/5,000/15,000 files);
 the explicit options win over it. Above ``LARGE`` images a shape's rows run 1 round, no warm-up.
+``fleet`` (issue 16, ``bench/rows_fleet.py``) is the one shape of the ``fleet`` row, and that row runs
+on no other: 1, 2 and 4 (``--fleet-workers``) ``apply`` processes sharing one plan of ``--fleet-files``
+tiny files (default 2,000) in units of ``--fleet-unit-files`` (default 100), C-STORE into a receiver
+that waits 20 ms per instance. ``--only fleet`` runs that shape alone; the other shapes run when some
+other row is wanted.
 
 ``--smoke`` runs every comparison once on a few hundred small images in a folder next to ``--out``,
 and every shape on a few dozen (for the test suite: it proves the harness runs, never how fast).
@@ -45,6 +51,7 @@ from . import corpora, report, rows_shapes
 from .common import BenchError, Row, machine, print_row, skipped_row, versions
 from .rows_apply import T_REAPPLY, TARGETS, apply_row, reapply_row
 from .rows_cstore import T_ANON, T_BEST, T_ONE, T_RECIPE, cstore_anon_row, cstore_rows
+from .rows_fleet import FLEET_DELAY_S, FLEET_UNIT_FILES, SMOKE_DELAY_S, fleet_rows, target_of
 from .rows_inbox import T_INBOX, inbox_row
 from .rows_plan import T_COLD, T_WARM, plan_rows
 from .site import Site, free_port
@@ -61,8 +68,10 @@ NAMES = (
     "cstore-recipe",
     "cstore-anon",
     "rss",
+    "fleet",
 )
-SHAPES = ("standard", "xray", "huge", "tiny")
+SHAPES = ("standard", "xray", "huge", "tiny", "fleet")
+FLEET_NAMES = {"fleet"}  # the rows of the fleet shape, and measured on no other
 LARGE = 20_000
 T_RSS = "100k ≤ 1.5 × 10k, < 500 MB"
 RSS_OF = (
@@ -74,7 +83,9 @@ RSS_OF = (
 )
 NOTES = Path(__file__).with_name("notes.md")
 #: --smoke: a few dozen files per shape (tiny: two sizes, for its RSS rows).
-SMOKE_SIZES = {"standard": [300], "xray": [40], "huge": [40], "tiny": [20, 60]}
+SMOKE_SIZES = {"standard": [300], "xray": [40], "huge": [40], "tiny": [20, 60], "fleet": [40]}
+#: --smoke: the fleet row's workers and files per unit (4 studies of 10 files: 4 units).
+SMOKE_FLEET = ((1, 2), 10)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +111,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--corpus-dir", default=None)
     ap.add_argument("--cstore-jobs", default="1,2,4")
+    ap.add_argument("--fleet-files", type=int, default=2000, help="the fleet row's corpus (files; × 50)")
+    ap.add_argument(
+        "--fleet-workers", default="1,2,4", help="the fleet row's worker counts (first: the base)"
+    )
+    ap.add_argument(
+        "--fleet-unit-files",
+        type=int,
+        default=FLEET_UNIT_FILES,
+        help="XNATMIGRATE_UNIT_FILES of the fleet row's workers",
+    )
     ap.add_argument(
         "--merge", action="store_true", help="keep other sizes' and shapes' results from <out>.json"
     )
@@ -146,6 +167,7 @@ def _shape_sizes(args: argparse.Namespace) -> dict[str, list[int]]:
         "xray": [xray],
         "huge": [huge],
         "tiny": sorted(set(tiny)),
+        "fleet": [args.fleet_files],
     }
     for shape in chosen:
         for n in sizes[shape]:
@@ -163,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     only = set(filter(None, args.only.split(",")))
     out.parent.mkdir(parents=True, exist_ok=True)
-    shape_sizes: dict[str, list[int]] = args.shape_sizes
+    # The fleet shape serves the fleet row alone, and the fleet row no other shape.
+    shape_sizes: dict[str, list[int]] = {
+        s: v
+        for s, v in args.shape_sizes.items()
+        if not only or bool(only & FLEET_NAMES if s == "fleet" else only - FLEET_NAMES)
+    }
     sizes = shape_sizes.get("standard", [])
     if args.smoke:
         rounds, warmup = 1, 0
@@ -248,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     elif shape == "tiny":
                         got = rows_shapes.tiny_rows(site, shape_list, r1, w1, want=want, not_run=not_run)
+                    elif shape == "fleet":
+                        got = _fleet_rows(site, r1, w1, args)
                     else:
                         got = rows_shapes.transfer_rows(
                             site, shape, r1, w1, want=want, dcmtk_missing=dcmtk_missing, not_run=not_run
@@ -463,6 +492,33 @@ def _size_rows(
         else:
             guarded([key], lambda: [cstore_anon_row(site, rounds, warmup, jobs)])
     return rows
+
+
+def _fleet_rows(site: Site, rounds: int, warmup: int, args: argparse.Namespace) -> list[Row]:
+    """The fleet row at each worker count (a FAILED row per count when a run failed)."""
+    if args.smoke:
+        workers, unit, delay = [*SMOKE_FLEET[0]], SMOKE_FLEET[1], SMOKE_DELAY_S
+    else:
+        workers = [int(w) for w in args.fleet_workers.split(",") if w.strip()]
+        unit, delay = args.fleet_unit_files, FLEET_DELAY_S
+    n = site.corpus.files
+    try:
+        got = fleet_rows(site, rounds, warmup, workers=workers, unit_files=unit, delay=delay)
+    except BenchError as exc:
+        got = [
+            skipped_row(
+                f"fleet-{w}",
+                n,
+                f"apply, {w} worker process(es) on one plan",
+                target_of(w),
+                f"FAILED: {exc}",
+                "fleet",
+            )
+            for w in workers
+        ]
+    for row in got:
+        _print(row)
+    return got
 
 
 def rss_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:

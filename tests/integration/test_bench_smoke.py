@@ -1,5 +1,6 @@
 """The benchmark harness cannot rot: ``python -m bench.run --smoke`` runs every comparison once,
-and every archive shape of issue 13 (xray, huge, tiny) on a few dozen files.
+every archive shape of issue 13 (xray, huge, tiny) on a few dozen files, and the fleet row of issue 16
+with 1 and 2 workers.
 
 Asserts only that each comparison ran and produced numbers, never a timing (issue 7).
 """
@@ -61,9 +62,16 @@ def test_bench_smoke_runs_every_comparison(tmp_path: Path) -> None:
             assert rows[key]["skipped"].startswith("dcmtk not installed"), key
         for key in SHAPE_DCMTK:
             assert rows[key]["skipped"].startswith("dcmtk not installed"), key
+    for key, workers in (("fleet-1", 1), ("fleet-2", 2)):  # no dcmtk: its receiver is bench's own
+        row = rows[key]
+        assert not row["skipped"], (key, row["skipped"])
+        assert row["ours"]["seconds"] and all(s > 0 for s in row["ours"]["seconds"]), key
+        assert 1 <= row["extra"]["max_associations"] <= workers, key
+        assert row["extra"]["stores_by_run"] == [40], key
+    assert rows["fleet-2"]["ratio"] > 0 and rows["fleet-2"]["extra"]["speedup"] > 0
     text = out.read_text()
     assert "| 1 | plan, cold, vs pydicom loop |" in text and "## Commands" in text
-    for section in ("### xray", "### huge", "### tiny"):
+    for section in ("### xray", "### huge", "### tiny", "### fleet"):
         assert section in text, section
     assert "| peak RSS of plan (cold), 60 vs 20 tiny files |" in text
     assert "| warm re-plan 100,000 files (tiny shape, unchanged tree) |" in text

@@ -378,7 +378,7 @@ class _Fleet:
                     self.worker = None
                     if self.stop.is_set() or self.fatal is not None or not await self._left():
                         break
-                    await asyncio.sleep(self.fleet.poll_s)  # a unit doing elsewhere, or due later
+                    await self._idle()  # a unit doing elsewhere, or due later
                 self.report.fleet = await self._summary()
         except (psycopg.Error, OSError) as exc:
             if self.fatal is None:
@@ -489,6 +489,22 @@ class _Fleet:
 
     def _plan_key(self) -> int:
         return statepg.lock_key(self.schema, f"fleet\0{self.plan.plan_id}")
+
+    async def _idle(self) -> None:
+        """Between two Procrastinate workers: back as soon as a unit can be taken or none is left to
+        do or doing (a short query every 50 ms), at the latest after ``poll_s`` (a stalled unit's
+        take-over is looked for then)."""
+        deadline = time.monotonic() + self.fleet.poll_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            await asyncio.sleep(0.05)
+            row = await self.app.connector.execute_query_one_async(
+                "SELECT count(*) FILTER (WHERE status IN ('todo', 'doing')) AS left, "
+                "count(*) FILTER (WHERE status = 'todo' AND (scheduled_at IS NULL OR scheduled_at <= now())) "
+                "AS ready FROM procrastinate_jobs WHERE queue_name = %(q)s",
+                q=self.queue,
+            )
+            if not row["left"] or row["ready"]:
+                return
 
     async def _left(self) -> int:
         row = await self.app.connector.execute_query_one_async(
