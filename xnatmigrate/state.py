@@ -550,6 +550,11 @@ class StateStore:
                 out[action_id] = SessionState(status)
         return out
 
+    def all_states(self) -> dict[str, SessionState]:
+        """The status of every session the ledger holds."""
+        rows = self.db.execute("SELECT action_id, status FROM sessions").fetchall()
+        return {a: SessionState(st) for a, st in rows}
+
     def applied_ids(self) -> set[str]:
         """The action ids of every session the ledger holds as applied."""
         rows = self.db.execute("SELECT action_id FROM sessions WHERE status = ?", (SessionState.APPLIED,))

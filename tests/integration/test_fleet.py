@@ -44,11 +44,15 @@ OWN_HOST = _own_host_possible()
 def _worker(s: Site, url: str, host: str, **env: str) -> subprocess.Popen[str]:
     """``xnatmigrate apply --state-url`` as a host named ``host`` (when the machine allows it)."""
     full = {**os.environ, **s.env(), "XNATMIGRATE_UNIT_FILES": "4", "XNATMIGRATE_LEASE_S": LEASE, **env}
-    cmd = [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(s.state), "--state-url", url]
+    # Its own state directory, as on a host of its own: the plan comes from the ledger.
+    state = s.root / f"state-{host}"
+    cmd = [sys.executable, "-m", "xnatmigrate", "apply", "--state-dir", str(state), "--state-url", url]
     if OWN_HOST:
         # Its own host name, then exec: the pid the test holds is the worker's own.
         cmd = ["unshare", "-u", "sh", "-c", 'hostname "$0" && exec "$@"', host, *cmd]
-    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _ledger(state_db_dsn: str, url: str, query: str) -> list[tuple]:

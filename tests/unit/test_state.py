@@ -402,3 +402,25 @@ def test_the_headers_of_one_batch_are_decoded_in_one_call_or_each_on_its_own():
         _decode_each(['{"A": "1"}, {"B": "2"}', '{"C": "3"}'])
     with pytest.raises(ValueError):
         _decode_each(['{"A": "1"}', ""])
+
+
+def test_states_of_reads_just_the_sessions_asked_for_and_all_states_every_one(ledger):
+    from xnatmigrate.model import PlannedFile, PlannedScan, SessionState, XnatTarget
+    from xnatmigrate.testing.sessions import prearchive_session
+
+    target = XnatTarget(prearchive="/data/prearchive")
+    with ledger.open() as st:
+        for i in range(3):
+            f = PlannedFile(
+                f"/src/{i}", 10, 1, f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1", "1.dcm"
+            )
+            s = prearchive_session(
+                (PlannedScan("1", f"1.2.{i}", "1", "MR", (f,)),), action_id=f"a{i}", label=f"S{i}"
+            )
+            st.register_session("plan-1", s, target)
+        st.set_session_status("a1", SessionState.APPLIED)
+        many = [f"x{i}" for i in range(1200)] + ["a1", "a2"]  # more than one batch of ids
+        assert st.states_of(many) == {"a1": SessionState.APPLIED, "a2": st.states_of(["a2"])["a2"]}
+        assert st.states_of(["nothing"]) == {}
+        assert set(st.all_states()) == {"a0", "a1", "a2"} and st.all_states()["a1"] is SessionState.APPLIED
+        assert st.applied_ids() == {"a1"}

@@ -74,6 +74,7 @@ Progress = Callable[[int, int], None]
 # Row statuses while XNAT archives a session (§3 PrearcStatus): the outcome is awaited, never re-posted.
 _ARCHIVING = frozenset({"QUEUED_ARCHIVING", "ARCHIVING", "_ARCHIVING"})
 
+_OWN_STATES = 2000  # up to this many sessions, their states are read by id, not the whole ledger
 _FATAL = (DatabaseError, XnatRestError, ReceiverError, files.DiskError, SettingError)
 
 # Fault injection for the crash tests (tests/integration/test_apply_crash.py): SIGKILL this process
@@ -230,7 +231,14 @@ class _Runner:
         report = ApplyReport(self.plan.plan_id)
         started = time.monotonic()
         self.store.begin_plan(self.plan.plan_id)
-        known = self.store.states_of([s.action_id for s in self.plan.sessions])
+        # A fleet's unit asks for its own sessions; a whole plan reads the table (no extra pass over
+        # a plan read from disk session by session).
+        sessions = self.plan.sessions
+        known = (
+            self.store.states_of([s.action_id for s in sessions])
+            if len(sessions) <= _OWN_STATES
+            else self.store.all_states()
+        )
         applied = {a for a, st in known.items() if st is SessionState.APPLIED}
         limits = grouping.Limits.from_settings()
         begun: list[_Group] = []  # begun, not yet finished: at most two, the older one finishing
