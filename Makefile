@@ -39,6 +39,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
+	$(BIN)/python -m bench.fleet_memory --embedded --out docs/fleet-memory.md
 
 # Rewrite tests/golden/ from the current planner (the golden test only compares); review the diff.
 golden: $(STAMP)

@@ -405,9 +405,9 @@ def apply(
         # Sources as this host mounts them (``--path-map``): the plan and its id stay as reviewed.
         plan_obj = PathMap.of(path_map).plan(local or plan_of(store, sdir, plan_path))
         if url:
-            from .execute import fleet, statepg
+            from .execute import fleet
 
-            fleet.join(store, statepg.parse_state_url(url).schema)
+            fleet.join(store)
             check_fresh(plan_obj, store)
             store.begin_plan(plan_obj.plan_id)
             return fleet.work(plan_obj, url, opts)

@@ -56,7 +56,8 @@ from .statedb import Database, Opener, SqliteDatabase, py_text
 STATE_FORMAT = 1
 _CACHE_BATCH = 2048  # scan-cache rows fetched per call
 _STATES_BATCH = 500  # ids per IN (…) of states_of (SQLite allows 32,766 parameters, PostgreSQL 65,535)
-_PLAN_BATCH = 256  # lines of a saved plan (one session each) written or read per statement
+_PLAN_BATCH = 256  # lines of a saved plan (one session each) written per statement
+_PLAN_READ_BATCH = 16  # lines of a saved plan read per statement (a worker's memory, not the plan's)
 _INSERT_PLAN_LINE = "INSERT INTO plans (plan_id, seq, line) VALUES (?, ?, ?)"
 
 
@@ -343,18 +344,20 @@ class StateStore:
         return self._meta("saved_plan")
 
     def plan_lines(self, plan_id: str) -> Iterator[bytes]:
-        """The saved plan's bytes, line by line, ``_PLAN_BATCH`` lines per query (never all at once)."""
+        """The saved plan's bytes, line by line, ``_PLAN_READ_BATCH`` lines per query (never all at
+        once: a line is a session, tens of KB for a large one, and the driver holds a query's result
+        twice while it is read)."""
         seq = 0
         while True:
             rows = self.db.execute(
                 "SELECT line FROM plans WHERE plan_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
-                (plan_id, seq, seq + _PLAN_BATCH),
+                (plan_id, seq, seq + _PLAN_READ_BATCH),
             ).fetchall()
             for (line,) in rows:
                 yield bytes(line)
-            if len(rows) < _PLAN_BATCH:
+            if len(rows) < _PLAN_READ_BATCH:
                 return
-            seq += _PLAN_BATCH
+            seq += _PLAN_READ_BATCH
 
     def bump_serial(self) -> None:
         with self.tx():

@@ -264,10 +264,9 @@ def test_revert_is_refused_while_a_worker_holds_the_ledger_and_a_worker_while_a_
 
     s, _xnat = fleet_site
     api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
-    schema = statepg.parse_state_url(state_url).schema
     worker = StateStore(create=False, opener=statepg.opener(state_url))
     try:
-        fleet.join(worker, schema)
+        fleet.join(worker)
         with pytest.raises(LockedError, match=r"in use by apply workers \(the latest on host .* pid \d+\)"):
             api.revert(s.state, yes=True, state_url=state_url)
     finally:

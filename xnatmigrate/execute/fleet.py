@@ -54,7 +54,7 @@ from procrastinate import manager as pmanager
 from procrastinate import worker as pworker
 from procrastinate.schema import SchemaManager
 
-from ..errors import LockedError, StateError, XnatMigrateError
+from ..errors import StateError
 from ..model import CstoreSession, Plan, PlannedSession, Result, SessionState
 from ..state import StateStore
 from . import db, settings, statepg
@@ -170,26 +170,12 @@ def unit_key(schema: str, plan_id: str, rnd: int, unit: int) -> int:
     return statepg.lock_key(schema, f"unit\0{plan_id}\0{rnd}\0{unit}")
 
 
-def join(store: StateStore, schema: str) -> None:
-    """Take the ledger's apply lock shared (``statepg.lock_key``), or LockedError naming the holder of
-    it exclusively (a revert, or an apply of an older version)."""
-    key = statepg.lock_key(schema)
-    for attempt in range(6):
-        if store.db.execute("SELECT pg_try_advisory_lock_shared(?)", (key,)).fetchone()[0]:
-            # Named to whoever is refused the lock exclusively (statepg's holder row; the latest worker).
-            store.db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
-                (
-                    "apply_lock",
-                    f"apply workers (the latest on host {socket.gethostname()} pid {os.getpid()})",
-                ),
-            )
-            return
-        if attempt < 5:
-            time.sleep(0.2)
-    row = store.db.execute("SELECT value FROM meta WHERE key = ?", ("apply_lock",)).fetchone()
-    who = row[0] if row and row[0] else "another process"
-    raise LockedError(f"{store.db.name} is in use by {who}; wait for it to finish, then rerun")
+def join(store: StateStore) -> None:
+    """Take the ledger's apply lock shared (``statepg.PgDatabase.lock``), or LockedError naming the
+    holder of it exclusively (a revert)."""
+    db = store.db
+    assert isinstance(db, statepg.PgDatabase), "a fleet needs the ledger in PostgreSQL"
+    db.lock(f"apply workers (the latest on host {socket.gethostname()} pid {os.getpid()})", shared=True)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -305,12 +291,10 @@ class _Fleet:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
             self.report.seconds = time.monotonic() - started
-        if self.stop.is_set() and self.fatal is None:
-            raise KeyboardInterrupt
-        if isinstance(self.fatal, XnatMigrateError | KeyboardInterrupt):
-            raise self.fatal
         if self.fatal is not None:
             raise self.fatal
+        if self.stop.is_set():
+            raise KeyboardInterrupt
         return self.report
 
     def _watch(self) -> None:
@@ -626,7 +610,6 @@ class _Fleet:
             time.sleep(max(self.fleet.poll_s, 1.0))
 
     def _unit(self, store: StateStore, rnd: int, unit: int, job_id: int | None) -> None:
-        join(store, self.schema)
         key = unit_key(self.schema, self.plan.plan_id, rnd, unit)
         # The unit's lock: held by a worker the lease gave up on but still connected (slow, not dead),
         # this one waits for it rather than act beside it.

@@ -270,7 +270,7 @@ class PgDatabase:
         self.target = target
         self.schema = target.schema
         self.name = f"the state schema {target.schema} in {target.where}"
-        self._locked = False
+        self._locked = ""  # "", "exclusive" or "shared"
 
     @classmethod
     def open(cls, target: StateUrl, create: bool, write_schema: Callable[[Database], None]) -> PgDatabase:
@@ -416,14 +416,16 @@ class PgDatabase:
 
     # -- the apply lock -------------------------------------------------------------------------
 
-    def lock(self, holder: str) -> None:
+    def lock(self, holder: str, *, shared: bool = False) -> None:
         """A session-level advisory lock on ``lock_key(schema)``, held until ``unlock`` or until this
         connection ends (a killed process's lock goes with its connection), or LockedError naming the
-        holder (the ``apply_lock`` row of ``meta``, written by each holder)."""
+        holder (the ``apply_lock`` row of ``meta``, written by each holder). ``shared``: the fleet's
+        workers (``execute.fleet.join``) hold it together; an exclusive holder (revert) excludes them."""
         key = lock_key(self.schema)
+        take = "SELECT pg_try_advisory_lock_shared(?)" if shared else "SELECT pg_try_advisory_lock(?)"
         # A holder killed a moment ago: its server process may take a moment to notice and end.
         for attempt in range(6):
-            if self.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]:
+            if self.execute(take, (key,)).fetchone()[0]:
                 break
             if attempt < 5:
                 time.sleep(0.2)
@@ -435,7 +437,7 @@ class PgDatabase:
                 f"rerun: the lock ends with its holder's connection, within about {KEEPALIVE_S} s of a "
                 "host that vanished)"
             )
-        self._locked = True
+        self._locked = "shared" if shared else "exclusive"
         try:
             self.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
@@ -447,9 +449,14 @@ class PgDatabase:
 
     def unlock(self) -> None:
         if self._locked:
-            self._locked = False
+            release = (
+                "SELECT pg_advisory_unlock_shared(?)"
+                if self._locked == "shared"
+                else "SELECT pg_advisory_unlock(?)"
+            )
+            self._locked = ""
             with _suppressed():
-                self.execute("SELECT pg_advisory_unlock(?)", (lock_key(self.schema),))
+                self.execute(release, (lock_key(self.schema),))
 
     def close(self) -> None:
         self.unlock()
