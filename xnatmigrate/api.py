@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from . import anonymize, dicomedit, labels, statements
-from .errors import PlanError, Problem, StalePlanError, XnatMigrateError
+from .errors import PlanError, Problem, StalePlanError, StateError, XnatMigrateError
 from .manifest import check_manifest, load_manifest, template_keywords_of
 from .model import (
     BASE_KEYWORDS,
@@ -386,6 +386,7 @@ def apply(
     poll: float = 1.0,
     state_url: str | None = None,
     path_map: Sequence[str] | None = None,
+    workers: int | None = None,
 ) -> ApplyReport:
     """Apply a saved plan (default ``<state-dir>/plan.json``; with a PostgreSQL ledger, the plan saved
     in it).
@@ -410,7 +411,12 @@ def apply(
             fleet.join(store)
             check_fresh(plan_obj, store)
             store.begin_plan(plan_obj.plan_id)
-            return fleet.work(plan_obj, url, opts)
+            return fleet.work(plan_obj, url, opts, workers=workers)
+        if workers is not None and workers != 1:
+            raise StateError(
+                "--workers needs a ledger in PostgreSQL (--state-url): with a state directory, one apply "
+                "works at a time (--jobs sets how many files it copies or sends at once)"
+            )
         store.lock("apply")
         check_fresh(plan_obj, store)
         return apply_plan(plan_obj, store, opts)

@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--jobs", type=int, default=None, help="copy workers / C-STORE associations")
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="with --state-url: work units this process applies at once (default 1; each with --jobs)",
+    )
+    ap.add_argument(
         "--path-map",
         action="append",
         metavar="FROM=TO",
@@ -225,6 +231,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             progress=bar,
             on_session=on_session,
             path_map=args.path_map,
+            workers=args.workers,
         )
     finally:
         bar.close()

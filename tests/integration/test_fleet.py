@@ -6,6 +6,7 @@ its lease. Every end state equals one uninterrupted apply's, and no session step
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -436,3 +437,55 @@ def test_kill_9_of_one_worker_at_any_step_ends_as_one_uninterrupted_apply(
     # No orphan: nothing half-copied, no staging folder left with anything in it.
     leftovers = [t for t in s.tree() if ".part" in t or (".xnatmigrate-staging" in t and not t.endswith("/"))]
     assert not leftovers, leftovers
+
+
+def test_one_process_with_several_workers_applies_units_at_once_and_ends_as_one_apply(
+    fleet_site, fleet_reference, state_url, state_db_dsn
+):
+    s, xnat = fleet_site
+    xnat.build_delay = 0.3
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    cmd = [
+        sys.executable,
+        "-m",
+        "xnatmigrate",
+        "apply",
+        "--state-dir",
+        str(s.root / "st"),
+        "--state-url",
+        state_url,
+    ]
+    env = {**os.environ, **s.env(), "XNATMIGRATE_UNIT_FILES": "4", "XNATMIGRATE_LEASE_S": LEASE}
+    p = subprocess.Popen(
+        [*cmd, "--workers", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    code, out, err = _finish(p)
+    assert code == 0 and "Traceback" not in err, (out, err)
+    _same_as_reference(s, xnat, fleet_reference)
+    _no_step_twice(state_db_dsn, state_url)
+    spans = _ledger(state_db_dsn, state_url, "SELECT started, finished FROM fleet_units ORDER BY started")
+    overlapping = any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+    assert len(spans) == UNITS and overlapping  # units ran at the same time in the one process
+    # With a ledger in a state directory there is one apply: --workers is refused, with the reason.
+    assert cli.main(["apply", "--state-dir", str(s.state), "--workers", "2"]) == 1
+
+
+def test_the_insert_budget_paces_the_rows_of_every_worker(
+    fleet_site, fleet_reference, state_url, state_db_dsn
+):
+    s, xnat = fleet_site
+    xnat.build_delay = 0.0
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    workers = [_worker(s, state_url, f"host{i}", XNATMIGRATE_BUDGET_INSERTS_PER_S="2") for i in range(2)]
+    for code, out, err in (_finish(p) for p in workers):
+        assert code == 0, (out, err)
+        assert "2 prearchive row(s) a second across all hosts" in out
+    _same_as_reference(s, xnat, fleet_reference)
+    # Eight rows at two a second, in groups of two (a unit's sessions), from two workers: the last group
+    # may start no sooner than 3 s after the first, however fast the machine.
+    (span,) = _ledger(
+        state_db_dsn,
+        state_url,
+        "SELECT extract(epoch FROM max(at::timestamp) - min(at::timestamp))::float8 FROM steps WHERE step = 'insert'",
+    )[0]
+    assert span >= 2.5, span

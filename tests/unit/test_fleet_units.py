@@ -12,10 +12,11 @@ class _S:
     action_id: str
     study_uid: str
     file_count: int
+    bytes: int = 0
 
 
 def _plan(*spec: tuple[str, int]) -> list[_S]:
-    return [_S(f"a{i}", study, n) for i, (study, n) in enumerate(spec)]
+    return [_S(f"a{i}", study, n, n * 1000) for i, (study, n) in enumerate(spec)]
 
 
 def test_units_follow_plan_order_and_hold_up_to_the_bound():
@@ -40,3 +41,10 @@ def test_applied_sessions_are_left_out_and_nothing_left_is_no_unit():
     plan = _plan(("s1", 2), ("s2", 2), ("s3", 2))
     assert units_of(plan, {"a0", "a2"}, 4) == [[1]]  # type: ignore[arg-type]
     assert units_of(plan, {"a0", "a1", "a2"}, 4) == []  # type: ignore[arg-type]
+
+
+def test_units_are_bounded_by_bytes_too():
+    plan = _plan(("s1", 2), ("s2", 2), ("s3", 2))  # 2,000 bytes each
+    assert units_of(plan, set(), 100, 4000) == [[0, 1], [2]]  # type: ignore[arg-type]
+    assert units_of(plan, set(), 100, 3999) == [[0], [1], [2]]  # type: ignore[arg-type]
+    assert units_of(plan, set(), 100) == [[0, 1, 2]]  # type: ignore[arg-type]

@@ -175,6 +175,8 @@ class Options:
     # A fleet's budget for XNAT (execute.fleet): entered around each REST build and archive, so the
     # builds in flight across every host stay within it. None: no limit but this run's own pace.
     hold_build: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    # Likewise before a group's rows go into XNAT's table: waits until the fleet's rate allows them.
+    pace_inserts: Callable[[int], None] | None = None
 
 
 class _Runner:
@@ -422,6 +424,11 @@ class _Runner:
         if g.ahead is not None:
             self.stage_record(g.stage, g.ahead, report)
         self.store.commit()
+        # A fleet's budget of rows a second: waited for before the group's folders enter XNAT's view,
+        # so a folder never waits for its row.
+        to_insert = sum(1 for it in items if it.alive and Step.INSERT not in it.done)
+        if to_insert and self.opts.pace_inserts is not None:
+            self.opts.pace_inserts(to_insert)
 
         # 2. publish — one atomic rename each into XNAT's view, only once the row is known to be
         # writable (reachable database, INSERT privilege, no other session of the study in the way);

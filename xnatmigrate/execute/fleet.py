@@ -63,6 +63,8 @@ from .apply import ApplyReport, FleetSummary, Options, SessionResult, apply_plan
 log = logging.getLogger(__name__)
 
 UNIT_FILES_ENV = "XNATMIGRATE_UNIT_FILES"
+UNIT_MB_ENV = "XNATMIGRATE_UNIT_MB"
+DEFAULT_UNIT_MB = 2048  # and at most this much data per unit: what one worker loses to a crash stays small
 LEASE_ENV = "XNATMIGRATE_LEASE_S"
 DEFAULT_UNIT_FILES = 1000  # a unit's files: small enough to spread a plan over hosts, big enough to amortise
 DEFAULT_LEASE_S = 60.0  # as statepg.KEEPALIVE_S: a vanished host's unit lock is freed about as soon
@@ -76,28 +78,35 @@ CREATE TABLE IF NOT EXISTS fleet_units (
     sessions_json TEXT NOT NULL, sessions INTEGER NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL,
     host TEXT, pid INTEGER, pid_start TEXT, started TIMESTAMPTZ, finished TIMESTAMPTZ, outcome TEXT,
     seconds DOUBLE PRECISION, xnat_seconds DOUBLE PRECISION, changed INTEGER, failed INTEGER,
-    PRIMARY KEY (plan_id, round, unit))
+    PRIMARY KEY (plan_id, round, unit));
+CREATE TABLE IF NOT EXISTS fleet_pace (kind TEXT PRIMARY KEY, next_at TIMESTAMPTZ NOT NULL)
 """
 
 
 @dataclass(frozen=True)
 class FleetOptions:
     unit_files: int = DEFAULT_UNIT_FILES
+    unit_mb: int = DEFAULT_UNIT_MB
     lease_s: float = DEFAULT_LEASE_S
     poll_s: float = 1.0
+    workers: int = 1  # units this process applies at once (``apply --workers``)
 
     @classmethod
-    def from_env(cls) -> FleetOptions:
+    def from_env(cls, workers: int | None = None) -> FleetOptions:
+        names = f"${UNIT_FILES_ENV}, ${UNIT_MB_ENV} and ${LEASE_ENV}"
         try:
             unit = int(os.environ.get(UNIT_FILES_ENV) or DEFAULT_UNIT_FILES)
+            mb = int(os.environ.get(UNIT_MB_ENV) or DEFAULT_UNIT_MB)
             lease = float(os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S)
         except ValueError:
-            raise StateError(
-                f"${UNIT_FILES_ENV} and ${LEASE_ENV} must be numbers; fix them, then rerun"
-            ) from None
-        if unit < 1 or lease < 1:
-            raise StateError(f"${UNIT_FILES_ENV} and ${LEASE_ENV} must be at least 1; fix them, then rerun")
-        return cls(unit_files=unit, lease_s=lease, poll_s=min(1.0, lease / 10))
+            raise StateError(f"{names} must be numbers; fix them, then rerun") from None
+        if unit < 1 or mb < 1 or lease < 1:
+            raise StateError(f"{names} must be at least 1; fix them, then rerun")
+        if workers is not None and workers < 1:
+            raise StateError("--workers must be at least 1")
+        return cls(
+            unit_files=unit, unit_mb=mb, lease_s=lease, poll_s=min(1.0, lease / 10), workers=workers or 1
+        )
 
 
 # XNAT building a session (PrearcUtils.PrearcStatus, xnat_table): what the governor counts.
@@ -142,23 +151,35 @@ class _Slots:
             self.give(keys)
 
 
-def units_of(sessions: Sequence[PlannedSession], applied: set[str], unit_files: int) -> list[list[int]]:
+def units_of(
+    sessions: Sequence[PlannedSession], applied: set[str], unit_files: int, unit_bytes: int | None = None
+) -> list[list[int]]:
     """Plan indexes of the sessions not in ``applied``, cut into units of whole studies, in plan order,
-    each up to ``unit_files`` files (a unit is never empty; a study bigger than that is one unit)."""
+    each up to ``unit_files`` files and ``unit_bytes`` bytes (a unit is never empty; a study bigger
+    than that is one unit)."""
     study_unit: dict[str, int] = {}
     units: list[list[int]] = []
-    sizes: list[int] = []
+    sizes: list[tuple[int, int]] = []
     for i, s in enumerate(sessions):
         if s.action_id in applied:
             continue
         u = study_unit.get(s.study_uid)
         if u is None:
-            if not units or (sizes[-1] and sizes[-1] + s.file_count > unit_files):
+            full = (
+                bool(sizes)
+                and sizes[-1][0] > 0
+                and (
+                    sizes[-1][0] + s.file_count > unit_files
+                    or (unit_bytes is not None and sizes[-1][1] + s.bytes > unit_bytes)
+                )
+            )
+            if not units or full:
                 units.append([])
-                sizes.append(0)
+                sizes.append((0, 0))
             u = study_unit[s.study_uid] = len(units) - 1
         units[u].append(i)
-        sizes[u] += s.file_count
+        n, b = sizes[u]
+        sizes[u] = (n + s.file_count, b + s.bytes)
     return units
 
 
@@ -249,6 +270,7 @@ class _Fleet:
         self.lock = threading.Lock()
         self.report = ApplyReport(plan.plan_id)
         self.done_files = 0
+        self.in_flight: dict[int, tuple[int, int]] = {}  # unit → (files done, files) of units running
         self.units_run = 0
         self.budget = settings.Budget.from_env()
         self.started_work = 0.0
@@ -346,7 +368,7 @@ class _Fleet:
                         self.app,
                         queues=[self.queue],
                         name=f"{self.host}:{self.pid}",
-                        concurrency=1,
+                        concurrency=self.fleet.workers,
                         wait=False,
                         listen_notify=False,
                         install_signal_handlers=False,
@@ -399,7 +421,7 @@ class _Fleet:
                 "SELECT action_id FROM sessions WHERE status = %s", (SessionState.APPLIED.value,)
             )
             applied = {r[0] for r in await cur.fetchall()}
-            units = units_of(self.plan.sessions, applied, self.fleet.unit_files)
+            units = units_of(self.plan.sessions, applied, self.fleet.unit_files, self.fleet.unit_mb << 20)
             if not units:
                 return True
             cur = await conn.execute(
@@ -579,6 +601,34 @@ class _Fleet:
             self._stop_worker()
             raise _Again(str(exc)) from None
 
+    def _pace(self, store: StateStore, kind: str, n: int, per_s: float) -> None:
+        """Wait for ``n`` of the fleet's ``per_s`` a second (a generic cell rate: one row per kind in
+        ``fleet_pace`` holds when the next may start, on the server's clock, for every host)."""
+        cost = n / per_s
+        row = store.db.execute(
+            "INSERT INTO fleet_pace (kind, next_at) VALUES (?, clock_timestamp() + make_interval(secs => ?)) "
+            "ON CONFLICT (kind) DO UPDATE SET next_at = "
+            "greatest(fleet_pace.next_at, clock_timestamp()) + make_interval(secs => ?) "
+            "RETURNING extract(epoch FROM next_at - clock_timestamp())::float8",
+            (f"{kind}:{self.plan.plan_id}", cost, cost),
+        ).fetchone()
+        wait = float(row[0]) - cost if row else 0.0
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            time.sleep(min(left, 0.2))
+
+    def _progress(self, unit: int, done: int, total: int) -> None:
+        """This process's files: its finished units' and those of the units in flight (several with
+        ``--workers``), reported from one thread at a time."""
+        with self.lock:
+            self.in_flight[unit] = (done, total)
+            d = self.done_files + sum(x for x, _ in self.in_flight.values())
+            t = self.done_files + sum(y for _, y in self.in_flight.values())
+            assert self.opts.progress is not None
+            self.opts.progress(d, t)
+
     def _govern(self, sub: Plan) -> None:
         """Wait, before a unit, while XNAT is busy building or the disk it writes to is nearly full
         (``settings.Budget``): the worker's heartbeat goes on meanwhile, and Ctrl-C still stops it."""
@@ -632,8 +682,6 @@ class _Fleet:
         sub = dataclasses.replace(
             self.plan, sessions=tuple(self.plan.sessions[i] for i in json.loads(row[0]))
         )
-        base = self.done_files
-        progress = self.opts.progress
         slots = _Slots(store, self.schema, self.plan.plan_id, self.stop, self.fleet.poll_s)
         self._govern(sub)
         associations: list[int] = []
@@ -646,8 +694,9 @@ class _Fleet:
             self.opts,
             jobs=jobs,
             stop=self.stop,
-            progress=(lambda d, t: progress(base + d, base + t)) if progress else None,
+            progress=(lambda d, t: self._progress(unit, d, t)) if self.opts.progress else None,
             hold_build=lambda: slots.held("builds", self.budget.builds),
+            pace_inserts=lambda n: self._pace(store, "inserts", n, self.budget.inserts_per_s),
         )
         try:
             report = apply_plan(sub, store, opts)
@@ -674,6 +723,7 @@ class _Fleet:
             self.report.sessions.extend(report.sessions)
             self.report.xnat_seconds += report.xnat_seconds
             self.done_files += sum(s.file_count for s in sub.sessions)
+            self.in_flight.pop(unit, None)
             self.units_run += 1
             if report.stopped and self.report.stopped is None:
                 self.report.stopped = report.stopped
@@ -713,12 +763,14 @@ def _queue_error(exc: BaseException, target: statepg.StateUrl) -> StateError:
     )
 
 
-def work(plan: Plan, url: str, opts: Options, fleet: FleetOptions | None = None) -> ApplyReport:
+def work(
+    plan: Plan, url: str, opts: Options, fleet: FleetOptions | None = None, workers: int | None = None
+) -> ApplyReport:
     """Take units of ``plan`` from the ledger's queue (queueing a round first when none is under way)
     until none is left to do or doing; the caller checked the plan fresh and holds the apply lock
     shared (``join``). KeyboardInterrupt after a Ctrl-C, once the unit in flight went back."""
     logging.getLogger("procrastinate").setLevel(logging.ERROR)
-    return _Fleet(plan, url, opts, fleet or FleetOptions.from_env()).run()
+    return _Fleet(plan, url, opts, fleet or FleetOptions.from_env(workers)).run()
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ GROUP_MB = ("XNATMIGRATE_GROUP_MB", 1024.0)
 # ledger by the worker that queues a round, so every host keeps the same one. Conservative defaults.
 BUDGET_ASSOCIATIONS = ("XNATMIGRATE_BUDGET_ASSOCIATIONS", 4.0)  # C-STORE associations open at once
 BUDGET_BUILDS = ("XNATMIGRATE_BUDGET_BUILDS", 2.0)  # REST builds and archives in flight at once
+BUDGET_INSERTS = ("XNATMIGRATE_BUDGET_INSERTS_PER_S", 20.0)  # rows into xdat_search.prearchive per second
 # The governor: before a unit, a worker waits while XNAT's prearchive holds this many sessions being
 # built (BUILDING, QUEUED_BUILDING, _BUILDING: XNAT's own work, ours and anyone's), or while the
 # prearchive's (inbox's) file system has less than this many GB free.
@@ -60,6 +61,7 @@ class Budget:
     builds: int
     building: int
     min_free_gb: float
+    inserts_per_s: float = BUDGET_INSERTS[1]  # a budget recorded before this field had the default
 
     @classmethod
     def from_env(cls) -> Budget:
@@ -68,11 +70,12 @@ class Budget:
             builds=int(positive(BUDGET_BUILDS)),
             building=int(positive(GOVERNOR_BUILDING)),
             min_free_gb=positive(GOVERNOR_MIN_FREE_GB),
+            inserts_per_s=positive(BUDGET_INSERTS),
         )
 
     def describe(self) -> str:
         return (
             f"at most {self.associations} C-STORE association(s) and {self.builds} build(s) or archive(s) at "
-            f"once across all hosts; a unit waits while XNAT builds {self.building} session(s) or more, or "
+            f"once and {self.inserts_per_s:g} prearchive row(s) a second across all hosts; a unit waits while XNAT builds {self.building} session(s) or more, or "
             f"while under {self.min_free_gb:g} GB are free where it writes"
         )
