@@ -696,11 +696,15 @@ class _Fleet:
             stop=self.stop,
             progress=(lambda d, t: self._progress(unit, d, t)) if self.opts.progress else None,
             hold_build=lambda: slots.held("builds", self.budget.builds),
-            pace_inserts=lambda n: self._pace(store, "inserts", n, self.budget.inserts_per_s),
+            pace_inserts=lambda n: self._pace(pacer, "inserts", n, self.budget.inserts_per_s),
         )
+        # The pace is kept on a connection of its own: apply calls it inside the ledger's group
+        # transaction, and a row held there would hold every other worker's pace until that commits.
+        pacer = StateStore(create=False, opener=statepg.opener(self.url))
         try:
             report = apply_plan(sub, store, opts)
         finally:
+            pacer.close()
             slots.give(associations)
         changed = report.changed
         failed = len(report.failures)
