@@ -40,6 +40,9 @@ def _own_host_possible() -> bool:
 
 
 OWN_HOST = _own_host_possible()
+needs_own_host = pytest.mark.skipif(
+    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
+)
 
 
 def _worker(s: Site, url: str, host: str, **env: str) -> subprocess.Popen[str]:
@@ -149,9 +152,7 @@ def test_three_workers_share_the_plan_and_end_as_one_uninterrupted_apply(
     )
 
 
-@pytest.mark.skipif(
-    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
-)
+@needs_own_host
 def test_a_worker_killed_mid_unit_has_its_unit_taken_over_after_the_lease(
     fleet_site, fleet_reference, state_url, state_db_dsn
 ):
@@ -186,9 +187,7 @@ def test_a_worker_killed_mid_unit_is_resumed_at_once_by_a_rerun_on_its_host(
     _no_step_twice(state_db_dsn, state_url)
 
 
-@pytest.mark.skipif(
-    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
-)
+@needs_own_host
 def test_a_worker_stopped_past_its_lease_keeps_its_unit_and_no_study_is_applied_twice(
     fleet_site, fleet_reference, state_url, state_db_dsn
 ):
@@ -366,9 +365,7 @@ def test_the_association_budget_holds_across_workers_and_every_instance_is_sent_
         assert set(scp.attempts.values()) == {1}  # no instance sent twice
 
 
-@pytest.mark.skipif(
-    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
-)
+@needs_own_host
 def test_a_worker_cut_from_the_database_stops_within_its_lease_and_its_unit_is_finished_by_another(
     fleet_site, fleet_reference, state_url, state_db_dsn
 ):
@@ -418,9 +415,7 @@ FLEET_CRASH_POINTS = [
 ]
 
 
-@pytest.mark.skipif(
-    not OWN_HOST, reason="needs `unshare -u` (a host name per worker) to test the lease alone"
-)
+@needs_own_host
 @pytest.mark.parametrize("crash", FLEET_CRASH_POINTS)
 def test_kill_9_of_one_worker_at_any_step_ends_as_one_uninterrupted_apply(
     fleet_site, fleet_reference, state_url, state_db_dsn, crash

@@ -157,6 +157,13 @@ def units_of(
     """Plan indexes of the sessions not in ``applied``, cut into units of whole studies, in plan order,
     each up to ``unit_files`` files and ``unit_bytes`` bytes (a unit is never empty; a study bigger
     than that is one unit)."""
+    return sized_units(sessions, applied, unit_files, unit_bytes)[0]
+
+
+def sized_units(
+    sessions: Sequence[PlannedSession], applied: set[str], unit_files: int, unit_bytes: int | None = None
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """``units_of``, with each unit's (files, bytes): the plan's sessions are parsed once."""
     study_unit: dict[str, int] = {}
     units: list[list[int]] = []
     sizes: list[tuple[int, int]] = []
@@ -180,7 +187,7 @@ def units_of(
         units[u].append(i)
         n, b = sizes[u]
         sizes[u] = (n + s.file_count, b + s.bytes)
-    return units
+    return units, sizes
 
 
 def queue_of(plan_id: str) -> str:
@@ -421,7 +428,9 @@ class _Fleet:
                 "SELECT action_id FROM sessions WHERE status = %s", (SessionState.APPLIED.value,)
             )
             applied = {r[0] for r in await cur.fetchall()}
-            units = units_of(self.plan.sessions, applied, self.fleet.unit_files, self.fleet.unit_mb << 20)
+            units, sizes = sized_units(
+                self.plan.sessions, applied, self.fleet.unit_files, self.fleet.unit_mb << 20
+            )
             if not units:
                 return True
             cur = await conn.execute(
@@ -429,20 +438,10 @@ class _Fleet:
             )
             row = await cur.fetchone()
             rnd = int(row[0]) if row else 1
-            rows = []
-            for u, idx in enumerate(units):
-                picked = [self.plan.sessions[i] for i in idx]
-                rows.append(
-                    (
-                        self.plan.plan_id,
-                        rnd,
-                        u,
-                        json.dumps(idx),
-                        len(idx),
-                        sum(s.file_count for s in picked),
-                        sum(s.bytes for s in picked),
-                    )
-                )
+            rows = [
+                (self.plan.plan_id, rnd, u, json.dumps(idx), len(idx), files, size)
+                for u, (idx, (files, size)) in enumerate(zip(units, sizes, strict=True))
+            ]
             async with conn.cursor() as c:
                 await c.executemany(
                     "INSERT INTO fleet_units (plan_id, round, unit, sessions_json, sessions, files, bytes) "
