@@ -339,6 +339,16 @@ def _fleet_status(args: argparse.Namespace) -> int:
     )
     if fs.budget:
         print(f"Budget for XNAT: {fs.budget}.")
+    states = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(fs.sessions_by_state.items()))
+    planned = f"{fs.sessions} planned; " if fs.sessions is not None else ""
+    print(f"Sessions: {planned}{states or 'none started'}.")
+    if fs.builds_slowdown is not None:
+        print(f"Builds: {fs.builds_slowdown:.1f}× as long as the plan's first ones.")
+    if fs.errors:
+        print("Errors by cause:")
+        for e in fs.errors:
+            more = ", …" if e.sessions > len(e.labels) else ""
+            print(f"  {e.sessions} session(s): {e.cause} ({', '.join(e.labels)}{more}); e.g. {e.example}")
     for w in fs.workers:
         running = ", ".join(map(str, w.running)) or "none"
         print(

@@ -141,6 +141,9 @@ def test_three_workers_share_the_plan_and_end_as_one_uninterrupted_apply(
         u[1] for u in units
     }
     assert fs.eta_s == 0 and fs.files_per_s > 0
+    assert fs.sessions == SPEC.patients and fs.sessions_by_state == {"applied": SPEC.patients}
+    assert fs.errors == ()
+    assert fs.builds_slowdown == pytest.approx(1.0, abs=0.5)  # quick stand-in builds, compared at the floor
     # A finished plan: another worker queues nothing and applies nothing.
     code, out, err = _finish(_worker(s, state_url, "late"))
     assert code == 0 and "Nothing to do" in out, (out, err)
@@ -484,3 +487,96 @@ def test_the_insert_budget_paces_the_rows_of_every_worker(
         "SELECT extract(epoch FROM max(at::timestamp) - min(at::timestamp))::float8 FROM steps WHERE step = 'insert'",
     )[0]
     assert span >= 2.5, span
+
+
+def test_failures_on_several_hosts_are_grouped_by_cause_in_the_fleet_status(
+    fleet_site, state_url, state_db_dsn, capsys
+):
+    s, xnat = fleet_site
+    xnat.build_delay = 0.0
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    # Two studies lose a file after plan (storage unmounted, a file moved): their sessions fail alike.
+    images = [f.path for f in s.files if f.kind == "image"]
+    victims = {images[0]: s.root / "aside-0", images[-1]: s.root / "aside-1"}
+    for path, aside in victims.items():
+        path.rename(aside)
+    workers = [_worker(s, state_url, f"host{i}") for i in range(2)]
+    results = [_finish(p) for p in workers]
+    assert all(code != 0 for code, _, _ in results), results
+    fs = api.fleet_status(s.state, state_url=state_url)
+    assert fs is not None
+    assert fs.sessions_by_state == {"applied": SPEC.patients - 2, "failed": 2}
+    assert len(fs.errors) == 1, fs.errors
+    (cause,) = fs.errors
+    assert cause.sessions == 2 and len(cause.labels) == 2
+    assert not any(str(p) in cause.cause for p in victims)  # the cause names no file…
+    assert any(str(p) in cause.example for p in victims)  # …its example does
+    assert cli.main(["status", "--fleet", "--state-dir", str(s.state), "--state-url", state_url]) == 0
+    out = capsys.readouterr().out
+    assert f"Sessions: {SPEC.patients} planned; {SPEC.patients - 2} applied, 2 failed." in out
+    assert f"Errors by cause:\n  2 session(s): {cause.cause} (" in out
+    # The files back (moved: their ctime changed, so plan again), a rerun applies the two sessions:
+    # they are no error any more (the new plan holds those two; the rest it lists as unchanged).
+    for path, aside in victims.items():
+        aside.rename(path)
+    api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+    code, out, err = _finish(_worker(s, state_url, "again"))
+    assert code == 0, (out, err)
+    fs = api.fleet_status(s.state, state_url=state_url)
+    assert fs is not None and fs.errors == () and fs.sessions == 2 and fs.sessions_by_state == {"applied": 2}
+    _no_step_twice(state_db_dsn, state_url)
+
+
+def _builds_recorded(state_db_dsn: str, url: str) -> int:
+    if not _ledger(state_db_dsn, url, "SELECT 1 WHERE to_regclass('fleet_builds') IS NOT NULL"):
+        return 0
+    return int(_ledger(state_db_dsn, url, "SELECT count(*) FROM fleet_builds")[0][0])
+
+
+def test_builds_slower_than_the_plans_first_ones_go_one_at_a_time_across_the_fleet(
+    tmp_path, pg_admin_dsn, monkeypatch, state_url, state_db_dsn
+):
+    from xnatmigrate.testing.pg import temporary_database
+
+    spec = CorpusSpec(
+        patients=16, studies_per_patient=1, series_per_study=1, images_per_series=1, rows=8, seed=7
+    )
+    with temporary_database(pg_admin_dsn, "1.7") as pdb:
+        s = Site(tmp_path / "site", pdb.dsn, spec=spec)
+        with XnatStandIn(pdb.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
+            xnat.build_delay = 0.3  # XNAT's usual pace
+            s.write_manifest(xnat.url)
+            for k, v in s.env().items():
+                monkeypatch.setenv(k, v)
+            api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
+            env = {"XNATMIGRATE_UNIT_FILES": "1", "XNATMIGRATE_BUDGET_BUILDS": "2"}
+            workers = [_worker(s, state_url, f"host{i}", **env) for i in range(3)]
+            samples: list[tuple[float, int]] = []  # (when, sessions XNAT builds at once)
+            while any(p.poll() is None for p in workers):
+                samples.append((time.time(), _building(s)))
+                if xnat.build_delay < 1 and _builds_recorded(state_db_dsn, state_url) >= 3:
+                    xnat.build_delay = 1.2  # XNAT slows down to four times its usual time
+                time.sleep(0.02)
+            results = [_finish(p) for p in workers]
+    for code, out, err in results:
+        assert code == 0, (out, err)
+    said = "".join(err for _, _, err in results)
+    assert "as long as this plan's first ones: one build or archive at a time across the fleet" in said, said
+    builds = _ledger(
+        state_db_dsn,
+        state_url,
+        "SELECT extract(epoch FROM started)::float8, seconds, slots FROM fleet_builds ORDER BY started",
+    )
+    assert len(builds) == spec.patients
+    assert [b[2] for b in builds[:3]] == [2, 2, 2]  # the usual pace: the fleet's whole budget
+    one = [b for b in builds if b[2] == 1]
+    assert one, builds  # then one slot, once builds ran slow
+    assert all(b[1] >= 1.0 for b in one)  # only while they did
+    # What XNAT saw: never more than the budget, and one at a time once the last build begun on two
+    # slots had ended (a build ends, in the ledger, once XNAT said it was built).
+    assert max(n for _, n in samples) <= 2
+    two_ended = max(start + took for start, took, slots in builds if slots == 2)
+    assert sum(1 for start, _, slots in builds if slots == 1 and start > two_ended) >= 2, builds
+    late = [n for t, n in samples if t > two_ended + 0.1]
+    assert late and max(late) <= 1, (late, builds)
+    _no_step_twice(state_db_dsn, state_url)

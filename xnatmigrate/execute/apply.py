@@ -174,7 +174,8 @@ class Options:
     stop: threading.Event | None = None
     # A fleet's budget for XNAT (execute.fleet): entered around each REST build and archive, so the
     # builds in flight across every host stay within it. None: no limit but this run's own pace.
-    hold_build: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    # Called with the step ("build" or "archive") and the session's files: its duration is the pace.
+    hold_build: Callable[[str, int], contextlib.AbstractContextManager[None]] | None = None
     # Likewise before a group's rows go into XNAT's table: waits until the fleet's rate allows them.
     pace_inserts: Callable[[int], None] | None = None
 
@@ -679,12 +680,12 @@ class _Runner:
         if s.archive and Step.ARCHIVE not in done:
             self.archive(s, res, project, ts, folder)
 
-    def budget(self) -> contextlib.AbstractContextManager[None]:
-        return self.opts.hold_build() if self.opts.hold_build else contextlib.nullcontext()
+    def budget(self, step: str, s: PlannedSession) -> contextlib.AbstractContextManager[None]:
+        return self.opts.hold_build(step, s.file_count) if self.opts.hold_build else contextlib.nullcontext()
 
     def build(self, s: PlannedSession, res: SessionResult, project: str | None, ts: str, folder: str) -> None:
         if s.build is Build.REST:
-            with self.budget():
+            with self.budget("build", s):
                 self._build(s, res, project, ts, folder)
         else:
             self._build(s, res, project, ts, folder)
@@ -736,7 +737,7 @@ class _Runner:
         if s.build is Build.SCHEDULER:
             self._archive(s, res, project, ts, folder)
         else:
-            with self.budget():
+            with self.budget("archive", s):
                 self._archive(s, res, project, ts, folder)
 
     def _archive(

@@ -36,12 +36,14 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
+import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -79,8 +81,24 @@ CREATE TABLE IF NOT EXISTS fleet_units (
     host TEXT, pid INTEGER, pid_start TEXT, started TIMESTAMPTZ, finished TIMESTAMPTZ, outcome TEXT,
     seconds DOUBLE PRECISION, xnat_seconds DOUBLE PRECISION, changed INTEGER, failed INTEGER,
     PRIMARY KEY (plan_id, round, unit));
-CREATE TABLE IF NOT EXISTS fleet_pace (kind TEXT PRIMARY KEY, next_at TIMESTAMPTZ NOT NULL)
+CREATE TABLE IF NOT EXISTS fleet_pace (kind TEXT PRIMARY KEY, next_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS fleet_builds (
+    plan_id TEXT NOT NULL, kind TEXT NOT NULL, bucket INTEGER NOT NULL, files BIGINT NOT NULL,
+    started TIMESTAMPTZ NOT NULL, seconds DOUBLE PRECISION NOT NULL, slots INTEGER NOT NULL,
+    host TEXT NOT NULL, pid INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS fleet_builds_recent ON fleet_builds (plan_id, kind, started);
+CREATE INDEX IF NOT EXISTS fleet_builds_first ON fleet_builds (plan_id, kind, bucket, started)
 """
+# Added to fleet_units after its first release (a ledger queued before has them NULL).
+_UNITS_COLUMNS = {"failures_json": "TEXT"}
+
+# The governor's reading of build times (settings.GOVERNOR_SLOW_BUILDS): "now" is the last RECENT_BUILDS
+# builds (archives) of a kind; "usual" the plan's first FIRST_BUILDS of that kind and size, on every host.
+RECENT_BUILDS = 5
+FIRST_BUILDS = 5
+MIN_BUILDS = 3  # fewer to compare: no reading yet
+BUILD_FLOOR_S = 0.25  # a build quicker than this (an empty session, a stand-in) is compared as this long
+BUILD_KINDS = ("build", "archive")
 
 
 @dataclass(frozen=True)
@@ -149,6 +167,69 @@ class _Slots:
             yield
         finally:
             self.give(keys)
+
+
+def size_bucket(files: int) -> int:
+    """Sessions within a factor of two of each other's size compare their build times."""
+    return max(1, files).bit_length()
+
+
+def slowdown(usual: Mapping[int, float], recent: Sequence[tuple[int, float]]) -> float | None:
+    """How many times as long as usual the ``recent`` builds of one kind took, as (size bucket,
+    seconds): the median of each one's seconds over its bucket's usual seconds (both at least
+    BUILD_FLOOR_S). None with fewer than MIN_BUILDS of them comparable."""
+    ratios = [max(sec, BUILD_FLOOR_S) / max(usual[b], BUILD_FLOOR_S) for b, sec in recent if b in usual]
+    return statistics.median(ratios) if len(ratios) >= MIN_BUILDS else None
+
+
+class BuildTimes:
+    """The fleet's builds and archives as ``fleet_builds`` records them, read as the governor reads
+    them. Invariant: a bucket's usual time, once the plan has FIRST_BUILDS of it, never changes (the
+    first builds stay the first), so it is read once per process."""
+
+    def __init__(self, plan_id: str) -> None:
+        self.plan_id = plan_id
+        self.usual: dict[tuple[str, int], float] = {}
+
+    def slowdown(self, store: StateStore) -> float | None:
+        """The slowest kind's ``slowdown``; None while no kind has a reading."""
+        worst: float | None = None
+        for kind in BUILD_KINDS:
+            recent = [
+                (int(b), float(sec))
+                for b, sec in store.db.execute(
+                    "SELECT bucket, seconds FROM fleet_builds WHERE plan_id = ? AND kind = ? "
+                    "ORDER BY started DESC LIMIT ?",
+                    (self.plan_id, kind, RECENT_BUILDS),
+                ).fetchall()
+            ]
+            usual: dict[int, float] = {}
+            for b in {b for b, _ in recent}:
+                got = self._usual(store, kind, b)
+                if got is not None:
+                    usual[b] = got
+            ratio = slowdown(usual, recent)
+            if ratio is not None and (worst is None or ratio > worst):
+                worst = ratio
+        return worst
+
+    def _usual(self, store: StateStore, kind: str, bucket: int) -> float | None:
+        if (kind, bucket) in self.usual:
+            return self.usual[(kind, bucket)]
+        first = [
+            float(r[0])
+            for r in store.db.execute(
+                "SELECT seconds FROM fleet_builds WHERE plan_id = ? AND kind = ? AND bucket = ? "
+                "ORDER BY started LIMIT ?",
+                (self.plan_id, kind, bucket, FIRST_BUILDS),
+            ).fetchall()
+        ]
+        if len(first) < MIN_BUILDS:
+            return None
+        value = statistics.median(first)
+        if len(first) == FIRST_BUILDS:
+            self.usual[(kind, bucket)] = value
+        return value
 
 
 def units_of(
@@ -280,6 +361,8 @@ class _Fleet:
         self.in_flight: dict[int, tuple[int, int]] = {}  # unit → (files done, files) of units running
         self.units_run = 0
         self.budget = settings.Budget.from_env()
+        self.build_times = BuildTimes(plan.plan_id)
+        self.build_limit: tuple[float, int] | None = None  # (when read, the fleet's build slots then)
         self.started_work = 0.0
         self.worker: pworker.Worker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -420,10 +503,15 @@ class _Fleet:
                 if got:
                     self.budget = settings.Budget(**json.loads(got[0]))
                 return False
-            await conn.execute(
-                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (budget_key, json.dumps(dataclasses.asdict(self.budget))),
-            )
+            async with conn.cursor() as c:
+                await c.executemany(
+                    "INSERT INTO meta (key, value) VALUES (%s, %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [
+                        (budget_key, json.dumps(dataclasses.asdict(self.budget))),
+                        (f"fleet_sessions:{self.plan.plan_id}", str(len(self.plan.sessions))),
+                    ],
+                )
             cur = await conn.execute(
                 "SELECT action_id FROM sessions WHERE status = %s", (SessionState.APPLIED.value,)
             )
@@ -491,6 +579,14 @@ class _Fleet:
                     f"(pip install 'procrastinate=={theirs}'), then rerun"
                 )
         await conn.execute(_UNITS_DDL)
+        cur = await conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = 'fleet_units'"
+        )
+        have = {r[0] for r in await cur.fetchall()}
+        for name, kind in _UNITS_COLUMNS.items():
+            if name not in have:
+                await conn.execute(f"ALTER TABLE fleet_units ADD COLUMN {name} {kind}")
 
     def _plan_key(self) -> int:
         return statepg.lock_key(self.schema, f"fleet\0{self.plan.plan_id}")
@@ -658,6 +754,47 @@ class _Fleet:
                 raise _Again("this worker is stopping")
             time.sleep(max(self.fleet.poll_s, 1.0))
 
+    @contextlib.contextmanager
+    def _build_slot(self, slots: _Slots, side: StateStore, kind: str, files: int) -> Iterator[None]:
+        """One of the fleet's build slots around a REST build or archive (``kind``) of ``files``, timed
+        and recorded in ``fleet_builds`` when it succeeds: the governor's reading of XNAT's pace."""
+        limit = self._build_slots(side)
+        with slots.held("builds", limit):
+            began = time.monotonic()
+            yield
+            took = time.monotonic() - began
+        side.db.execute(
+            "INSERT INTO fleet_builds (plan_id, kind, bucket, files, started, seconds, slots, host, pid) "
+            "VALUES (?, ?, ?, ?, clock_timestamp() - make_interval(secs => ?), ?, ?, ?, ?)",
+            (self.plan.plan_id, kind, size_bucket(files), files, took, took, limit, self.host, self.pid),
+        )
+
+    def _build_slots(self, side: StateStore) -> int:
+        """The fleet's build budget, or one slot while builds take ``slow_builds`` times as long as
+        usual (read at most once a second per process; said once on stderr at each change)."""
+        full = self.budget.builds
+        if full <= 1:
+            return full
+        now = time.monotonic()
+        with self.lock:
+            if self.build_limit is not None and now - self.build_limit[0] < 1.0:
+                return self.build_limit[1]
+        ratio = self.build_times.slowdown(side)
+        limit = 1 if ratio is not None and ratio >= self.budget.slow_builds else full
+        with self.lock:
+            before = self.build_limit[1] if self.build_limit else full
+            self.build_limit = (now, limit)
+        if limit != before:
+            if limit == 1:
+                log.warning(
+                    "builds take %.1f× as long as this plan's first ones: one build or archive at a time "
+                    "across the fleet until they recover",
+                    ratio,
+                )
+            else:
+                log.warning("builds are back to their usual time: up to %d at once again", full)
+        return limit
+
     def _unit(self, store: StateStore, rnd: int, unit: int, job_id: int | None) -> None:
         key = unit_key(self.schema, self.plan.plan_id, rnd, unit)
         # The unit's lock: held by a worker the lease gave up on but still connected (slow, not dead),
@@ -694,28 +831,30 @@ class _Fleet:
             jobs=jobs,
             stop=self.stop,
             progress=(lambda d, t: self._progress(unit, d, t)) if self.opts.progress else None,
-            hold_build=lambda: slots.held("builds", self.budget.builds),
-            pace_inserts=lambda n: self._pace(pacer, "inserts", n, self.budget.inserts_per_s),
+            hold_build=lambda kind, files: self._build_slot(slots, side, kind, files),
+            pace_inserts=lambda n: self._pace(side, "inserts", n, self.budget.inserts_per_s),
         )
-        # The pace is kept on a connection of its own: apply calls it inside the ledger's group
-        # transaction, and a row held there would hold every other worker's pace until that commits.
-        pacer = StateStore(create=False, opener=statepg.opener(self.url))
+        # The pace and the build times are kept on a connection of its own: apply calls them inside
+        # the ledger's group transaction, and a row held there would hold every other worker's pace
+        # until that commits.
+        side = StateStore(create=False, opener=statepg.opener(self.url))
         try:
             report = apply_plan(sub, store, opts)
         finally:
-            pacer.close()
+            side.close()
             slots.give(associations)
         changed = report.changed
-        failed = len(report.failures)
+        failures = [[r.action_id, r.label, r.message or ""] for r in report.failures]
         store.db.execute(
             "UPDATE fleet_units SET finished = now(), outcome = ?, seconds = ?, xnat_seconds = ?, changed = ?, "
-            "failed = ? WHERE plan_id = ? AND round = ? AND unit = ?",
+            "failed = ?, failures_json = ? WHERE plan_id = ? AND round = ? AND unit = ?",
             (
-                "stopped" if report.stopped else ("failed" if failed else "done"),
+                "stopped" if report.stopped else ("failed" if failures else "done"),
                 report.seconds,
                 report.xnat_seconds,
                 changed,
-                failed,
+                len(failures),
+                json.dumps(failures) if failures else None,
                 self.plan.plan_id,
                 rnd,
                 unit,
@@ -800,6 +939,43 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
+class ErrorCause:
+    """Sessions of the plan that failed, and are failed still, for one cause (``cause_of``)."""
+
+    cause: str
+    sessions: int
+    example: str  # one of their messages, whole
+    labels: tuple[str, ...]  # the first few sessions
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PATHLIKE = re.compile(r"\S*/\S*")
+_NUMBERS = re.compile(r"\d+(?:[.:_-]\d+)*")
+
+
+def cause_of(message: str, label: str = "") -> str:
+    """A failure's message without what names its session (the session, paths, quoted values, numbers,
+    UIDs), and without the advice after its first '; ': the same failure on two sessions reads alike."""
+    head = message.split("; ", 1)[0]
+    if label:
+        head = head.replace(label, "<session>")
+    head = _QUOTED.sub("…", head)
+    head = _PATHLIKE.sub("…", head)
+    return _NUMBERS.sub("#", head).strip()
+
+
+def causes(failures: Sequence[tuple[str, str]], shown: int = 3) -> tuple[ErrorCause, ...]:
+    """``failures`` as (label, message) grouped by cause, the most sessions first."""
+    by: dict[str, list[tuple[str, str]]] = {}
+    for label, message in failures:
+        by.setdefault(cause_of(message, label), []).append((label, message))
+    return tuple(
+        ErrorCause(c, len(got), got[0][1], tuple(label for label, _ in got[:shown]))
+        for c, got in sorted(by.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    )
+
+
+@dataclass(frozen=True)
 class FleetStatus:
     """The current plan's latest round of units, on every host: units by state, files, rate, ETA."""
 
@@ -814,6 +990,10 @@ class FleetStatus:
     eta_s: float | None  # files left at that rate (None: no rate yet)
     xnat_share: float  # of the time inside units, the part spent waiting on XNAT
     budget: str | None  # the round's budget for XNAT (Budget.describe), as its first worker recorded it
+    sessions: int | None  # the plan's (None: queued before they were recorded)
+    sessions_by_state: dict[str, int]  # in the ledger, of this plan: applied, failed, in_progress, …
+    errors: tuple[ErrorCause, ...]  # the sessions failed now, by cause, from every host's units
+    builds_slowdown: float | None  # recent builds over the plan's first (the governor's reading)
 
 
 def fleet_status(store: StateStore) -> FleetStatus | None:
@@ -864,6 +1044,34 @@ def fleet_status(store: StateStore) -> FleetStatus | None:
             w["running"].append(unit)
     rate = done / wall if wall > 0 and done else 0.0
     got = store.db.execute("SELECT value FROM meta WHERE key = ?", (f"fleet_budget:{plan_id}",)).fetchone()
+    planned = store.db.execute(
+        "SELECT value FROM meta WHERE key = ?", (f"fleet_sessions:{plan_id}",)
+    ).fetchone()
+    by_state = {
+        str(st): int(n)
+        for st, n in store.db.execute(
+            "SELECT status, count(*) FROM sessions WHERE plan_id = ? GROUP BY status", (plan_id,)
+        ).fetchall()
+    }
+    # Each session's latest failure, any round, kept only while the ledger still has it failed.
+    latest: dict[str, tuple[str, str]] = {}
+    recorded = store.db.execute(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = 'fleet_units' AND column_name = 'failures_json'"
+    ).fetchone()
+    for (raw,) in (
+        ()
+        if not recorded
+        else store.db.execute(
+            "SELECT failures_json FROM fleet_units WHERE plan_id = ? AND failures_json IS NOT NULL "
+            "ORDER BY round, unit",
+            (plan_id,),
+        ).fetchall()
+    ):
+        for action_id, label, message in json.loads(raw):
+            latest[action_id] = (label, message)
+    still = store.states_of(list(latest))
+    failed = [v for k, v in latest.items() if still.get(k) is SessionState.FAILED]
     return FleetStatus(
         plan_id=plan_id,
         round=rnd,
@@ -879,6 +1087,10 @@ def fleet_status(store: StateStore) -> FleetStatus | None:
         eta_s=(total - done) / rate if rate else None,
         xnat_share=waiting / inside if inside else 0.0,
         budget=settings.Budget(**json.loads(got[0])).describe() if got else None,
+        sessions=int(planned[0]) if planned else None,
+        sessions_by_state=by_state,
+        errors=causes(failed),
+        builds_slowdown=BuildTimes(plan_id).slowdown(store) if _has_table(store, "fleet_builds") else None,
     )
 
 

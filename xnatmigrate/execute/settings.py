@@ -50,6 +50,9 @@ BUDGET_INSERTS = ("XNATMIGRATE_BUDGET_INSERTS_PER_S", 20.0)  # rows into xdat_se
 # prearchive's (inbox's) file system has less than this many GB free.
 GOVERNOR_BUILDING = ("XNATMIGRATE_GOVERNOR_BUILDING", 10.0)
 GOVERNOR_MIN_FREE_GB = ("XNATMIGRATE_GOVERNOR_MIN_FREE_GB", 5.0)
+# And while builds (archives) take this many times as long as the plan's first ones of their kind and
+# size, the fleet builds one session at a time (its build budget drops to 1) until they recover.
+GOVERNOR_SLOW_BUILDS = ("XNATMIGRATE_GOVERNOR_SLOW_BUILDS", 3.0)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Budget:
     building: int
     min_free_gb: float
     inserts_per_s: float = BUDGET_INSERTS[1]  # a budget recorded before this field had the default
+    slow_builds: float = GOVERNOR_SLOW_BUILDS[1]  # likewise
 
     @classmethod
     def from_env(cls) -> Budget:
@@ -71,11 +75,13 @@ class Budget:
             building=int(positive(GOVERNOR_BUILDING)),
             min_free_gb=positive(GOVERNOR_MIN_FREE_GB),
             inserts_per_s=positive(BUDGET_INSERTS),
+            slow_builds=positive(GOVERNOR_SLOW_BUILDS),
         )
 
     def describe(self) -> str:
         return (
             f"at most {self.associations} C-STORE association(s) and {self.builds} build(s) or archive(s) at "
             f"once and {self.inserts_per_s:g} prearchive row(s) a second across all hosts; a unit waits while XNAT builds {self.building} session(s) or more, or "
-            f"while under {self.min_free_gb:g} GB are free where it writes"
+            f"while under {self.min_free_gb:g} GB are free where it writes; one build at a time while builds "
+            f"take {self.slow_builds:g}× as long as the plan's first ones"
         )
