@@ -387,13 +387,15 @@ def apply(
     state_url: str | None = None,
     path_map: Sequence[str] | None = None,
     workers: int | None = None,
+    status: Callable[[str], None] | None = None,
 ) -> ApplyReport:
     """Apply a saved plan (default ``<state-dir>/plan.json``; with a PostgreSQL ledger, the plan saved
     in it).
 
     Refuses a stale plan. With the ledger in a state directory, a second concurrent apply is refused;
     with a PostgreSQL ledger this process is one worker of a fleet (``execute.fleet``): any number of
-    them, on any hosts, share the plan's units until none is left.
+    them, on any hosts, share the plan's units until none is left. ``status`` hears what the run
+    waits on now ("waiting on XNAT", the fleet's budget or governor; "" once working again).
     """
     from .execute.apply import Options, apply_plan
 
@@ -401,7 +403,7 @@ def apply(
     url = _state_url(state_url)
     # A plan of this host's is read first: "no plan" is the clearer line when neither is there.
     local = None if url else load_plan(plan_path or sdir / PLAN_FILE)
-    opts = Options(jobs=jobs, progress=progress, on_session=on_session, poll=poll)
+    opts = Options(jobs=jobs, progress=progress, on_session=on_session, poll=poll, status=status)
     with open_state(sdir, state_url) as store:
         # Sources as this host mounts them (``--path-map``): the plan and its id stay as reviewed.
         plan_obj = PathMap.of(path_map).plan(local or plan_of(store, sdir, plan_path))

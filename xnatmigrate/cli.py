@@ -229,6 +229,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             state_url=args.state_url,
             jobs=args.jobs,
             progress=bar,
+            status=bar.note,
             on_session=on_session,
             path_map=args.path_map,
             workers=args.workers,

@@ -31,8 +31,17 @@ class Progress:
         self._last = 0.0
         self._drawn = False
         self.extra = ""
+        self._at = (0, 0)  # the last (done, total) drawn
+
+    def note(self, text: str) -> None:
+        """Say what the work waits on now after the counts ("" once working again); redrawn at once."""
+        if text != self.extra:
+            self.extra = text
+            self._last = 0.0
+            self(*self._at)
 
     def __call__(self, done: int, total: int) -> None:
+        self._at = (done, total)
         if not self.enabled:
             return
         now = time.monotonic()

@@ -48,6 +48,17 @@ def test_apply_puts_sessions_where_xnat_expects_and_builds_them(site):
     assert not replan.plan.has_changes and len(replan.plan.unchanged) == 2
 
 
+def test_the_progress_line_says_when_the_run_waits_on_xnat(site):
+    site.xnat.build_delay = 0.3  # builds that take several polls
+    heard: list[str] = []
+    _, report = plan_and_apply(site, status=heard.append)
+    assert not report.failures
+    assert "waiting on XNAT" in heard  # while XNAT builds…
+    first = heard.index("waiting on XNAT")
+    assert "" in heard[first:]  # …and working again once the build is recorded
+    assert report.xnat_seconds > 0.3
+
+
 def test_executed_sql_equals_plan_sql(site, monkeypatch):
     executed: list[str] = []
     real = db.execute

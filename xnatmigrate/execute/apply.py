@@ -168,6 +168,8 @@ class Options:
     poll: float = 1.0
     send_retries: int = 3
     progress: Progress | None = None
+    # What the run waits on now, for the progress line ("" once working again).
+    status: Callable[[str], None] | None = None
     on_session: Callable[[SessionResult], None] | None = None
     # Set from another thread (a fleet worker's Ctrl-C): the run stops before its next group, as
     # Ctrl-C stops it on the main thread: KeyboardInterrupt, every step recorded so far kept.
@@ -200,7 +202,16 @@ class _Runner:
         return self.connections.db()
 
     def client(self) -> XnatClient:
-        return self.connections.rest()
+        client = self.connections.rest()
+        if self.opts.status is not None:
+            client.on_pause = self.waiting
+        return client
+
+    def waiting(self) -> None:
+        """Between two polls of XNAT (building, importing, archiving): the progress line says so until
+        the step is recorded or the next files are done."""
+        assert self.opts.status is not None
+        self.opts.status("waiting on XNAT")
 
     # -- recording --------------------------------------------------------------------------------
 
@@ -208,12 +219,16 @@ class _Runner:
         self.crash.hit("before-record", step)
         self.store.record_step(res.action_id, step, outcome, detail)
         res.steps.append((step, outcome))
+        if self.opts.status is not None:
+            self.opts.status("")  # a step done: whatever it waited on is over
         self.crash.hit("after", step)
         self.pause.hit("after", step)
 
     def advance(self, n: int) -> None:
         with self.shown:
             self.done_files += n
+        if self.opts.status is not None:
+            self.opts.status("")
         self.show()
 
     def show(self) -> None:

@@ -43,7 +43,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -136,9 +136,16 @@ class _Slots:
     connection (a dead holder's go with its connection)."""
 
     def __init__(
-        self, store: StateStore, schema: str, plan_id: str, stop: threading.Event, poll: float
+        self,
+        store: StateStore,
+        schema: str,
+        plan_id: str,
+        stop: threading.Event,
+        poll: float,
+        status: Callable[[str], None] | None = None,
     ) -> None:
         self.store, self.schema, self.plan_id, self.stop, self.poll = store, schema, plan_id, stop, poll
+        self.status = status  # told while it waits for a slot
 
     def take(self, kind: str, limit: int, want: int = 1) -> list[int]:
         """Up to ``want`` of the ``limit`` slots of ``kind`` (at least one: waits for it)."""
@@ -154,6 +161,8 @@ class _Slots:
                 return got
             if self.stop.is_set():
                 raise _Again("this worker is stopping")
+            if self.status is not None:
+                self.status(f"waiting for one of the fleet's {limit} {kind} slot(s)")
             time.sleep(self.poll)
 
     def give(self, keys: list[int]) -> None:
@@ -749,6 +758,8 @@ class _Fleet:
                 return
             if why != said:
                 log.warning("waiting before the next unit: %s", why)
+                if self.opts.status is not None:
+                    self.opts.status(f"waiting: {why}")
                 said = why
             if self.stop.is_set():
                 raise _Again("this worker is stopping")
@@ -818,7 +829,7 @@ class _Fleet:
         sub = dataclasses.replace(
             self.plan, sessions=tuple(self.plan.sessions[i] for i in json.loads(row[0]))
         )
-        slots = _Slots(store, self.schema, self.plan.plan_id, self.stop, self.fleet.poll_s)
+        slots = _Slots(store, self.schema, self.plan.plan_id, self.stop, self.fleet.poll_s, self.opts.status)
         self._govern(sub)
         associations: list[int] = []
         jobs = self.opts.jobs

@@ -101,6 +101,8 @@ class XnatSession:
         self._session_lock = threading.Lock()  # guards _session_id; held while logging in
         self._session_id: str | None = None
         self._waited = 0.0  # seconds spent waiting on XNAT (guarded by _lock): see ``waited``
+        # Called before each pause of a poll (a progress line saying the run waits on XNAT).
+        self.on_pause: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"XnatClient({self.base_url!r}, auth={self.auth!r})"
@@ -157,6 +159,8 @@ class XnatSession:
 
     def pause(self, seconds: float) -> None:
         """Sleep between two status reads of a wait on XNAT (counted in ``waited``)."""
+        if self.on_pause is not None:
+            self.on_pause()
         self._sleep(seconds)
         self._add_wait(seconds)
 
