@@ -202,20 +202,32 @@ def test_a_worker_stopped_past_its_lease_keeps_its_unit_and_no_study_is_applied_
         assert slow.poll() is None and time.monotonic() < deadline, slow.communicate()
         time.sleep(0.05)
     doing = "SELECT id, worker_id FROM procrastinate_jobs WHERE status = 'doing'"
-    [(job, slow_worker)] = _ledger(state_db_dsn, state_url, doing)
+    [(job, _)] = _ledger(state_db_dsn, state_url, doing)
     other = _worker(s, state_url, "other")
-    # Well past the lease: the other worker has done the other units and taken the slow one's back,
-    # but waits for its lock, which the stopped worker's connection still holds.
-    time.sleep(4 * float(LEASE))
+    # Past the lease: the other worker does the other units and takes the slow one's back, but never
+    # acts on it while the stopped worker's connection still holds its lock: the unit goes back to the
+    # queue each time, and the other units are not held up behind it. (Waited for, not slept: a
+    # loaded machine starts the other worker late.)
+    finished_q = "SELECT count(*) FROM fleet_units WHERE finished IS NOT NULL"
+    attempts_q = f"SELECT attempts FROM procrastinate_jobs WHERE id = {job}"
+    deadline = time.monotonic() + 120
+    while _ledger(state_db_dsn, state_url, finished_q) != [(UNITS - 1,)] or _ledger(
+        state_db_dsn, state_url, attempts_q
+    ) == [(0,)]:
+        assert other.poll() is None, other.communicate()
+        assert time.monotonic() < deadline, _ledger(
+            state_db_dsn, state_url, "SELECT * FROM procrastinate_jobs"
+        )
+        time.sleep(0.2)
+    tried = _ledger(state_db_dsn, state_url, attempts_q)[0][0]
+    time.sleep(3 * float(LEASE))  # and well past the lease, the other still tries, and still waits
     assert other.poll() is None
-    [(job_now, worker_now)] = _ledger(state_db_dsn, state_url, doing)
-    assert job_now == job and worker_now not in (None, slow_worker)  # the lease gave it to the other
+    assert _ledger(state_db_dsn, state_url, attempts_q)[0][0] > tried
     assert _ledger(state_db_dsn, state_url, "SELECT host FROM fleet_units WHERE unit = 0") == [("slow",)]
-    finished = _ledger(state_db_dsn, state_url, "SELECT count(*) FROM fleet_units WHERE finished IS NOT NULL")
-    assert finished == [(UNITS - 1,)]  # every other unit done meanwhile, by the other worker
+    assert _ledger(state_db_dsn, state_url, finished_q) == [(UNITS - 1,)]  # every other unit, by the other
     os.kill(slow.pid, signal.SIGCONT)
     # Continued long after its lease, the slow worker either finishes the step it was in and its unit
-    # (the other still waits for the lock), or its watchdog ends it first; either way it says why.
+    # (the other still retries it), or its watchdog ends it first; either way it says why.
     code, out, err = _finish(slow)
     assert code == 0 or (code == 75 and "another worker will take this unit over" in err), (code, out, err)
     assert "Traceback" not in err, err
@@ -544,18 +556,24 @@ def test_builds_slower_than_the_plans_first_ones_go_one_at_a_time_across_the_fle
     with temporary_database(pg_admin_dsn, "1.7") as pdb:
         s = Site(tmp_path / "site", pdb.dsn, spec=spec)
         with XnatStandIn(pdb.dsn, s.prearchive, s.archive_dir, projects={"prj001": 0}) as xnat:
-            xnat.build_delay = 0.3  # XNAT's usual pace
+            xnat.build_delay = 0.2  # XNAT's usual pace
             s.write_manifest(xnat.url)
             for k, v in s.env().items():
                 monkeypatch.setenv(k, v)
             api.plan(s.manifest, state_dir=s.state, state_url=state_url, now=NOW)
-            env = {"XNATMIGRATE_UNIT_FILES": "1", "XNATMIGRATE_BUDGET_BUILDS": "2"}
+            # Twice as long as usual is slow here: a loaded machine adds its own time to every build,
+            # which narrows the ratio the stand-in's delays make.
+            env = {
+                "XNATMIGRATE_UNIT_FILES": "1",
+                "XNATMIGRATE_BUDGET_BUILDS": "2",
+                "XNATMIGRATE_GOVERNOR_SLOW_BUILDS": "2",
+            }
             workers = [_worker(s, state_url, f"host{i}", **env) for i in range(3)]
             samples: list[tuple[float, int]] = []  # (when, sessions XNAT builds at once)
             while any(p.poll() is None for p in workers):
                 samples.append((time.time(), _building(s)))
                 if xnat.build_delay < 1 and _builds_recorded(state_db_dsn, state_url) >= 3:
-                    xnat.build_delay = 1.2  # XNAT slows down to four times its usual time
+                    xnat.build_delay = 1.6  # XNAT slows down to eight times its usual time
                 time.sleep(0.02)
             results = [_finish(p) for p in workers]
     for code, out, err in results:
@@ -571,12 +589,12 @@ def test_builds_slower_than_the_plans_first_ones_go_one_at_a_time_across_the_fle
     assert [b[2] for b in builds[:3]] == [2, 2, 2]  # the usual pace: the fleet's whole budget
     one = [b for b in builds if b[2] == 1]
     assert one, builds  # then one slot, once builds ran slow
-    assert all(b[1] >= 1.0 for b in one)  # only while they did
+    assert all(b[1] >= 1.5 for b in one)  # only while they did
     # What XNAT saw: never more than the budget, and one at a time once the last build begun on two
     # slots had ended (a build ends, in the ledger, once XNAT said it was built).
     assert max(n for _, n in samples) <= 2
     two_ended = max(start + took for start, took, slots in builds if slots == 2)
-    assert sum(1 for start, _, slots in builds if slots == 1 and start > two_ended) >= 2, builds
+    assert any(slots == 1 and start > two_ended for start, _, slots in builds), builds
     late = [n for t, n in samples if t > two_ended + 0.1]
     assert late and max(late) <= 1, (late, builds)
     _no_step_twice(state_db_dsn, state_url)

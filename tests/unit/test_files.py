@@ -559,7 +559,7 @@ def test_a_cancelled_batch_stops_handing_out_files_and_the_next_one_reuses_what_
     cancel = threading.Event()
 
     def progress(done: int, _total: int) -> None:
-        if done == 5:
+        if done >= 5:  # not == 5: several threads' files may be counted in one call
             cancel.set()
 
     batch = [(s, staging, s.transfer)]

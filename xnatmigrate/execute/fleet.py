@@ -15,7 +15,7 @@ Invariants:
 - A unit acts only under its own advisory lock, held on the ledger connection of the worker applying
   it. Procrastinate's lease (each worker's heartbeat; ``lease_s``) decides when a silent worker's unit
   is given to another; the advisory lock decides when the taker may act: a slow worker still connected
-  keeps its unit and the taker waits; a worker cut off loses its lock when the server drops its
+  keeps its unit and the taker puts it back in the queue (a retry) and takes others; a worker cut off loses its lock when the server drops its
   connection (TCP keepalives, ``statepg.KEEPALIVE_S``). A unit of a process of this host that is gone
   (kill -9) is taken over at once, without waiting for its lease.
 - A unit taken over resumes from the ledger as a rerun does (check → act → record), so the end state
@@ -809,11 +809,10 @@ class _Fleet:
     def _unit(self, store: StateStore, rnd: int, unit: int, job_id: int | None) -> None:
         key = unit_key(self.schema, self.plan.plan_id, rnd, unit)
         # The unit's lock: held by a worker the lease gave up on but still connected (slow, not dead),
-        # this one waits for it rather than act beside it.
-        while not store.db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]:
-            if self.stop.is_set():
-                raise _Again("this worker is stopping")
-            time.sleep(self.fleet.poll_s)
+        # this one never acts beside it. Nor does it wait for it: the unit goes back to the queue (a
+        # retry, ``poll_s`` later) and this worker takes the other units meanwhile.
+        if not store.db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]:
+            raise _Again(f"unit {unit} is still held by a slow worker")
         row = store.db.execute(
             "SELECT sessions_json FROM fleet_units WHERE plan_id = ? AND round = ? AND unit = ?",
             (self.plan.plan_id, rnd, unit),
