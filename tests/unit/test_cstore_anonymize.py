@@ -192,3 +192,26 @@ def test_a_file_its_scripts_fail_on_is_not_sent(tmp_path):
         )
     with pytest.raises(NotAnonymised, match="changes SOPInstanceUID of .*f.dcm, which the C-STORE request"):
         load_payload(str(path), None, None, "", _edit('version "6.1"\n(0008,0018) := "2.25.8"\n'))
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        SCRIPT,  # the routing element's place is in what the edit left in place (Pixel Data's side)
+        SCRIPT + '(0020,0010) := "S1"\n',  # in the bytes the edit made (an element after it re-encoded)
+        'version "6.1"\n',  # nothing edited: the whole data set left in place
+        'version "6.1"\nremoveAllPrivateTags\n',  # the whole parse
+    ],
+)
+@pytest.mark.parametrize("tag", [None, 0x00104000, 0x00324000])
+def test_the_payload_is_the_whole_edit_with_the_routing_spliced_in(tmp_path, script, tag):
+    from xnatmigrate.execute.dicom import part10
+
+    path = _file(tmp_path)
+    edit = _edit(script)
+    chain = anonymize.chain_of([sc.name for sc in edit.scripts], {sc.name: sc for sc in edit.scripts})
+    whole = anonymize._edited_whole(chain, path.read_bytes(), dict(edit.labels), None, str(path), edit.kept)
+    want = part10._payload(whole, str(path), None, tag, "Project: prj001", edited=True)
+    got = load_payload(str(path), None, tag, "Project: prj001", edit)
+    assert b"".join(map(bytes, got.pieces)) == b"".join(map(bytes, want.pieces))
+    assert (got.length, got.transfer_syntax, got.tail_length) == (want.length, want.transfer_syntax, 0)

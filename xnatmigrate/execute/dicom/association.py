@@ -21,7 +21,7 @@ import contextlib
 import logging
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from pynetdicom.pdu import A_ASSOCIATE_RJ
@@ -386,8 +386,16 @@ class Association:
         self._msg_id = self._msg_id % 0xFFFF + 1
         return self._msg_id
 
-    def store(self, sop_class: str, sop_instance: str, payload: part10.Payload) -> tuple[int, str | None]:
-        """C-STORE one dataset; (status, error comment), or Lost for an empty status."""
+    def store(
+        self,
+        sop_class: str,
+        sop_instance: str,
+        payload: part10.Payload,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> tuple[int, str | None]:
+        """C-STORE one dataset; (status, error comment), or Lost for an empty status. ``meanwhile`` is
+        called once the request is sent, before its response is read: the caller's work for the next
+        request (reading and editing the next file) done while the receiver stores this one."""
         context_id = self.accepted[(sop_class, payload.transfer_syntax)]
         msg_id = self._next_id()
         command = dimse.c_store_rq(msg_id, sop_class, sop_instance)
@@ -404,6 +412,8 @@ class Association:
         except OSError as exc:
             self._close()
             raise Lost(f"connection lost while sending: {exc.strerror or exc}") from None
+        if meanwhile is not None:
+            meanwhile()
         return self._response(msg_id, dimse.C_STORE_RSP)
 
     def echo(self) -> tuple[int, str | None]:

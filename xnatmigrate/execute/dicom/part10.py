@@ -11,8 +11,9 @@ Invariants:
   ``tail_length`` bytes read from the file at ``tail_offset`` while sending; a file that no longer
   delivers them raises ``SourceChanged``.
 - A file of a session with anonymisation scripts is read whole, edited in memory (its ``Edit``) and only
-  then has the routing element spliced in: its payload holds the edited bytes and nothing read from the
-  file after the edit, and a file the edit fails on raises ``NotAnonymised`` (never sent raw).
+  then has the routing element spliced in: its payload holds the edited bytes (what the edit left as it
+  was as views of the bytes read) and nothing read from the file after the edit, and a file the edit
+  fails on raises ``NotAnonymised`` (never sent raw).
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class NotAnonymised(DicomSendError):
     """The session's scripts failed on the file (or left what the route relies on changed): not sent."""
 
 
-#: A session's de-identification of one file: (the file's bytes, its path for messages) → the edited
-#: bytes (``anonymize.SessionEdit``). Picklable: it travels to the worker processes with their tasks.
-Edit = Callable[[bytes, str], bytes]
+#: A session's de-identification of one file: (the file's bytes, its path for messages) → (head, rest):
+#: the edited file is ``head`` followed by the file's own bytes from offset ``rest`` on
+#: (``anonymize.SessionEdit``). Picklable: it travels to the worker processes with their tasks.
+Edit = Callable[[bytes, str], tuple[bytes, int]]
 
 
 def routing_tag(routing: str, line: str | None) -> int | None:
@@ -161,6 +163,16 @@ def splice_routing(
     Raises:
         Odd: deflated or unparsable data; the caller re-encodes with pydicom instead.
     """
+    pieces, resume, _ = _splice(buf, start, end, transfer_syntax, tag, line, glen_ok=True)
+    return pieces, resume
+
+
+def _splice(
+    buf: Buffer, start: int, end: int, transfer_syntax: str, tag: int, line: str, *, glen_ok: bool
+) -> tuple[list[Piece], int, bool]:
+    """``splice_routing``, and whether ``tag``'s place was found before ``end`` (an element at or
+    after it); a group length of ``tag``'s group found when it was not raises Odd unless ``glen_ok``
+    (the caller would have to correct it in bytes it walks next)."""
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
         raise Odd("deflated transfer syntax")
     implicit, little = encoding(transfer_syntax)
@@ -188,6 +200,9 @@ def splice_routing(
         pos = skip_element(buf, pos, end, implicit, little)
     insert_at = pos
     resume_at = pos
+    placed = pos < end
+    if glen_at is not None and not placed and not glen_ok:
+        raise Odd("group length before the data walked next")
     old_size = 0
     if pos < end and read_tag(buf, pos, little) == tag:
         resume_at = skip_element(buf, pos, end, implicit, little)
@@ -201,7 +216,20 @@ def splice_routing(
     else:
         pieces.append(view[start:insert_at])
     pieces.append(new)
-    return pieces, resume_at
+    return pieces, resume_at, placed
+
+
+def splice_routing_split(
+    head: bytes, start: int, data: bytes, rest: int, transfer_syntax: str, tag: int, line: str
+) -> list[Piece]:
+    """``splice_routing`` of the data set ``head[start:]`` followed by ``data[rest:]`` (an edited file,
+    ``Edit``): the routing element goes into whichever holds its place, the rest passed through as
+    views. Raises Odd as ``splice_routing`` does."""
+    pieces, resume, placed = _splice(head, start, len(head), transfer_syntax, tag, line, glen_ok=False)
+    if placed or rest >= len(data):
+        return [*pieces, memoryview(head)[resume:], memoryview(data)[rest:]]
+    after, resume, _ = _splice(data, rest, len(data), transfer_syntax, tag, line, glen_ok=True)
+    return [memoryview(head)[start:], *after, memoryview(data)[resume:]]
 
 
 def _reencode(source: str | bytes, transfer_syntax: str | None, tag: int, line: str) -> tuple[str, bytes]:
@@ -231,7 +259,7 @@ def load_payload(
     NOTE: the file is opened read-only; nothing is ever written back.
     """
     if edit is not None:
-        return _payload(_edited(path, edit), path, planned_ts, tag, line, edited=True)
+        return _edited_payload(path, edit, planned_ts, tag, line)
     size = os.stat(path).st_size
     with open(path, "rb", buffering=0) as f:
         whole = size <= WHOLE_FILE_LIMIT
@@ -240,14 +268,28 @@ def load_payload(
     return _payload(buf, path, planned_ts, tag, line, tail_offset=tail_offset, tail_length=tail_length)
 
 
-def _edited(path: str, edit: Edit) -> bytes:
-    """The file read whole (whatever its size: the scripts edit a whole data set) and edited in memory."""
+def _edited_payload(path: str, edit: Edit, planned_ts: str | None, tag: int | None, line: str) -> Payload:
+    """The file read whole (whatever its size: the scripts edit a whole data set), edited in memory, the
+    routing element spliced in; what the edit left as it was (Pixel Data) passed on as views of the bytes
+    read, never copied."""
     with open(path, "rb", buffering=0) as f:
         data = f.read()
     try:
-        return edit(data, path)
+        head, rest = edit(data, path)
     except Exception as exc:  # AnonymizationError, or whatever pydicom raises writing a bad value back
         raise NotAnonymised(f"not sent: {exc}") from None
+    if rest >= len(data):
+        return _payload(head, path, planned_ts, tag, line, edited=True)
+    try:
+        ts, start = read_meta(head)
+        if tag is None:
+            pieces: list[Piece] = [memoryview(head)[start:], memoryview(data)[rest:]]
+        else:
+            pieces = splice_routing_split(head, start, data, rest, ts, tag, line)
+    except Odd:
+        return _payload(head + data[rest:], path, planned_ts, tag, line, edited=True)
+    pieces = [p for p in pieces if len(p)]
+    return Payload(ts, pieces, sum(len(p) for p in pieces), path)
 
 
 def _payload(

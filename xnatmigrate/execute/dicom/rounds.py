@@ -10,6 +10,9 @@ Invariants:
 - Unreachable before any association was ever made raises ``DicomSendError`` (a configuration or
   network problem to report at once); afterwards it only fails the attempt (the receiver may be
   restarting). ``Rejected`` is always raised.
+- The next file is loaded (read, and edited when its session has scripts) once a request is sent and
+  before its response is read (``Association.store``'s ``meanwhile``): the work overlaps the receiver's;
+  a file loaded ahead of a lost association is simply loaded again in the next round.
 - A receiver that takes nothing (no C-STORE response, or unreachable again) ``max_stalls`` rounds in
   a row while files remain raises ``ReceiverError`` naming it: the run stops instead of waiting out
   every file's retries (a hung receiver would otherwise cost retries × DIMSE timeout per file).
@@ -18,8 +21,9 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,9 +140,11 @@ def _will_need(path: str) -> None:
         os.close(fd)
 
 
-def _read_ahead(
-    todo: list[tuple[int, PlannedFile]], opts: Options
-) -> Generator[tuple[int, tuple[int, PlannedFile], Payload | None, Exception | None], None, None]:
+#: (position in the round's list, (file index, file), its payload or None, the error reading it).
+Loaded = tuple[int, tuple[int, PlannedFile], Payload | None, Exception | None]
+
+
+def _read_ahead(todo: list[tuple[int, PlannedFile]], opts: Options) -> Generator[Loaded, None, None]:
     """(position, item, its payload or None, the error reading it) in ``todo``'s order, the kernel
     asked to read each file ``READ_AHEAD`` turns before its own (a thread reading ahead instead cost
     5 % on page-cached sources, bench/notes.md)."""
@@ -202,7 +208,18 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
                 contextlib.closing(_read_ahead(todo, opts)) as loaded,
             ):
                 connected = True
-                for pos, item, payload, error in loaded:
+                # The next file is loaded (read, edited) while the receiver stores this one.
+                ahead: list[Loaded] = []
+
+                def load_next(ahead: list[Loaded] = ahead, loaded: Iterator[Loaded] = loaded) -> None:
+                    ahead.extend(itertools.islice(loaded, 1))
+
+                while True:
+                    if not ahead:
+                        load_next()
+                    if not ahead:
+                        break
+                    pos, item, payload, error = ahead.pop()
                     if stop.is_set():
                         retry.extend(todo[pos:])
                         break
@@ -224,7 +241,9 @@ def _send_task(task: Task, scp: ScpTarget, opts: Options, sink: Sink, stop: Stop
                         )
                         continue
                     try:
-                        status, comment = assoc.store(f.sop_class_uid, f.sop_instance_uid, payload)
+                        status, comment = assoc.store(
+                            f.sop_class_uid, f.sop_instance_uid, payload, meanwhile=load_next
+                        )
                     except Lost as exc:
                         give_up(item, f"no C-STORE status (empty response): {exc}")
                         retry.extend(todo[pos + 1 :])
