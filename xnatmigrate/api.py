@@ -20,9 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from . import anonymize, dicomedit, labels, statements
 from .errors import PlanError, Problem, StalePlanError, StateError, XnatMigrateError
-from .manifest import check_manifest, load_manifest, template_keywords_of
 from .model import (
     BASE_KEYWORDS,
     Manifest,
@@ -45,9 +43,10 @@ from .model import Result as Result
 from .model import RevertOutcome as RevertOutcome
 from .model import Seen as Seen
 from .pathmap import PathMap
-from .planner import draft_plan
 from .state import StateStore
 
+# The planner, the manifest's checks and the DicomEdit machinery (pydicom, lark, Jinja, jsonschema) are
+# imported by the commands that use them, as the executors are: `apply` and `status` start without them.
 if TYPE_CHECKING:  # the executors import drivers; the commands import them only when they run
     from .execute.apply import ApplyReport as ApplyReport
     from .execute.apply import FleetSummary as FleetSummary
@@ -116,6 +115,8 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], _T]) -> _T:
 
 def validate(paths: Sequence[str | Path], check_sources: bool = False) -> list[Problem]:
     """Every problem (errors and warnings) of every manifest; touches no source unless asked."""
+    from .manifest import check_manifest
+
     problems: list[Problem] = []
     for p in paths:
         problems.extend(check_manifest(p, check_sources)[1])
@@ -141,6 +142,9 @@ class PlanOutcome:
 def scan_keywords(manifest: Manifest) -> frozenset[str]:
     """What the scan reads: identity and naming, the templates' keywords, and the attributes the
     manifest's DicomEdit script files name (so the plan can show what they change)."""
+    from . import anonymize, labels
+    from .manifest import template_keywords_of
+
     scripted: frozenset[str] = frozenset()
     for sc in manifest.scripts:
         scripted |= anonymize.read_keywords(anonymize.chain_of([sc.name], {sc.name: sc}))
@@ -191,7 +195,10 @@ def _plan(
     now: datetime | None,
     state_url: str | None = None,
 ) -> PlanOutcome:
+    from . import anonymize, dicomedit, statements
     from .execute.facts import archived_facts, gather_facts, site_facts
+    from .manifest import load_manifest
+    from .planner import draft_plan
     from .scan import scan_sources
 
     started = time.monotonic()
@@ -349,7 +356,9 @@ def check_fresh(plan_obj: Plan, store: StateStore) -> None:
                 f"the lookup table {table.name} ({table.file}) changed since the plan; {rerun}"
             )
     for script in plan_obj.scripts:
-        if script.name == anonymize.SITE_SCRIPT_NAME:
+        from .anonymize import SITE_SCRIPT_NAME  # pydicom: only for a plan with scripts
+
+        if script.name == SITE_SCRIPT_NAME:
             continue  # pinned in the plan: apply uses the text reviewed
         try:
             script_digest = _sha256(Path(script.name))

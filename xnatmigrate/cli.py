@@ -228,8 +228,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             state_url=args.state_url,
             jobs=args.jobs,
-            progress=bar,
-            status=bar.note,
+            progress=bar if bar.enabled else None,  # none to show: apply need not count the plan's files
+            status=bar.note if bar.enabled else None,
             on_session=on_session,
             path_map=args.path_map,
             workers=args.workers,

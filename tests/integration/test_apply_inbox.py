@@ -391,14 +391,29 @@ def test_hard_links_into_the_inbox_are_not_read_but_a_changed_header_is_still_ca
     target, pg_db_17, monkeypatch
 ):
     """XNAT's importer reads and copies the linked files and removes the links: our side links and
-    re-reads each header, and hashes nothing (issue 14: zero copy). A header rewritten after plan (same
-    size, mtime put back) is still refused before XNAT is asked for that session."""
+    hashes nothing (issue 14: zero copy), and re-reads the header only of a file whose inode changed
+    since plan (its ctime moved). A header rewritten after plan (same size, mtime put back) is still
+    refused before XNAT is asked for that session: its ctime gives it away."""
+    from xnatmigrate.execute import recheck
     from xnatmigrate.execute.files import transfer
 
     def no_hashing(*args, **kwargs):
         raise AssertionError("a hard link into XNAT's inbox was read whole and hashed")
 
+    reread: list[str] = []
+    same_head, read_header = recheck.same_head, recheck.read_header
+
+    def counted_head(path, planned):
+        reread.append(path)
+        return same_head(path, planned)
+
+    def counted_parse(path, keywords):
+        reread.append(path)
+        return read_header(path, keywords)
+
     monkeypatch.setattr(transfer, "hash_fd", no_hashing)
+    monkeypatch.setattr(recheck, "same_head", counted_head)
+    monkeypatch.setattr(recheck, "read_header", counted_parse)
     with standin(target, pg_db_17.dsn) as xnat:
         target.write_manifest(xnat.url, transfer="hardlink")
         plan = target.plan()
@@ -416,6 +431,9 @@ def test_hard_links_into_the_inbox_are_not_read_but_a_changed_header_is_still_ca
         report = api.apply(state_dir=target.state, poll=0.02)
         failed = {r.action_id: r.message or "" for r in report.sessions if r.outcome is Result.FAILED}
         assert list(failed) == [first.action_id] and "re-run" in failed[first.action_id], failed
+        # Only the rewritten file was read again (its bytes, then its parse): the others were linked
+        # while still the very inodes the plan read.
+        assert {os.path.basename(p) for p in reread} == {os.path.basename(first.files[0].dest)}, reread
         assert [(p, s) for p, s in xnat.experiments] == [("prj001", second.session)]
         with StateStore(target.state) as store:
             recorded = store.files_for(second.action_id)
@@ -449,8 +467,8 @@ CRASH_POINTS = [
 ]
 
 
-def _apply_subprocess(t: Inbox, crash: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **t.env()}
+def _apply_subprocess(t: Inbox, crash: str | None, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **t.env(), **extra}
     if crash:
         env["XNATMIGRATE_TEST_CRASH"] = crash
     return subprocess.run(
@@ -495,4 +513,40 @@ def test_kill_9_anywhere_then_rerun_equals_uninterrupted(target, pg_admin_dsn, r
         assert list((target.inbox / "prj001").iterdir()) == []
         third = _apply_subprocess(target, None)
         assert third.returncode == 0 and "Nothing to do" in third.stdout
+        assert not xnat.errors, xnat.errors
+
+
+# Hard links go straight to their final names (no .part): a crash between a link and its check, or
+# after a session's links and before its record, leaves final-named links that the rerun checks again
+# (inode, size, mtime) and, their ctime moved by the first run's link, whose headers it re-reads.
+# Groups of one session: the second is linked ahead, while XNAT imports the first (files:7 lands there).
+LINK_CRASH_POINTS = [
+    "files:1",
+    "files:7",
+    "before-record:stage",
+    "after:stage:2",
+    "before-record:import",
+    "after:import",
+    "before-record:import:2",
+]
+ONE_PER_GROUP = {"XNATMIGRATE_GROUP_SESSIONS": "1"}
+
+
+@pytest.mark.parametrize("crash", LINK_CRASH_POINTS)
+def test_kill_9_while_hard_linking_then_rerun_equals_uninterrupted(target, pg_admin_dsn, reference, crash):
+    from xnatmigrate.testing.pg import temporary_database
+
+    with temporary_database(pg_admin_dsn, "1.8.2") as pdb, standin(target, pdb.dsn) as xnat:
+        target.write_manifest(xnat.url, transfer="hardlink")
+        target.plan()
+        first = _apply_subprocess(target, crash, **ONE_PER_GROUP)
+        assert first.returncode == -9, (crash, first.returncode, first.stderr)
+        second = _apply_subprocess(target, None, **ONE_PER_GROUP)
+        assert second.returncode == 0, (crash, second.stdout, second.stderr)
+        xnat.wait_idle(30)
+        assert sorted(xnat.experiments) == reference[0]  # the reference applied copies: the same end
+        assert target.archive_tree() == reference[1]
+        assert len(imports(xnat)) == reference[2]
+        assert list((target.inbox / "prj001").iterdir()) == []
+        assert all(p.stat().st_nlink == 1 for p in target.source.rglob("*") if p.is_file())  # no link left
         assert not xnat.errors, xnat.errors

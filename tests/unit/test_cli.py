@@ -176,3 +176,16 @@ def test_python_m_xnatmigrate_exits_1_with_one_line(tmp_path):
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr.startswith("error: no plan at ") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+def test_apply_starts_without_the_planners_and_drivers_it_does_not_need():
+    """`apply` starts without pydicom, psycopg, Jinja, jsonschema or lark (issue 14: they were a second of
+    imports at every start); each is imported where a route or command needs it."""
+    code = (
+        "import sys\n"
+        "import xnatmigrate.cli, xnatmigrate.execute.apply\n"
+        "heavy = ('pydicom', 'psycopg', 'jinja2', 'jsonschema', 'lark', 'pynetdicom', 'yaml', 'numpy')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout

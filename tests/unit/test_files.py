@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from xnatmigrate.errors import ApplyError, StalePlanError, XnatMigrateError
 from xnatmigrate.execute import files
 from xnatmigrate.execute.files import disk, publishing, stage, transfer
+from xnatmigrate.execute.files.perms import Perms
 from xnatmigrate.model import PlannedFile, PlannedScan, PrearchiveSession
 from xnatmigrate.testing.sessions import prearchive_session
 
@@ -253,6 +255,89 @@ def test_hardlink_is_the_source_inode(root: Path, sources: list[Path]) -> None:
     victim.write_bytes(Path(s.files[1].source).read_bytes())
     files.stage_session(s, staging, transfer="hardlink", jobs=2)
     assert os.path.samefile(victim, s.files[1].source)
+
+
+def _bound(path: Path, dest: str = "SCANS/0/DICOM/a.dcm") -> PlannedFile:
+    """``path`` planned as the scan plans it: bound to its inode and ctime. After a pause: a change in
+    the same coarse clock tick as the file's last one would not move its ctime (the scan cache's and
+    ``unchanged_since_plan``'s NOTE), and the plan never comes milliseconds after the file's write."""
+    time.sleep(0.03)
+    st = path.stat()
+    return PlannedFile(
+        str(path), st.st_size, st.st_mtime_ns, "1.2.3", "1.2.840", "1.2", dest,
+        ctime_ns=st.st_ctime_ns, ino=st.st_ino,
+    )  # fmt: skip
+
+
+NO_PERMS = Perms(None, None, None, None)
+
+
+def test_a_link_is_made_under_its_final_name_and_knows_the_plans_inode_unchanged(
+    tmp_path: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    links: list[tuple[str, str]] = []
+    real = os.link
+
+    def spy(src: str, dst: str) -> None:
+        links.append((src, dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "link", spy)
+    f = _bound(sources[0])
+    dst = str(tmp_path / "a.dcm")
+    staged = transfer.link_one(f, dst, NO_PERMS, bytearray(1024), digest=False)
+    assert links == [(f.source, dst)]  # straight to the final name: no .part, no rename
+    assert os.path.samefile(dst, f.source) and staged.sha256 == transfer.NOT_HASHED
+    assert staged.unchanged  # the inode the plan read, not written to since: recheck may skip it
+    # Our link moved the source's ctime: a second link of the same plan (a rerun, another apply of it)
+    # cannot tell a write from the link, so its header is re-read.
+    again = transfer.link_one(f, str(tmp_path / "b.dcm"), NO_PERMS, bytearray(1024), digest=False)
+    assert not again.unchanged
+    # A file planned without its inode and ctime (--path-map, hand-made sessions) is never "unchanged".
+    unbound = dataclasses.replace(_bound(sources[1]), ino=-1, ctime_ns=-1)
+    assert not transfer.link_one(unbound, str(tmp_path / "c.dcm"), NO_PERMS, bytearray(1024)).unchanged
+
+
+def test_a_rewrite_with_size_and_mtime_restored_is_caught_through_the_ctime(
+    tmp_path: Path, sources: list[Path]
+) -> None:
+    f = _bound(sources[0])
+    st = sources[0].stat()
+    data = bytearray(sources[0].read_bytes())
+    data[100:104] = b"EDIT"
+    time.sleep(0.03)
+    sources[0].write_bytes(bytes(data))  # same size
+    os.utime(sources[0], ns=(st.st_atime_ns, st.st_mtime_ns))  # as `touch -r` would leave it
+    assert not transfer.unchanged_since_plan(f, sources[0].stat())
+    staged = transfer.link_one(f, str(tmp_path / "a.dcm"), NO_PERMS, bytearray(1024), digest=False)
+    assert not staged.unchanged  # so recheck reads its header again
+
+
+def test_a_link_that_is_not_the_sources_inode_is_refused_and_removed(
+    tmp_path: Path, sources: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_a_link(src: str, dst: str) -> None:  # what a link that went wrong would leave: another inode
+        Path(dst).write_bytes(Path(src).read_bytes())
+
+    monkeypatch.setattr(os, "link", not_a_link)
+    f = _bound(sources[0])
+    dst = tmp_path / "a.dcm"
+    with pytest.raises(ApplyError, match="is not the source's inode"):
+        transfer.link_one(f, str(dst), NO_PERMS, bytearray(1024), digest=False)
+    assert not dst.exists()
+
+
+def test_a_source_replaced_after_plan_is_not_linked(tmp_path: Path, sources: list[Path]) -> None:
+    f = _bound(sources[0])
+    other = tmp_path / "other"
+    other.write_bytes(sources[0].read_bytes())
+    st = sources[0].stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, sources[0])  # same bytes, size and mtime; another inode
+    dst = tmp_path / "a.dcm"
+    with pytest.raises(StalePlanError, match="replaced by another file"):
+        transfer.link_one(f, str(dst), NO_PERMS, bytearray(1024), digest=False)
+    assert not dst.exists()
 
 
 def test_file_mode_and_owner_applied_to_files_and_folders(root: Path, sources: list[Path]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xnatmigrate.execute import grouping
-from xnatmigrate.model import Build, CstoreSession, PlannedFile, PlannedScan
+from xnatmigrate.model import Build, CstoreSession, InboxSession, PlannedFile, PlannedScan, Transfer
 from xnatmigrate.testing.sessions import cstore_session, prearchive_session
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -25,6 +25,14 @@ def _pre(label: str = "S0"):
 
 def _cstore() -> CstoreSession:
     return cstore_session(_scans(), build=Build.NONE)
+
+
+def _inbox(label: str) -> InboxSession:
+    return InboxSession(
+        action_id=label, source_index=0, project="P1", subject="S", session=label, study_uid=f"1.2.{label}",
+        build=Build.REST, archive=False, build_timeout=1.0, prearchive_uri="/prearchive/projects/P1",
+        scans=_scans(), transfer=Transfer.HARDLINK, inbox_parent="/inbox/P1", inbox_url_parent="/inbox/P1",
+    )  # fmt: skip
 
 
 def _sizes(groups):
@@ -64,3 +72,16 @@ def test_limits_come_from_the_environment(monkeypatch):
 
     with pytest.raises(SettingError, match="XNATMIGRATE_GROUP_FILES"):
         grouping.Limits.from_settings()
+
+
+def test_an_inbox_plans_first_group_is_an_eighth_so_xnat_starts_importing_sooner():
+    """Its staging is the one nothing overlaps (apply links the next group while XNAT imports it)."""
+    per = _inbox("I0").file_count
+    sessions = [_inbox(f"I{i}") for i in range(40)]
+    limits = grouping.Limits(files=16 * per, sessions=99, bytes=10**12)
+    got = list(grouping.groups(sessions, limits))
+    assert [len(g) for g in got] == [2, 16, 16, 6]
+    assert [s for g in got for s in g] == sessions
+    # Other routes keep whole groups from the start; a small inbox plan stays one group.
+    assert [len(g) for g in grouping.groups([_pre(f"S{i}") for i in range(20)], limits)] == [16, 4]
+    assert [len(g) for g in grouping.groups(sessions[:2], limits)] == [2]

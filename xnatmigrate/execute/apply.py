@@ -15,7 +15,8 @@ Invariants:
   still per session, so a kill -9 anywhere in a group equals an uninterrupted run; the ledger is
   committed before the first publish (the files record) and before each archive POST (not idempotent).
 - Staging ahead (issue 13): a prearchive group's files are staged on a background thread while the
-  main thread publishes, inserts and builds the group before it, one group ahead at most. That thread
+  main thread publishes, inserts and builds the group before it, one group ahead at most; an inbox
+  group's are linked while XNAT imports the group before it (issue 14). That thread
   does file work only; every check before it and every record after it is the main thread's, so the
   ledger's order per session is unchanged. The group's rows are checked in one statement and
   inserted in one round trip (each session's lock and guarded INSERT as plan.sql prints them), then
@@ -34,9 +35,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import anonymize, dicomedit
 from ..errors import (
     ApplyError,
     DatabaseError,
@@ -63,9 +63,13 @@ from ..model import (
     unreachable,
 )
 from ..state import StateStore
-from . import db, files, grouping, recheck, settings
+from . import files, grouping, recheck, settings
 from .connections import Connections
 from .xnat import ARCHIVE_TIMEOUT, OutcomeUnknown, XnatClient, pauses
+
+if TYPE_CHECKING:  # imported where a route needs them: the inbox route runs without psycopg and pydicom
+    from .. import anonymize, dicomedit
+    from . import db
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -188,7 +192,8 @@ class _Runner:
         self.store = store
         self.opts = opts
         self.connections = Connections(plan.xnat)
-        self.total_files = sum(s.file_count for s in plan.sessions)
+        # A pass over the plan (each session parsed from plan.json) only for a progress to show.
+        self.total_files = sum(s.file_count for s in plan.sessions) if opts.progress else 0
         self.done_files = 0
         self.ahead: list[_Ahead] = []  # stagings in flight (their files count in the progress)
         self.unpruned: list[Path] = []  # published sessions' staging folders whose parents are left
@@ -242,33 +247,25 @@ class _Runner:
     # -- per session ------------------------------------------------------------------------------
 
     def run(self) -> ApplyReport:
-        """Every group in plan order. A prearchive group's staging runs ahead on a background thread
-        (``_Ahead``) while the main thread finishes the group before it (publish, insert, build): one
+        """Every group in plan order. A prearchive or inbox group's staging runs ahead on a background
+        thread (``_Ahead``) while the main thread finishes the group before it (publish, insert, build;
+        or the import requests and the waits for XNAT's importer): one
         group ahead at most, and every check and record stays on the main thread, in the order a run
         without it makes them."""
         report = ApplyReport(self.plan.plan_id)
         started = time.monotonic()
         self.store.begin_plan(self.plan.plan_id)
-        # A fleet's unit asks for its own sessions; a whole plan reads the table (no extra pass over
-        # a plan read from disk session by session).
-        sessions = self.plan.sessions
-        known = (
-            self.store.states_of([s.action_id for s in sessions])
-            if len(sessions) <= _OWN_STATES
-            else self.store.all_states()
-        )
-        applied = {a for a, st in known.items() if st is SessionState.APPLIED}
         limits = grouping.Limits.from_settings()
         begun: list[_Group] = []  # begun, not yet finished: at most two, the older one finishing
         try:
-            self.check_site_script(applied)
+            self.check_site_script()
             for sessions in grouping.groups(self.plan.sessions, limits):
                 if self.opts.stop is not None and self.opts.stop.is_set():
                     raise KeyboardInterrupt
-                g = self.open_group(sessions, report, known, applied)
+                g = self.open_group(sessions, report)
                 if begun and begun[-1].ahead is not None:
                     begun[-1].ahead.wait()  # one group ahead at most: its staging is over before ours starts
-                if g.items and isinstance(g.items[0].s, PrearchiveSession):
+                if g.items and isinstance(g.items[0].s, PrearchiveSession | InboxSession):
                     with self.store.group():
                         self.begin(g, report)
                     begun.append(g)
@@ -295,15 +292,15 @@ class _Runner:
             report.seconds = time.monotonic() - started
         return report
 
-    def open_group(
-        self,
-        sessions: list[PlannedSession],
-        report: ApplyReport,
-        known: dict[str, SessionState],
-        applied: set[str],
-    ) -> _Group:
-        """The group's results, and an item for each session this run still has to carry out."""
+    def open_group(self, sessions: list[PlannedSession], report: ApplyReport) -> _Group:
+        """The group's results, and an item for each session this run still has to carry out.
+
+        The ledger is asked for the group's own sessions (one statement), as the group is reached: no
+        pass over a plan read from disk session by session, nor over the whole table for a fleet's unit.
+        """
         g = _Group()
+        known = self.store.states_of(s.action_id for s in sessions)
+        applied = {a for a, st in known.items() if st is SessionState.APPLIED}
         for s in sessions:
             # files/bytes count what this run copied, linked or sent, not what the plan holds.
             res = SessionResult(s.action_id, s.label, Result.NOOP)
@@ -325,9 +322,12 @@ class _Runner:
                 it.done = self.store.steps_done(it.s.action_id)
 
     def begin(self, g: _Group, report: ApplyReport) -> None:
-        """A prearchive group up to its staging, which starts in the background."""
+        """A prearchive or inbox group up to its staging, which starts in the background."""
         self.register(g.items, report)
-        g.stage = self.prearchive_prestage(g.items, report)
+        if isinstance(g.items[0].s, InboxSession):
+            g.stage = self.inbox_prestage(g.items, report)
+        else:
+            g.stage = self.prearchive_prestage(g.items, report)
         if g.stage:
             g.ahead = self.stage_start(g.stage)
         g.begun = True
@@ -356,7 +356,8 @@ class _Runner:
             case CstoreSession():
                 self.cstore_group(items, report)
             case InboxSession():
-                self.inbox_group(items, report)
+                assert g.begun, "run() begins every inbox group before it finishes it"
+                self.inbox_group(g, report)
             case _:
                 unreachable(items[0].s)
         for it in items:
@@ -458,6 +459,8 @@ class _Runner:
         checked: dict[int, bool | XnatMigrateError] = {}
         if unchecked and not report.stopped:
             answers: list[bool | XnatMigrateError]
+            from . import db  # psycopg: only for a route that writes XNAT's table
+
             try:
                 answers = db.check_insertable_many(self.conn(), [_prearchive(it) for it in unchecked])
             except XnatMigrateError as exc:  # no connection: every session fails with it, as one by one
@@ -498,6 +501,8 @@ class _Runner:
         rows = [it for it in items if it.alive and it.visible and Step.INSERT not in it.done]
         if not rows:
             return
+        from . import db
+
         try:
             outcomes = db.insert_rows(self.conn(), [_prearchive(it) for it in rows])
         except DatabaseError as exc:
@@ -513,11 +518,25 @@ class _Runner:
                 else:
                     self.record(it.res, Step.INSERT, got, {"timestamp": s.timestamp, "project": s.project})
 
-    def check_site_script(self, applied: set[str]) -> None:
+    def check_site_script(self) -> None:
         """The plan pinned XNAT's site script: refuse to apply it once XNAT's differs (the files would
         not be what XNAT's receiver makes of them now). Asked only while a session still needs it."""
+        if not self.plan.scripts:
+            return
+        from .. import anonymize
+
         pinned = next((sc for sc in self.plan.scripts if sc.name == anonymize.SITE_SCRIPT_NAME), None)
-        if pinned is None or not any(
+        if pinned is None:
+            return
+        # A fleet's unit asks for its own sessions; a whole plan reads the table.
+        sessions = self.plan.sessions
+        states = (
+            self.store.states_of(s.action_id for s in sessions)
+            if len(sessions) <= _OWN_STATES
+            else self.store.all_states()
+        )
+        applied = {a for a, st in states.items() if st is SessionState.APPLIED}
+        if not any(
             isinstance(s, PrearchiveSession | CstoreSession) and anonymize.SITE_SCRIPT_NAME in s.anonymize
             for s in self.plan.sessions
             if s.action_id not in applied
@@ -533,12 +552,15 @@ class _Runner:
     def editors(self, sessions: list[PrearchiveSession]) -> dict[str, files.Editor]:
         """The de-identification of each session with ``anonymize`` scripts (anonymize.edit_bytes with
         its labels and the secret from the environment), by action_id."""
+        out: dict[str, files.Editor] = {}
+        sessions = [s for s in sessions if s.anonymize]
+        if not sessions:
+            return out
+        from .. import anonymize, dicomedit
+
         scripts = {sc.name: sc for sc in self.plan.scripts}
         secret = os.environ.get(dicomedit.SECRET_ENV)
-        out: dict[str, files.Editor] = {}
         for s in sessions:
-            if not s.anonymize:
-                continue
             chain = anonymize.chain_of(s.anonymize, scripts)
             labels = anonymize.variables(s.project, s.subject, s.session)
 
@@ -558,6 +580,8 @@ class _Runner:
         each file before it writes the routing element (None: no scripts, files sent as stored)."""
         if not s.anonymize:
             return None
+        from .. import anonymize, dicomedit
+
         return anonymize.session_edit(
             s.anonymize,
             {sc.name: sc for sc in self.plan.scripts},
@@ -565,10 +589,6 @@ class _Runner:
             os.environ.get(dicomedit.SECRET_ENV),
             anonymize.cstore_kept(s.routing),
         )
-
-    def stage_group(self, group: list[_Item], report: ApplyReport) -> None:
-        """Stage the group's sessions in one worker pool behind one durability barrier; record each."""
-        self.stage_record(group, self.stage_start(group), report)
 
     def stage_start(self, group: list[_Item]) -> _Ahead:
         """The group's files staged on a background thread (``files.stage_batch``: one pool, one barrier)."""
@@ -600,7 +620,13 @@ class _Runner:
                     continue
                 s = _staged(it)
                 edited = isinstance(s, PrearchiveSession) and bool(s.anonymize)
-                pairs = [(f, f.source if edited else str(it.staging / f.dest)) for f in s.files]
+                # A link to the inode the plan's scan read, its ctime unmoved until the link was made,
+                # holds the planned header (``files.StagedFile.unchanged``): not read again.
+                pairs = [
+                    (f, f.source if edited else str(it.staging / f.dest))
+                    for f, st in zip(s.files, staged, strict=True)
+                    if not st.unchanged
+                ]
                 try:
                     done.append((staged, recheck.changed(pairs, keywords)))
                 except XnatMigrateError as exc:
@@ -743,6 +769,8 @@ class _Runner:
     def release(self, s: PlannedSession) -> bool:
         """The REST build is READY: prevent_auto_commit back to false on our row (prearchive route)."""
         if isinstance(s, PrearchiveSession) and self.plan.xnat.database is not None:
+            from . import db
+
             return db.release_row(self.conn(), s) > 0
         return False
 
@@ -841,9 +869,9 @@ class _Runner:
 
     # -- the inbox route, a group at a time ------------------------------------------------------
 
-    def inbox_group(self, items: list[_Item], report: ApplyReport) -> None:
-        """Stage each session into ``<inbox>/<project>/xnatmigrate-<plan>-<session>/`` (one pool, one
-        barrier), then ask XNAT's inbox importer for each (§4.6), recording the request id at once.
+    def inbox_prestage(self, items: list[_Item], report: ApplyReport) -> list[_Item]:
+        """The group's sessions to stage into ``<inbox>/<project>/xnatmigrate-<plan>-<session>/`` (one
+        pool, one barrier: ``begin`` starts it in the background).
 
         Check before acting: a session whose request is recorded is never staged or posted again; one
         staged by a crashed run whose request XNAT knows (the POST's answer was lost with the crash) adopts
@@ -858,7 +886,7 @@ class _Runner:
             for it in items:
                 if it.alive:
                     self.fail(it, err, report)
-            return
+            return []
         resumed = [it for it in items if it.alive and it.resumed and Step.IMPORT not in it.done]
         known: dict[str, dict[str, Any]] = {}
         if resumed:
@@ -895,8 +923,14 @@ class _Runner:
                     self.advance(s.file_count)
                     continue
                 to_stage.append(it)  # its sources are checked where it is staged (files.stage_batch)
-        if to_stage:
-            self.stage_group(to_stage, report)
+        return to_stage
+
+    def inbox_group(self, g: _Group, report: ApplyReport) -> None:
+        """The group's staging recorded, then XNAT's inbox importer asked for each session (§4.6),
+        the request id recorded at once."""
+        items = g.items
+        if g.ahead is not None:
+            self.stage_record(g.stage, g.ahead, report)
         # Every stage record is durable before the first request: a rerun must never stage again what
         # XNAT may already be importing (and removing: cleanupAfterImport).
         self.store.commit()

@@ -8,13 +8,15 @@ manifest lacks the target, and close whatever was opened.
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 from ..errors import DatabaseError, StateError, XnatRestError
 from ..model import XnatTarget
 from ..state import AppliedSession
-from . import db
-from .db import Connection as DbConnection
 from .xnat import XnatClient, credentials_from_env
+
+if TYPE_CHECKING:  # psycopg is imported when XNAT's database is first asked for (the inbox route never)
+    from .db import Connection as DbConnection
 
 
 class Connections:
@@ -50,6 +52,8 @@ class Connections:
         if self._conn is None or self._conn.closed:
             if self.xnat.database is None:
                 raise DatabaseError("this step needs XNAT's database but the manifest has no xnat.database")
+            from . import db
+
             self._conn = self._stack.enter_context(db.connect(db.resolve_dsn(self.xnat.database)))
         return self._conn
 

@@ -17,8 +17,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from ..model import PlannedFile, head_digest, header_digest
-from ..scan import read_header
+from ..model import CachedHeader, PlannedFile, head_digest, header_digest
+
+
+def read_header(path: str, keywords: frozenset[str]) -> CachedHeader:
+    """The scan's parser (pydicom), imported when a header must be parsed: the fast path needs none."""
+    from ..scan import read_header as parse
+
+    return parse(path, keywords)
 
 
 def changed(files: Iterable[tuple[PlannedFile, str]], keywords: Iterable[str]) -> list[str]:

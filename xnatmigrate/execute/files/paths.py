@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ...errors import ApplyError
 from ...model import INBOX_FOLDER_PREFIX, InboxSession, PlannedFile, PrearchiveSession
@@ -64,13 +64,13 @@ def safe_dests(files: Sequence[PlannedFile]) -> dict[str, PlannedFile]:
     """Planned files by ``dest``; refuses absolute, escaping, scratch-named or duplicate destinations."""
     out: dict[str, PlannedFile] = {}
     for f in files:
-        p = PurePosixPath(f.dest)
+        # By string, as PurePosixPath would judge it (a leading, doubled or trailing "/", a "." or ".."
+        # part): a pathlib object per file was most of a hard-linked group's set-up.
         if (
-            p.is_absolute()
-            or not p.parts
-            or any(part in ("", ".", "..") for part in p.parts)
+            not f.dest
+            or f.dest.startswith("/")
+            or any(part in ("", ".", "..") for part in f.dest.split("/"))
             or f.dest.endswith(PART_SUFFIX)
-            or str(p) != f.dest
         ):
             raise ApplyError(f"the plan lists an unsafe destination {f.dest!r}; re-run xnatmigrate plan")
         if f.dest in out:

@@ -120,7 +120,7 @@ class _Staging:
         # hashes are what its verify compares, the inbox route's verify counts what XNAT holds.
         self.digest = not (isinstance(session, InboxSession) and transfer is Transfer.HARDLINK)
         self.planned = safe_dests(session.files)
-        parents = {str(PurePosixPath(d).parent) for d in self.planned} - {"."}
+        parents = {d.rpartition("/")[0] for d in self.planned} - {""}  # safe_dests: no leading "/"
         self.dirs = sorted(set(_with_ancestors(parents)), key=lambda d: (d.count("/"), d))  # shallow first
         self.existing: set[str] = set()
         self.results: dict[str, StagedFile] = {}

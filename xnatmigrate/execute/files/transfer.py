@@ -1,12 +1,14 @@
 """One planned file into staging: copied, hard-linked, or a file left by an earlier run reused.
 
 Invariants:
-- A file gets its final name in staging only after it was verified: SHA-256 of the bytes read from the
-  source equals that of the bytes read back from the written file (copy), or it is the source's inode
-  (hardlink). A rerun still re-hashes every final-named file against its source before reusing it, so
-  correctness never rests on a checksum record or on per-file fsyncs (see ``stage.stage_session``).
+- A copy gets its final name in staging only after it was verified: SHA-256 of the bytes read from the
+  source equals that of the bytes read back from the written file. A hard link is made under its final
+  name (atomic: whole or absent) and removed again unless it is the source's inode with the planned size
+  and mtime. A rerun still re-checks every final-named file against its source before reusing it
+  (re-hashes a copy, re-stats a link), so correctness never rests on a checksum record or on per-file
+  fsyncs (see ``stage.stage_session``), nor on a crash landing after a link's check.
 - The source is checked against the plan (``sources.check_stat``) before and after it is read.
-- ``*.part`` files are scratch: the worker that fails deletes its own.
+- ``*.part`` files (copies and edits) are scratch: the worker that fails deletes its own.
 - Workers never word an OSError: they raise ``SourceError`` / ``DestError`` for the caller's thread.
 """
 
@@ -35,6 +37,9 @@ class StagedFile:
     source: str
     size: int
     sha256: str
+    #: A hard link to the source's inode as the plan's scan read it, unchanged since (``link_one``):
+    #: its header is the one planned, so ``recheck`` need not read it.
+    unchanged: bool = False
 
 
 #: The ``sha256`` of a hard link staged without reading it (the inbox route: XNAT's importer reads and
@@ -210,58 +215,82 @@ def copy_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, fsync_each:
 
 
 def link_one(f: PlannedFile, dst: str, perms: Perms, buf: bytearray, *, digest: bool = True) -> StagedFile:
-    """link the source as ``<dst>.part``; check it is the source's inode; hash once; rename to ``dst``.
+    """stat the source; link it as ``dst`` (no ``.part``: a link is made whole or not at all); check it
+    is the source's inode with the planned size and mtime; hash once (``digest``). Anything wrong: the
+    link is removed again.
 
-    ``digest=False`` skips the read and the hash (``NOT_HASHED``): the link is the source's inode (checked)
-    with the planned size and mtime, and its header is re-read by ``recheck`` before XNAT is asked for it;
-    no copy was made whose bytes a hash could prove.
+    ``digest=False`` skips the read and the hash (``NOT_HASHED``): no copy was made whose bytes a hash
+    could prove. ``StagedFile.unchanged`` says whether the source was, just before the link, the very
+    inode the plan's scan read with its ctime (``unchanged_since_plan``): then its header cannot differ
+    from the one planned and ``recheck`` need not read it; otherwise it does.
+
+    NOTE: a link left by a crash before the check is harmless: a rerun finds it under its final name and
+    ``reuse`` checks it again (inode, size, mtime) before keeping it; nothing is published or imported
+    before staging returns.
+    NOTE: a write between the stat and the link goes unseen, as one after ``recheck``'s read would (the
+    link is the source's inode until XNAT's importer reads it): what is proven is the file as it was
+    when apply reached it.
     """
-    part = dst + PART_SUFFIX
+    try:
+        src_st = os.stat(f.source)
+    except OSError as exc:
+        raise SourceError(exc, f.source) from exc
+    check_stat(f, src_st, ctime=False)  # a crashed run's link moved its ctime
+    unchanged = unchanged_since_plan(f, src_st)  # before our link moves the ctime
+    try:
+        os.link(f.source, dst)
+    except OSError as exc:
+        raise DestError(exc, dst) from exc
     done = False
     try:
         try:
-            src_st = os.stat(f.source)
+            dst_st = os.lstat(dst)
         except OSError as exc:
-            raise SourceError(exc, f.source) from exc
-        check_stat(f, src_st, ctime=False)  # a crashed run's link moved its ctime
-        try:
-            os.link(f.source, part)
-            part_st = os.lstat(part)
-        except OSError as exc:
-            raise DestError(exc, part) from exc
-        if (part_st.st_dev, part_st.st_ino, part_st.st_size) != (src_st.st_dev, src_st.st_ino, f.size):
+            raise DestError(exc, dst) from exc
+        if (dst_st.st_dev, dst_st.st_ino, dst_st.st_size) != (src_st.st_dev, src_st.st_ino, f.size):
             raise ApplyError(
-                f"hard link {part} is not the source's inode ({f.source}); remove the staging folder and rerun"
+                f"hard link {dst} is not the source's inode ({f.source}); remove the staging folder and rerun"
             )
+        check_stat(f, dst_st, ctime=False)  # mtime and size as planned, from the link's own inode
         if digest:
             try:
-                fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(dst, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise SourceError(exc, f.source) from exc
             try:
                 sha, n = _read_hash(fd, f, buf, ctime=False)  # the link just moved its ctime
             finally:
                 os.close(fd)
+            if n != f.size:
+                raise StalePlanError(
+                    f"source {f.source} read {n} bytes, planned {f.size}; re-run xnatmigrate plan"
+                )
         else:
-            sha, n = NOT_HASHED, part_st.st_size
-            check_stat(f, part_st, ctime=False)  # mtime and size as planned, from the link's own inode
-        if n != f.size:
-            raise StalePlanError(
-                f"source {f.source} read {n} bytes, planned {f.size}; re-run xnatmigrate plan"
-            )
-        _apply_path(perms, part)
-        try:
-            os.rename(part, dst)
-        except OSError as exc:
-            raise DestError(exc, part) from exc
+            sha = NOT_HASHED
+        _apply_path(perms, dst)
         done = True
-        return StagedFile(f.dest, f.source, f.size, sha)
+        return StagedFile(f.dest, f.source, f.size, sha, unchanged)
     finally:
         if not done:
             try:
-                os.unlink(part)
+                os.unlink(dst)
             except OSError:
                 pass
+
+
+def unchanged_since_plan(f: PlannedFile, st: os.stat_result) -> bool:
+    """Whether ``st`` is the inode the plan's scan read, not written to since: the same inode number,
+    size, mtime and ctime. Every write, truncation and ``utime`` (``touch -r`` included) moves the ctime
+    to the current time, so such an inode still holds the bytes the plan parsed. False for a file
+    planned without them (hand-made sessions; ``--path-map``, where another mount numbers inodes
+    otherwise).
+
+    NOTE: the scan cache trusts the same four values (``scan.sources``); a write within the same coarse
+    clock tick as the change before the scan would keep all four (as it keeps size and mtime).
+    """
+    if f.ino == -1 or f.ctime_ns == -1:
+        return False
+    return (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns) == (f.ino, f.ctime_ns, f.size, f.mtime_ns)
 
 
 # The de-identification of one file (anonymize.edit_bytes bound to the session's scripts and labels).
