@@ -128,7 +128,10 @@ class Connection(sqlite3.Connection):
 
 def connect(path: Path, shown: Path | None = None) -> Connection:
     """Open ``path``; failures name ``shown`` (the state file a temporary one is written for)."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, factory=Connection)
+    # Used by one thread at a time, not always the one that opened it (apply commits behind a request).
+    conn = sqlite3.connect(
+        path, timeout=30, isolation_level=None, factory=Connection, check_same_thread=False
+    )
     conn.state_path = shown or path
     try:
         conn.execute("PRAGMA journal_mode=WAL")

@@ -934,27 +934,40 @@ class _Runner:
         # Every stage record is durable before the first request: a rerun must never stage again what
         # XNAT may already be importing (and removing: cleanupAfterImport).
         self.store.commit()
-        for it in items:
-            if not it.alive or report.stopped or Step.IMPORT in it.done:
-                continue
-            s = _inbox(it)
-            with self.attempt(it, report):
-                assert s.project is not None, "planner refuses Unassigned inbox sessions"
+        behind = _CommitBehind(self.store.commit)
+        try:
+            for it in items:
+                if not it.alive or report.stopped or Step.IMPORT in it.done:
+                    continue
+                self.inbox_request(it, report, behind)
+        finally:
+            behind.close()
+
+    def inbox_request(self, it: _Item, report: ApplyReport, behind: _CommitBehind) -> None:
+        """POST one session's import and record its request id; the commit of that record runs while
+        the next session's POST is in flight (``_CommitBehind``)."""
+        s = _inbox(it)
+        with self.attempt(it, report):
+            assert s.project is not None, "planner refuses Unassigned inbox sessions"
+            try:
                 try:
                     request_id = self.client().inbox_import(s.project, s.subject, s.session, it.xnat_path)
-                except OutcomeUnknown as exc:
-                    raise ApplyError(
-                        f"{exc}; rerun apply: it finds the request XNAT queued (/xapi/dicom/list/all) "
-                        "instead of asking again"
-                    ) from None
-                except XnatRestError as exc:
-                    if exc.status in (400, 403, 404, 409):
-                        # XNAT refused this session (path, rights, an existing label): it fails, the run goes on.
-                        raise ApplyError(f"{exc}; fix it in XNAT or the manifest, then rerun apply") from None
-                    raise
-                self.record(it.res, Step.IMPORT, Outcome.DONE, {"id": request_id, "path": it.xnat_path})
-                self.store.commit()  # the request id is what spares a second request: never held back
-                it.done.add(Step.IMPORT)
+                finally:
+                    behind.wait()  # the ledger is the main thread's again before anything records
+            except OutcomeUnknown as exc:
+                raise ApplyError(
+                    f"{exc}; rerun apply: it finds the request XNAT queued (/xapi/dicom/list/all) "
+                    "instead of asking again"
+                ) from None
+            except XnatRestError as exc:
+                if exc.status in (400, 403, 404, 409):
+                    # XNAT refused this session (path, rights, an existing label): it fails, the run goes on.
+                    raise ApplyError(f"{exc}; fix it in XNAT or the manifest, then rerun apply") from None
+                raise
+            self.record(it.res, Step.IMPORT, Outcome.DONE, {"id": request_id, "path": it.xnat_path})
+            # The request id is what spares a second request: made durable at once, behind the next POST.
+            behind.start()
+            it.done.add(Step.IMPORT)
 
     def inbox_finish(self, s: InboxSession, res: SessionResult, done: set[Step]) -> None:
         """Wait for XNAT's import request to end, find the session it made, then build/archive it."""
@@ -1137,6 +1150,64 @@ class _Runner:
             located = {"timestamp": row["timestamp"], "folder": row["folderName"]}
             self.record(res, Step.LOCATE, Outcome.DONE, located)
         self.build_and_archive(s, res, done, s.project, located["timestamp"], located["folder"])
+
+
+class _CommitBehind:
+    """The ledger's commit on a thread of its own while the main thread waits on XNAT's answer to the
+    next request; ``wait()`` before the ledger is touched again, ``close()`` at the end.
+
+    Invariant: at most one commit in flight, and the ledger is used by one thread at a time (the
+    connection's own rule): the main thread calls ``wait()`` before any record, so a crash loses at
+    most the request ids of the request in flight and the one before it, each found again by path in
+    XNAT's list of requests (``inbox_prestage``), never posted twice. One thread for all the commits:
+    starting a thread per commit cost more than the commit on a busy machine.
+    """
+
+    def __init__(self, commit: Callable[[], None]) -> None:
+        self._commit = commit
+        self._thread: threading.Thread | None = None
+        self._todo = threading.Semaphore(0)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._exc: BaseException | None = None
+
+    def start(self) -> None:
+        self.wait()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="commit-behind", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._todo.release()
+
+    def _loop(self) -> None:
+        while True:
+            self._todo.acquire()
+            if self._closed:
+                return
+            try:
+                self._commit()
+            except BaseException as exc:  # raised again in the main thread by wait()
+                self._exc = exc
+            finally:
+                self._idle.set()
+
+    def wait(self) -> None:
+        self._idle.wait()
+        exc, self._exc = self._exc, None
+        if exc is not None:
+            raise exc
+
+    def close(self) -> None:
+        """Wait for the commit in flight (raising its error), then end the thread."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._closed = True
+                self._todo.release()
+                self._thread.join()
+                self._thread = None
 
 
 #: Per staged session: its files (or the error it met), and what the re-read of its headers found changed.
