@@ -9,6 +9,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -632,7 +633,7 @@ def test_copy_refuses_bytes_that_read_back_differently(tmp_path: Path, size: int
 
 @pytest.mark.parametrize("jobs", [1, 4])
 def test_a_cancelled_batch_stops_handing_out_files_and_the_next_one_reuses_what_was_finished(
-    root: Path, tmp_path: Path, jobs: int
+    root: Path, tmp_path: Path, jobs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``cancel`` (the run stopping while a group is staged ahead): no more files are handed out, the
     batch raises one line, no scratch file is left, and a later batch keeps every file finished."""
@@ -642,6 +643,20 @@ def test_a_cancelled_batch_stops_handing_out_files_and_the_next_one_reuses_what_
     s = make_session(sources)
     staging = files.staging_dir(str(root), s)
     cancel = threading.Event()
+    # After the fifth file, a copy waits for the cancel (set by the progress the main thread reports):
+    # otherwise fast copies could all be handed out before the main thread has counted five.
+    real_copy, copied, count_lock = stage.copy_one, [0], threading.Lock()
+
+    def copy_then_wait(*args: Any, **kwargs: Any) -> Any:
+        staged = real_copy(*args, **kwargs)
+        with count_lock:
+            copied[0] += 1
+            n = copied[0]
+        if n > 5:  # the first five return: the main thread sees them and cancels
+            cancel.wait(10)
+        return staged
+
+    monkeypatch.setattr(stage, "copy_one", copy_then_wait)
 
     def progress(done: int, _total: int) -> None:
         if done >= 5:  # not == 5: several threads' files may be counted in one call
