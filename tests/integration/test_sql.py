@@ -149,6 +149,39 @@ def test_unassigned_guard_holds_without_the_unique_constraint(pg_dsn):
     assert [r[0] for r in rows(pg_dsn.dsn)] == [None]
 
 
+def test_the_preflight_finds_conflicts_per_session_among_many_rows_and_for_unassigned(pg_dsn):
+    """The group's preflight (one join over the table for all its sessions) names, per session, the
+    row of another session of its study: in its project, or among Unassigned rows (project NULL, which
+    only IS NOT DISTINCT FROM matches); rows of other projects, studies or labels are no conflict."""
+    assigned = plan_for({}, n=3, study="1.2.7.")
+    m = manifest(src(project=None))
+    hs = [header(f"/src/u{i}", study=f"1.2.8.{i}", PatientID=f"U{i}") for i in range(2)]
+    unassigned = build_plan(m, [(0, h) for h in hs], [], FakeState(), XnatFacts(), datetime(2024, 1, 1))
+    a0, a1, a2 = assigned.sessions[:3]
+    u0, u1 = unassigned.sessions[:2]
+    fill = [
+        (f"prj{i % 7:03d}", f"2019{i:010d}", f"F{i}", f"N{i}", f"1.9.{i}") for i in range(400)
+    ]  # noise: none of these is any session's study
+    blockers = [
+        ("prj001", "20200101_000000001", "A1", a1.row["name"], a1.study_uid),  # same project: conflict
+        ("prj002", "20200101_000000002", "A2", a2.row["name"], a2.study_uid),  # another project: none
+        (None, "20200101_000000003", "U1", u1.row["name"], u1.study_uid),  # Unassigned: conflict
+        ("prj001", "20200101_000000004", "U0", u0.row["name"], u0.study_uid),  # u0 is Unassigned: none
+    ]
+    with psycopg.connect(pg_dsn.dsn) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO xdat_search.prearchive (project, timestamp, foldername, name, tag, status, url) "
+            "VALUES (%s, %s, %s, %s, %s, 'READY', '/x')",
+            fill + blockers,
+        )
+    assert a1.project == "prj001" and u1.project is None
+    with db.connect(pg_dsn.dsn) as conn:
+        checked = db.check_insertable_many(conn, [a0, a1, a2, u0, u1])
+    assert checked[0] is False and checked[2] is False and checked[3] is False
+    assert isinstance(checked[1], SessionConflict) and a1.study_uid in str(checked[1])
+    assert isinstance(checked[4], SessionConflict) and u1.study_uid in str(checked[4])
+
+
 @pytest.mark.skipif(
     shutil.which("psql") is None, reason="psql not installed; .ci/run installs postgresql-client"
 )
