@@ -514,6 +514,24 @@ def test_a_header_larger_than_the_first_read(tmp_path: Path, monkeypatch: pytest
     assert reason(tmp_path / "cuthead.dcm") == "truncated: header ends early"
 
 
+def test_the_entry_does_not_depend_on_how_much_the_first_read_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_head_size`` is a hint grown by earlier files: the same file gives the same entry, its head
+    digest included (the bytes before Pixel Data, re-read when the first read held fewer), whether it
+    is read first or after a larger header."""
+    ds = image(1)
+    ds.TextValue = "c" * 40_000  # more than the smallest first read
+    part10(tmp_path / "a.dcm", ds)
+    monkeypatch.setattr(header, "_head_size", [header._HEAD_MIN])
+    first = read_header(str(tmp_path / "a.dcm"), KW)
+    monkeypatch.setattr(header, "_head_size", [header._HEAD_MAX])
+    after = read_header(str(tmp_path / "a.dcm"), KW)
+    assert first == after and first.head_digest
+    stop = int(first.head_digest.split(":")[0])
+    assert 40_000 < stop < (tmp_path / "a.dcm").stat().st_size
+
+
 def test_deflated_transfer_syntax(tmp_path: Path) -> None:
     part10(tmp_path / "d.dcm", image(1), "1.2.840.10008.1.2.1.99")
     entry = read_header(str(tmp_path / "d.dcm"), KW)

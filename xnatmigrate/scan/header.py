@@ -191,9 +191,13 @@ def _judge(
         problem = _pixel_problem(fd, size, head, parsed)
         if problem:
             return _reject(path, want, st, problem, ts)
-    # The bytes the values came from, when the first read held them all (a deflated data set's
-    # positions are in the inflated stream): apply re-hashes them instead of parsing again.
-    whole = not parsed.deflated and parsed.stop <= len(head)
+    # The bytes the values came from (a deflated data set's positions are in the inflated stream):
+    # apply re-hashes them instead of parsing again. Read again when the first read held fewer: how
+    # much it held follows ``_head_size``, a hint, and the entry must not depend on a hint.
+    digest = ""
+    if not parsed.deflated:
+        upto = head[: parsed.stop] if parsed.stop <= len(head) else pread(fd, parsed.stop, 0)
+        digest = head_digest(upto) if len(upto) == parsed.stop else ""
     return CachedHeader(
         path,
         st.st_size,
@@ -204,7 +208,7 @@ def _judge(
         None,
         st.st_ctime_ns,
         st.st_ino,
-        head_digest=head_digest(head[: parsed.stop]) if whole else "",
+        head_digest=digest,
     )
 
 
