@@ -443,3 +443,42 @@ def test_a_value_pool_shares_equal_strings_but_not_sop_instance_uids() -> None:
     (ka, va), (kb, vb) = next(iter(a.items())), next(iter(b.items()))
     assert ka is kb and va is vb
     assert pool.text("".join(["1.2", ".840"])) is pool.text("1.2.840")
+
+
+def test_header_values_are_a_read_only_mapping_equal_to_the_dict_of_their_items() -> None:
+    import pickle
+
+    from xnatmigrate.model import HeaderValues, ValuePool, header_digest, plain_header
+
+    pool = ValuePool()
+    raw = {"StudyInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.4", "Modality": "MR"}
+    hv = pool.header(raw)
+    assert isinstance(hv, HeaderValues)
+    assert hv == raw and raw == hv and hv != {**raw, "Modality": "CT"}
+    assert list(hv) == list(raw) and list(hv.items()) == list(raw.items()) and len(hv) == 3
+    assert hv["Modality"] == "MR" and hv.get("Modality") == "MR"
+    assert hv.get("PatientID") is None and hv.get("PatientID", "x") == "x" and "PatientID" not in hv
+    with pytest.raises(KeyError):
+        hv["PatientID"]
+    assert plain_header(hv) == raw and type(plain_header(hv)) is dict
+    assert json.dumps(plain_header(hv)) == json.dumps(raw)
+    assert header_digest(hv) == header_digest(raw)
+    assert pickle.loads(pickle.dumps(hv)) == raw
+    assert "Modality" in repr(hv)
+
+
+def test_headers_of_one_key_order_share_one_index_and_take_less_memory_than_dicts() -> None:
+    import sys
+
+    from xnatmigrate.model import ValuePool
+
+    pool = ValuePool()
+    keys = [f"Keyword{i}" for i in range(15)]
+    a = pool.header({k: f"a{i}" for i, k in enumerate(keys)})
+    b = pool.header({k: f"b{i}" for i, k in enumerate(keys)})
+    c = pool.header({k: "v" for k in reversed(keys)})
+    assert a._index is b._index and c._index is not a._index
+    assert list(c) == list(reversed(keys))
+    # What one more file costs: the mapping and its tuple, not a dict (the index is shared).
+    per_file = sys.getsizeof(b) + sys.getsizeof(b._values)
+    assert per_file < sys.getsizeof(dict(b)) * 0.6

@@ -117,12 +117,22 @@ def _read_chunk(paths: Sequence[str], keywords: frozenset[str]) -> list[CachedHe
     return [_read(p, keywords) for p in paths]
 
 
-def _shared(e: CachedHeader, pool: ValuePool) -> CachedHeader:
-    """``e`` with its header's keys and values shared with the other files' (``ValuePool``)."""
+def _shared(e: CachedHeader, pool: ValuePool, path: str, sizes: dict[int, int]) -> CachedHeader:
+    """``e`` with its header's keys and values shared with the other files' (``ValuePool``), its
+    path the walk's ``path`` object (a worker's entry comes back with a copy of it), its size one
+    int per distinct size and its ctime its mtime when equal (as ``StateStore.cache_all`` makes them):
+    the scan holds every entry at once."""
     if e.header is None:
         return e
     ts = pool.text(e.transfer_syntax) if e.transfer_syntax is not None else None
-    return replace(e, header=pool.header(e.header), transfer_syntax=ts)
+    return replace(
+        e,
+        path=path if e.path == path else e.path,
+        size=sizes.setdefault(e.size, e.size),
+        ctime_ns=e.mtime_ns if e.ctime_ns == e.mtime_ns else e.ctime_ns,
+        header=pool.header(e.header),
+        transfer_syntax=ts,
+    )
 
 
 def _read_many(
@@ -131,6 +141,7 @@ def _read_many(
     """Read ``paths`` in process or in a process pool; ``report(n)`` after every n files done."""
     out: dict[str, CachedHeader] = {}
     pool_of_values = ValuePool()
+    sizes: dict[int, int] = {}  # few distinct sizes (a series' images are alike): one int each
     workers = jobs if jobs is not None else (os.cpu_count() or 1)
     # Several chunks per worker balance uneven files; 64–256 paths keep IPC small next to the work.
     size = max(_CHUNK_MIN, min(_CHUNK_MAX, -(-len(paths) // (max(workers, 1) * 4))))
@@ -144,21 +155,22 @@ def _read_many(
     if pool is None:
         reported = 0
         for i, p in enumerate(paths, 1):
-            out[p] = _shared(_read(p, want.keywords), pool_of_values)
+            out[p] = _shared(_read(p, want.keywords), pool_of_values, p, sizes)
             if i % _PROGRESS_EVERY == 0 or i == len(paths):
                 report(i - reported)
                 reported = i
         return out
     with pool:
-        pending: set[Future[list[CachedHeader]]] = {
-            pool.submit(_read_chunk, c, want.keywords) for c in chunks
+        chunk_of: dict[Future[list[CachedHeader]], Sequence[str]] = {
+            pool.submit(_read_chunk, c, want.keywords): c for c in chunks
         }
+        pending = set(chunk_of)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 entries = fut.result()
-                for e in entries:
-                    out[e.path] = _shared(e, pool_of_values)
+                for p, e in zip(chunk_of.pop(fut), entries, strict=True):
+                    out[p] = _shared(e, pool_of_values, p, sizes)  # keyed by the walk's own str
                 report(len(entries))
     return out
 
