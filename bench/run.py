@@ -344,10 +344,14 @@ def write_report(out: Path, doc: dict[str, Any], *, smoke: bool = False) -> None
     if doc["runs"][-1].get("rss", True):
         standard = [r for r in rows if r.get("shape", "standard") == "standard"]
         rss, missing = rss_rows(standard) if standard else ([], [])
-        tiny = [r for r in rows if r.get("shape") == "tiny"]
-        trss, tmissing = rows_shapes.tiny_rss_rows(tiny) if tiny else ([], [])
-        rows += rss + trss
-        not_run += missing + tmissing
+        rows += rss
+        not_run += missing
+    # The tiny shape's RSS rows come from its own rows' peaks, whatever the last run asked for (`rss`
+    # names the standard shape's row): a merged run of the tiny shape alone keeps them.
+    tiny = [r for r in rows if r.get("shape") == "tiny"]
+    trss, tmissing = rows_shapes.tiny_rss_rows(tiny) if tiny else ([], [])
+    rows += trss
+    not_run += tmissing
     replan = rows_shapes.replan_row(rows)
     if replan is not None:
         rows.append(replan)
