@@ -447,7 +447,8 @@ def test_hard_links_into_the_inbox_are_not_read_but_a_changed_header_is_still_ca
 # --------------------------------------------------------------------------------------------
 
 # Both sessions form one group: a stage record is committed before the first request, each request's
-# record right after it, so a crash between a POST and its record finds the request in XNAT's list.
+# record right after it and committed behind the next POST, so a crash between a POST and the commit of
+# its record finds the request in XNAT's list.
 CRASH_POINTS = [
     "files:1",
     "files:7",

@@ -874,8 +874,9 @@ class _Runner:
         pool, one barrier: ``begin`` starts it in the background).
 
         Check before acting: a session whose request is recorded is never staged or posted again; one
-        staged by a crashed run whose request XNAT knows (the POST's answer was lost with the crash) adopts
-        that request (``/xapi/dicom/list/all``, by path) instead of posting a second one.
+        staged by a crashed run whose request XNAT knows (the POST's answer, or the commit of its
+        record, was lost with the crash) adopts that request (``/xapi/dicom/list/all``, by path)
+        instead of posting a second one.
         """
         inbox = self.plan.xnat.inbox
         assert inbox, "manifest validation requires xnat.inbox for method inbox"
