@@ -28,11 +28,13 @@ from .model import (
     Outcome,
     Plan,
     PrearchiveSession,
+    SessionSpool,
     SessionState,
     SiteFacts,
     Step,
     XnatTarget,
     open_plan,
+    shells_of,
     unreachable,
     write_plan_json,
 )
@@ -204,15 +206,17 @@ def _plan(
     started = time.monotonic()
     manifest = load_manifest(manifest_path)
     sdir = state_dir_of(state_dir)
-    with open_state(sdir, state_url, create=True) as store:
+    with open_state(sdir, state_url, create=True) as store, contextlib.ExitStack() as closing:
+        # Scratch files (the scan's working set, the spooled sessions) go beside the state when it
+        # is a folder: a large archive's are as big as plan.json, too big for a /tmp held in memory.
+        scratch = str(sdir) if sdir.is_dir() else None
         shared = store.shared
         keywords = scan_keywords(manifest)
-        # The cache is dropped as soon as the scan is done: its headers live on in the scan's.
-        scanned = scan_sources(manifest, keywords, cache=store.cache_all(), jobs=jobs, progress=progress)
-        if scanned.cache_updates:
-            store.cache_put(scanned.cache_updates)
-            scanned = replace(scanned, cache_updates=())
-        study_uids = sorted({h.study_uid for _, h in scanned.headers})
+        # The scan looks the cache up and writes it back batch by batch; its files are on disk, read
+        # back a study at a time by the planner (``planner.StudySource``).
+        scanned = scan_sources(manifest, keywords, cache=store, jobs=jobs, progress=progress, workdir=scratch)
+        closing.callback(scanned.close)
+        study_uids = scanned.study_uids()
         facts = gather_facts(manifest, study_uids, offline=offline)
         if offline:
             facts = replace(
@@ -225,7 +229,7 @@ def _plan(
         needs_site = any(anonymize.SITE_SCRIPT_NAME in src.scripts for src in manifest.sources)
         result = draft_plan(
             manifest,
-            scanned.headers,
+            scanned,
             scanned.rejects,
             store.view(),
             facts,
@@ -234,10 +238,11 @@ def _plan(
             scanned.warnings,
             secret,
             anonymise=not needs_site,
+            sink=SessionSpool(scratch),
         )
         # What depends on the projects the draft plan writes into: archived labels, site settings.
-        projects = sorted({s.project for s in result.sessions if s.project})
-        archived = archived_facts(manifest, result, offline)
+        projects, stamps = _projects_and_timestamps(result)
+        archived = archived_facts(manifest, projects, offline)
         site, site_skipped = site_facts(manifest, projects, offline)
         facts = replace(
             facts,
@@ -248,10 +253,10 @@ def _plan(
         learnt = (archived is not None and archived[0] is not None) or site != SiteFacts() or needs_site
         if learnt:
             # Plan again with them known: studies that collide get held back, settings refuse or warn.
-            del result  # the draft: never two plans of every file at once
+            del result  # the draft
             result = draft_plan(
                 manifest,
-                scanned.headers,
+                scanned,
                 scanned.rejects,
                 store.view(),
                 facts,
@@ -259,19 +264,16 @@ def _plan(
                 keywords,
                 scanned.warnings,
                 secret,
+                sink=SessionSpool(scratch),
             )
         else:  # nothing learnt (offline, no XNAT): one pass is enough; say what was not checked
             extra = tuple(x for x in facts.skipped if x not in result.skipped_checks)
             result = replace(result, skipped_checks=result.skipped_checks + extra)
-        store.record_timestamps(
-            (s.project, s.session, s.study_uid, s.timestamp)
-            for s in result.sessions
-            if isinstance(s, PrearchiveSession)
-        )
+        store.record_timestamps(_projects_and_timestamps(result)[1] if learnt else stamps)
     plan_path = Path(out) if out else sdir / PLAN_FILE
     sql_path = Path(sql_out) if sql_out else sdir / SQL_FILE
     files_seen, cache_hits = scanned.files_seen, scanned.cache_hits
-    del scanned  # the headers: the plan holds what it needs of them
+    del scanned  # closed with the state: the plan holds what it needs of its files
 
     # Compact and canonical (sorted keys): plan.json is for machines (the summary and plan.sql are
     # for people). Written session by session while its id is computed over the same bytes, so
@@ -295,6 +297,19 @@ def _plan(
         cache_hits=cache_hits,
         seconds=time.monotonic() - started,
     )
+
+
+def _projects_and_timestamps(plan: Plan) -> tuple[list[str], list[tuple[str | None, str, str, str]]]:
+    """The projects ``plan`` writes into, sorted, and its prearchive sessions' (project, session,
+    study, timestamp): one pass over the sessions (they are read from the plan's spool)."""
+    projects: set[str] = set()
+    stamps: list[tuple[str | None, str, str, str]] = []
+    for s in shells_of(plan.sessions):
+        if s.project:
+            projects.add(s.project)
+        if isinstance(s, PrearchiveSession):
+            stamps.append((s.project, s.session, s.study_uid, s.timestamp))
+    return sorted(projects), stamps
 
 
 def plan_of(store: StateStore, sdir: Path, plan_path: str | Path | None = None) -> Plan:

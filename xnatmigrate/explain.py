@@ -38,11 +38,17 @@ def associations(s: CstoreSession) -> int:
 
 
 def summary_counts(plan: Plan) -> dict[str, int]:
+    """One pass over the sessions (they may be read from plan.json one at a time)."""
+    scans = files = size = 0
+    for s in plan.sessions:
+        scans += len(s.scans)
+        files += s.file_count
+        size += s.bytes
     return {
         "sessions": len(plan.sessions),
-        "scans": sum(len(s.scans) for s in plan.sessions),
-        "files": sum(s.file_count for s in plan.sessions),
-        "bytes": sum(s.bytes for s in plan.sessions),
+        "scans": scans,
+        "files": files,
+        "bytes": size,
         "rejected": len(plan.rejected),
         "held_back": len(plan.held_back),
         "unchanged": len(plan.unchanged),
@@ -200,30 +206,32 @@ def mapped_by_text(plan: Plan, matches: tuple[LookupMatch, ...]) -> str:
 def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = None) -> str:
     """The human summary: per project what is added, then unchanged, held back, rejected."""
     out: list[str] = []
-    by_project: dict[str, list[PlannedSession]] = defaultdict(list)
+    # Per project: its sessions' lines and totals (sessions, scans, files, bytes), made in one pass
+    # that holds no session (a plan's sessions may be read from plan.json one at a time).
+    by_project: dict[str, tuple[list[str], list[int]]] = defaultdict(lambda: ([], [0, 0, 0, 0]))
     for s in plan.sessions:
-        by_project[s.project_label].append(s)
+        lines, totals = by_project[s.project_label]
+        n_files, size = s.file_count, s.bytes
+        for i, n in enumerate((1, len(s.scans), n_files, size)):
+            totals[i] += n
+        lines.append(
+            f"    + {s.session:<24} {n_files:>6} files  {human_bytes(size):>9}  {_where(s, plan.plan_id)}"
+        )
+        if s.raw_labels:
+            lines.append(f"        labels: {_label_line(s)}")
+        if s.mapped_by:
+            lines.append(f"        mapped by: {mapped_by_text(plan, s.mapped_by)}")
+        lines.extend(_route_lines(s))
     if plan.sessions:
         out.append("xnatmigrate will perform the following actions:")
         out.append("")
     for project in sorted(by_project):
-        sessions = by_project[project]
-        files = sum(s.file_count for s in sessions)
-        size = sum(s.bytes for s in sessions)
-        scans = sum(len(s.scans) for s in sessions)
+        lines, (n_sessions, scans, files, size) = by_project[project]
         out.append(
-            f"  project {project}: + {len(sessions)} session(s), {scans} scan(s), {files} file(s), "
+            f"  project {project}: + {n_sessions} session(s), {scans} scan(s), {files} file(s), "
             f"{human_bytes(size)}"
         )
-        for s in sessions:
-            out.append(
-                f"    + {s.session:<24} {s.file_count:>6} files  {human_bytes(s.bytes):>9}  {_where(s, plan.plan_id)}"
-            )
-            if s.raw_labels:
-                out.append(f"        labels: {_label_line(s)}")
-            if s.mapped_by:
-                out.append(f"        mapped by: {mapped_by_text(plan, s.mapped_by)}")
-            out.extend(_route_lines(s))
+        out.extend(lines)
         out.append("")
     if plan.unchanged:
         out.append(f"  unchanged: {len(plan.unchanged)} session(s) already migrated")
@@ -249,7 +257,14 @@ def plan_text(plan: Plan, plan_path: str | None = None, sql_path: str | None = N
         out.append(f"  warning: {w}")
     for skipped in plan.skipped_checks:
         out.append(f"  not checked: {skipped}")
-    c = summary_counts(plan)
+    # The totals of the projects' (summary_counts would read every session again).
+    c = {
+        "sessions": len(plan.sessions),
+        "files": sum(totals[2] for _, totals in by_project.values()),
+        "bytes": sum(totals[3] for _, totals in by_project.values()),
+        "rejected": len(plan.rejected),
+        "unchanged": len(plan.unchanged),
+    }
     out.append("")
     if plan.sessions:
         out.append(

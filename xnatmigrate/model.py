@@ -15,6 +15,7 @@ import json
 import operator
 import os
 import re
+import tempfile
 import weakref
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -300,6 +301,9 @@ class CachedHeader:
     ino: int = -1
     digest: str = ""
     head_digest: str = ""
+    # The header as the cache holds it (JSON text of ``plain_header(header)``), when read from the
+    # cache: a warm scan stores it in its working set as it is instead of encoding it again.
+    header_json: str = field(default="", compare=False, repr=False)
 
 
 _T = TypeVar("_T")
@@ -351,6 +355,37 @@ class HeaderValues(Mapping[str, str]):
 
     def as_dict(self) -> dict[str, str]:
         return dict(zip(self._index, self._values, strict=True))
+
+
+class JsonHeader(Mapping[str, str]):
+    """Header values kept as the JSON text they were stored as, decoded on first use.
+
+    A warm scan checks a cached entry by its columns (size, times, inode, keywords) and stores the
+    text in its working set as it is: most cached headers are never decoded by the scan at all.
+    """
+
+    __slots__ = ("_values", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._values: dict[str, str] | None = None
+
+    def _decoded(self) -> dict[str, str]:
+        if self._values is None:
+            self._values = json.loads(self.text)
+        return self._values
+
+    def __getitem__(self, key: str) -> str:
+        return self._decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __repr__(self) -> str:
+        return f"JsonHeader({self.text!r})"
 
 
 def plain_header(values: Mapping[str, str]) -> dict[str, str]:
@@ -769,11 +804,15 @@ def _canonical_pieces(plan: Plan) -> Iterator[tuple[bytes, bool, bool]]:
             if name == "sessions":
                 # One session per line (the newlines are not hashed: the id is that of the compact
                 # JSON), so ``open_plan`` finds each session without parsing the others.
-                for j, s in enumerate(value):
+                # A plan's own lines (spooled or loaded) are already canonical: copied, not re-encoded.
+                bodies = value.bodies() if isinstance(value, PlanSessions) else None
+                if bodies is None:
+                    bodies = (_encoded(_canonical(_plain(s))) for s in value)
+                for j, body in enumerate(bodies):
                     if j:
                         yield b",", hashed, False
                     yield b"\n", False, False
-                    yield _encoded(_canonical(_plain(s))), hashed, False
+                    yield body, hashed, False
                 yield b"\n", False, False
             else:
                 for j in range(0, len(value), _BATCH):
@@ -976,7 +1015,7 @@ class PlanSessions(Sequence["PlannedSession"]):
     read is kept, so walking the plan and then its groups parses each session about once.
     """
 
-    __slots__ = ("__weakref__", "_digests", "_fd", "_last", "_lengths", "_offsets")
+    __slots__ = ("__weakref__", "_digests", "_fd", "_last", "_lengths", "_offsets", "shells")
 
     def __init__(self, fh: BinaryIO, offsets: array[int], lengths: array[int], digests: bytes) -> None:
         # Its own descriptor, closed with it: the caller may close ``fh``, and a plan written again
@@ -985,6 +1024,8 @@ class PlanSessions(Sequence["PlannedSession"]):
         weakref.finalize(self, os.close, self._fd)
         self._offsets, self._lengths, self._digests = offsets, lengths, digests
         self._last: tuple[int, PlannedSession] | None = None
+        # The sessions without their files, when whoever made the file kept them (``SessionSpool``).
+        self.shells: tuple[PlannedSession, ...] | None = None
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -1003,12 +1044,7 @@ class PlanSessions(Sequence["PlannedSession"]):
         last = self._last
         if last is not None and last[0] == j:
             return last[1]
-        body = os.pread(self._fd, self._lengths[j], self._offsets[j])
-        if _session_digest(body) != self._digests[16 * j : 16 * j + 16]:
-            raise PlanError(
-                "plan.json changed while this plan was being applied (a session's bytes differ from "
-                "those checked when it was loaded); re-run `xnatmigrate plan`, then apply"
-            )
+        body = self._body(j)
         try:
             s = _session_from(json.loads(body))
         except (KeyError, TypeError, ValueError) as exc:
@@ -1020,6 +1056,20 @@ class PlanSessions(Sequence["PlannedSession"]):
         for j in range(len(self._offsets)):
             yield self[j]
 
+    def bodies(self) -> Iterator[bytes]:
+        """Each session's canonical JSON bytes, checked against its digest as ``__getitem__`` does."""
+        for j in range(len(self._offsets)):
+            yield self._body(j)
+
+    def _body(self, j: int) -> bytes:
+        body = os.pread(self._fd, self._lengths[j], self._offsets[j])
+        if _session_digest(body) != self._digests[16 * j : 16 * j + 16]:
+            raise PlanError(
+                "plan.json changed while this plan was being applied (a session's bytes differ from "
+                "those checked when it was loaded); re-run `xnatmigrate plan`, then apply"
+            )
+        return body
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
             return NotImplemented
@@ -1029,6 +1079,53 @@ class PlanSessions(Sequence["PlannedSession"]):
 
     def __repr__(self) -> str:
         return f"PlanSessions({len(self)} sessions)"
+
+
+def session_shell(s: PlannedSession) -> PlannedSession:
+    """``s`` with its scans but without their files: what the reads of a whole plan that need no
+    file (checks, statements, timestamps) hold per session."""
+    return replace(s, scans=tuple(replace(sc, files=()) for sc in s.scans))
+
+
+def shells_of(sessions: Sequence[PlannedSession]) -> Sequence[PlannedSession]:
+    """The sessions without their files (``session_shell``) when the plan holds them so (a plan just
+    spooled), else the sessions: for a pass that reads no file, file_count or bytes."""
+    shells = sessions.shells if isinstance(sessions, PlanSessions) else None
+    return shells if shells is not None else sessions
+
+
+class SessionSpool:
+    """A plan's sessions as they are made, each written at once as its canonical JSON line to an
+    unnamed temporary file (gone when the last reader closes): planning holds one session at a time.
+
+    Invariant: ``sessions()`` reads back exactly what was appended, in order, each line under the
+    digest ``PlanSessions`` checks; the lines are what ``write_plan_json`` writes for those sessions.
+    """
+
+    def __init__(self, dir: str | None = None) -> None:
+        self._fh: BinaryIO = tempfile.TemporaryFile(dir=dir)  # noqa: SIM115 -- closed by sessions()
+        self._offsets, self._lengths, self._digests = array("q"), array("q"), bytearray()
+        self._shells: list[PlannedSession] = []
+
+    def shells(self) -> list[PlannedSession]:
+        return self._shells
+
+    def append(self, session: PlannedSession) -> None:
+        self._shells.append(session_shell(session))
+        body = _encoded(_canonical(_plain(session)))
+        self._offsets.append(self._fh.tell())
+        self._lengths.append(len(body))
+        self._digests += _session_digest(body)
+        self._fh.write(body)
+        self._fh.write(b"\n")
+
+    def sessions(self) -> PlanSessions:
+        """The sessions appended, read from the file when asked for; the spool is closed."""
+        self._fh.flush()
+        out = PlanSessions(self._fh, self._offsets, self._lengths, bytes(self._digests))
+        out.shells = tuple(self._shells)
+        self._fh.close()  # PlanSessions keeps a descriptor of its own
+        return out
 
 
 def xnat_from_dict(d: Mapping[str, Any]) -> XnatTarget:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypedDict
@@ -46,6 +46,7 @@ from .model import (
     UnchangedSession,
     XnatFacts,
     header_digest,
+    session_shell,
     unreachable,
     with_plan_id,
 )
@@ -53,12 +54,71 @@ from .state import AppliedSession
 
 # A file's rendered (raw) label triple: project, subject, session.
 _Raw = tuple[str | None, str | None, str]
-# Files grouped by (source index, StudyInstanceUID), the distinct label triples they render to
-# (one, unless the files disagree) and the lookup rows their labels used. NOTE: a list of files and
-# sets, not a pair per file: 100,000s of files, a few thousand studies.
-_Groups = dict[tuple[int, str], tuple[list[FileHeader], set[_Raw], set[LookupMatch]]]
+# Per (source index, StudyInstanceUID): its first file kept (by path), the paths of its files that
+# `where` or a missing value rejected, the distinct label triples its files render to (one, unless
+# the files disagree) and the lookup rows their labels used. NOTE: no list of files: a study's files
+# are read again from the ``StudySource`` when needed (100,000s of files, a few thousand studies).
+_Groups = dict[tuple[int, str], tuple[FileHeader, frozenset[str], set[_Raw], set[LookupMatch]]]
 # Per study: the first lookup miss of its files (the study is held back, naming it).
 _Misses = dict[tuple[int, str], labels.LookupMiss]
+
+
+class StudySource(Protocol):
+    """The scanned files, one study at a time (``scan.ScanResult``, or ``HeaderStudies`` of a list).
+
+    Re-iterable: ``studies`` may be called more than once, ``files_of`` as often as needed.
+    """
+
+    def studies(self) -> Iterable[tuple[int, str]]:
+        """(source index, StudyInstanceUID) of every study, sorted."""
+        ...
+
+    def files_of(self, source_index: int, study_uid: str) -> Sequence[FileHeader]:
+        """That study's files, sorted by path."""
+        ...
+
+
+class HeaderStudies:
+    """A ``StudySource`` over headers held in memory (tests, small callers)."""
+
+    def __init__(self, headers: Iterable[tuple[int, FileHeader]]) -> None:
+        groups: dict[tuple[int, str], list[FileHeader]] = defaultdict(list)
+        for idx, h in headers:
+            groups[(idx, h.study_uid)].append(h)
+        self._groups = {k: sorted(v, key=lambda h: h.path) for k, v in sorted(groups.items())}
+
+    def studies(self) -> Iterator[tuple[int, str]]:
+        return iter(self._groups)
+
+    def files_of(self, source_index: int, study_uid: str) -> Sequence[FileHeader]:
+        return self._groups.get((source_index, study_uid), [])
+
+
+class SessionSink(Protocol):
+    """Where the planner puts each session as it is made (``model.SessionSpool``: a file, so a plan's
+    sessions are never all in memory); ``sessions()`` gives them back, in order, once all are in."""
+
+    def append(self, session: PlannedSession) -> None: ...
+
+    def sessions(self) -> Sequence[PlannedSession]: ...
+
+    def shells(self) -> Sequence[PlannedSession]:
+        """The sessions appended, each without its files (``model.session_shell``)."""
+        ...
+
+
+class _ListSink:
+    def __init__(self) -> None:
+        self._items: list[PlannedSession] = []
+
+    def append(self, session: PlannedSession) -> None:
+        self._items.append(session)
+
+    def sessions(self) -> tuple[PlannedSession, ...]:
+        return tuple(self._items)
+
+    def shells(self) -> list[PlannedSession]:
+        return [session_shell(s) for s in self._items]
 
 
 class StateReader(Protocol):
@@ -71,7 +131,13 @@ class StateReader(Protocol):
 
     def all_timestamps(self) -> set[str]: ...
 
-    def sessions(self) -> list[AppliedSession]: ...
+    def sessions(self) -> list[AppliedSession]:
+        """The sessions of the ledger; their ``sources`` may be left empty (``sources_of``)."""
+        ...
+
+    def sources_of(self, action_id: str) -> tuple[str, ...]:
+        """The source files of one of them."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +146,8 @@ class _Study:
 
     source: SourceSpec
     study_uid: str
-    files: tuple[FileHeader, ...]
+    first: FileHeader  # its first file by path
+    load: Callable[[], tuple[FileHeader, ...]]  # its files, sorted by path, read again on each call
     project: str | None
     subject: str | None
     session: str
@@ -91,10 +158,15 @@ class _Study:
     def key(self) -> tuple[str | None, str, str]:
         return (self.project, self.session, self.study_uid)
 
+    @property
+    def files(self) -> tuple[FileHeader, ...]:
+        """Read from the ``StudySource`` each time: hold the result only as long as it is used."""
+        return self.load()
+
 
 def build_plan(
     manifest: Manifest,
-    headers: Sequence[tuple[int, FileHeader]],
+    headers: Sequence[tuple[int, FileHeader]] | StudySource,
     scan_rejects: Sequence[Reject],
     state: StateReader,
     facts: XnatFacts,
@@ -115,7 +187,7 @@ def build_plan(
 
 def draft_plan(
     manifest: Manifest,
-    headers: Sequence[tuple[int, FileHeader]],
+    headers: Sequence[tuple[int, FileHeader]] | StudySource,
     scan_rejects: Sequence[Reject],
     state: StateReader,
     facts: XnatFacts,
@@ -125,21 +197,28 @@ def draft_plan(
     secret: str | None = None,
     *,
     anonymise: bool = True,
+    sink: SessionSink | None = None,
 ) -> Plan:
     """``build_plan`` without its ``plan_id`` (""): for a caller that computes the id while it
     writes the plan (``model.write_plan_json``), which is one pass over the plan instead of two.
     ``secret`` is the anonymisation secret (``XNATMIGRATE_ANON_SECRET``) the preview of keyed DicomEdit
     functions needs; the planner reads no environment. ``anonymise=False`` leaves sessions without
-    their scripts (a draft made before XNAT's site script is known)."""
+    their scripts (a draft made before XNAT's site script is known).
+
+    Streams: ``headers`` is read a study at a time when it is a ``StudySource``, and each session goes
+    to ``sink`` as soon as it is made (default: a tuple in memory); what is held across studies is one
+    summary per study and per session without its files.
+    """
+    source = _study_source(headers)
     rejects = list(scan_rejects)
     warnings = list(manifest.warnings) + list(scan_warnings)
     refusals = list(facts.refusals)
     held: list[HeldBack] = []
 
-    groups, misses = _group(manifest, headers, rejects)
-    studies = _resolve_labels(manifest, groups, misses, held)
+    groups, misses = _group(manifest, source, rejects)
+    studies = _resolve_labels(manifest, source, groups, misses, held)
     refusals += _fixed_label_refusals(manifest, groups, studies)
-    del groups  # each study holds its files now
+    del groups
     studies = _drop_incomplete(studies, scan_rejects, held)
     studies = _drop_collisions(studies, held)
     studies = _drop_merged_subjects(studies, held)
@@ -150,7 +229,7 @@ def draft_plan(
     for st in studies:
         prior = applied.get(st.key)
         if prior is not None and prior.status is SessionState.APPLIED:
-            if set(prior.sources) == {f.path for f in st.files}:
+            if set(state.sources_of(prior.action_id)) == {f.path for f in st.files}:
                 unchanged.append(
                     UnchangedSession(st.project, st.session, st.study_uid, f"applied ({prior.action_id})")
                 )
@@ -173,16 +252,27 @@ def draft_plan(
         todo.append(st)
 
     template, template_refusal = site_rules.file_name_template(facts.site, frozenset(scan_keywords))
-    sessions = _make_sessions(manifest, todo, state, facts, now, template)
-    scripts: tuple[PlannedScript, ...] = ()
-    if anonymise:
-        sessions, scripts = _anonymize(manifest, facts, sessions, todo, secret, refusals, held)
+    out = sink if sink is not None else _ListSink()
+    anon = _Anonymiser(manifest, facts, secret, refusals) if anonymise else None
+    copy_bytes = 0
+    for st, s in _make_sessions(manifest, todo, state, facts, now, template):
+        if anon is not None:
+            edited = anon.apply(s, st, held)
+            if edited is None:
+                continue
+            s = edited
+        out.append(s)
+        if isinstance(s, PrearchiveSession) and s.transfer is Transfer.COPY:
+            copy_bytes += s.bytes
+    scripts = anon.finish() if anon is not None else ()
+    # Each session without its files, for the checks over all sessions (none of them reads files).
+    shells = out.shells()
     warnings += _routing_warnings(todo)
-    refusals += _target_refusals(manifest, sessions, facts)
-    site_refusals, site_warnings = site_rules.findings(manifest, sessions, facts.site)
+    refusals += _target_refusals(manifest, shells, facts, copy_bytes)
+    site_refusals, site_warnings = site_rules.findings(manifest, shells, facts.site)
     refusals += site_refusals
     warnings += site_warnings
-    if template_refusal and any(isinstance(s, PrearchiveSession) for s in sessions):
+    if template_refusal and any(isinstance(s, PrearchiveSession) for s in shells):
         refusals.append(template_refusal)
     if refusals:
         raise PlanError("plan refused: " + "; ".join(refusals))
@@ -198,7 +288,7 @@ def draft_plan(
         state_serial=state.serial,
         table_profile=facts.table_profile,
         xnat=manifest.xnat,
-        sessions=tuple(sessions),
+        sessions=out.sessions(),
         unchanged=tuple(sorted(unchanged, key=lambda u: (u.project or "", u.session, u.study_uid))),
         held_back=tuple(held),
         rejected=tuple(sorted(rejects, key=lambda r: r.path)),
@@ -211,66 +301,78 @@ def draft_plan(
     return plan
 
 
-def _anonymize(
-    manifest: Manifest,
-    facts: XnatFacts,
-    sessions: list[PlannedSession],
-    studies: list[_Study],
-    secret: str | None,
-    refusals: list[str],
-    held: list[HeldBack],
-) -> tuple[list[PlannedSession], tuple[PlannedScript, ...]]:
+def _study_source(headers: Sequence[tuple[int, FileHeader]] | StudySource) -> StudySource:
+    return HeaderStudies(headers) if isinstance(headers, Sequence) else headers
+
+
+class _Anonymiser:
     """Each prearchive and C-STORE session of a source with ``anonymization:`` scripts names them and
     shows what they do to its first file; a script XNAT's site would need but did not give, one that
     does not parse, or one that changes what the route relies on as planned (``anonymize.PREARCHIVE_KEPT``,
     ``anonymize.cstore_kept``) refuses the plan; one that fails on a study's first file holds that study
-    back (XNAT would fail its files), so no session that asked for anonymisation goes without it."""
-    wanted = {src.index: src.scripts for src in manifest.sources if src.scripts}
-    if not wanted:
-        return sessions, ()
-    known = {sc.name: sc for sc in manifest.scripts}
-    site_text = facts.site.site_script if facts.site is not None else None
-    if any(anonymize.SITE_SCRIPT_NAME in names for names in wanted.values()):
-        if site_text is None:
-            refusals.append(
-                "anonymization: site needs XNAT's site anonymisation script (GET /xapi/anonymize/site), which "
-                "plan could not read (offline, no xnat.url, or not allowed): plan online, or save the script "
-                "to a file and name that file instead"
+    back (XNAT would fail its files), so no session that asked for anonymisation goes without it.
+
+    One session at a time (``apply``), then ``finish`` for the refusals that need them all and the
+    scripts the plan pins."""
+
+    def __init__(self, manifest: Manifest, facts: XnatFacts, secret: str | None, refusals: list[str]) -> None:
+        self.refusals, self.secret = refusals, secret
+        self.wanted = {src.index: src.scripts for src in manifest.sources if src.scripts}
+        self.known = {sc.name: sc for sc in manifest.scripts}
+        self.chains: dict[int, dicomedit.ScriptChain] = {}
+        self.renaming: dict[int, tuple[list[str], PrearchiveSession | CstoreSession]] = {}
+        self.used: set[str] = set()
+        self.active = self._prepare(facts)
+
+    def _prepare(self, facts: XnatFacts) -> bool:
+        if not self.wanted:
+            return False
+        site_text = facts.site.site_script if facts.site is not None else None
+        if any(anonymize.SITE_SCRIPT_NAME in names for names in self.wanted.values()):
+            if site_text is None:
+                self.refusals.append(
+                    "anonymization: site needs XNAT's site anonymisation script (GET /xapi/anonymize/site), "
+                    "which plan could not read (offline, no xnat.url, or not allowed): plan online, or save "
+                    "the script to a file and name that file instead"
+                )
+                return False
+            self.known[anonymize.SITE_SCRIPT_NAME] = PlannedScript(
+                anonymize.SITE_SCRIPT_NAME, hashlib.sha256(site_text.encode("utf-8")).hexdigest(), site_text
             )
-            return sessions, ()
-        known[anonymize.SITE_SCRIPT_NAME] = PlannedScript(
-            anonymize.SITE_SCRIPT_NAME, hashlib.sha256(site_text.encode("utf-8")).hexdigest(), site_text
-        )
-    chains: dict[int, dicomedit.ScriptChain] = {}
-    for idx, names in sorted(wanted.items()):
-        try:
-            chains[idx] = anonymize.chain_of(names, known)
-        except DicomEditError as exc:
-            refusals.append(f"sources[{idx}].anonymization: {exc}")
-    if len(chains) != len(wanted):
-        return sessions, ()
-    out: list[PlannedSession] = []
-    renaming: dict[int, tuple[list[str], PrearchiveSession | CstoreSession]] = {}
-    for s, st in zip(sessions, studies, strict=True):
-        chain = chains.get(s.source_index)
+        for idx, names in sorted(self.wanted.items()):
+            try:
+                self.chains[idx] = anonymize.chain_of(names, self.known)
+            except DicomEditError as exc:
+                self.refusals.append(f"sources[{idx}].anonymization: {exc}")
+        return len(self.chains) == len(self.wanted)
+
+    def apply(self, s: PlannedSession, st: _Study, held: list[HeldBack]) -> PlannedSession | None:
+        """``s`` with its scripts named and previewed; None when held back (the script fails)."""
+        chain = self.chains.get(s.source_index) if self.active else None
         if chain is None or isinstance(s, InboxSession):  # inbox: refused by the manifest
-            out.append(s)
-            continue
+            return s
         kept = anonymize.cstore_kept(s.routing) if isinstance(s, CstoreSession) else anonymize.PREARCHIVE_KEPT
         try:
             edits, renamed = anonymize.preview(
-                chain, st.files[0].values, anonymize.variables(s.project, s.subject, s.session), secret, kept
+                chain,
+                st.first.values,
+                anonymize.variables(s.project, s.subject, s.session),
+                self.secret,
+                kept,
             )
         except DicomEditError as exc:
-            held.append(_held(st, f"the anonymisation script fails on {st.files[0].path}: {exc}"))
-            continue
+            held.append(_held(st, f"the anonymisation script fails on {st.first.path}: {exc}"))
+            return None
         if renamed:
-            renaming.setdefault(s.source_index, (renamed, s))
-        out.append(replace(s, anonymize=wanted[s.source_index], anonymized=edits))
-    for idx, (renamed, s) in sorted(renaming.items(), key=lambda kv: kv[0]):
-        refusals.append(_renaming_refusal(idx, renamed, s))
-    used = sorted({n for s in out if not isinstance(s, InboxSession) for n in s.anonymize})
-    return out, tuple(known[n] for n in used)
+            self.renaming.setdefault(s.source_index, (renamed, s))
+        names = self.wanted[s.source_index]
+        self.used.update(names)
+        return replace(s, anonymize=names, anonymized=edits)
+
+    def finish(self) -> tuple[PlannedScript, ...]:
+        for idx, (renamed, s) in sorted(self.renaming.items(), key=lambda kv: kv[0]):
+            self.refusals.append(_renaming_refusal(idx, renamed, s))
+        return tuple(self.known[n] for n in sorted(self.used))
 
 
 def _renaming_refusal(idx: int, renamed: list[str], s: PrearchiveSession | CstoreSession) -> str:
@@ -302,10 +404,8 @@ def _renaming_refusal(idx: int, renamed: list[str], s: PrearchiveSession | Cstor
 # --------------------------------------------------------------------------------------------
 
 
-def _group(
-    manifest: Manifest, headers: Iterable[tuple[int, FileHeader]], rejects: list[Reject]
-) -> tuple[_Groups, _Misses]:
-    """Filter by ``where``, render labels per file, group by (source, StudyInstanceUID)."""
+def _group(manifest: Manifest, source: StudySource, rejects: list[Reject]) -> tuple[_Groups, _Misses]:
+    """Filter by ``where``, render labels per file, summarise each (source, StudyInstanceUID)."""
     groups: _Groups = {}
     misses: _Misses = {}
     tables = manifest.lookup_tables
@@ -316,35 +416,51 @@ def _group(
         )
         for src in manifest.sources
     }
-    for idx, h in headers:
+    for idx, uid in source.studies():
         src = manifest.sources[idx]
-        why = _where_mismatch(src, h, tables)
-        if why:
-            rejects.append(Reject(h.path, f"filtered out by where: {why}"))
-            continue
-        matches: tuple[LookupMatch, ...] = ()
-        try:
-            raw = (
-                labels.render(src.project, h.values, tables) if src.project is not None else None,
-                labels.render(src.subject, h.values, tables) if src.subject is not None else None,
-                labels.render(src.session, h.values, tables),
-            )
-            for template in mapping[idx]:
-                matches += labels.lookup_matches(template, h.values, tables)
-        except labels.LookupMiss as exc:
-            misses.setdefault((idx, h.study_uid), exc)
-            raw = None
-        except labels.MissingValue as exc:
-            rejects.append(Reject(h.path, str(exc)))
-            continue
-        group = groups.get((idx, h.study_uid))
-        if group is None:
-            group = groups[(idx, h.study_uid)] = ([], set(), set())
-        group[0].append(h)
-        if raw is not None:
-            group[1].add(raw)
-            group[2].update(matches)
+        first: FileHeader | None = None
+        dropped: set[str] = set()
+        raws: set[_Raw] = set()
+        found: set[LookupMatch] = set()
+        for h in source.files_of(idx, uid):
+            why = _where_mismatch(src, h, tables)
+            if why:
+                rejects.append(Reject(h.path, f"filtered out by where: {why}"))
+                dropped.add(h.path)
+                continue
+            matches: tuple[LookupMatch, ...] = ()
+            try:
+                raw: _Raw | None = (
+                    labels.render(src.project, h.values, tables) if src.project is not None else None,
+                    labels.render(src.subject, h.values, tables) if src.subject is not None else None,
+                    labels.render(src.session, h.values, tables),
+                )
+                for template in mapping[idx]:
+                    matches += labels.lookup_matches(template, h.values, tables)
+            except labels.LookupMiss as exc:
+                misses.setdefault((idx, uid), exc)
+                raw = None
+            except labels.MissingValue as exc:
+                rejects.append(Reject(h.path, str(exc)))
+                dropped.add(h.path)
+                continue
+            if first is None:
+                first = h
+            if raw is not None:
+                raws.add(raw)
+                found.update(matches)
+        if first is not None:
+            groups[(idx, uid)] = (first, frozenset(dropped), raws, found)
     return groups, misses
+
+
+def _loader(
+    source: StudySource, idx: int, uid: str, dropped: frozenset[str]
+) -> Callable[[], tuple[FileHeader, ...]]:
+    """The files of one study that ``_group`` kept, read again from ``source`` on each call."""
+    if not dropped:
+        return lambda: tuple(source.files_of(idx, uid))
+    return lambda: tuple(h for h in source.files_of(idx, uid) if h.path not in dropped)
 
 
 def _where_mismatch(src: SourceSpec, h: FileHeader, tables: dict[str, LookupTable]) -> str | None:
@@ -366,17 +482,18 @@ def _where_mismatch(src: SourceSpec, h: FileHeader, tables: dict[str, LookupTabl
 
 def _resolve_labels(
     manifest: Manifest,
+    source: StudySource,
     groups: _Groups,
     misses: _Misses,
     held: list[HeldBack],
 ) -> list[_Study]:
     """One label triple per study, sanitised as XNAT does (Labels.toLabelChars, §6)."""
     studies = []
-    for (idx, uid), (members, raws, matches) in sorted(groups.items()):
-        files = tuple(sorted(members, key=lambda h: h.path))
+    for (idx, uid), (first, dropped, raws, matches) in sorted(groups.items()):
+        load = _loader(source, idx, uid, dropped)
         miss = misses.get((idx, uid))
         if miss is not None:
-            held.append(HeldBack(None, None, uid, str(miss), tuple(h.path for h in files)))
+            held.append(HeldBack(None, None, uid, str(miss), tuple(h.path for h in load())))
             continue
         distinct = sorted(raws, key=str)
         if len(distinct) > 1:
@@ -388,7 +505,7 @@ def _resolve_labels(
                     uid,
                     f"files of study {uid} disagree on the values its labels use "
                     f"({shown}{', …' if len(distinct) > 3 else ''})",
-                    tuple(h.path for h in files),
+                    tuple(h.path for h in load()),
                 )
             )
             continue
@@ -411,7 +528,7 @@ def _resolve_labels(
                     session or None,
                     uid,
                     f"a label of study {uid} renders empty ({'/'.join(x or '∅' for x in distinct[0])})",
-                    tuple(h.path for h in files),
+                    tuple(h.path for h in load()),
                 )
             )
             continue
@@ -419,7 +536,8 @@ def _resolve_labels(
             _Study(
                 manifest.sources[idx],
                 uid,
-                files,
+                first,
+                load,
                 project,
                 subject or None,
                 session,
@@ -590,16 +708,16 @@ def _make_sessions(
     facts: XnatFacts,
     now: datetime,
     template: str = labels.XNAT_FILE_NAME_TEMPLATE,
-) -> list[PlannedSession]:
+) -> Iterator[tuple[_Study, PlannedSession]]:
+    """Each study's session, in the order of ``studies``, made one at a time."""
     taken = set(facts.taken_timestamps) | state.all_timestamps()
     zone = manifest.xnat.timezone or facts.local_timezone or ""
     clock = now.replace(microsecond=(now.microsecond // 1000) * 1000)
-    out: list[PlannedSession] = []
     for st in studies:
         method = st.source.method
         match method:
             case Method.CSTORE:
-                out.append(_cstore_session(st, template, site_rules.direct_archive(manifest, facts.site)))
+                yield st, _cstore_session(st, template, site_rules.direct_archive(manifest, facts.site))
             case Method.PREARCHIVE:
                 ts = state.timestamp_for(st.project, st.session, st.study_uid)
                 if ts is None:
@@ -607,12 +725,11 @@ def _make_sessions(
                         clock += timedelta(milliseconds=1)
                     ts = xnat_table.timestamp_folder(clock)
                     taken.add(ts)
-                out.append(_prearchive_session(manifest, st, ts, zone, template))
+                yield st, _prearchive_session(manifest, st, ts, zone, template)
             case Method.INBOX:
-                out.append(_inbox_session(manifest, st, template))
+                yield st, _inbox_session(manifest, st, template)
             case _:
                 unreachable(method)
-    return out
 
 
 def _scans(st: _Study, template: str) -> tuple[PlannedScan, ...]:
@@ -660,7 +777,7 @@ def _prearchive_session(
     root = manifest.xnat.prearchive or ""
     url_root = (manifest.xnat.url_root or root).rstrip("/")
     rel = f"{st.project}/{ts}/{st.session}" if st.project else f"{ts}/{st.session}"
-    first = st.files[0]
+    first = st.first
     scan_date, scan_time = _scan_date(first.get("StudyDate"), first.get("StudyTime"))
     url = f"{url_root}/{rel}"
     row: dict[str, Any] = {
@@ -739,12 +856,14 @@ def _cstore_session(st: _Study, template: str, direct: bool) -> CstoreSession:
     if src.routing is not Routing.NONE:
         line = labels.routing_line(project, subject, session)
     else:
-        project, subject, session = labels.predict_route(st.files[0].values)
+        project, subject, session = labels.predict_route(st.first.values)
+    fields = _study_fields(st, template)
     contexts: dict[str, set[str]] = defaultdict(set)
-    for h in st.files:
-        contexts[h.sop_class_uid].add(h.transfer_syntax)
+    for scan in fields["scans"]:  # the study's files, read once for its scans
+        for f in scan.files:
+            contexts[f.sop_class_uid].add(f.transfer_syntax)
     return CstoreSession(
-        **_study_fields(st, template),
+        **fields,
         action_id=_action_id(Method.CSTORE, project, session, st.study_uid),
         project=project,
         subject=subject,
@@ -825,7 +944,7 @@ def _scan_date(study_date: str | None, study_time: str | None) -> tuple[str | No
 _INBOX_LABEL_MAX = 255 - len("xnatmigrate-") - 12 - 1
 
 
-def _inbox_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
+def _inbox_refusals(manifest: Manifest, sessions: Sequence[PlannedSession], facts: XnatFacts) -> list[str]:
     """What XNAT's inbox importer would refuse (DicomInboxImporter.call), refused before anything is staged."""
     inbox = [s for s in sessions if isinstance(s, InboxSession)]
     if not inbox:
@@ -874,7 +993,11 @@ def _inbox_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: X
     return list(dict.fromkeys(out))
 
 
-def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: XnatFacts) -> list[str]:
+def _target_refusals(
+    manifest: Manifest, sessions: Sequence[PlannedSession], facts: XnatFacts, copy_bytes: int
+) -> list[str]:
+    """``copy_bytes``: what the prearchive sessions with ``transfer: copy`` copy (``sessions`` may
+    come without their files)."""
     out: list[str] = _inbox_refusals(manifest, sessions, facts)
     pre = [s for s in sessions if isinstance(s, PrearchiveSession)]
     if not pre:
@@ -882,7 +1005,6 @@ def _target_refusals(manifest: Manifest, sessions: list[PlannedSession], facts: 
     root = manifest.xnat.prearchive
     if facts.prearchive_writable is False:
         out.append(f"the prearchive {root} is missing or not writable by this user; fix xnat.prearchive")
-    copy_bytes = sum(s.bytes for s in pre if s.transfer is Transfer.COPY)
     if facts.free_bytes is not None and copy_bytes > facts.free_bytes:
         out.append(
             f"not enough free space in {root}: {copy_bytes / 1e9:.2f} GB to copy, "

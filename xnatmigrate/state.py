@@ -27,7 +27,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from .model import (
     CachedHeader,
     CstoreSession,
     InboxSession,
+    JsonHeader,
     Method,
     Outcome,
     PlannedSession,
@@ -79,6 +80,50 @@ def _decode_each(texts: list[str]) -> list[Any]:
     if len(out) == len(texts):
         return out
     return [json.loads(t) for t in texts]
+
+
+_CACHE_COLUMNS = (
+    "path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest, head_digest"
+)
+
+
+class _CacheRows:
+    """Rows of ``scan_cache`` (``_CACHE_COLUMNS``) → ``CachedHeader``; equal keys and values of the
+    headers are one object (``ValuePool``) across the calls of one instance. ``lazy``: each header a
+    ``JsonHeader`` of its stored text, decoded only if it is read (a scan's batch, mostly not)."""
+
+    def __init__(self, *, lazy: bool = False) -> None:
+        # Every entry of one scan shares its keyword list: decode each distinct list once.
+        self.keyword_sets: dict[str, frozenset[str]] = {}
+        self.pool = ValuePool()
+        self.sizes: dict[int, int] = {}  # few distinct sizes (a series' images are alike): one int each
+        self.lazy = lazy
+
+    def __call__(self, rows: list[Any]) -> Iterator[CachedHeader]:
+        keyword_sets, sizes, loads = self.keyword_sets, self.sizes, json.loads
+        share, text = self.pool.values, self.pool.text
+        texts = [r[5] for r in rows if r[5] is not None]
+        headers = iter(map(JsonHeader, texts) if self.lazy else map(share, _decode_each(texts)))
+        for path, size, mtime, kw, ts, header, reject, ctime, ino, digest, head in rows:
+            keywords = keyword_sets.get(kw)
+            if keywords is None:
+                keywords = keyword_sets[kw] = frozenset(loads(kw))
+            if isinstance(path, bytes):  # a name that is not UTF-8 (Database.fs_text)
+                path = os.fsdecode(path)
+            yield CachedHeader(
+                path,
+                sizes.setdefault(size, size),
+                mtime,
+                keywords,
+                text(ts) if ts is not None else None,
+                next(headers) if header is not None else None,
+                py_text(reject),
+                -1 if ctime is None else mtime if ctime == mtime else ctime,  # often equal: one int
+                -1 if ino is None else ino,
+                digest or "",
+                head or "",
+                header or "",
+            )
 
 
 def now_iso() -> str:
@@ -137,7 +182,11 @@ class StateView:
         return self._store.all_timestamps()
 
     def sessions(self) -> list[AppliedSession]:
-        return self._store.sessions()
+        """Without their ``sources`` (every applied file's path): ``sources_of`` reads one's."""
+        return self._store.sessions(with_sources=False)
+
+    def sources_of(self, action_id: str) -> tuple[str, ...]:
+        return self._store.sources_of(action_id)
 
 
 _INSERT_STEP = "INSERT INTO steps (action_id, step, outcome, detail, at) VALUES (?, ?, ?, ?, ?)"
@@ -384,41 +433,31 @@ class StateStore:
         over.
         """
         out: dict[str, CachedHeader] = {}
-        # Every entry of one scan shares its keyword list: decode each distinct list once.
-        keyword_sets: dict[str, frozenset[str]] = {}
-        loads = json.loads
-        pool = ValuePool()
-        share, text = pool.values, pool.text
-        sizes: dict[int, int] = {}  # few distinct sizes (a series' images are alike): one int each
-        cur = self.db.execute(
-            "SELECT path, size, mtime_ns, keywords, transfer_syntax, header, reject, ctime_ns, ino, digest, "
-            "head_digest "
-            "FROM scan_cache"
-        )
+        decode = _CacheRows()
+        cur = self.db.execute(f"SELECT {_CACHE_COLUMNS} FROM scan_cache")
         while True:
             rows = cur.fetchmany(_CACHE_BATCH)  # in batches: 100,000s of rows, one fetch call per batch
             if not rows:
                 return out
-            headers = iter(_decode_each([r[5] for r in rows if r[5] is not None]))
-            for path, size, mtime, kw, ts, header, reject, ctime, ino, digest, head in rows:
-                keywords = keyword_sets.get(kw)
-                if keywords is None:
-                    keywords = keyword_sets[kw] = frozenset(loads(kw))
-                if isinstance(path, bytes):  # a name that is not UTF-8 (Database.fs_text)
-                    path = os.fsdecode(path)
-                out[path] = CachedHeader(
-                    path,
-                    sizes.setdefault(size, size),
-                    mtime,
-                    keywords,
-                    text(ts) if ts is not None else None,
-                    share(next(headers)) if header is not None else None,
-                    py_text(reject),
-                    -1 if ctime is None else mtime if ctime == mtime else ctime,  # often equal: one int
-                    -1 if ino is None else ino,
-                    digest or "",
-                    head or "",
-                )
+            for e in decode(rows):
+                out[e.path] = e
+
+    def cache_get(self, paths: Sequence[str]) -> dict[str, CachedHeader]:
+        """The entries of those of ``paths`` the cache has (a scan's batch: ``scan.ScanCache``),
+        decoded as ``cache_all`` does, looked up ``_STATES_BATCH`` paths per statement."""
+        out: dict[str, CachedHeader] = {}
+        decode = _CacheRows(lazy=True)  # per call: what it shares lives as long as the batch
+        fs_text = self.db.fs_text
+        for i in range(0, len(paths), _STATES_BATCH):
+            chunk = paths[i : i + _STATES_BATCH]
+            marks = ", ".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT {_CACHE_COLUMNS} FROM scan_cache WHERE path IN ({marks})",
+                tuple(fs_text(p) for p in chunk),
+            ).fetchall()
+            for e in decode(rows):
+                out[e.path] = e
+        return out
 
     def cache_put(self, entries: Iterable[CachedHeader]) -> None:
         fs_text = self.db.fs_text
@@ -564,10 +603,20 @@ class StateStore:
         rows = self.db.execute("SELECT action_id FROM sessions WHERE status = ?", (SessionState.APPLIED,))
         return {r[0] for r in rows.fetchall()}
 
-    def sessions(self) -> list[AppliedSession]:
+    def sources_of(self, action_id: str) -> tuple[str, ...]:
+        """The source files of a session an apply started (() for one the ledger does not have)."""
+        row = self.db.execute(
+            "SELECT sources_json FROM sessions WHERE action_id = ?", (action_id,)
+        ).fetchone()
+        return tuple(json.loads(row[0])) if row is not None else ()
+
+    def sessions(self, *, with_sources: bool = True) -> list[AppliedSession]:
+        """Every session an apply started; ``with_sources=False`` leaves ``sources`` empty (a large
+        ledger's paths are every file it migrated)."""
+        sources = "sources_json" if with_sources else "'[]'"
         rows = self.db.execute(
             "SELECT s.action_id, plan_id, method, project, subject, session, study_uid, timestamp, "
-            "session_dir, url, prearchive_uri, row_json, files, bytes, sources_json, status, "
+            f"session_dir, url, prearchive_uri, row_json, files, bytes, {sources}, status, "
             "t.target_json, t.build, t.archive "
             "FROM sessions s LEFT JOIN session_targets t ON t.action_id = s.action_id "
             "ORDER BY project NULLS FIRST, session, study_uid"

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 from . import xnat_table
-from .model import Plan, PrearchiveSession
+from .model import Plan, PrearchiveSession, shells_of
 from .render import Statement, render_script, render_statement, render_statements
 
 _BOOL_COLUMNS = frozenset({"prevent_anon", "prevent_auto_commit"})
@@ -98,14 +98,16 @@ def delete_row(project: str | None, timestamp: str, foldername: str) -> Statemen
 
 def plan_script(plan: Plan) -> str:
     """plan.sql: one transaction holding every statement apply will run, values as literals."""
-    rows = [s for s in plan.sessions if isinstance(s, PrearchiveSession)]
+    # One session at a time (a plan's sessions may be read from its file): the statements are
+    # held, the sessions and their files are not.
+    statements = [insert_session(s) for s in shells_of(plan.sessions) if isinstance(s, PrearchiveSession)]
     return (
         render_script(
             "plan.sql.j2",
             plan=plan,
-            rows=len(rows),
-            cstore=len(plan.sessions) - len(rows),
-            statements=[insert_session(s) for s in rows],
+            rows=len(statements),
+            cstore=len(plan.sessions) - len(statements),
+            statements=statements,
         ).rstrip()
         + "\n"
     )

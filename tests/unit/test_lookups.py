@@ -42,6 +42,9 @@ class NoState:
     def all_timestamps(self):
         return set()
 
+    def sources_of(self, action_id):
+        return next((s.sources for s in self.sessions() if s.action_id == action_id), ())
+
     def sessions(self):
         return []
 

@@ -42,6 +42,9 @@ class FakeState:
     def all_timestamps(self):
         return set(self._ts.values())
 
+    def sources_of(self, action_id):
+        return next((s.sources for s in self.sessions() if s.action_id == action_id), ())
+
     def sessions(self):
         return self._sessions
 
@@ -381,3 +384,74 @@ def test_a_study_with_a_broken_file_in_its_folder_is_held_back(reason):
     assert any(r.path == "/src/s1/a" and r.reason.startswith("held back:") for r in p.rejected)
     partial = plan_of(manifest(src(allow_partial_studies=True)), hs, rejects=broken)
     assert sorted(s.study_uid for s in partial.sessions) == ["1.1", "1.2"]
+
+
+class _CountingStudies:
+    """A ``StudySource`` that counts how often each study's files are read, as the scan's is."""
+
+    def __init__(self, headers):
+        from xnatmigrate.planner import HeaderStudies
+
+        self._inner = HeaderStudies(headers)
+        self.reads: dict[tuple[int, str], int] = {}
+
+    def studies(self):
+        return self._inner.studies()
+
+    def files_of(self, idx, uid):
+        self.reads[(idx, uid)] = self.reads.get((idx, uid), 0) + 1
+        return self._inner.files_of(idx, uid)
+
+
+def test_a_plan_streamed_study_by_study_into_a_spool_is_the_plan_held_in_memory(tmp_path):
+    import io
+    import os
+
+    from xnatmigrate.model import PlanSessions, SessionSpool, open_plan, write_plan_json
+    from xnatmigrate.planner import draft_plan
+
+    m = manifest(
+        src(where=(("Modality", ("MR",)),)),
+        src(source="/src2", method="cstore", session="{{ PatientID }}_{{ StudyDate }}"),
+    )
+    hs = [
+        (0, header("/src/b", inst="2")),
+        (0, header("/src/a")),
+        (0, header("/src/c", study="9.9", series="9.9.1", PatientID="P2")),
+        (0, header("/src/d", study="9.9", series="9.9.2", number="2", PatientID="P2", Modality="CT")),
+        (1, header("/src2/x", study="7.7", series="7.7.1", PatientID="P3")),
+        (1, header("/src2/y", study="7.7", series="7.7.1", inst="2", PatientID="P3")),
+    ]
+    held = build_plan(m, hs, [], FakeState(), XnatFacts(), NOW)
+    source = _CountingStudies(hs)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    streamed = draft_plan(m, source, [], FakeState(), XnatFacts(), NOW, sink=SessionSpool(str(spool_dir)))
+    assert isinstance(streamed.sessions, PlanSessions) and len(streamed.sessions) == 3
+    assert list(streamed.sessions) == list(held.sessions)
+    assert streamed.rejected == held.rejected and "filtered out by where" in held.rejected[0].reason
+    # Once to group and once to make the session: never kept, so read again when needed.
+    assert source.reads == {(0, "1.2.3"): 2, (0, "9.9"): 2, (1, "7.7"): 2}
+    a, b = io.BytesIO(), io.BytesIO()
+    assert write_plan_json(streamed, a) == held.plan_id == write_plan_json(held, b)
+    assert a.getvalue() == b.getvalue()
+    (tmp_path / "plan.json").write_bytes(a.getvalue())
+    with (tmp_path / "plan.json").open("rb") as fh:
+        assert open_plan(fh).sessions == held.sessions
+    assert os.listdir(spool_dir) == []  # the spool is an unnamed file
+
+
+def test_the_spool_refuses_a_session_changed_on_disk(tmp_path):
+    import os
+
+    from xnatmigrate.model import SessionSpool
+
+    spool = SessionSpool(str(tmp_path))
+    p = plan_of(manifest(src()), [header("/src/a")])
+    spool.append(p.sessions[0])
+    sessions = sessions_read = spool.sessions()
+    os.pwrite(sessions._fd, b"X", 2)
+    with pytest.raises(PlanError, match="changed while this plan was being applied"):
+        sessions_read[0]
+    with pytest.raises(PlanError):
+        list(sessions.bodies())

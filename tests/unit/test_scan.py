@@ -644,11 +644,19 @@ def test_cache_hit_reads_no_contents(tmp_path: Path, monkeypatch: pytest.MonkeyP
     first = scan_sources(m, KW, jobs=1)
     cache = {e.path: e for e in first.cache_updates}
 
-    def boom(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("a cached file was opened")
+    real_os_open, real_open = os.open, builtins.open
 
-    monkeypatch.setattr(os, "open", boom)
-    monkeypatch.setattr(builtins, "open", boom)
+    def guard(real: Any) -> Any:
+        # Only the source's files: the scan's working set is a temporary file of its own.
+        def boom(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if os.fspath(path).startswith(str(tmp_path / "src")):
+                raise AssertionError("a cached file was opened")
+            return real(path, *args, **kwargs)
+
+        return boom
+
+    monkeypatch.setattr(os, "open", guard(real_os_open))
+    monkeypatch.setattr(builtins, "open", guard(real_open))
     again = scan_sources(m, KW, cache=cache, jobs=1)
     monkeypatch.undo()
     assert again.cache_hits == 7 and again.cache_updates == ()
@@ -853,3 +861,135 @@ def test_head_digest_survives_the_scan_cache(tmp_path: Path) -> None:
     assert warm.cache_hits == 1
     [(_, h)] = warm.headers
     assert h.head_digest and h.head_digest == cold.headers[0][1].head_digest
+
+
+# --------------------------------------------------------------------------------------------
+# The working set: studies one at a time, batches, the StateStore as the cache
+# --------------------------------------------------------------------------------------------
+
+
+def _two_sources(root: Path) -> Manifest:
+    """Two corpora (one with nuisances: copies of a SOPInstanceUID), a copy of a file of the first in
+    the second, and a third source inside the first (its files belong to the first)."""
+    from xnatmigrate.testing.corpus import CorpusSpec, build_corpus
+
+    a = build_corpus(root / "a", CorpusSpec(patients=2, images_per_series=3, rows=8, seed=3, nuisances=True))
+    build_corpus(root / "b", CorpusSpec(patients=2, images_per_series=3, rows=8, seed=4))
+    first = next(f for f in a if f.kind == "image")
+    (root / "b" / "copy.dcm").write_bytes(first.path.read_bytes())
+    inner = first.path.parent
+    return manifest(root / "a", root / "b", inner)
+
+
+def _by_study(result: sources.ScanResult) -> tuple[tuple[int, Any], ...]:
+    return tuple((i, h) for i, uid in result.studies() for h in result.files_of(i, uid))
+
+
+def test_studies_and_files_of_agree_with_headers(tmp_path: Path) -> None:
+    with scan_sources(_two_sources(tmp_path), KW, jobs=1) as result:
+        headers = result.headers
+        assert len(headers) == result.kept_count > 12
+        assert tuple(sorted(_by_study(result), key=lambda ih: (ih[0], ih[1].path))) == headers
+        studies = list(result.studies())
+        assert studies == sorted({(i, h.study_uid) for i, h in headers}) and len(studies) >= 4
+        assert result.study_uids() == sorted({h.study_uid for _, h in headers})
+        for i, uid in studies:
+            files = result.files_of(i, uid)
+            assert [h.path for h in files] == sorted(h.path for h in files)
+            assert all(h.study_uid == uid for h in files)
+        assert {i for i, _ in headers} == {0, 1}  # the third source's files belong to the first
+        assert len(result.warnings) == 1 and "sources[0] and sources[2]" in result.warnings[0]
+        dups = [r for r in result.rejects if r.reason.startswith("duplicate:")]
+        assert any(r.path.endswith("copy.dcm") and "identical content" in r.reason for r in dups)
+        assert len(dups) == 3
+        kept, rejected = [h.path for _, h in headers], [r.path for r in result.rejects]
+        assert len(set(kept + rejected)) == len(kept) + len(rejected) == result.files_seen
+
+
+def test_the_result_does_not_depend_on_jobs_or_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = _two_sources(tmp_path)
+    big = scan_sources(m, KW, jobs=1)
+    monkeypatch.setattr(sources, "BATCH", 5)
+    monkeypatch.setattr(sources, "_WALK_CHUNK", 3)
+    monkeypatch.setattr(sources, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(sources, "_CHUNK_MIN", 2)
+    calls: list[tuple[int, int]] = []
+    small = scan_sources(m, KW, jobs=1)
+    parallel = scan_sources(m, KW, jobs=2, progress=lambda d, t: calls.append((d, t)))
+    assert big == small == parallel
+    assert _by_study(big) == _by_study(parallel)
+    assert calls[0] == (0, big.files_seen) and calls[-1] == (big.files_seen,) * 2 and calls == sorted(calls)
+    warm = scan_sources(m, KW, cache={e.path: e for e in big.cache_updates}, jobs=2)
+    assert warm.cache_hits == big.files_seen and (warm.headers, warm.rejects) == (big.headers, big.rejects)
+    for r in (big, small, parallel, warm):
+        r.close()
+
+
+def test_a_warm_scan_through_the_state_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from xnatmigrate.state import StateStore
+
+    monkeypatch.setattr(sources, "BATCH", 7)
+    m = _two_sources(tmp_path / "src")
+    with StateStore(tmp_path / "state") as store, scan_sources(m, KW, cache=store, jobs=1) as cold:
+        assert cold.cache_updates == () and cold.cache_hits == 0
+        written = store.cache_all()
+        assert len(written) == cold.files_seen  # every file read, none unreadable
+        with scan_sources(m, KW, jobs=1) as plain:
+            assert (cold.headers, cold.rejects) == (plain.headers, plain.rejects)
+            assert written == {e.path: e for e in plain.cache_updates}
+        # An older cache without digests: a warm scan uses it and writes them back.
+        store.cache_put(replace(e, digest="") for e in written.values())
+        with scan_sources(m, KW, cache=store, jobs=1) as warm:
+            assert warm.cache_hits == cold.files_seen and warm.cache_updates == ()
+            assert (warm.headers, warm.rejects, warm.warnings) == (cold.headers, cold.rejects, cold.warnings)
+        assert store.cache_all() == written
+        # With the digests: each cached header's text goes to the working set undecoded.
+        with scan_sources(m, KW, cache=store, jobs=1) as again:
+            assert again.cache_hits == cold.files_seen
+            assert (again.headers, again.rejects) == (cold.headers, cold.rejects)
+            assert list(again.studies()) == list(cold.studies())
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["1.2.3", 'odd"quote', "back\\slash", "ünï", "lone\udcff", 'both\\"', ""],
+)
+def test_a_uid_is_read_from_the_header_text_as_decoding_it_would(uid: str) -> None:
+    from xnatmigrate.model import FileHeader, JsonHeader, json_text
+    from xnatmigrate.scan import workset
+
+    uid = uid.encode().decode("unicode_escape") if "\\u" in uid else uid
+    values = {
+        "PatientComments": '"SOPInstanceUID": "decoy", \\"StudyInstanceUID\\": "no"',
+        "SOPInstanceUID": uid,
+        "StudyInstanceUID": uid + ".9",
+    }
+    for text in (json_text(values), json_text(values, sort_keys=True, separators=(",", ":"))):
+        lazy = JsonHeader(text)
+        h = FileHeader("/x", 1, 1, "", lazy)
+        assert workset._uid(h, text, "SOPInstanceUID") == uid
+        assert workset._uid(h, text, "StudyInstanceUID") == uid + ".9"
+        assert lazy == values
+
+
+def test_the_working_set_is_removed_on_close(tmp_path: Path) -> None:
+    import gc
+
+    corpus(tmp_path / "src")
+    work = tmp_path / "work"
+    work.mkdir()
+    result = scan_sources(manifest(tmp_path / "src"), KW, jobs=1, workdir=str(work))
+    assert len(list(work.iterdir())) == 1 and result.kept_count == 6
+    result.close()
+    result.close()  # twice is fine
+    assert list(work.iterdir()) == []
+    with scan_sources(manifest(tmp_path / "src"), KW, jobs=1, workdir=str(work)):
+        assert len(list(work.iterdir())) == 1
+    assert list(work.iterdir()) == []
+    scan_sources(manifest(tmp_path / "src"), KW, jobs=1, workdir=str(work))  # dropped unclosed
+    gc.collect()
+    assert list(work.iterdir()) == []

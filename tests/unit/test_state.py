@@ -18,6 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import fresh_schema, state_url_of
+from xnatmigrate import state
 from xnatmigrate.errors import LockedError, StateError
 from xnatmigrate.state import STATE_FORMAT, CachedHeader, StateStore
 
@@ -210,6 +211,25 @@ def test_a_path_that_is_not_utf8_round_trips(ledger):
         assert st.cache_all() == {path: entry, plain.path: plain}
         assert st.files_for("a") == {"/pre/1.dcm": (path, 1, "h")}
         assert st.step_detail("a", "stage") == {"source": path}
+
+
+def test_cache_get_returns_what_cache_all_has_for_the_paths_asked(ledger, monkeypatch):
+    monkeypatch.setattr(state, "_STATES_BATCH", 3)  # several IN (…) statements
+    odd = os.fsdecode(b"/src/bad\xff\xfe.dcm")
+    entries = [CachedHeader(odd, 1, 1, frozenset({"A"}), "1.2", {"A": "x"}, None, 1, 7, "d" * 32)]
+    entries += [
+        CachedHeader(f"/src/{i:02d}.dcm", i, 2, frozenset({"A"}), None, None, f"not DICOM: {i}")
+        for i in range(8)
+    ]
+    with ledger.open() as st:
+        st.cache_put(entries)
+    with ledger.open() as st:
+        everything = st.cache_all()
+        asked = [odd, "/src/03.dcm", "/nowhere", "/src/00.dcm", "/src/07.dcm", "/src/05.dcm", "/src/01.dcm"]
+        got = st.cache_get(asked)
+        assert got == {p: everything[p] for p in asked if p in everything}
+        assert set(got) == set(asked) - {"/nowhere"} and got[odd] == entries[0]
+        assert st.cache_get([]) == {}
 
 
 def test_foreign_tables_are_refused(ledger):

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import xnat_table
 from ..errors import XnatMigrateError
-from ..model import Manifest, Method, Plan, Receiver, SiteFacts, XnatFacts
+from ..model import Manifest, Method, Receiver, SiteFacts, XnatFacts
 from . import files
 
 
@@ -95,10 +95,9 @@ def _timestamp_dirs(root: Path) -> set[str]:
 
 
 def archived_facts(
-    manifest: Manifest, draft: Plan, offline: bool
+    manifest: Manifest, projects: Sequence[str], offline: bool
 ) -> tuple[frozenset[tuple[str, str]] | None, tuple[str, ...]] | None:
-    """Archived (project, label) pairs for the projects the draft plan writes into."""
-    projects = sorted({s.project for s in draft.sessions if s.project})
+    """Archived (project, label) pairs for ``projects``, those the draft plan writes into."""
     if not projects:
         return None
     what = "archived sessions with the same label"

@@ -6,14 +6,15 @@ The public face only; the modules, lowest first (each imports only those before 
 - ``parse``: one file's header through pydicom's element loop, up to Pixel Data, without Datasets.
 - ``header``: ``read_header``, the verdict on one file: its header, or a reject and the reason.
 - ``walk``: include/exclude globs and the folder walk; what is not walked (``skipped:``).
-- ``sources``: ``scan_sources`` (walk, cache, parallel reads) and ``dedupe``.
+- ``workset``: the scan's temporary on-disk working set (SQLite), so memory does not grow with it.
+- ``sources``: ``scan_sources`` (walk, cache, parallel reads, batch by batch) and ``dedupe``.
 
 Invariants (each module states its own):
 - Read-only: files are opened ``O_RDONLY`` and only their headers are read; Pixel Data is never read
   (its element header and, for encapsulated data, the last 8 bytes of the file are).
-- Every walked file ends up in exactly one of ``ScanResult.headers`` / ``ScanResult.rejects`` (a folder
-  that cannot be listed is a reject of its own), and no input bytes make ``read_header`` raise: a bad
-  file becomes a reject with a reason.
+- Every walked file ends up in exactly one of the kept files (``ScanResult.studies``/``files_of``) and
+  ``ScanResult.rejects`` (a folder that cannot be listed is a reject of its own), and no input bytes
+  make ``read_header`` raise: a bad file becomes a reject with a reason.
 - Deterministic: the result depends on the files only, never on ``jobs``, chunking or cache state.
 - A file's path is the source folder joined with its relative path (symlinks in it are kept, never
   resolved), so it is stable between runs and is the key of the scan cache.
@@ -42,10 +43,11 @@ Reject reasons (the prefixes are an interface; the planner, tests and users key 
 from __future__ import annotations
 
 from .header import read_header
-from .sources import ScanResult, dedupe, scan_sources
+from .sources import ScanCache, ScanResult, dedupe, scan_sources
 from .walk import glob_to_regex, walk_source
 
 __all__ = [
+    "ScanCache",
     "ScanResult",
     "dedupe",
     "glob_to_regex",

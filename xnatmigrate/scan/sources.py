@@ -1,8 +1,14 @@
 """The scan of a manifest: walk every source, reuse the cache or read headers in parallel, dedupe.
 
+The result lives in a temporary on-disk working set (``workset``): the scan goes through the walked
+paths in path order, ``BATCH`` at a time (cache look-up, stat, reads, cache write-back), so it holds a
+batch of files in memory, plus the rejects and the paths under two sources, never the archive.
+
 Invariants:
-- Every walked file ends up in exactly one of ``ScanResult.headers`` / ``ScanResult.rejects``.
-- Deterministic: the result depends on the files only, never on ``jobs``, chunking or cache state.
+- Every walked file ends up in exactly one of the kept files (``ScanResult.studies`` / ``files_of`` /
+  ``headers``) and ``ScanResult.rejects``.
+- Deterministic: the result depends on the files only, never on ``jobs``, batching, chunking or cache
+  state.
 - ``unreadable:`` rejects are never cached: the next run tries again.
 
 NOTE: the cache trusts (size, mtime_ns, ctime_ns, inode): a file rewritten in place keeps its size and
@@ -11,15 +17,19 @@ NOTE: the cache trusts (size, mtime_ns, ctime_ns, inode): a file rewritten in pl
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
-from ..model import CachedHeader, FileHeader, Manifest, Reject, ValuePool, header_digest
+from ..model import CachedHeader, FileHeader, Manifest, Reject, header_digest
 from .header import read_header
 from .parse import Want, want_for
-from .walk import walk_with_rejects
+from .walk import iter_walk
+from .workset import WorkingSet
 
 ProgressFn = Callable[[int, int], None]
 
@@ -28,22 +38,21 @@ _PARALLEL_MIN = 300
 _CHUNK_MIN, _CHUNK_MAX = 64, 256
 # How often the in-process loop reports progress (files).
 _PROGRESS_EVERY = 64
+# Files per batch of the scan (cache look-up, stat, reads, write-back): what it holds at once.
+BATCH = 2048
+# Walked paths inserted into the working set per statement.
+_WALK_CHUNK = 4096
 
 
-@dataclass(frozen=True)
-class ScanResult:
-    """What a scan found. ``headers`` sorted by (source index, path); ``rejects`` by path.
+@runtime_checkable
+class ScanCache(Protocol):
+    """The state's scan cache as the scan uses it (``state.StateStore`` is one)."""
 
-    ``cache_updates`` are the entries read this run (not ``unreadable:`` ones), for the state's cache,
-    and the cached ones it had no digest for (written by an older xnatmigrate), now with it.
-    """
+    def cache_get(self, paths: Sequence[str], /) -> dict[str, CachedHeader]:
+        """The entries of those of ``paths`` it has."""
 
-    headers: tuple[tuple[int, FileHeader], ...]
-    rejects: tuple[Reject, ...]
-    cache_updates: tuple[CachedHeader, ...]
-    files_seen: int
-    cache_hits: int
-    warnings: tuple[str, ...] = ()  # e.g. files under two sources, and which source won
+    def cache_put(self, entries: Iterable[CachedHeader], /) -> None:
+        """Record ``entries`` (replacing those of the same paths)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,186 +126,345 @@ def _read_chunk(paths: Sequence[str], keywords: frozenset[str]) -> list[CachedHe
     return [_read(p, keywords) for p in paths]
 
 
-def _shared(e: CachedHeader, pool: ValuePool, path: str, sizes: dict[int, int]) -> CachedHeader:
-    """``e`` with its header's keys and values shared with the other files' (``ValuePool``), its
-    path the walk's ``path`` object (a worker's entry comes back with a copy of it), its size one
-    int per distinct size and its ctime its mtime when equal (as ``StateStore.cache_all`` makes them):
-    the scan holds every entry at once."""
-    if e.header is None:
-        return e
-    ts = pool.text(e.transfer_syntax) if e.transfer_syntax is not None else None
-    return replace(
-        e,
-        path=path if e.path == path else e.path,
-        size=sizes.setdefault(e.size, e.size),
-        ctime_ns=e.mtime_ns if e.ctime_ns == e.mtime_ns else e.ctime_ns,
-        header=pool.header(e.header),
-        transfer_syntax=ts,
-    )
+class _Reader:
+    """Reads files in this process or in one process pool, made at the first batch big enough for it
+    and kept for the batches after (a pool per batch would pay its start-up every time)."""
 
+    def __init__(self, want: Want, jobs: int | None) -> None:
+        self.want = want
+        self.workers = jobs if jobs is not None else (os.cpu_count() or 1)
+        self.pool: ProcessPoolExecutor | None = None
+        self.no_pool = self.workers <= 1  # or no POSIX semaphores here (some sandboxes)
 
-def _read_many(
-    paths: Sequence[str], want: Want, jobs: int | None, report: Callable[[int], None]
-) -> dict[str, CachedHeader]:
-    """Read ``paths`` in process or in a process pool; ``report(n)`` after every n files done."""
-    out: dict[str, CachedHeader] = {}
-    pool_of_values = ValuePool()
-    sizes: dict[int, int] = {}  # few distinct sizes (a series' images are alike): one int each
-    workers = jobs if jobs is not None else (os.cpu_count() or 1)
-    # Several chunks per worker balance uneven files; 64–256 paths keep IPC small next to the work.
-    size = max(_CHUNK_MIN, min(_CHUNK_MAX, -(-len(paths) // (max(workers, 1) * 4))))
-    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    pool: ProcessPoolExecutor | None = None
-    if workers > 1 and len(paths) >= _PARALLEL_MIN:
-        try:
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(chunks)))
-        except (OSError, NotImplementedError):  # no POSIX semaphores here (some sandboxes): read in process
-            pool = None
-    if pool is None:
-        reported = 0
-        for i, p in enumerate(paths, 1):
-            out[p] = _shared(_read(p, want.keywords), pool_of_values, p, sizes)
-            if i % _PROGRESS_EVERY == 0 or i == len(paths):
-                report(i - reported)
-                reported = i
-        return out
-    with pool:
-        chunk_of: dict[Future[list[CachedHeader]], Sequence[str]] = {
-            pool.submit(_read_chunk, c, want.keywords): c for c in chunks
-        }
-        pending = set(chunk_of)
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def _pool_for(self, n: int, chunks: int) -> ProcessPoolExecutor | None:
+        if self.pool is None and not self.no_pool and n >= _PARALLEL_MIN:
+            try:
+                self.pool = ProcessPoolExecutor(max_workers=self.workers)
+            except (OSError, NotImplementedError):
+                self.no_pool = True
+        return self.pool if self.pool is not None and chunks > 0 else None
+
+    def submit(self, paths: Sequence[str]) -> _Reads:
+        """Start reading ``paths`` in the pool (in process: nothing yet); ``collect`` the result."""
+        # Several chunks per worker balance uneven files; 64–256 paths keep IPC small next to the work.
+        size = max(_CHUNK_MIN, min(_CHUNK_MAX, -(-len(paths) // (max(self.workers, 1) * 4))))
+        chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+        pool = self._pool_for(len(paths), len(chunks))
+        if pool is None:
+            return _Reads(paths, {})
+        return _Reads(paths, {pool.submit(_read_chunk, c, self.want.keywords): c for c in chunks})
+
+    def collect(self, reads: _Reads, report: Callable[[int], None]) -> dict[str, CachedHeader]:
+        """The entries of ``reads``' paths; ``report(n)`` after every n files done."""
+        out: dict[str, CachedHeader] = {}
+        if not reads.chunks:
+            reported = 0
+            for i, p in enumerate(reads.paths, 1):
+                out[p] = _read(p, self.want.keywords)
+                if i % _PROGRESS_EVERY == 0 or i == len(reads.paths):
+                    report(i - reported)
+                    reported = i
+            return out
+        pending = set(reads.chunks)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 entries = fut.result()
-                for p, e in zip(chunk_of.pop(fut), entries, strict=True):
-                    out[p] = _shared(e, pool_of_values, p, sizes)  # keyed by the walk's own str
+                for p, e in zip(reads.chunks[fut], entries, strict=True):
+                    out[p] = e  # a batch's entries are held only until it is written
                 report(len(entries))
-    return out
+        return out
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """A batch's files being read: in the pool (``chunks``: future → its paths), or not yet."""
+
+    paths: Sequence[str]
+    chunks: dict[Future[list[CachedHeader]], Sequence[str]]
+
+
+@dataclass
+class _Batch:
+    """One batch on its way: the (path, source) walked, the entries the cache still vouches for, and
+    the reads of the others."""
+
+    items: list[tuple[str, int]]
+    entries: dict[str, CachedHeader]
+    reads: _Reads
+
+
+# --------------------------------------------------------------------------------------------
+# The result
+# --------------------------------------------------------------------------------------------
+
+
+class ScanResult:
+    """What a scan found: the handle on its working set (``close`` it, or use it as a context
+    manager; a finaliser closes it too). Kept files are read back from disk on each call.
+
+    ``rejects`` are sorted by (path, reason). ``cache_updates`` (only when the scan was given a
+    mapping or no cache) are the entries read this run (not ``unreadable:`` ones) and the cached ones
+    it had no digest for (written by an older xnatmigrate), now with it; with a ``ScanCache`` they
+    were written to it batch by batch and this is ``()``.
+    """
+
+    def __init__(
+        self,
+        workset: WorkingSet,
+        rejects: tuple[Reject, ...],
+        cache_updates: tuple[CachedHeader, ...],
+        files_seen: int,
+        cache_hits: int,
+        warnings: tuple[str, ...] = (),
+    ) -> None:
+        self._ws = workset
+        self._finalizer = weakref.finalize(self, workset.close)
+        self.rejects = rejects
+        self.cache_updates = cache_updates
+        self.files_seen = files_seen
+        self.cache_hits = cache_hits
+        self.warnings = warnings  # e.g. files under two sources, and which source won
+        self.kept_count = workset.kept_count()
+        self._headers: tuple[tuple[int, FileHeader], ...] | None = None
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> ScanResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def studies(self) -> Iterator[tuple[int, str]]:
+        """The distinct (source index, StudyInstanceUID) of the kept files, sorted, streamed."""
+        return self._ws.studies()
+
+    def files_of(self, source_index: int, study_uid: str) -> list[FileHeader]:
+        """That study's kept files (of that source), sorted by path, decoded afresh on each call."""
+        return self._ws.files_of(source_index, study_uid)
+
+    def study_uids(self) -> list[str]:
+        """The distinct StudyInstanceUIDs of the kept files, sorted."""
+        return self._ws.study_uids()
+
+    @property
+    def headers(self) -> tuple[tuple[int, FileHeader], ...]:
+        """Every kept file, sorted by (source index, path): all in memory, for tests and small callers
+        (read once and kept: its callers read it more than once)."""
+        if self._headers is None:
+            self._headers = tuple(self._ws.all_kept())
+        return self._headers
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.headers,
+            self.rejects,
+            self.cache_updates,
+            self.files_seen,
+            self.cache_hits,
+            self.warnings,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ScanResult):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable handle: equal by content, not hashable
+
+    def __repr__(self) -> str:
+        return (
+            f"ScanResult(kept_count={self.kept_count}, rejects={len(self.rejects)}, "
+            f"files_seen={self.files_seen}, cache_hits={self.cache_hits})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The scan
+# --------------------------------------------------------------------------------------------
+
+
+def _walk_all(manifest: Manifest, ws: WorkingSet) -> tuple[list[Reject], tuple[str, ...]]:
+    """Walk every source into ``ws``; the walk's rejects and the overlap warnings."""
+    rejects: list[Reject] = []
+    for src in manifest.sources:
+        stream = iter_walk(src, rejects)
+        while chunk := list(itertools.islice(stream, _WALK_CHUNK)):
+            ws.add_walked(src.index, chunk)
+    warnings = tuple(
+        f"{n} file(s) are under both sources[{a}] and sources[{b}] (e.g. {first}): they are "
+        f"migrated with sources[{a}], the first listed; narrow one source with include/exclude if "
+        "that is not what you meant"
+        for a, b, n, first in ws.resolve_owners()
+    )
+    return rejects, warnings
+
+
+def _fresh(e: CachedHeader, want: Want, p: str) -> bool:
+    """Whether the cache entry ``e`` covers what is read and still holds for the file ``p``."""
+    if not want.keywords <= e.keywords:
+        return False
+    try:
+        st = os.stat(p)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == (e.size, e.mtime_ns, e.ctime_ns, e.ino)
+
+
+def _file_header(p: str, e: CachedHeader, want: Want, backfill: list[CachedHeader]) -> tuple[FileHeader, str]:
+    """The kept file of the entry ``e`` (a header, no reject) and its values' JSON text when the
+    cache gave it ("": to be encoded); a digest the cache lacked goes to ``backfill``."""
+    assert e.header is not None
+    # The cache entry read exactly these keywords (the usual warm case): its digest is the digest
+    # of these values.
+    if e.keywords == want.keywords:
+        values, digest, text = e.header, e.digest, e.header_json
+        if not digest:  # cached without one: computed once, and the cache learns it
+            digest = header_digest(values)
+            backfill.append(replace(e, digest=digest))
+    else:
+        values, digest, text = {k: v for k, v in e.header.items() if k in want.keywords}, "", ""
+    header = FileHeader(
+        p, e.size, e.mtime_ns, e.transfer_syntax or "", values, e.ctime_ns, e.ino, digest, e.head_digest
+    )
+    return header, text
+
+
+def _dedupe_in(ws: WorkingSet) -> list[Reject]:
+    """``dedupe`` over the working set: the SOP UIDs with copies found in SQL, the copies dropped."""
+    rejects: list[Reject] = []
+    for sop in list(ws.copied_sops()):
+        (kept, kept_size), *copies = ws.files_with_sop(sop)
+        for path, size in copies:
+            if size != kept_size:
+                how = "different content"
+            else:
+                try:
+                    how = "identical content" if _same_content(kept, path) else "different content"
+                except OSError as exc:
+                    how = f"content not compared ({exc.strerror or exc})"
+            rejects.append(Reject(path, f"duplicate: same SOPInstanceUID as {kept}, {how}"))
+        ws.drop(p for p, _ in copies)
+    return rejects
 
 
 def scan_sources(
     manifest: Manifest,
     keywords: frozenset[str],
-    cache: Mapping[str, CachedHeader] | None = None,
+    cache: Mapping[str, CachedHeader] | ScanCache | None = None,
     jobs: int | None = None,
     progress: ProgressFn | None = None,
+    workdir: str | None = None,
 ) -> ScanResult:
     """Walk every source, read each file's header (or reuse the cache), reject what cannot migrate.
 
     Args:
         manifest: the sources to walk (include/exclude applied per source).
         keywords: the DICOM keywords to read; BASE_KEYWORDS are always read as well.
-        cache: the state's scan cache; an entry is reused, without opening the file, when its size,
-            mtime_ns, ctime_ns and inode equal the file's (``os.stat``) and its keywords cover what is read.
-        jobs: worker processes (default: CPU count); 1, or fewer than ~300 files to read, reads in
-            this process.
-        progress: called as ``progress(done, total)`` once per chunk of files, and at the end.
+        cache: the state's scan cache, a mapping (its updates are then ``ScanResult.cache_updates``)
+            or a ``ScanCache`` (looked up and written batch by batch); an entry is reused, without
+            opening the file, when its size, mtime_ns, ctime_ns and inode equal the file's
+            (``os.stat``) and its keywords cover what is read.
+        jobs: worker processes (default: CPU count); 1, or fewer than ~300 files to read in a
+            batch, reads in this process.
+        progress: called as ``progress(done, total)`` at the start, once per chunk of files, and at
+            the end.
+        workdir: the folder of the temporary working set (default: ``tempfile.gettempdir()``).
 
     NOTE: a file under two sources belongs to the first (lowest index); it is read and counted once.
     NOTE: duplicates (same SOPInstanceUID) are resolved across the whole manifest (see ``dedupe``).
     """
     want = want_for(frozenset(keywords))
-    owner: dict[str, int] = {}
-    walk_rejects: list[Reject] = []
-    overlaps: dict[tuple[int, int], list[str]] = {}
-    for src in manifest.sources:
-        files, errors = walk_with_rejects(src)
-        for p in files:
-            first = owner.setdefault(p, src.index)
-            if first != src.index:
-                overlaps.setdefault((first, src.index), []).append(p)
-        walk_rejects.extend(errors)
-    paths = sorted(owner)
-    total = len(paths)
-
-    entries: dict[str, CachedHeader] = {}
-    todo: list[str] = []
-    if cache:
-        for p in paths:
-            e = cache.get(p)
-            if e is not None and want.keywords <= e.keywords:
-                try:
-                    st = os.stat(p)
-                except OSError:
-                    todo.append(p)
-                    continue
-                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == (
-                    e.size,
-                    e.mtime_ns,
-                    e.ctime_ns,
-                    e.ino,
-                ):
-                    entries[p] = e
-                    continue
-            todo.append(p)
-    else:
-        todo = paths
-    hits = len(entries)
-
-    done = hits
-    if progress is not None:
-        progress(done, total)
-
-    def report(n: int) -> None:
-        nonlocal done
-        done += n
+    store: ScanCache | None = None
+    mapping: Mapping[str, CachedHeader] | None = None
+    if isinstance(cache, ScanCache):
+        store = cache
+    elif cache:
+        mapping = cache
+    ws = WorkingSet(workdir)
+    reader = _Reader(want, jobs)
+    try:
+        rejects, warnings = _walk_all(manifest, ws)
+        total = ws.owned_count()
+        done = 0
         if progress is not None:
             progress(done, total)
 
-    fresh = _read_many(todo, want, jobs, report)
-    entries.update(fresh)
+        def report(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
 
-    headers: list[tuple[int, FileHeader]] = []
-    backfill: list[CachedHeader] = []
-    rejects = list(walk_rejects)
-    for p in paths:
-        e = entries[p]
-        if e.reject is not None or e.header is None:
-            rejects.append(Reject(p, e.reject or "unreadable: no header recorded"))
-            continue
-        # The cache entry read exactly these keywords (the usual warm case): share its dict, and
-        # its digest is the digest of these values.
-        if e.keywords == want.keywords:
-            values, digest = e.header, e.digest
-            if not digest:  # cached without one: computed once, and the cache learns it
-                digest = header_digest(values)
-                backfill.append(replace(e, digest=digest))
-        else:
-            values, digest = {k: v for k, v in e.header.items() if k in want.keywords}, ""
-        headers.append(
-            (
-                owner[p],
-                FileHeader(
-                    p,
-                    e.size,
-                    e.mtime_ns,
-                    e.transfer_syntax or "",
-                    values,
-                    e.ctime_ns,
-                    e.ino,
-                    digest,
-                    e.head_digest,
-                ),
-            )
-        )
+        hits = 0
+        # Only without a ScanCache (a mapping, or none): the updates are returned, as they always were.
+        updates: list[CachedHeader] = []
+        backfills: list[CachedHeader] = []
 
-    kept, dup_rejects = dedupe(headers)
-    rejects.extend(dup_rejects)
-    kept.sort(key=lambda ih: (ih[0], ih[1].path))
-    rejects.sort(key=lambda r: (r.path, r.reason))
-    updates = tuple(fresh[p] for p in todo if not (fresh[p].reject or "").startswith("unreadable:"))
-    updates += tuple(backfill)
-    return ScanResult(
-        headers=tuple(kept),
-        rejects=tuple(rejects),
-        cache_updates=updates,
-        files_seen=total,
-        cache_hits=hits,
-        warnings=tuple(
-            f"{len(ps)} file(s) are under both sources[{a}] and sources[{b}] (e.g. {min(ps)}): they are "
-            f"migrated with sources[{a}], the first listed; narrow one source with include/exclude if "
-            "that is not what you meant"
-            for (a, b), ps in sorted(overlaps.items())
-        ),
-    )
+        def start(items: list[tuple[str, int]]) -> _Batch:
+            """Look ``items`` up in the cache and start reading the files it cannot vouch for."""
+            nonlocal hits
+            paths = [p for p, _ in items]
+            if store is not None:
+                cached = store.cache_get(paths)
+            elif mapping is not None:
+                cached = {p: e for p in paths if (e := mapping.get(p)) is not None}
+            else:
+                cached = {}
+            entries = {p: e for p in paths if (e := cached.get(p)) is not None and _fresh(e, want, p)}
+            hits += len(entries)
+            if entries:
+                report(len(entries))
+            return _Batch(items, entries, reader.submit([p for p in paths if p not in entries]))
+
+        def finish(batch: _Batch) -> None:
+            """Wait for the batch's reads; write its kept files, rejects and cache updates."""
+            fresh = reader.collect(batch.reads, report)
+            entries = batch.entries
+            entries.update(fresh)
+            kept: list[tuple[int, FileHeader, str]] = []
+            backfill: list[CachedHeader] = []
+            for p, src in batch.items:
+                e = entries[p]
+                if e.reject is not None or e.header is None:
+                    rejects.append(Reject(p, e.reject or "unreadable: no header recorded"))
+                else:
+                    kept.append((src, *_file_header(p, e, want, backfill)))
+            ws.add_kept(kept)
+            # In path order (``fresh`` is in the order reads finished): the result is deterministic.
+            new = [
+                e for p in batch.reads.paths if not ((e := fresh[p]).reject or "").startswith("unreadable:")
+            ]
+            if store is not None:
+                if new or backfill:
+                    store.cache_put(new + backfill)
+            else:
+                updates.extend(new)
+                backfills.extend(backfill)
+
+        # One batch ahead: the pool reads batch k+1 while this process writes batch k (two batches
+        # held at most).
+        ahead: _Batch | None = None
+        for items in ws.owned_batches(BATCH):
+            started = start(items)
+            if ahead is not None:
+                finish(ahead)
+            ahead = started
+        if ahead is not None:
+            finish(ahead)
+        ws.finish_kept()
+        rejects.extend(_dedupe_in(ws))
+        rejects.sort(key=lambda r: (r.path, r.reason))
+        return ScanResult(ws, tuple(rejects), tuple(updates + backfills), total, hits, warnings)
+    except BaseException:
+        ws.close()
+        raise
+    finally:
+        reader.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 from ..errors import PlanError
@@ -90,7 +90,19 @@ def _prune_regex(pattern: str) -> re.Pattern[str] | None:
 
 
 def walk_with_rejects(src: SourceSpec) -> tuple[list[str], list[Reject]]:
-    """Files of one source after include/exclude, sorted, plus what was not walked and why.
+    """Files of one source after include/exclude, sorted, plus what was not walked (sorted by path)
+    and why: ``iter_walk`` gathered into lists."""
+    errors: list[Reject] = []
+    files = sorted(iter_walk(src, errors))
+    errors.sort(key=lambda r: r.path)
+    return files, errors
+
+
+def iter_walk(src: SourceSpec, errors: list[Reject]) -> Iterator[str]:
+    """Files of one source after include/exclude, as the walk finds them (not sorted), each once;
+    what is not walked, and why, is appended to ``errors`` (in walk order) on the way.
+
+    A stream, so that a scan of a huge source holds a folder's names at a time, not all of them.
 
     Entries that are not regular files or folders are never read, and each one the globs would
     have taken is a ``skipped: …`` reject: FIFOs, sockets and devices (reading could block or never
@@ -104,8 +116,6 @@ def walk_with_rejects(src: SourceSpec) -> tuple[list[str], list[Reject]]:
     includes = [glob_to_regex(p) for p in src.include]
     excludes = [glob_to_regex(p) for p in src.exclude]
     prunes = [r for r in (_prune_regex(p) for p in src.exclude) if r is not None]
-    files: list[str] = []
-    errors: list[Reject] = []
     # Folders entered, by (device, inode): only needed when links are followed (loops).
     entered: set[tuple[int, int]] = set()
     stack: list[tuple[str, str]] = [(root, "")]
@@ -162,7 +172,7 @@ def walk_with_rejects(src: SourceSpec) -> tuple[list[str], list[Reject]]:
                                     Reject(entry.path, _special(os.stat(entry.path).st_mode, target))
                                 )
                             else:
-                                files.append(entry.path)
+                                yield entry.path
                             continue
                         else:
                             continue
@@ -179,11 +189,8 @@ def walk_with_rejects(src: SourceSpec) -> tuple[list[str], list[Reject]]:
                 except OSError:
                     pass  # cannot even stat it: keep it, reading it will say why
                 if everything or wanted(rel):
-                    files.append(entry.path)
+                    yield entry.path
         stack.extend(reversed(subdirs))
-    files.sort()
-    errors.sort(key=lambda r: r.path)
-    return files, errors
 
 
 def _outside(target: str) -> str:
