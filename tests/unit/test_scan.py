@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import io
 import os
@@ -983,13 +984,18 @@ def test_the_working_set_is_removed_on_close(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     result = scan_sources(manifest(tmp_path / "src"), KW, jobs=1, workdir=str(work))
-    assert len(list(work.iterdir())) == 1 and result.kept_count == 6
+    # Unlinked while open: a process killed with -9 leaves no scratch file.
+    assert list(work.iterdir()) == [] and result.kept_count == 6
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone already
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert any(str(work) in target and target.endswith("(deleted)") for target in held)
+    assert len(result.headers) == 6 and len(list(result.studies())) == 1
     result.close()
     result.close()  # twice is fine
-    assert list(work.iterdir()) == []
-    with scan_sources(manifest(tmp_path / "src"), KW, jobs=1, workdir=str(work)):
-        assert len(list(work.iterdir())) == 1
-    assert list(work.iterdir()) == []
+    with scan_sources(manifest(tmp_path / "src"), KW, jobs=1, workdir=str(work)) as again:
+        assert list(work.iterdir()) == [] and again.headers == result.headers
     scan_sources(manifest(tmp_path / "src"), KW, jobs=1, workdir=str(work))  # dropped unclosed
     gc.collect()
     assert list(work.iterdir()) == []

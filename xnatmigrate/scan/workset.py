@@ -2,8 +2,9 @@
 a scan holds a batch of files in memory at a time, not the archive.
 
 Invariants:
-- Scratch, never durable: a file of its own (``tempfile.mkstemp``), no journal, no fsync, unlinked on
-  ``close``; nothing outside the scan that made it reads it.
+- Scratch, never durable: a file of its own (``tempfile.mkstemp``), no journal, no fsync, unlinked as
+  soon as it is open (its space is freed on ``close``, or when the process dies); nothing outside the
+  scan that made it reads it.
 - Paths (and the UIDs keyed on) are BLOBs of ``str.encode("utf-8", "surrogatepass")``: a name that is
   not UTF-8 (lone surrogates, ``os.fsdecode``) round-trips, and byte order is code-point order, so
   ``ORDER BY`` equals Python's ``sorted()`` of the str.
@@ -86,9 +87,10 @@ class WorkingSet:
             self.db.execute("PRAGMA synchronous=OFF")
             for statement in _SCHEMA:
                 self.db.execute(statement)
-        except BaseException:
+        finally:
+            # Unlinked at once: SQLite keeps using its open descriptor (no journal, one connection),
+            # and a plan killed with -9 leaves no scratch file behind.
             os.unlink(self.path)
-            raise
         self.closed = False
 
     def close(self) -> None:
@@ -96,10 +98,6 @@ class WorkingSet:
             return
         self.closed = True
         self.db.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     # -- the walk --------------------------------------------------------------------------------
 
