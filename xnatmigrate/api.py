@@ -9,6 +9,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import os
@@ -168,8 +169,17 @@ def plan(
     state_url: str | None = None,
 ) -> PlanOutcome:
     """Scan, check and plan; write plan.json and plan.sql. Raises PlanError when refused."""
+    from .scan.sources import scratch_error
+
     with _collector_paused():
-        return _plan(manifest_path, state_dir, offline, jobs, out, sql_out, progress, now, state_url)
+        try:
+            return _plan(manifest_path, state_dir, offline, jobs, out, sql_out, progress, now, state_url)
+        except OSError as exc:
+            # The spooled sessions, plan.json or plan.sql on a full or read-only filesystem.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                raise
+            where = exc.filename or (str(Path(out).parent) if out else str(state_dir_of(state_dir)))
+            raise scratch_error(exc, os.path.dirname(where) if exc.filename else where) from None
 
 
 @contextlib.contextmanager

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import sqlite3
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+from ..errors import PlanError
 from ..model import CachedHeader, FileHeader, Manifest, Reject, header_digest
 from .header import read_header
 from .parse import Want, want_for
@@ -355,6 +357,16 @@ def _dedupe_in(ws: WorkingSet) -> list[Reject]:
     return rejects
 
 
+def scratch_error(exc: BaseException, where: str) -> PlanError:
+    """The one line for a scratch file of ``plan`` (the working set, the spooled sessions) that
+    could not be written in ``where`` (full, read-only, I/O error)."""
+    return PlanError(
+        f"plan could not write its files in {where} ({exc}): free space there (its scratch files and "
+        "plan.json take about as much again as plan.json), or plan with --state-dir on a filesystem "
+        "with room (TMPDIR when the state is in PostgreSQL); no plan was written and XNAT was not touched"
+    )
+
+
 def scan_sources(
     manifest: Manifest,
     keywords: frozenset[str],
@@ -463,6 +475,9 @@ def scan_sources(
         rejects.extend(_dedupe_in(ws))
         rejects.sort(key=lambda r: (r.path, r.reason))
         return ScanResult(ws, tuple(rejects), tuple(updates + backfills), total, hits, warnings)
+    except sqlite3.Error as exc:
+        ws.close()
+        raise scratch_error(exc, os.path.dirname(ws.path)) from None
     except BaseException:
         ws.close()
         raise
