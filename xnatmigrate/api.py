@@ -31,7 +31,6 @@ from .model import (
     PrearchiveSession,
     SessionSpool,
     SessionState,
-    SiteFacts,
     Step,
     XnatTarget,
     open_plan,
@@ -207,10 +206,10 @@ def _plan(
     now: datetime | None,
     state_url: str | None = None,
 ) -> PlanOutcome:
-    from . import anonymize, dicomedit, statements
+    from . import dicomedit, statements
     from .execute.facts import archived_facts, gather_facts, site_facts
     from .manifest import load_manifest
-    from .planner import draft_plan
+    from .planner import draft_plan, group_studies, planned_projects
     from .scan import scan_sources
 
     started = time.monotonic()
@@ -234,9 +233,18 @@ def _plan(
             )
         when = now or datetime.now()
         secret = os.environ.get(dicomedit.SECRET_ENV)
-        # XNAT's site script is read with the site settings, after the draft: the draft goes without
-        # de-identification then, and the plan is always made again.
-        needs_site = any(anonymize.SITE_SCRIPT_NAME in src.scripts for src in manifest.sources)
+        # What depends on the projects the plan writes into (archived labels, site settings, XNAT's
+        # site script) is learnt first, from the studies' labels alone; then the plan is made once.
+        grouping = group_studies(manifest, scanned)
+        projects = planned_projects(manifest, scanned, grouping)
+        archived = archived_facts(manifest, projects, offline)
+        site, site_skipped = site_facts(manifest, projects, offline)
+        facts = replace(
+            facts,
+            archived=archived[0] if archived is not None else None,
+            site=site,
+            skipped=facts.skipped + (archived[1] if archived is not None else ()) + site_skipped,
+        )
         result = draft_plan(
             manifest,
             scanned,
@@ -247,39 +255,11 @@ def _plan(
             keywords,
             scanned.warnings,
             secret,
-            anonymise=not needs_site,
             sink=SessionSpool(scratch),
+            grouping=grouping,
         )
-        # What depends on the projects the draft plan writes into: archived labels, site settings.
-        projects, stamps = _projects_and_timestamps(result)
-        archived = archived_facts(manifest, projects, offline)
-        site, site_skipped = site_facts(manifest, projects, offline)
-        facts = replace(
-            facts,
-            archived=archived[0] if archived is not None else None,
-            site=site,
-            skipped=facts.skipped + (archived[1] if archived is not None else ()) + site_skipped,
-        )
-        learnt = (archived is not None and archived[0] is not None) or site != SiteFacts() or needs_site
-        if learnt:
-            # Plan again with them known: studies that collide get held back, settings refuse or warn.
-            del result  # the draft
-            result = draft_plan(
-                manifest,
-                scanned,
-                scanned.rejects,
-                store.view(),
-                facts,
-                when,
-                keywords,
-                scanned.warnings,
-                secret,
-                sink=SessionSpool(scratch),
-            )
-        else:  # nothing learnt (offline, no XNAT): one pass is enough; say what was not checked
-            extra = tuple(x for x in facts.skipped if x not in result.skipped_checks)
-            result = replace(result, skipped_checks=result.skipped_checks + extra)
-        store.record_timestamps(_projects_and_timestamps(result)[1] if learnt else stamps)
+        del grouping
+        store.record_timestamps(_timestamps(result))
     plan_path = Path(out) if out else sdir / PLAN_FILE
     sql_path = Path(sql_out) if sql_out else sdir / SQL_FILE
     files_seen, cache_hits = scanned.files_seen, scanned.cache_hits
@@ -294,7 +274,9 @@ def _plan(
         return plan_id
 
     result = replace(result, plan_id=atomic_write_with(plan_path, write_plan))
-    atomic_write(sql_path, statements.plan_script(result))
+    atomic_write_with(
+        sql_path, lambda fh: fh.writelines(p.encode("utf-8") for p in statements.plan_script_pieces(result))
+    )
     if shared:
         # Every host with the state URL applies this plan, not a copy of plan.json of its own.
         with open_state(sdir, state_url) as store, plan_path.open("rb") as fh:
@@ -309,17 +291,14 @@ def _plan(
     )
 
 
-def _projects_and_timestamps(plan: Plan) -> tuple[list[str], list[tuple[str | None, str, str, str]]]:
-    """The projects ``plan`` writes into, sorted, and its prearchive sessions' (project, session,
-    study, timestamp): one pass over the sessions (they are read from the plan's spool)."""
-    projects: set[str] = set()
-    stamps: list[tuple[str | None, str, str, str]] = []
-    for s in shells_of(plan.sessions):
-        if s.project:
-            projects.add(s.project)
-        if isinstance(s, PrearchiveSession):
-            stamps.append((s.project, s.session, s.study_uid, s.timestamp))
-    return sorted(projects), stamps
+def _timestamps(plan: Plan) -> list[tuple[str | None, str, str, str]]:
+    """(project, session, study, timestamp) of the plan's prearchive sessions (read without their
+    files: they are in the plan's spool)."""
+    return [
+        (s.project, s.session, s.study_uid, s.timestamp)
+        for s in shells_of(plan.sessions)
+        if isinstance(s, PrearchiveSession)
+    ]
 
 
 def plan_of(store: StateStore, sdir: Path, plan_path: str | Path | None = None) -> Plan:

@@ -54,11 +54,11 @@ from .state import AppliedSession
 
 # A file's rendered (raw) label triple: project, subject, session.
 _Raw = tuple[str | None, str | None, str]
-# Per (source index, StudyInstanceUID): its first file kept (by path), the paths of its files that
+# Per (source index, StudyInstanceUID) with a file kept: the paths of its files that
 # `where` or a missing value rejected, the distinct label triples its files render to (one, unless
 # the files disagree) and the lookup rows their labels used. NOTE: no list of files: a study's files
 # are read again from the ``StudySource`` when needed (100,000s of files, a few thousand studies).
-_Groups = dict[tuple[int, str], tuple[FileHeader, frozenset[str], set[_Raw], set[LookupMatch]]]
+_Groups = dict[tuple[int, str], tuple[frozenset[str], set[_Raw], set[LookupMatch]]]
 # Per study: the first lookup miss of its files (the study is held back, naming it).
 _Misses = dict[tuple[int, str], labels.LookupMiss]
 
@@ -146,7 +146,6 @@ class _Study:
 
     source: SourceSpec
     study_uid: str
-    first: FileHeader  # its first file by path
     load: Callable[[], tuple[FileHeader, ...]]  # its files, sorted by path, read again on each call
     project: str | None
     subject: str | None
@@ -162,6 +161,11 @@ class _Study:
     def files(self) -> tuple[FileHeader, ...]:
         """Read from the ``StudySource`` each time: hold the result only as long as it is used."""
         return self.load()
+
+    @property
+    def first(self) -> FileHeader:
+        """Its first file by path (read with the others: use ``files[0]`` where those are at hand)."""
+        return self.load()[0]
 
 
 def build_plan(
@@ -198,6 +202,7 @@ def draft_plan(
     *,
     anonymise: bool = True,
     sink: SessionSink | None = None,
+    grouping: Grouping | None = None,
 ) -> Plan:
     """``build_plan`` without its ``plan_id`` (""): for a caller that computes the id while it
     writes the plan (``model.write_plan_json``), which is one pass over the plan instead of two.
@@ -207,18 +212,20 @@ def draft_plan(
 
     Streams: ``headers`` is read a study at a time when it is a ``StudySource``, and each session goes
     to ``sink`` as soon as it is made (default: a tuple in memory); what is held across studies is one
-    summary per study and per session without its files.
+    summary per study and per session without its files. ``grouping``: ``group_studies`` of the same
+    manifest and headers, when the caller made it already (for ``planned_projects``).
     """
     source = _study_source(headers)
-    rejects = list(scan_rejects)
+    grouped = grouping if grouping is not None else group_studies(manifest, source)
+    groups, misses = grouped.groups, grouped.misses
+    rejects = list(scan_rejects) + list(grouped.rejects)
     warnings = list(manifest.warnings) + list(scan_warnings)
     refusals = list(facts.refusals)
     held: list[HeldBack] = []
 
-    groups, misses = _group(manifest, source, rejects)
     studies = _resolve_labels(manifest, source, groups, misses, held)
     refusals += _fixed_label_refusals(manifest, groups, studies)
-    del groups
+    del groups, grouped
     studies = _drop_incomplete(studies, scan_rejects, held)
     studies = _drop_collisions(studies, held)
     studies = _drop_merged_subjects(studies, held)
@@ -255,9 +262,9 @@ def draft_plan(
     out = sink if sink is not None else _ListSink()
     anon = _Anonymiser(manifest, facts, secret, refusals) if anonymise else None
     copy_bytes = 0
-    for st, s in _make_sessions(manifest, todo, state, facts, now, template):
+    for st, first, s in _make_sessions(manifest, todo, state, facts, now, template):
         if anon is not None:
-            edited = anon.apply(s, st, held)
+            edited = anon.apply(s, st, first, held)
             if edited is None:
                 continue
             s = edited
@@ -299,6 +306,48 @@ def draft_plan(
         scripts=scripts,
     )
     return plan
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The files of a ``StudySource`` filtered by ``where``, their labels rendered and summarised per
+    study (``group_studies``): one pass over every file, shared by ``planned_projects`` and
+    ``draft_plan``. ``rejects``: the files ``where`` or a missing value leaves out."""
+
+    groups: _Groups
+    misses: _Misses
+    rejects: tuple[Reject, ...]
+
+
+def group_studies(manifest: Manifest, headers: Sequence[tuple[int, FileHeader]] | StudySource) -> Grouping:
+    """``Grouping`` of these files. PURE."""
+    rejects: list[Reject] = []
+    groups, misses = _group(manifest, _study_source(headers), rejects)
+    return Grouping(groups, misses, tuple(rejects))
+
+
+def planned_projects(
+    manifest: Manifest,
+    headers: Sequence[tuple[int, FileHeader]] | StudySource,
+    grouping: Grouping | None = None,
+) -> list[str]:
+    """The projects a plan of these files could write into, sorted: each study's project label (for
+    C-STORE without routing, the one XNAT's receiver would pick, ``labels.predict_route``). PURE.
+
+    What the facts that depend on projects (archived labels, site settings) are gathered for before
+    the plan is made; a superset of the plan's own (studies held back later count too), one pass of
+    reading the files (``grouping``, when given, is that pass), never a plan.
+    """
+    source = _study_source(headers)
+    grouped = grouping if grouping is not None else group_studies(manifest, source)
+    out: set[str] = set()
+    for st in _resolve_labels(manifest, source, grouped.groups, grouped.misses, []):
+        project = st.project
+        if st.source.method is Method.CSTORE and st.source.routing is Routing.NONE:
+            project = labels.predict_route(st.first.values)[0]
+        if project:
+            out.add(project)
+    return sorted(out)
 
 
 def _study_source(headers: Sequence[tuple[int, FileHeader]] | StudySource) -> StudySource:
@@ -346,7 +395,9 @@ class _Anonymiser:
                 self.refusals.append(f"sources[{idx}].anonymization: {exc}")
         return len(self.chains) == len(self.wanted)
 
-    def apply(self, s: PlannedSession, st: _Study, held: list[HeldBack]) -> PlannedSession | None:
+    def apply(
+        self, s: PlannedSession, st: _Study, first: FileHeader, held: list[HeldBack]
+    ) -> PlannedSession | None:
         """``s`` with its scripts named and previewed; None when held back (the script fails)."""
         chain = self.chains.get(s.source_index) if self.active else None
         if chain is None or isinstance(s, InboxSession):  # inbox: refused by the manifest
@@ -355,13 +406,13 @@ class _Anonymiser:
         try:
             edits, renamed = anonymize.preview(
                 chain,
-                st.first.values,
+                first.values,
                 anonymize.variables(s.project, s.subject, s.session),
                 self.secret,
                 kept,
             )
         except DicomEditError as exc:
-            held.append(_held(st, f"the anonymisation script fails on {st.first.path}: {exc}"))
+            held.append(_held(st, f"the anonymisation script fails on {first.path}: {exc}"))
             return None
         if renamed:
             self.renaming.setdefault(s.source_index, (renamed, s))
@@ -416,42 +467,87 @@ def _group(manifest: Manifest, source: StudySource, rejects: list[Reject]) -> tu
         )
         for src in manifest.sources
     }
-    for idx, uid in source.studies():
+    # Per source: the keywords its labels and `where` read. A file's outcome depends on those values
+    # alone, and the files of a study mostly share them: each distinct tuple is worked out once.
+    reads = {
+        src.index: tuple(
+            sorted(
+                src.where_keywords.union(
+                    *(
+                        labels.template_keywords(t)
+                        for t in (src.project, src.subject, src.session)
+                        if t and labels.is_template(t)
+                    )
+                )
+            )
+        )
+        for src in manifest.sources
+    }
+    for idx, uid, files in _each_study(source):
         src = manifest.sources[idx]
-        first: FileHeader | None = None
+        kept = False
         dropped: set[str] = set()
         raws: set[_Raw] = set()
         found: set[LookupMatch] = set()
-        for h in source.files_of(idx, uid):
-            why = _where_mismatch(src, h, tables)
-            if why:
-                rejects.append(Reject(h.path, f"filtered out by where: {why}"))
+        seen: dict[tuple[str | None, ...], _Outcome] = {}
+        for h in files:
+            key = tuple(map(h.values.get, reads[idx]))
+            outcome = seen.get(key)
+            if outcome is None:
+                outcome = seen[key] = _outcome(src, h, tables, mapping[idx])
+            kind, detail = outcome
+            if kind == "rejected":
+                rejects.append(Reject(h.path, detail))
                 dropped.add(h.path)
                 continue
-            matches: tuple[LookupMatch, ...] = ()
-            try:
-                raw: _Raw | None = (
-                    labels.render(src.project, h.values, tables) if src.project is not None else None,
-                    labels.render(src.subject, h.values, tables) if src.subject is not None else None,
-                    labels.render(src.session, h.values, tables),
-                )
-                for template in mapping[idx]:
-                    matches += labels.lookup_matches(template, h.values, tables)
-            except labels.LookupMiss as exc:
-                misses.setdefault((idx, uid), exc)
-                raw = None
-            except labels.MissingValue as exc:
-                rejects.append(Reject(h.path, str(exc)))
-                dropped.add(h.path)
-                continue
-            if first is None:
-                first = h
-            if raw is not None:
+            if kind == "miss":
+                misses.setdefault((idx, uid), detail)
+            kept = True
+            if kind == "labels":
+                raw, matches = detail
                 raws.add(raw)
                 found.update(matches)
-        if first is not None:
-            groups[(idx, uid)] = (first, frozenset(dropped), raws, found)
+        if kept:
+            groups[(idx, uid)] = (frozenset(dropped), raws, found)
     return groups, misses
+
+
+# What ``_group`` makes of one file: ("labels", (raw labels, lookup matches)), ("miss", the
+# LookupMiss: the study is held back) or ("rejected", the reason).
+_Outcome = tuple[str, Any]
+
+
+def _outcome(
+    src: SourceSpec, h: FileHeader, tables: dict[str, LookupTable], mapping: tuple[str, ...]
+) -> _Outcome:
+    why = _where_mismatch(src, h, tables)
+    if why:
+        return "rejected", f"filtered out by where: {why}"
+    matches: tuple[LookupMatch, ...] = ()
+    try:
+        raw: _Raw = (
+            labels.render(src.project, h.values, tables) if src.project is not None else None,
+            labels.render(src.subject, h.values, tables) if src.subject is not None else None,
+            labels.render(src.session, h.values, tables),
+        )
+        for template in mapping:
+            matches += labels.lookup_matches(template, h.values, tables)
+    except labels.LookupMiss as exc:
+        return "miss", exc
+    except labels.MissingValue as exc:
+        return "rejected", str(exc)
+    return "labels", (raw, matches)
+
+
+def _each_study(source: StudySource) -> Iterator[tuple[int, str, Sequence[FileHeader]]]:
+    """(source index, StudyInstanceUID, its files) of every study: in one sequential read when the
+    source offers it (``each_study``), else a study at a time."""
+    each = getattr(source, "each_study", None)
+    if each is not None:
+        yield from each()
+        return
+    for idx, uid in source.studies():
+        yield idx, uid, source.files_of(idx, uid)
 
 
 def _loader(
@@ -489,7 +585,7 @@ def _resolve_labels(
 ) -> list[_Study]:
     """One label triple per study, sanitised as XNAT does (Labels.toLabelChars, §6)."""
     studies = []
-    for (idx, uid), (first, dropped, raws, matches) in sorted(groups.items()):
+    for (idx, uid), (dropped, raws, matches) in sorted(groups.items()):
         load = _loader(source, idx, uid, dropped)
         miss = misses.get((idx, uid))
         if miss is not None:
@@ -536,7 +632,6 @@ def _resolve_labels(
             _Study(
                 manifest.sources[idx],
                 uid,
-                first,
                 load,
                 project,
                 subject or None,
@@ -708,16 +803,22 @@ def _make_sessions(
     facts: XnatFacts,
     now: datetime,
     template: str = labels.XNAT_FILE_NAME_TEMPLATE,
-) -> Iterator[tuple[_Study, PlannedSession]]:
-    """Each study's session, in the order of ``studies``, made one at a time."""
+) -> Iterator[tuple[_Study, FileHeader, PlannedSession]]:
+    """Each study's session, with the study's first file, in the order of ``studies``, made one at a
+    time (the study's files read once for it)."""
     taken = set(facts.taken_timestamps) | state.all_timestamps()
     zone = manifest.xnat.timezone or facts.local_timezone or ""
     clock = now.replace(microsecond=(now.microsecond // 1000) * 1000)
     for st in studies:
+        files = st.files
         method = st.source.method
         match method:
             case Method.CSTORE:
-                yield st, _cstore_session(st, template, site_rules.direct_archive(manifest, facts.site))
+                yield (
+                    st,
+                    files[0],
+                    _cstore_session(st, files, template, site_rules.direct_archive(manifest, facts.site)),
+                )
             case Method.PREARCHIVE:
                 ts = state.timestamp_for(st.project, st.session, st.study_uid)
                 if ts is None:
@@ -725,16 +826,16 @@ def _make_sessions(
                         clock += timedelta(milliseconds=1)
                     ts = xnat_table.timestamp_folder(clock)
                     taken.add(ts)
-                yield st, _prearchive_session(manifest, st, ts, zone, template)
+                yield st, files[0], _prearchive_session(manifest, st, files, ts, zone, template)
             case Method.INBOX:
-                yield st, _inbox_session(manifest, st, template)
+                yield st, files[0], _inbox_session(manifest, st, files, template)
             case _:
                 unreachable(method)
 
 
-def _scans(st: _Study, template: str) -> tuple[PlannedScan, ...]:
+def _scans(study_files: Sequence[FileHeader], template: str) -> tuple[PlannedScan, ...]:
     by_series: dict[str, list[FileHeader]] = defaultdict(list)
-    for h in st.files:
+    for h in study_files:
         by_series[h.series_uid].append(h)
     scans = []
     name_of = labels.file_namer(template)
@@ -771,13 +872,13 @@ def _action_id(*parts: object) -> str:
 
 
 def _prearchive_session(
-    manifest: Manifest, st: _Study, ts: str, zone: str, template: str
+    manifest: Manifest, st: _Study, files: Sequence[FileHeader], ts: str, zone: str, template: str
 ) -> PrearchiveSession:
     src = st.source
     root = manifest.xnat.prearchive or ""
     url_root = (manifest.xnat.url_root or root).rstrip("/")
     rel = f"{st.project}/{ts}/{st.session}" if st.project else f"{ts}/{st.session}"
-    first = st.first
+    first = files[0]
     scan_date, scan_time = _scan_date(first.get("StudyDate"), first.get("StudyTime"))
     url = f"{url_root}/{rel}"
     row: dict[str, Any] = {
@@ -807,7 +908,7 @@ def _prearchive_session(
         "timezone": None,
     }
     return PrearchiveSession(
-        **_study_fields(st, template),
+        **_study_fields(st, files, template),
         action_id=_action_id(Method.PREARCHIVE, st.project, st.session, st.study_uid, ts),
         project=st.project,
         subject=st.subject,
@@ -835,7 +936,7 @@ class _StudyFields(TypedDict):
     mapped_by: tuple[LookupMatch, ...]
 
 
-def _study_fields(st: _Study, template: str) -> _StudyFields:
+def _study_fields(st: _Study, files: Sequence[FileHeader], template: str) -> _StudyFields:
     src = st.source
     return _StudyFields(
         source_index=src.index,
@@ -843,21 +944,21 @@ def _study_fields(st: _Study, template: str) -> _StudyFields:
         build=src.build,
         archive=src.archive,
         build_timeout=src.build_timeout,
-        scans=_scans(st, template),
+        scans=_scans(files, template),
         raw_labels=st.raw,
         mapped_by=st.mapped_by,
     )
 
 
-def _cstore_session(st: _Study, template: str, direct: bool) -> CstoreSession:
+def _cstore_session(st: _Study, files: Sequence[FileHeader], template: str, direct: bool) -> CstoreSession:
     src = st.source
     project, subject, session = st.project, st.subject, st.session
     line = None
     if src.routing is not Routing.NONE:
         line = labels.routing_line(project, subject, session)
     else:
-        project, subject, session = labels.predict_route(st.first.values)
-    fields = _study_fields(st, template)
+        project, subject, session = labels.predict_route(files[0].values)
+    fields = _study_fields(st, files, template)
     contexts: dict[str, set[str]] = defaultdict(set)
     for scan in fields["scans"]:  # the study's files, read once for its scans
         for f in scan.files:
@@ -876,7 +977,9 @@ def _cstore_session(st: _Study, template: str, direct: bool) -> CstoreSession:
     )
 
 
-def _inbox_session(manifest: Manifest, st: _Study, template: str) -> InboxSession:
+def _inbox_session(
+    manifest: Manifest, st: _Study, files: Sequence[FileHeader], template: str
+) -> InboxSession:
     """Staged below ``<inbox>/<project>/`` (DicomInboxImporter: a first-level subfolder named after a
     project the user can edit), imported into that project under the planned labels."""
     src = st.source
@@ -884,7 +987,7 @@ def _inbox_session(manifest: Manifest, st: _Study, template: str) -> InboxSessio
     root = (manifest.xnat.inbox or "").rstrip("/")
     url_root = (manifest.xnat.inbox_root_for_xnat or root).rstrip("/")
     return InboxSession(
-        **_study_fields(st, template),
+        **_study_fields(st, files, template),
         action_id=_action_id(Method.INBOX, st.project, st.session, st.study_uid),
         project=st.project,
         subject=st.subject,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,3 +153,9 @@ def to_sql_text(stmt: Statement) -> str:
 def render_script(template: str, **context: Any) -> str:
     """Render a whole reviewable script (e.g. plan.sql); values arrive already as literals."""
     return _env().get_template(template).render(literal=literal, to_sql_text=to_sql_text, **context)
+
+
+def render_script_pieces(template: str, **context: Any) -> Iterator[str]:
+    """``render_script`` piece by piece, as Jinja produces it: iterables in ``context`` are read as
+    the template gets to them, so a script of many statements is never held whole."""
+    return _env().get_template(template).generate(literal=literal, to_sql_text=to_sql_text, **context)

@@ -7,11 +7,11 @@ what a reviewer reads is what apply runs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from . import xnat_table
 from .model import Plan, PrearchiveSession, shells_of
-from .render import Statement, render_script, render_statement, render_statements
+from .render import Statement, render_script_pieces, render_statement, render_statements
 
 _BOOL_COLUMNS = frozenset({"prevent_anon", "prevent_auto_commit"})
 
@@ -98,16 +98,29 @@ def delete_row(project: str | None, timestamp: str, foldername: str) -> Statemen
 
 def plan_script(plan: Plan) -> str:
     """plan.sql: one transaction holding every statement apply will run, values as literals."""
-    # One session at a time (a plan's sessions may be read from its file): the statements are
-    # held, the sessions and their files are not.
-    statements = [insert_session(s) for s in shells_of(plan.sessions) if isinstance(s, PrearchiveSession)]
-    return (
-        render_script(
-            "plan.sql.j2",
-            plan=plan,
-            rows=len(statements),
-            cstore=len(plan.sessions) - len(statements),
-            statements=statements,
-        ).rstrip()
-        + "\n"
+    return "".join(plan_script_pieces(plan))
+
+
+def plan_script_pieces(plan: Plan) -> Iterator[str]:
+    """``plan_script`` piece by piece: each session's statements rendered as the script gets to
+    them, from the sessions without their files (``shells_of``), so plan.sql is written without
+    holding it, or the plan, whole. Trailing whitespace is dropped and one newline ends it."""
+    shells = shells_of(plan.sessions)
+    rows = sum(1 for s in shells if isinstance(s, PrearchiveSession))
+    pieces = render_script_pieces(
+        "plan.sql.j2",
+        plan=plan,
+        rows=rows,
+        cstore=len(shells) - rows,
+        statements=(insert_session(s) for s in shells if isinstance(s, PrearchiveSession)),
     )
+    pending = ""  # whitespace not yet known to be trailing
+    for piece in pieces:
+        text = pending + piece
+        kept = text.rstrip()
+        if kept:
+            yield kept
+            pending = text[len(kept) :]
+        else:
+            pending = text
+    yield "\n"

@@ -151,3 +151,19 @@ def test_binding_an_undefined_value_is_refused():
 
     with pytest.raises(XnatMigrateError, match="undefined value"):
         _Binder()("x", jinja2.Undefined(name="x"))
+
+
+def test_plan_sql_written_piece_by_piece_is_the_whole_render(plan):
+    from xnatmigrate import render
+    from xnatmigrate.model import PrearchiveSession
+
+    rows = [s for s in plan.sessions if isinstance(s, PrearchiveSession)]
+    whole = render.render_script(
+        "plan.sql.j2",
+        plan=plan,
+        rows=len(rows),
+        cstore=len(plan.sessions) - len(rows),
+        statements=[statements.insert_session(s) for s in rows],
+    )
+    pieces = list(statements.plan_script_pieces(plan))
+    assert len(pieces) > 3 and "".join(pieces) == whole.rstrip() + "\n"

@@ -252,6 +252,11 @@ class ScanResult:
         """That study's kept files (of that source), sorted by path, decoded afresh on each call."""
         return self._ws.files_of(source_index, study_uid)
 
+    def each_study(self) -> Iterator[tuple[int, str, list[FileHeader]]]:
+        """(source index, StudyInstanceUID, its kept files by path) of every study, sorted: one
+        sequential read of the working set (``studies`` then ``files_of`` each is one query per study)."""
+        return self._ws.each_study()
+
     def study_uids(self) -> list[str]:
         """The distinct StudyInstanceUIDs of the kept files, sorted."""
         return self._ws.study_uids()

@@ -209,15 +209,41 @@ class WorkingSet:
         )
         return [h for _, h in _decode(cur)]
 
+    def each_study(self) -> Iterator[tuple[int, str, list[FileHeader]]]:
+        """(source index, StudyInstanceUID, its files by path) of every study, sorted, in one read."""
+        cur = self.db.execute(f"SELECT {_COLUMNS} FROM kept ORDER BY src, study, path")
+        key: tuple[int, bytes] | None = None
+        files: list[FileHeader] = []
+        for (src, h), study in _decode_with_study(cur):
+            if key != (src, study):
+                if key is not None:
+                    yield key[0], py_str(key[1]), files
+                key, files = (src, study), []
+            files.append(h)
+        if key is not None:
+            yield key[0], py_str(key[1]), files
+
     def all_kept(self) -> Iterator[tuple[int, FileHeader]]:
         """Every kept file, sorted by (source index, path)."""
         cur = self.db.execute(f"SELECT {_COLUMNS} FROM kept ORDER BY src, path")
         return _decode(cur)
 
 
+def _decode_with_study(cur: sqlite3.Cursor) -> Iterator[tuple[tuple[int, FileHeader], bytes]]:
+    """``_decode``, each row with its study as stored."""
+    while rows := cur.fetchmany(_FETCH):
+        yield from zip(_decode_rows(rows), (r[8] for r in rows), strict=True)
+
+
 def _decode(cur: sqlite3.Cursor) -> Iterator[tuple[int, FileHeader]]:
     """Rows of ``kept`` as (source index, FileHeader)."""
     while rows := cur.fetchmany(_FETCH):
+        yield from _decode_rows(rows)
+
+
+def _decode_rows(rows: list[Any]) -> Iterator[tuple[int, FileHeader]]:
+    """Rows of ``_COLUMNS`` as (source index, FileHeader)."""
+    if rows:
         # One decoder call per batch: faster, and the keys of all those headers are one str each.
         values: list[Any] = json.loads("[" + ",".join(r[11] for r in rows) + "]")
         for r, v in zip(rows, values, strict=True):
