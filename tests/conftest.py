@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -129,3 +131,27 @@ def state_url(state_db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
     if password:
         monkeypatch.setenv("PGPASSWORD", password)
     return state_url_of(state_db_dsn, fresh_schema())
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``mount_tmpfs(size)``: a tmpfs of that size (mount's ``size=``, e.g. "2m") at tmp_path/mnt,
+    unmounted afterwards; the test skips with the reason where mounting needs root."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)], capture_output=True
+        )
+        if r.returncode != 0:
+            pytest.skip(
+                f"cannot mount a tmpfs here ({r.stderr.decode().strip() or r.returncode}); needs root"
+            )
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

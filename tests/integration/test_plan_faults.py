@@ -4,9 +4,8 @@ spooled sessions are written beside the state)."""
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,9 @@ from xnatmigrate.testing.corpus import CorpusSpec, build_corpus
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 600 KB tmpfs at tmp_path/mnt: room for the state, not for 2,000 files' scratch."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip() or r.returncode}); needs root")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(mount_tmpfs: Callable[[str], Path]) -> Path:
+    """A 600 KB tmpfs: room for the state, not for 2,000 files' scratch."""
+    return mount_tmpfs("600k")
 
 
 def _manifest(root: Path) -> Path:

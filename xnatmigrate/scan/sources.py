@@ -73,6 +73,19 @@ def _same_content(a: str, b: str) -> bool:
                 return True
 
 
+def _duplicate(path: str, size: int, kept: str, kept_size: int) -> Reject:
+    """The reject of a copy of ``kept`` (same SOPInstanceUID): whether its bytes are the same (sizes
+    first; contents read only for same-size pairs)."""
+    if size != kept_size:
+        how = "different content"
+    else:
+        try:
+            how = "identical content" if _same_content(kept, path) else "different content"
+        except OSError as exc:
+            how = f"content not compared ({exc.strerror or exc})"
+    return Reject(path, f"duplicate: same SOPInstanceUID as {kept}, {how}")
+
+
 def dedupe(headers: Iterable[tuple[int, FileHeader]]) -> tuple[list[tuple[int, FileHeader]], list[Reject]]:
     """Keep one file per SOPInstanceUID: the one with the smallest path; reject the others.
 
@@ -100,14 +113,7 @@ def dedupe(headers: Iterable[tuple[int, FileHeader]]) -> tuple[list[tuple[int, F
         kept = group[0][1]
         for idx, h in group[1:]:
             dropped.add((idx, h.path))
-            if h.size != kept.size:
-                how = "different content"
-            else:
-                try:
-                    how = "identical content" if _same_content(kept.path, h.path) else "different content"
-                except OSError as exc:
-                    how = f"content not compared ({exc.strerror or exc})"
-            rejects.append(Reject(h.path, f"duplicate: same SOPInstanceUID as {kept.path}, {how}"))
+            rejects.append(_duplicate(h.path, h.size, kept.path, kept.size))
     kept_items = [(i, h) for i, h in items if (i, h.path) not in dropped]
     return kept_items, rejects
 
@@ -349,15 +355,7 @@ def _dedupe_in(ws: WorkingSet) -> list[Reject]:
     rejects: list[Reject] = []
     for sop in list(ws.copied_sops()):
         (kept, kept_size), *copies = ws.files_with_sop(sop)
-        for path, size in copies:
-            if size != kept_size:
-                how = "different content"
-            else:
-                try:
-                    how = "identical content" if _same_content(kept, path) else "different content"
-                except OSError as exc:
-                    how = f"content not compared ({exc.strerror or exc})"
-            rejects.append(Reject(path, f"duplicate: same SOPInstanceUID as {kept}, {how}"))
+        rejects.extend(_duplicate(path, size, kept, kept_size) for path, size in copies)
         ws.drop(p for p, _ in copies)
     return rejects
 
